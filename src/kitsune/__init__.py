@@ -1,0 +1,2 @@
+"""Kitsune: automatic kernel fusion for PyTorch."""
+__version__ = "0.1.0"

@@ -1,0 +1,85 @@
+"""The backend-neutral description of one fused kernel.
+
+The planner's groups are lowered (by `kitsune.codegen.lower`) into a
+`KernelSpec`: which tensors are read, which are written, and for each output
+the scalar expression (`kitsune.ir.scalar.Value`) of its element at flat
+iteration index `x`. Backends (`codegen/triton`, `codegen/cpu`) turn a spec
+into source text and a callable; they never look at the FX graph.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+from kitsune.ir.index import Index
+from kitsune.ir.scalar import Value, walk
+
+
+@dataclass(frozen=True)
+class KernelInput:
+    name: str            # parameter name in generated source, e.g. "in0"
+    dtype: torch.dtype   # storage dtype of the tensor passed at run time
+
+
+@dataclass(frozen=True)
+class KernelOutput:
+    name: str            # parameter name, e.g. "out0"
+    dtype: torch.dtype   # storage dtype; the value is converted to it on store
+    index: Index         # element offset (in elements) written at iteration x
+    value: Value
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """A pointwise kernel: for x in range(numel): out_k[index_k(x)] = value_k(x).
+
+    `load` Values carry attr (slot, Index): read inputs[slot] at that element
+    offset. Tensors are passed with their storage offset already applied (a
+    data pointer), so offsets are relative to element 0 of the tensor.
+    """
+
+    name: str
+    numel: int
+    inputs: tuple[KernelInput, ...]
+    outputs: tuple[KernelOutput, ...]
+    description: str = ""  # the graph nodes fused, for the header comment
+
+    def values(self) -> list[Value]:
+        return walk([o.value for o in self.outputs])
+
+    def max_offset(self) -> int:
+        """Largest element offset touched: decides 32- vs 64-bit indexing."""
+        bounds = [self.numel]
+        for v in self.values():
+            if v.op == "load":
+                bounds.append(_bound(v.attr[1], self.numel))
+        bounds += [_bound(o.index, self.numel) for o in self.outputs]
+        return max(bounds)
+
+    def structure_key(self) -> str:
+        """Hash of everything that changes the generated code."""
+        text = repr((self.numel, self.inputs, [(o.name, o.dtype, o.index) for o in self.outputs],
+                     [(v.op, v.dtype, _attr_repr(v.attr), tuple(hash(a) for a in v.args)) for v in self.values()]))
+        return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def _attr_repr(attr):
+    return repr(attr)
+
+
+def _bound(index: Index, numel: int) -> int:
+    """Upper bound of index over x in [0, numel)."""
+    total = index.const
+    for t in index.terms:
+        base_max = numel - 1 if t.base is None else _bound(t.base, numel)
+        digit = base_max // t.div
+        if t.mod is not None:
+            digit = min(digit, t.mod - 1)
+        total += max(t.coef * digit, 0)
+    return total
+
+
+class KernelError(RuntimeError):
+    """Raised by a backend when a kernel cannot be generated, built or launched."""

@@ -1,0 +1,185 @@
+"""Integer index expressions over a kernel's flat iteration variable.
+
+A fused kernel iterates over one flat variable `x` in [0, numel). Each tensor
+access is an `Index`: a constant plus a sum of terms `coef * ((base // div) % mod)`,
+where `base` is `x` itself or, when no simpler form exists, a nested `Index`.
+Views (permute, expand, slice, reshape, ...) are folded into these
+expressions, never copied. The constructors simplify eagerly, so a contiguous
+access collapses to plain `x` and the backends can emit vector loads.
+
+All values are non-negative (torch strides and offsets are), so C and Python
+floor division agree.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Term:
+    coef: int
+    base: "Index | None"  # None means the iteration variable x
+    div: int = 1
+    mod: int | None = None  # None: no modulo
+
+
+@dataclass(frozen=True)
+class Index:
+    const: int = 0
+    terms: tuple[Term, ...] = ()
+
+    # -- construction -------------------------------------------------
+    @staticmethod
+    def var() -> "Index":
+        return Index(0, (Term(1, None),))
+
+    @staticmethod
+    def constant(c: int) -> "Index":
+        return Index(int(c), ())
+
+    @property
+    def is_const(self) -> bool:
+        return not self.terms
+
+    def __add__(self, other: "Index | int") -> "Index":
+        other = other if isinstance(other, Index) else Index.constant(other)
+        return _normalize(self.const + other.const, self.terms + other.terms)
+
+    def __mul__(self, c: int) -> "Index":
+        c = int(c)
+        if c == 0:
+            return Index.constant(0)
+        return _normalize(self.const * c, tuple(Term(t.coef * c, t.base, t.div, t.mod) for t in self.terms))
+
+    def floordiv(self, d: int) -> "Index":
+        d = int(d)
+        if d == 1:
+            return self
+        if self.is_const:
+            return Index.constant(self.const // d)
+        if self.const == 0 and len(self.terms) == 1:
+            t = self.terms[0]
+            if t.coef % d == 0:
+                return Index(0, (Term(t.coef // d, t.base, t.div, t.mod),))
+            if d % t.coef == 0:
+                q = d // t.coef
+                if t.mod is None:
+                    return Index(0, (Term(1, t.base, t.div * q, None),))
+                if t.mod % q == 0:
+                    return _term_index(Term(1, t.base, t.div * q, t.mod // q))
+                if q >= t.mod:  # coef*(.. % mod) < d
+                    return Index.constant(0)
+        if 0 <= self.const and self.upper_bound() < d:
+            return Index.constant(0)
+        return Index(0, (Term(1, self, d, None),))
+
+    def mod(self, m: int) -> "Index":
+        m = int(m)
+        if m == 1:
+            return Index.constant(0)
+        if self.is_const:
+            return Index.constant(self.const % m)
+        if 0 <= self.const and self.upper_bound() < m:
+            return self
+        if self.const == 0 and len(self.terms) == 1:
+            t = self.terms[0]
+            if m % t.coef == 0:
+                q = m // t.coef
+                new_mod = q if t.mod is None else (q if t.mod % q == 0 else None)
+                if new_mod is not None:
+                    return _term_index(Term(t.coef, t.base, t.div, new_mod))
+        # Terms whose coefficient is a multiple of m contribute nothing.
+        kept = tuple(t for t in self.terms if t.coef % m != 0)
+        if len(kept) != len(self.terms):
+            return Index(self.const, kept).mod(m)
+        return Index(0, (Term(1, self, 1, m),))
+
+    def upper_bound(self) -> float:
+        """An upper bound of the value, assuming x is unbounded."""
+        total = self.const
+        for t in self.terms:
+            if t.mod is None or t.coef < 0:
+                return math.inf
+            total += t.coef * (t.mod - 1)
+        return total
+
+    def is_var(self) -> bool:
+        return self.const == 0 and self.terms == (Term(1, None),)
+
+    def __str__(self) -> str:
+        return render(self, "x")
+
+
+def _term_index(t: Term) -> Index:
+    return Index(0, (t,))
+
+
+def _normalize(const: int, terms: tuple[Term, ...]) -> Index:
+    """Drop zero terms and merge adjacent digits of one base into one term:
+    c*((b//d) % m) + c*m*((b//(d*m)) % m2) == c*((b//d) % (m*m2))."""
+    terms = [t for t in terms if t.coef != 0 and t.mod != 1]
+    merged = True
+    while merged:
+        merged = False
+        for i, a in enumerate(terms):
+            for j, b in enumerate(terms):
+                if i == j or a.base != b.base or a.mod is None:
+                    continue
+                if b.div == a.div * a.mod and b.coef == a.coef * a.mod:
+                    mod = None if b.mod is None else a.mod * b.mod
+                    terms[i] = Term(a.coef, a.base, a.div, mod)
+                    del terms[j]
+                    merged = True
+                    break
+            if merged:
+                break
+    terms.sort(key=lambda t: (t.div, t.coef, repr(t.base)))
+    return Index(const, tuple(terms))
+
+
+def delinearize(flat: Index, shape) -> list[Index]:
+    """Row-major digits of `flat` in `shape`; the leading digit needs no modulo
+    because flat < numel."""
+    shape = list(shape)
+    if 0 in shape:
+        return [Index.constant(0) for _ in shape]
+    out = []
+    stride = 1
+    for i in reversed(range(len(shape))):
+        digit = flat.floordiv(stride)
+        out.append(digit if i == 0 else digit.mod(shape[i]))
+        stride *= shape[i]
+    return out[::-1]
+
+
+def linearize(indices, shape) -> Index:
+    total = Index.constant(0)
+    stride = 1
+    for idx, size in zip(reversed(list(indices)), reversed(list(shape))):
+        total = total + idx * stride
+        stride *= size
+    return total
+
+
+def strided(indices, strides, offset: int = 0) -> Index:
+    total = Index.constant(offset)
+    for idx, st in zip(indices, strides):
+        total = total + idx * st
+    return total
+
+
+def render(index: Index, var: str, floordiv: str = "//") -> str:
+    """Source text for backends with Python-like operators (`//` swapped for C's `/`)."""
+    parts = []
+    for t in index.terms:
+        base = var if t.base is None else f"({render(t.base, var, floordiv)})"
+        s = base if t.div == 1 else f"{base} {floordiv} {t.div}"
+        if t.mod is not None:
+            s = f"{s} % {t.mod}" if t.div == 1 else f"({s}) % {t.mod}"
+        if t.coef != 1:
+            s = f"({s}) * {t.coef}" if t.mod is not None or t.div != 1 else f"{s} * {t.coef}"
+        parts.append(s)
+    if index.const or not parts:
+        parts.append(str(index.const))
+    return " + ".join(parts)

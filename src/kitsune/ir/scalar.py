@@ -1,0 +1,200 @@
+"""Scalar expressions: the vocabulary that op formulas are written in.
+
+Every op in the op table (`kitsune.ir.ops`) describes its per-element work as a
+formula over `Value`s. A `Value` is an immutable expression node: a primitive
+name from `PRIMITIVES`, its arguments and the *logical* dtype of its result.
+Each code generator (Triton, CPU) implements every primitive once; no op's
+semantics is written twice.
+
+Numerics contract that every backend follows:
+- float16/bfloat16 values are computed in float32 registers ("opmath", as
+  eager PyTorch does inside one kernel). Only `cast` to a low-precision dtype
+  rounds, and so does storing to a low-precision output.
+- integer arithmetic wraps around (two's complement), as eager does.
+- `maximum`/`minimum` propagate NaN; `where` selects; comparisons give bool.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INT_DTYPES = (torch.int32, torch.int64)
+SUPPORTED_DTYPES = FLOAT_DTYPES + INT_DTYPES + (torch.bool,)
+
+# name -> number of Value arguments. `load`, `const` and `cast` carry an attr.
+PRIMITIVES: dict[str, int] = {
+    # leaves
+    "load": 0,       # attr: (input slot: int, index: kitsune.ir.index.Index)
+    "const": 0,      # attr: Python bool/int/float (may be inf/nan)
+    "cast": 1,       # convert to self.dtype; to float16/bfloat16 this rounds
+    # arithmetic (operands and result share one dtype)
+    "add": 2, "sub": 2, "mul": 2,
+    "truediv": 2,    # floats only
+    "truncdiv": 2,   # integers only: C division, rounds toward zero
+    "fmod": 2,       # C fmod / C integer %: sign of the dividend
+    "neg": 1, "abs": 1,
+    "maximum": 2, "minimum": 2,  # NaN-propagating
+    "pow": 2,        # floats only
+    # float math (operand and result share one float dtype)
+    "exp": 1, "exp2": 1, "expm1": 1, "log": 1, "log1p": 1, "log2": 1,
+    "sqrt": 1, "rsqrt": 1, "tanh": 1, "sigmoid": 1,
+    "erf": 1, "erfc": 1, "erfinv": 1, "sin": 1, "cos": 1,
+    "atan2": 2, "hypot": 2,
+    "floor": 1, "ceil": 1, "trunc": 1,
+    "round": 1,      # half to even (rint / nearbyint)
+    "isnan": 1,      # -> bool
+    # comparisons (operands share a dtype, result bool)
+    "eq": 2, "ne": 2, "lt": 2, "le": 2, "gt": 2, "ge": 2,
+    # selection: where(cond: bool, a, b) with a, b and result of one dtype
+    "where": 3,
+    # bitwise on integers and bools (logical ops are these on bools)
+    "bitwise_and": 2, "bitwise_or": 2, "bitwise_xor": 2, "bitwise_not": 1,
+    "lshift": 2, "rshift": 2,  # integers; shift >= bit width: 0 / sign fill
+}
+
+
+@dataclass(frozen=True, eq=True)
+class Value:
+    """One node of a scalar expression DAG (structural equality and hash)."""
+
+    op: str
+    args: tuple["Value", ...]
+    dtype: torch.dtype
+    attr: Any = None
+    _hash: int = field(default=0, compare=False, repr=False)
+
+    def __post_init__(self):
+        if self.op not in PRIMITIVES:
+            raise ValueError(f"unknown scalar primitive {self.op!r}")
+        object.__setattr__(self, "_hash", hash((self.op, self.args, self.dtype, _attr_key(self.attr))))
+
+    def __hash__(self):
+        return self._hash
+
+    def __eq__(self, other):
+        return (
+            isinstance(other, Value)
+            and self._hash == other._hash
+            and self.op == other.op
+            and self.dtype == other.dtype
+            and _attr_key(self.attr) == _attr_key(other.attr)
+            and self.args == other.args
+        )
+
+    # Operators make formulas read like math; Python numbers become constants
+    # of the other operand's dtype.
+    def __add__(self, o): return call("add", self, o)
+    def __radd__(self, o): return call("add", o, self)
+    def __sub__(self, o): return call("sub", self, o)
+    def __rsub__(self, o): return call("sub", o, self)
+    def __mul__(self, o): return call("mul", self, o)
+    def __rmul__(self, o): return call("mul", o, self)
+    def __truediv__(self, o): return call("truediv", self, o)
+    def __rtruediv__(self, o): return call("truediv", o, self)
+    def __neg__(self): return call("neg", self)
+    def __and__(self, o): return call("bitwise_and", self, o)
+    def __or__(self, o): return call("bitwise_or", self, o)
+    def __xor__(self, o): return call("bitwise_xor", self, o)
+    def __invert__(self): return call("bitwise_not", self)
+    def __lt__(self, o): return call("lt", self, o)
+    def __le__(self, o): return call("le", self, o)
+    def __gt__(self, o): return call("gt", self, o)
+    def __ge__(self, o): return call("ge", self, o)
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype.is_floating_point
+
+    def to(self, dtype: torch.dtype) -> "Value":
+        return cast(self, dtype)
+
+
+def _attr_key(attr):
+    # nan != nan, and 0.0 == -0.0: key constants by their repr and type.
+    if isinstance(attr, float):
+        return ("float", repr(attr))
+    return (type(attr).__name__, attr) if isinstance(attr, (bool, int)) else attr
+
+
+def const(value, dtype: torch.dtype) -> Value:
+    if dtype == torch.bool:
+        value = bool(value)
+    elif dtype.is_floating_point:
+        value = float(value)
+    else:
+        if isinstance(value, float):
+            if not math.isfinite(value):
+                raise ValueError(f"non-finite constant {value} for integer dtype {dtype}")
+            value = int(value)
+        value = _wrap_int(int(value), dtype)
+    return Value("const", (), dtype, value)
+
+
+def _wrap_int(v: int, dtype: torch.dtype) -> int:
+    bits = torch.iinfo(dtype).bits
+    v &= (1 << bits) - 1
+    return v - (1 << bits) if v >= 1 << (bits - 1) else v
+
+
+def cast(v: Value, dtype: torch.dtype) -> Value:
+    if v.dtype == dtype:
+        return v
+    if v.op == "const":
+        return const(v.attr, dtype) if not (dtype.is_floating_point is False and isinstance(v.attr, float)
+                                             and not math.isfinite(v.attr)) else Value("cast", (v,), dtype)
+    return Value("cast", (v,), dtype)
+
+
+_BOOL_RESULT = {"eq", "ne", "lt", "le", "gt", "ge", "isnan"}
+
+
+def call(op: str, *args) -> Value:
+    """Build `op(*args)`; Python numbers take the dtype of the Value operands."""
+    values = [a for a in args if isinstance(a, Value)]
+    if not values:
+        raise TypeError(f"{op}: at least one operand must be a Value")
+    if op == "where":
+        cond, a, b = args
+        ref = a if isinstance(a, Value) else b
+        a = a if isinstance(a, Value) else const(a, ref.dtype)
+        b = b if isinstance(b, Value) else const(b, ref.dtype)
+        if a.dtype != b.dtype:
+            raise TypeError(f"where: branches differ in dtype ({a.dtype}, {b.dtype})")
+        return Value("where", (cond, a, b), a.dtype)
+    dtype = values[0].dtype
+    operands = tuple(a if isinstance(a, Value) else const(a, dtype) for a in args)
+    if any(a.dtype != dtype for a in operands):
+        raise TypeError(f"{op}: operands differ in dtype {[a.dtype for a in operands]}")
+    if len(operands) != PRIMITIVES[op]:
+        raise TypeError(f"{op} takes {PRIMITIVES[op]} operands, got {len(operands)}")
+    return Value(op, operands, torch.bool if op in _BOOL_RESULT else dtype)
+
+
+def where(cond: Value, a, b) -> Value:
+    return call("where", cond, a, b)
+
+
+def load(slot: int, index, dtype: torch.dtype) -> Value:
+    return Value("load", (), dtype, (slot, index))
+
+
+def walk(roots) -> list[Value]:
+    """All Values reachable from `roots`, operands before users (a topological order)."""
+    order: list[Value] = []
+    seen: set[Value] = set()
+    stack = [(r, False) for r in reversed(list(roots))]
+    while stack:
+        v, expanded = stack.pop()
+        if expanded:
+            order.append(v)
+            continue
+        if v in seen:
+            continue
+        seen.add(v)
+        stack.append((v, True))
+        stack.extend((a, False) for a in reversed(v.args) if a not in seen)
+    return order

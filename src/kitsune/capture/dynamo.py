@@ -1,0 +1,48 @@
+"""Capture: Dynamo gives a graph, AOTAutograd splits it into forward and
+backward aten graphs, functionalised (in-place ops and views become pure ops),
+with composite ops broken into primitives by PyTorch's own decomposition
+tables. The backward uses PyTorch's min-cut partitioner, so cheap pointwise
+work is recomputed in the backward rather than saved.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch._decomp import core_aten_decompositions, get_decompositions
+
+aten = torch.ops.aten
+
+
+@functools.lru_cache(maxsize=1)
+def decomposition_table() -> dict:
+    table = dict(core_aten_decompositions())
+    # Composites that core ATen keeps whole but that are pointwise chains.
+    table.update(get_decompositions([
+        aten.gelu, aten.gelu_backward, aten.elu, aten.elu_backward, aten.hardtanh, aten.hardtanh_backward,
+        aten.leaky_relu, aten.leaky_relu_backward, aten.hardsigmoid, aten.hardsigmoid_backward,
+        aten.clamp_min, aten.clamp_max, aten.sigmoid_backward, aten.tanh_backward, aten.silu_backward,
+        aten.softplus_backward, aten.logit, aten.square,
+    ]))
+    return table
+
+
+def aot_backend(compile_graph):
+    """A Dynamo backend that hands each forward/backward aten graph to
+    `compile_graph(gm, example_inputs, name)` and runs what it returns."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    def compiler(kind):
+        def compile_fn(gm, example_inputs):
+            return make_boxed_func(compile_graph(gm, example_inputs, kind))
+        return compile_fn
+
+    return aot_autograd(
+        fw_compiler=compiler("forward"),
+        bw_compiler=compiler("backward"),
+        inference_compiler=compiler("inference"),
+        decompositions=decomposition_table(),
+        partition_fn=min_cut_rematerialization_partition,
+    )

@@ -1,0 +1,169 @@
+"""Lower a planned fusion group into a backend-neutral `KernelSpec`.
+
+Each node's value at a logical index (one `Index` per dimension) is built
+recursively: a member applies its op-table formula to its arguments' values
+at the broadcast index; a view maps the index back to its source; anything
+outside the group is a load from a tensor at `sum(index_d * stride_d)`.
+The kernel iterates over its first output in memory order, so stores are
+contiguous; all other outputs of the same size are written at the same step.
+"""
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from kitsune.codegen.kernel import KernelInput, KernelOutput, KernelSpec
+from kitsune.ir.graph import is_view, meta, view_root
+from kitsune.ir.index import Index, delinearize, linearize, strided
+from kitsune.ir.ops import POINTWISE_OPS, NotFusible, aten, op_name
+from kitsune.ir.scalar import Value, cast, load
+from kitsune.planner.pointwise import FusionGroup, group_outputs
+
+
+def _broadcast(idx: tuple, out_shape, in_shape) -> tuple:
+    lead = len(out_shape) - len(in_shape)
+    return tuple(Index.constant(0) if in_shape[j] == 1 else idx[lead + j] for j in range(len(in_shape)))
+
+
+def _norm_dim(dim: int, ndim: int) -> int:
+    return dim + ndim if dim < 0 else dim
+
+
+def view_source_index(node: fx.Node, idx: tuple) -> tuple:
+    """The index into node.args[0] that view `node` reads at `idx`."""
+    src_shape = tuple(meta(node.args[0]).shape)
+    out_shape = tuple(meta(node).shape)
+    target, args = node.target, node.args
+    if target in (aten.view.default, aten._unsafe_view.default, aten.reshape.default):
+        return tuple(delinearize(linearize(idx, out_shape), src_shape))
+    if target is aten.expand.default:
+        return _broadcast(idx, out_shape, src_shape)
+    if target is aten.permute.default:
+        src = [None] * len(src_shape)
+        for i, d in enumerate(args[1]):
+            src[_norm_dim(d, len(src_shape))] = idx[i]
+        return tuple(src)
+    if target in (aten.transpose.int, aten.t.default):
+        d0, d1 = (args[1], args[2]) if target is aten.transpose.int else (0, 1)
+        src = list(idx)
+        if len(src) >= 2:
+            d0, d1 = _norm_dim(d0, len(src)), _norm_dim(d1, len(src))
+            src[d0], src[d1] = src[d1], src[d0]
+        return tuple(src)
+    if target is aten.alias.default:
+        return idx
+    if target is aten.unsqueeze.default:
+        dim = _norm_dim(args[1], len(out_shape))
+        return idx[:dim] + idx[dim + 1:]
+    if target in (aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default):
+        if target is aten.squeeze.default:
+            dims = range(len(src_shape))
+        else:
+            dims = args[1] if isinstance(args[1], (list, tuple)) else [args[1]]
+        squeezed = {_norm_dim(d, len(src_shape)) for d in dims if src_shape[_norm_dim(d, len(src_shape))] == 1}
+        rest = iter(idx)
+        return tuple(Index.constant(0) if d in squeezed else next(rest) for d in range(len(src_shape)))
+    if target is aten.slice.Tensor:
+        dim = _norm_dim(args[1] if len(args) > 1 else 0, len(src_shape))
+        start = args[2] if len(args) > 2 and args[2] is not None else 0
+        step = args[4] if len(args) > 4 else 1
+        size = src_shape[dim]
+        start = min(max(start + size if start < 0 else start, 0), size)
+        src = list(idx)
+        src[dim] = idx[dim] * step + start
+        return tuple(src)
+    if target is aten.select.int:
+        dim = _norm_dim(args[1], len(src_shape))
+        index = args[2] + src_shape[dim] if args[2] < 0 else args[2]
+        return idx[:dim] + (Index.constant(index),) + idx[dim:]
+    raise NotFusible(f"view {op_name(target)} cannot be folded into indexing")
+
+
+def _compute_dtype(node: fx.Node, opdef) -> torch.dtype | None:
+    out = meta(node).dtype
+    if opdef.compute == "out":
+        return out
+    if opdef.compute == "bool":
+        return torch.bool
+    if opdef.compute == "promote":
+        a, b = (meta(x) if isinstance(x, fx.Node) else x for x in node.args[:2])
+        return torch.result_type(a, b)
+    return None
+
+
+class GroupLowering:
+    def __init__(self, group: FusionGroup):
+        self.members = set(group.nodes)
+        self.inputs: dict[fx.Node, int] = {}
+        self.memo: dict = {}
+
+    def value_at(self, node: fx.Node, idx: tuple) -> Value:
+        key = (node, idx)
+        if key not in self.memo:
+            self.memo[key] = self._value_at(node, idx)
+        return self.memo[key]
+
+    def _value_at(self, node: fx.Node, idx: tuple) -> Value:
+        if node in self.members:
+            return self._apply_formula(node, idx)
+        if is_view(node) and view_root(node) in self.members:
+            return self.value_at(node.args[0], view_source_index(node, idx))
+        val = meta(node)
+        slot = self.inputs.setdefault(node, len(self.inputs))
+        return load(slot, strided(idx, val.stride()), val.dtype)
+
+    def _apply_formula(self, node: fx.Node, idx: tuple) -> Value:
+        opdef = POINTWISE_OPS[node.target]
+        shape = tuple(meta(node).shape)
+        compute = _compute_dtype(node, opdef)
+
+        def convert(position, a):
+            if not isinstance(a, fx.Node):
+                return a
+            v = self.value_at(a, _broadcast(idx, shape, tuple(meta(a).shape)))
+            keep = compute is None or position in opdef.keep_args
+            return v if keep else cast(v, compute)
+
+        args = [convert(i, a) for i, a in enumerate(node.args)]
+        kwargs = {k: convert(None, v) for k, v in node.kwargs.items()}
+        if opdef.compute == "fill":
+            kwargs["dtype"] = meta(node).dtype
+        result = opdef.formula(*args, **kwargs)
+        if not isinstance(result, Value):
+            raise NotFusible(f"{op_name(node.target)}: formula gave {type(result).__name__}")
+        return cast(result, meta(node).dtype) if result.dtype != meta(node).dtype else result
+
+
+def iteration_index(shape, stride) -> tuple:
+    """Logical indices of flat x, walking `shape` in the memory order of `stride`."""
+    order = sorted(range(len(shape)), key=lambda d: -stride[d])
+    digits = delinearize(Index.var(), [shape[d] for d in order])
+    idx = [None] * len(shape)
+    for k, d in enumerate(order):
+        idx[d] = digits[k]
+    return tuple(idx)
+
+
+def lower_group(group: FusionGroup, name: str) -> tuple[KernelSpec, list[fx.Node], list[fx.Node]]:
+    """The kernel for `group`, the graph nodes it reads (in slot order) and those it writes."""
+    outputs = group_outputs(group)
+    lowering = GroupLowering(group)
+    first = meta(outputs[0])
+    kernel_outputs = []
+    for k, node in enumerate(outputs):
+        val = meta(node)
+        if tuple(val.shape) == tuple(first.shape):
+            idx = iteration_index(tuple(first.shape), first.stride())
+        else:
+            idx = iteration_index(tuple(val.shape), val.stride())
+        value = lowering.value_at(node, idx)
+        kernel_outputs.append(KernelOutput(f"out{k}", val.dtype, strided(idx, val.stride()), value))
+    inputs = sorted(lowering.inputs, key=lowering.inputs.__getitem__)
+    spec = KernelSpec(
+        name=name,
+        numel=group.numel,
+        inputs=tuple(KernelInput(f"in{i}", meta(n).dtype) for i, n in enumerate(inputs)),
+        outputs=tuple(kernel_outputs),
+        description=", ".join(f"{n.name}={op_name(n.target)}" for n in group.nodes),
+    )
+    return spec, inputs, outputs

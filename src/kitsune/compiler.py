@@ -1,0 +1,114 @@
+"""The pipeline for one captured aten graph: plan → lower → generate → run.
+
+`compile_graph` is what capture hands every forward/backward graph to. It
+never raises for a graph it cannot improve: the worst case is the graph
+running as captured, through PyTorch, with the reason logged and counted.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import time
+
+import torch
+from torch import fx
+
+from kitsune.codegen.kernel import KernelError
+from kitsune.codegen.lower import lower_group
+from kitsune.config import FusionConfig
+from kitsune.ir.graph import is_compute, meta
+from kitsune.planner.pointwise import plan_pointwise
+from kitsune.report.stats import GLOBAL_STATS, GraphRecord
+from kitsune.runtime.compiled_graph import build_graph_module
+from kitsune.runtime.fused_call import FusedGroupCall, group_fallback
+
+log = logging.getLogger("kitsune")
+_kernel_ids = itertools.count()
+
+
+def backend_for(device: torch.device) -> str:
+    """Which code generator serves tensors on `device` ("triton" or "cpu").
+
+    KITSUNE_BACKEND=triton sends CPU tensors to Triton too: with
+    TRITON_INTERPRET=1 that runs the generated Triton kernels on the CPU (tests)."""
+    if device.type == "cuda":
+        return "triton"
+    return "triton" if os.environ.get("KITSUNE_BACKEND", "").lower() == "triton" else "cpu"
+
+
+def build_kernels(backend: str, specs: list) -> list:
+    """Compile `specs` with `backend`; each result is a kernel or the exception it raised."""
+    if backend == "triton":
+        from kitsune.codegen.triton import compile_kernel
+        results = []
+        for spec in specs:
+            try:
+                results.append(compile_kernel(spec))
+            except Exception as error:  # noqa: BLE001 - reported per group
+                results.append(error)
+        return results
+    from kitsune.codegen.cpu import compile_kernels
+    return compile_kernels(specs)
+
+
+def compile_graph(gm: fx.GraphModule, example_inputs, kind: str = "graph",
+                  config: FusionConfig | None = None, stats=GLOBAL_STATS):
+    """Compile one aten graph; returns a callable with gm's calling convention."""
+    config = config or FusionConfig()
+    start = time.perf_counter()
+    record = GraphRecord(name=kind, kernels_before=sum(map(is_compute, gm.graph.nodes)), kernels_after=0)
+    try:
+        compiled = _compile(gm, config, record)
+    except Exception as error:  # noqa: BLE001 - never crash the user's model
+        log.warning("kitsune: %s graph runs unfused through PyTorch: %s: %s", kind, type(error).__name__, error)
+        record.fallbacks.append((kind, f"{type(error).__name__}: {error}"))
+        compiled = gm
+    record.kernels_after = record.kernels_before - sum(len(nodes) - 1 for _, nodes, _ in record.groups)
+    record.compile_seconds = time.perf_counter() - start
+    stats.record(record)
+    return compiled
+
+
+def _device_allowed(device: torch.device, config: FusionConfig) -> bool:
+    return config.gpu_fusion if device.type == "cuda" else config.cpu_fusion
+
+
+def _compile(gm: fx.GraphModule, config: FusionConfig, record: GraphRecord) -> fx.GraphModule:
+    plan = plan_pointwise(gm.graph, config)
+    record.decisions = plan.decisions
+    lowered = []
+    for group in plan.groups:
+        name = f"kitsune_pointwise_{next(_kernel_ids)}"
+        device = meta(group.nodes[0]).device
+        if not _device_allowed(device, config):
+            record.fallbacks.append((group.label(), f"fusion disabled for {device.type} in FusionConfig"))
+            continue
+        if group.numel < config.min_tensor_size:
+            record.fallbacks.append((group.label(), f"{group.numel} elements < min_tensor_size"))
+            continue
+        try:
+            spec, inputs, outputs = lower_group(group, name)
+        except Exception as error:  # noqa: BLE001
+            record.fallbacks.append((group.label(), f"lowering failed: {error}"))
+            log.warning("kitsune: cannot lower %s: %s", group.label(), error)
+            continue
+        call = FusedGroupCall(spec, group_fallback(inputs, outputs, group.nodes),
+                              [meta(n) for n in inputs], [meta(n) for n in outputs])
+        lowered.append((group, call, inputs, outputs, backend_for(device)))
+
+    for backend in {entry[4] for entry in lowered}:
+        entries = [e for e in lowered if e[4] == backend]
+        for (group, call, *_), kernel in zip(entries, build_kernels(backend, [e[1].spec for e in entries])):
+            if isinstance(kernel, BaseException):
+                reason = str(kernel) if isinstance(kernel, KernelError) else f"{type(kernel).__name__}: {kernel}"
+                call.disable(f"{backend} kernel build failed: {reason}")
+                record.fallbacks.append((group.label(), call.failure))
+            else:
+                call.attach(kernel)
+                record.groups.append((call.spec.name, [n.name for n in group.nodes], backend))
+                log.info("kitsune: fused %s into %s (%s)", group.label(), call.spec.name, backend)
+    calls = {id(g): (g, call, ins, outs) for g, call, ins, outs, _ in lowered if call.kernel is not None}
+    if not calls:
+        return gm
+    return build_graph_module(gm, calls)

@@ -1,0 +1,83 @@
+"""Facts about the nodes of a captured aten FX graph, as the planner sees them.
+
+Kitsune keeps the FX graph as its graph IR: each `call_function` node's kind
+comes from the op table, its shape/strides/dtype from the fake tensor in
+`node.meta["val"]` that capture records. This module answers the questions
+the planner and the lowering ask of a node.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import fx
+
+from kitsune.ir.ops import POINTWISE_OPS, VIEW_OPS, OpKind, op_kind, op_name
+from kitsune.ir.scalar import SUPPORTED_DTYPES
+
+
+def meta(node) -> torch.Tensor | None:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def tensor_inputs(node: fx.Node) -> list[fx.Node]:
+    return [a for a in node.all_input_nodes if meta(a) is not None]
+
+
+def is_view(node) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in VIEW_OPS
+
+
+def is_compute(node: fx.Node) -> bool:
+    """A node that eager PyTorch runs as (at least) one kernel."""
+    return node.op == "call_function" and not is_view(node) and meta(node) is not None
+
+
+def view_root(node: fx.Node) -> fx.Node:
+    """The node a chain of views reads from."""
+    while is_view(node):
+        node = node.args[0]
+    return node
+
+
+def numel(node) -> int:
+    return math.prod(meta(node).shape)
+
+
+def has_static_shape(val: torch.Tensor) -> bool:
+    return all(isinstance(s, int) for s in (*val.shape, *val.stride()))
+
+
+def user_op_key(node: fx.Node):
+    """Identifies the user's operation a primitive came from: `layer_norm` is
+    one op even though it decomposes into many (max_fusion_size counts these)."""
+    seq = node.meta.get("seq_nr")
+    original = node.meta.get("original_aten")
+    return (str(original), seq) if seq is not None and original is not None else node.name
+
+
+def pointwise_blocker(node: fx.Node) -> str | None:
+    """Why `node` cannot be part of a generated pointwise kernel, or None."""
+    if node.op != "call_function":
+        return "not an operation"
+    kind = op_kind(node.target)
+    if kind is not OpKind.POINTWISE:
+        return f"{op_name(node.target)} is {kind.value} (runs through PyTorch)"
+    val = meta(node)
+    if val is None:
+        return "no tensor metadata"
+    if not has_static_shape(val):
+        return "dynamic shape (compile with dynamic=False to fuse)"
+    tensors = [val] + [meta(a) for a in tensor_inputs(node)]
+    for t in tensors:
+        if t.dtype not in SUPPORTED_DTYPES:
+            return f"dtype {t.dtype} not generated"
+        if t.device != val.device:
+            return f"inputs on {t.device} and {val.device}"
+        if t.layout != torch.strided or not has_static_shape(t):
+            return "non-strided or dynamic input"
+    if val.device.type not in ("cpu", "cuda"):
+        return f"device {val.device.type} has no backend"
+    check = POINTWISE_OPS[node.target].check
+    return check(node) if check else None

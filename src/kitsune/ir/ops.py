@@ -1,0 +1,272 @@
+"""The op table: for each supported aten op, its kind and its scalar formula.
+
+This is the one place where an op's semantics is written. The planner reads
+`kind`; the lowering (`kitsune.codegen.lower`) calls `formula` with the op's
+arguments as scalar `Value`s (already converted to the op's compute dtype, see
+`compute`) and Python scalars as they appear in the graph. Backends only know
+the primitives of `kitsune.ir.scalar`. Anything not in this table is opaque and
+runs through PyTorch.
+
+Adding an op = one row here + one row in tests/ir/test_op_table.py.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+from typing import Callable
+
+import torch
+
+from kitsune.ir.scalar import Value, call, const, where
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+
+class OpKind(str, Enum):
+    POINTWISE = "pointwise"
+    VIEW = "view"
+    REDUCTION = "reduction"
+    MATMUL = "matmul"
+    CONV = "conv"
+    OPAQUE = "opaque"
+
+
+class NotFusible(Exception):
+    """Raised by a formula or check when this use of the op cannot be generated."""
+
+
+@dataclass(frozen=True)
+class OpDef:
+    kind: OpKind
+    formula: Callable[..., Value] | None = None
+    # How tensor arguments are converted before the formula sees them:
+    #   "out":     to the result dtype (arithmetic; ints become floats for float math)
+    #   "promote": to the promoted dtype of the inputs (comparisons)
+    #   "bool":    to bool (logical ops)
+    #   "keep":    unchanged
+    #   "fill":    no tensor args; the formula gets dtype=<result dtype>
+    # Conversions (convert_element_type, _to_copy, clone, copy) are identity
+    # formulas under "out": converting to the result dtype *is* their meaning.
+    compute: str = "out"
+    keep_args: tuple[int, ...] = ()  # positional tensor args passed unconverted (conditions, masks)
+    check: Callable[..., str | None] | None = None  # (node) -> reason it cannot fuse, or None
+
+
+# -- formulas shared by several rows ------------------------------------------
+
+def _is_float(v: Value) -> bool:
+    return v.dtype.is_floating_point
+
+
+def _floor_divide(a: Value, b: Value) -> Value:
+    if _is_float(a):
+        # Eager's div_floor_floating: exact for every representable quotient.
+        mod = call("fmod", a, b)
+        div = (a - mod) / b
+        div = where((mod != 0) & ((b < 0) != (mod < 0)), div - 1, div)
+        floordiv = call("floor", div)
+        floordiv = where(div - floordiv > 0.5, floordiv + 1, floordiv)
+        floordiv = where(_eq(div, 0), _copysign_zero(a / b), floordiv)
+        return where(_eq(b, 0), a / b, floordiv)
+    q = call("truncdiv", a, b)
+    r = call("fmod", a, b)
+    return where((r != 0) & ((r < 0) != (b < 0)), q - 1, q)
+
+
+def _copysign_zero(v: Value) -> Value:
+    # 0.0 with the sign of v (eager returns signed zeros for zero quotients).
+    return where(v < 0, const(-0.0, v.dtype), const(0.0, v.dtype))
+
+
+def _remainder(a: Value, b: Value) -> Value:
+    r = call("fmod", a, b)
+    return where((r != 0) & ((r < 0) != (b < 0)), r + b, r)
+
+
+def _div_mode(a: Value, b: Value, rounding_mode=None) -> Value:
+    if rounding_mode is None:
+        return a / b
+    if rounding_mode == "trunc":
+        return call("trunc", a / b) if _is_float(a) else call("truncdiv", a, b)
+    if rounding_mode == "floor":
+        return _floor_divide(a, b)
+    raise NotFusible(f"unknown rounding_mode {rounding_mode!r}")
+
+
+def _pow_scalar_exponent(a: Value, exponent) -> Value:
+    if _is_float(a):
+        special = {2: lambda: a * a, 3: lambda: a * a * a, 1: lambda: a, 0: lambda: const(1, a.dtype),
+                   0.5: lambda: call("sqrt", a), -0.5: lambda: call("rsqrt", a),
+                   -1: lambda: 1 / a, -2: lambda: 1 / (a * a)}
+        if exponent in special and not isinstance(exponent, bool):
+            return special[exponent]()
+        return call("pow", a, const(exponent, a.dtype))
+    if not (isinstance(exponent, int) and exponent >= 0):
+        raise NotFusible("integer pow needs a non-negative integer exponent")
+    result, base, e = const(1, a.dtype), a, exponent
+    while e:  # square-and-multiply, unrolled at compile time
+        if e & 1:
+            result = base if result.op == "const" and result.attr == 1 else result * base
+        e >>= 1
+        if e:
+            base = base * base
+    return result
+
+
+def _check_pow_tensor_scalar(node) -> str | None:
+    exponent = node.args[1]
+    if not node.meta["val"].dtype.is_floating_point and not (isinstance(exponent, int) and exponent >= 0):
+        return "integer pow with a negative or non-integer exponent"
+    return None
+
+
+def _check_float_out(node) -> str | None:
+    return None if node.meta["val"].dtype.is_floating_point else "integer operands (eager uses exact integer code)"
+
+
+def _clamp(a: Value, lo=None, hi=None) -> Value:
+    if lo is not None:
+        a = call("maximum", a, lo)
+    if hi is not None:
+        a = call("minimum", a, hi)
+    return a
+
+
+def _nan_to_num(a: Value, nan=0.0, posinf=None, neginf=None) -> Value:
+    if not _is_float(a):
+        return a
+    info = torch.finfo(a.dtype)
+    posinf = info.max if posinf is None else posinf
+    neginf = info.min if neginf is None else neginf
+    a = where(_ne(a, a), const(nan, a.dtype), a)
+    a = where(_eq(a, math.inf), const(posinf, a.dtype), a)
+    return where(_eq(a, -math.inf), const(neginf, a.dtype), a)
+
+
+def _sign(a: Value) -> Value:
+    if a.dtype == torch.bool:
+        return a
+    one, zero = const(1, a.dtype), const(0, a.dtype)
+    signed = where(a > 0, one, where(a < 0, -one, zero))
+    return where(_ne(a, a), a, signed) if _is_float(a) else signed
+
+
+def _shift_check(node) -> str | None:
+    return None if node.meta["val"].dtype in (torch.int32, torch.int64) else "shifts are generated for int32/int64"
+
+
+def _check_same_device(node) -> str | None:
+    device = node.kwargs.get("device")
+    if device is not None and torch.device(device) != node.args[0].meta["val"].device:
+        return "copy to another device"
+    return None
+
+
+def _identity(a, *_, **__) -> Value:
+    return a
+
+
+def _eq(a, b): return call("eq", a, b)
+def _ne(a, b): return call("ne", a, b)
+
+
+def _unary(prim: str):
+    return lambda a: call(prim, a)
+
+
+def _binary(prim: str):
+    return lambda a, b: call(prim, a, b)
+
+
+# -- the table ------------------------------------------------------------------
+
+P = OpKind.POINTWISE
+POINTWISE_OPS: dict = {}
+
+
+def _row(ops, formula, compute="out", check=None, keep_args=()):
+    for op in ops:
+        POINTWISE_OPS[op] = OpDef(P, formula, compute, keep_args, check)
+
+
+_row([aten.add.Tensor, aten.add.Scalar], lambda a, b, alpha=1: a + (b if alpha == 1 else b * alpha))
+_row([aten.sub.Tensor, aten.sub.Scalar], lambda a, b, alpha=1: a - (b if alpha == 1 else b * alpha))
+_row([aten.rsub.Tensor, aten.rsub.Scalar], lambda a, b, alpha=1: b - (a if alpha == 1 else a * alpha))
+_row([aten.mul.Tensor, aten.mul.Scalar], lambda a, b: a * b)
+_row([aten.div.Tensor, aten.div.Scalar], lambda a, b: a / b)
+_row([aten.div.Tensor_mode, aten.div.Scalar_mode], _div_mode)
+_row([aten.floor_divide.default, aten.floor_divide.Scalar], _floor_divide)
+_row([aten.remainder.Tensor, aten.remainder.Scalar], _remainder)
+_row([aten.fmod.Tensor, aten.fmod.Scalar], _binary("fmod"))
+_row([aten.neg.default], lambda a: -a)
+_row([aten.abs.default], lambda a: call("abs", a) if a.dtype != torch.bool else a)
+_row([aten.sign.default, aten.sgn.default], _sign)
+_row([aten.pow.Tensor_Scalar], _pow_scalar_exponent, check=_check_pow_tensor_scalar)
+_row([aten.pow.Tensor_Tensor], _binary("pow"), check=_check_float_out)
+_row([aten.pow.Scalar], lambda base, e: call("pow", const(base, e.dtype), e), check=_check_float_out)
+for _name in ("exp", "exp2", "expm1", "log", "log1p", "log2", "sqrt", "rsqrt", "sigmoid", "tanh",
+              "erf", "erfc", "erfinv", "sin", "cos"):
+    _row([getattr(aten, _name).default], _unary(_name))
+_row([aten.log10.default], lambda a: call("log", a) * (1 / math.log(10)))
+_row([aten.reciprocal.default], lambda a: 1 / a)
+_row([aten.atan2.default], _binary("atan2"))
+_row([aten.hypot.default], _binary("hypot"))
+for _name in ("floor", "ceil", "trunc", "round"):
+    _row([getattr(aten, _name).default], lambda a, _p=_name: call(_p, a) if _is_float(a) else a)
+_row([aten.frac.default], lambda a: a - call("trunc", a))
+_row([aten.relu.default], lambda a: call("maximum", a, const(0, a.dtype)))
+_row([aten.maximum.default], _binary("maximum"))
+_row([aten.minimum.default], _binary("minimum"))
+_row([aten.clamp.default, aten.clamp.Tensor], _clamp)
+_row([aten.clamp_min.default, aten.clamp_min.Tensor], lambda a, lo: _clamp(a, lo=lo))
+_row([aten.clamp_max.default, aten.clamp_max.Tensor], lambda a, hi: _clamp(a, hi=hi))
+_row([aten.nan_to_num.default], _nan_to_num)
+_row([aten.where.self, aten.where.ScalarSelf, aten.where.ScalarOther, aten.where.Scalar],
+     lambda c, a, b: where(c, a, b), keep_args=(0,))
+_row([aten.masked_fill.Scalar, aten.masked_fill.Tensor], lambda a, mask, v: where(mask, v, a), keep_args=(1,))
+_row([aten.eq.Tensor, aten.eq.Scalar], _eq, compute="promote")
+_row([aten.ne.Tensor, aten.ne.Scalar], _ne, compute="promote")
+for _name in ("lt", "le", "gt", "ge"):
+    _row([getattr(aten, _name).Tensor, getattr(aten, _name).Scalar], _binary(_name), compute="promote")
+_row([aten.isnan.default], _unary("isnan"), compute="keep")
+_row([aten.isinf.default], lambda a: call("eq", call("abs", a), const(math.inf, a.dtype)) if _is_float(a)
+     else const(False, torch.bool), compute="keep")
+_row([aten.logical_not.default], lambda a: ~a, compute="bool")
+_row([aten.logical_and.default], lambda a, b: a & b, compute="bool")
+_row([aten.logical_or.default], lambda a, b: a | b, compute="bool")
+_row([aten.logical_xor.default], lambda a, b: a ^ b, compute="bool")
+_row([aten.bitwise_and.Tensor, aten.bitwise_and.Scalar], lambda a, b: a & b)
+_row([aten.bitwise_or.Tensor, aten.bitwise_or.Scalar], lambda a, b: a | b)
+_row([aten.bitwise_xor.Tensor, aten.bitwise_xor.Scalar], lambda a, b: a ^ b)
+_row([aten.bitwise_not.default], lambda a: ~a)
+_row([aten.bitwise_left_shift.Tensor, aten.bitwise_left_shift.Tensor_Scalar, aten.__lshift__.Scalar,
+      aten.__lshift__.Tensor], _binary("lshift"), check=_shift_check)
+_row([aten.bitwise_right_shift.Tensor, aten.bitwise_right_shift.Tensor_Scalar, aten.__rshift__.Scalar,
+      aten.__rshift__.Tensor], _binary("rshift"), check=_shift_check)
+# conversions and copies: the argument arrives converted to the result dtype
+_row([prims.convert_element_type.default, aten.clone.default, aten.lift_fresh_copy.default], _identity)
+_row([aten._to_copy.default], _identity, check=_check_same_device)
+_row([aten.copy.default], lambda dst, src, non_blocking=False: src)
+_row([aten.full.default], lambda size, value, dtype, **_: const(value, dtype), compute="fill")
+_row([aten.scalar_tensor.default], lambda value, dtype, **_: const(value, dtype), compute="fill")
+
+VIEW_OPS = {
+    aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.expand.default,
+    aten.permute.default, aten.transpose.int, aten.t.default, aten.unsqueeze.default,
+    aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.slice.Tensor, aten.select.int,
+    aten.alias.default,
+}
+
+
+def op_kind(target) -> OpKind:
+    if target in POINTWISE_OPS:
+        return OpKind.POINTWISE
+    if target in VIEW_OPS:
+        return OpKind.VIEW
+    return OpKind.OPAQUE
+
+
+def op_name(target) -> str:
+    return str(getattr(target, "__name__", target)).replace(".default", "")

@@ -1,0 +1,152 @@
+"""Partition a captured graph into pointwise fusion groups.
+
+Greedy and vertical, in topological order: each fusible node joins the groups
+of its producers when that is legal. Legality follows from node kinds and
+iteration sizes, never from op names:
+
+- every member of a group has the group's iteration size (numel), except
+  members whose values never leave the group: those are recomputed per element
+  through broadcasting;
+- merging never creates a cycle (a path that leaves the group and comes back);
+- a group holds at most `max_fusion_size` user operations.
+
+Every decision, taken or refused, is recorded with its reason.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import fx
+
+from kitsune.config import FusionConfig
+from kitsune.ir.graph import (is_compute, is_view, numel, pointwise_blocker, tensor_inputs, user_op_key,
+                              view_root)
+
+
+@dataclass
+class FusionGroup:
+    nodes: list[fx.Node]
+
+    @property
+    def numel(self) -> int:
+        return max(numel(n) for n in self.nodes)
+
+    def user_ops(self) -> set:
+        return {user_op_key(n) for n in self.nodes}
+
+    def label(self) -> str:
+        return " → ".join(n.name for n in self.nodes)
+
+
+@dataclass
+class Decision:
+    nodes: tuple[str, ...]
+    fused: bool
+    reason: str
+
+
+@dataclass
+class FusionPlan:
+    groups: list[FusionGroup] = field(default_factory=list)  # groups to generate (2+ ops)
+    decisions: list[Decision] = field(default_factory=list)
+
+
+def inside_group(node: fx.Node, members: set) -> bool:
+    """Members, and views whose chain starts at a member (folded into indexing)."""
+    return node in members or (is_view(node) and view_root(node) in members)
+
+
+def has_external_use(node: fx.Node, members: set) -> bool:
+    """Does the value of `node` have to be written to memory?"""
+    for user in node.users:
+        if user in members:
+            continue
+        if is_view(user) and user.args[0] is node:
+            if has_external_use(user, members):
+                return True
+            continue
+        return True
+    return False
+
+
+def group_outputs(group: FusionGroup) -> list[fx.Node]:
+    members = set(group.nodes)
+    return [n for n in group.nodes if has_external_use(n, members)]
+
+
+def _creates_cycle(a: set, b: set, union: set, position: dict) -> bool:
+    """Is there a path between a and b that leaves the union and comes back?"""
+    last = max(position[n] for n in union)
+    inside, stack = set(union), list(union)
+    while stack:  # views of members are folded into the kernel's indexing
+        n = stack.pop()
+        for u in n.users:
+            if is_view(u) and u.args[0] is n and u not in inside:
+                inside.add(u)
+                stack.append(u)
+    frontier = [u for n in inside for u in n.users if u not in inside]
+    seen = set()
+    while frontier:
+        n = frontier.pop()
+        if n in seen or position.get(n, last + 1) > last:
+            continue
+        seen.add(n)
+        for u in n.users:
+            if u in union:
+                return True
+            frontier.append(u)
+    return False
+
+
+def can_merge(a: FusionGroup, b: FusionGroup, config: FusionConfig, position: dict) -> str | None:
+    """None if a and b may form one kernel, else the reason they may not."""
+    union = set(a.nodes) | set(b.nodes)
+    ops = len(a.user_ops() | b.user_ops())
+    if ops > config.max_fusion_size:
+        return f"would hold {ops} operations > max_fusion_size={config.max_fusion_size}"
+    size = max(a.numel, b.numel)
+    for n in union:
+        if numel(n) != size and has_external_use(n, union):
+            return f"iteration sizes differ ({numel(n)} vs {size}) and {n.name} is needed outside"
+    if _creates_cycle(set(a.nodes), set(b.nodes), union, position):
+        return "a path through an unfused op would form a cycle"
+    return None
+
+
+def plan_pointwise(graph: fx.Graph, config: FusionConfig) -> FusionPlan:
+    plan = FusionPlan()
+    position = {n: i for i, n in enumerate(graph.nodes)}
+    group_of: dict[fx.Node, FusionGroup] = {}
+    for node in graph.nodes:
+        if not is_compute(node):
+            continue
+        blocker = "elementwise fusion disabled" if not config.enable_elementwise else pointwise_blocker(node)
+        if blocker:
+            plan.decisions.append(Decision((node.name,), False, blocker))
+            continue
+        group = FusionGroup([node])
+        group_of[node] = group
+        producers = {id(g): g for g in (group_of.get(view_root(a)) for a in tensor_inputs(node)) if g}
+        for producer in sorted(producers.values(), key=lambda g: -len(g.nodes)):
+            if producer is group:
+                continue
+            reason = can_merge(producer, group, config, position)
+            if reason:
+                plan.decisions.append(Decision((producer.label(), node.name), False, reason))
+                continue
+            group = FusionGroup(sorted(producer.nodes + group.nodes, key=position.__getitem__))
+            for n in group.nodes:
+                group_of[n] = group
+    seen = set()
+    for node in graph.nodes:
+        group = group_of.get(node)
+        if group is None or id(group) in seen:
+            continue
+        seen.add(id(group))
+        names = tuple(n.name for n in group.nodes)
+        if len(group.nodes) < 2:
+            plan.decisions.append(Decision(names, False, "single operation: nothing to fuse"))
+            continue
+        plan.groups.append(group)
+        plan.decisions.append(Decision(names, True, f"pointwise chain of {len(group.nodes)} ops"))
+    return plan

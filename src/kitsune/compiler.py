@@ -32,15 +32,21 @@ def backend_for(device: torch.device) -> str:
 
     KITSUNE_BACKEND=triton sends CPU tensors to Triton too: with
     TRITON_INTERPRET=1 that runs the generated Triton kernels on the CPU (tests)."""
+    forced = os.environ.get("KITSUNE_BACKEND", "").lower()
+    if forced == "reference":
+        return "reference"
     if device.type == "cuda":
         return "triton"
-    return "triton" if os.environ.get("KITSUNE_BACKEND", "").lower() == "triton" else "cpu"
+    return "triton" if forced == "triton" else "cpu"
 
 
 def build_kernels(backend: str, specs: list) -> list:
     """Compile `specs` with `backend`; each result is a kernel or the exception it raised."""
-    if backend == "triton":
-        from kitsune.codegen.triton import compile_kernel
+    if backend in ("triton", "reference"):
+        if backend == "triton":
+            from kitsune.codegen.triton import compile_kernel
+        else:
+            from kitsune.codegen.reference import compile_kernel
         results = []
         for spec in specs:
             try:
@@ -63,6 +69,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs, kind: str = "graph",
     except Exception as error:  # noqa: BLE001 - never crash the user's model
         log.warning("kitsune: %s graph runs unfused through PyTorch: %s: %s", kind, type(error).__name__, error)
         record.fallbacks.append((kind, f"{type(error).__name__}: {error}"))
+        record.groups.clear()
         compiled = gm
     record.kernels_after = record.kernels_before - sum(len(nodes) - 1 for _, nodes, _ in record.groups)
     record.compile_seconds = time.perf_counter() - start

@@ -11,6 +11,7 @@ import operator
 
 from torch import fx
 
+from kitsune.ir.graph import view_root
 from kitsune.runtime.fused_call import FusedGroupCall
 
 
@@ -28,6 +29,8 @@ def _units(graph: fx.Graph, group_of: dict) -> list:
         members = [unit[0]] if isinstance(unit, list) else unit.nodes
         for node in members:
             for a in node.all_input_nodes:
+                if not isinstance(unit, list) and view_root(a) in group_of and group_of[view_root(a)] is unit:
+                    continue  # a view of a member, folded into the kernel's indexing
                 j = unit_of[id(group_of[a])] if a in group_of else unit_of[a]
                 if j != i:
                     deps[i].add(j)

@@ -1,0 +1,5 @@
+import sys
+
+from kitsune.cli import main
+
+sys.exit(main())

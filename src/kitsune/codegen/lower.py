@@ -79,16 +79,23 @@ def view_source_index(node: fx.Node, idx: tuple) -> tuple:
     raise NotFusible(f"view {op_name(target)} cannot be folded into indexing")
 
 
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
 def _compute_dtype(node: fx.Node, opdef) -> torch.dtype | None:
-    out = meta(node).dtype
+    """The dtype an op computes in. Like eager, float16/bfloat16 ops compute in
+    float32 and round their result once (the cast back in `_apply_formula`), so
+    a chain rounds after every op exactly where eager does."""
     if opdef.compute == "out":
-        return out
-    if opdef.compute == "bool":
+        dtype = meta(node).dtype
+    elif opdef.compute == "bool":
         return torch.bool
-    if opdef.compute == "promote":
+    elif opdef.compute == "promote":
         a, b = (meta(x) if isinstance(x, fx.Node) else x for x in node.args[:2])
-        return torch.result_type(a, b)
-    return None
+        dtype = torch.result_type(a, b)
+    else:
+        return None
+    return torch.float32 if dtype in _LOW_PRECISION else dtype
 
 
 class GroupLowering:

@@ -52,9 +52,14 @@ def has_static_shape(val: torch.Tensor) -> bool:
 def user_op_key(node: fx.Node):
     """Identifies the user's operation a primitive came from: `layer_norm` is
     one op even though it decomposes into many (max_fusion_size counts these)."""
+    source = node.meta.get("source_fn_stack")
+    if source:
+        return ("source", source[-1][0])
     seq = node.meta.get("seq_nr")
     original = node.meta.get("original_aten")
-    return (str(original), seq) if seq is not None and original is not None else node.name
+    if seq is not None and seq >= 0 and original is not None:
+        return ("autograd", str(original), seq)
+    return ("node", node.name)
 
 
 def pointwise_blocker(node: fx.Node) -> str | None:

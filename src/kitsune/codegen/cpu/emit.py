@@ -1,0 +1,240 @@
+"""KernelSpec -> C source for the CPU backend.
+
+Each kernel is one `parallel for simd` loop over the flat variable `x`:
+OpenMP splits it across threads, and GCC vectorises the body, calling
+glibc's vector math library (libmvec) for the transcendental functions that
+`#pragma omp declare simd` marks (see `MATH_DECLS`). Built without
+`-ffast-math`: NaN, Inf and signed zeros behave as IEEE and as eager does.
+
+Numerics follow `kitsune.ir.scalar`: float16/bfloat16 computed in float,
+integer arithmetic wraps (`-fwrapv`), integer division by zero sets an error
+flag that the launcher turns into eager's "ZeroDivisionError".
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kitsune.codegen.kernel import KernelError, KernelSpec
+from kitsune.ir.index import render
+from kitsune.ir.scalar import Value
+
+STORAGE = {
+    torch.float16: "_Float16", torch.bfloat16: "uint16_t", torch.float32: "float", torch.float64: "double",
+    torch.int32: "int32_t", torch.int64: "int64_t", torch.bool: "bool",
+}
+COMPUTE = {
+    torch.float16: "float", torch.bfloat16: "float", torch.float32: "float", torch.float64: "double",
+    torch.int32: "int32_t", torch.int64: "int64_t", torch.bool: "bool",
+}
+_BITS = {torch.int32: 32, torch.int64: 64}
+_UNSIGNED = {torch.int32: "uint32_t", torch.int64: "uint64_t"}
+
+# Below this many elements a kernel runs on one thread: forking costs more.
+PARALLEL_THRESHOLD = 32768
+
+# C math function (double name; the float one adds "f") per primitive.
+_LIBM = {"exp": "exp", "exp2": "exp2", "expm1": "expm1", "log": "log", "log1p": "log1p", "log2": "log2",
+         "sqrt": "sqrt", "tanh": "tanh", "erf": "erf", "erfc": "erfc", "sin": "sin", "cos": "cos",
+         "atan2": "atan2", "hypot": "hypot", "pow": "pow", "floor": "floor", "ceil": "ceil",
+         "trunc": "trunc", "round": "nearbyint", "fmod": "fmod"}
+_BINARY = {"add": "+", "sub": "-", "mul": "*", "truediv": "/", "eq": "==", "ne": "!=", "lt": "<",
+           "le": "<=", "gt": ">", "ge": ">=", "bitwise_and": "&", "bitwise_or": "|", "bitwise_xor": "^"}
+
+# Functions glibc's libmvec has vector variants of (x86_64, glibc >= 2.35), by
+# arity. `kitsune.codegen.cpu.toolchain` probes which of them link here.
+VECTOR_MATH = {
+    "exp": 1, "exp2": 1, "expm1": 1, "log": 1, "log1p": 1, "log2": 1, "tanh": 1, "erf": 1, "erfc": 1,
+    "sin": 1, "cos": 1, "atan2": 2, "hypot": 2, "pow": 2,
+}
+
+PRELUDE = r"""
+#include <math.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <string.h>
+
+static inline float kitsune_bf16_to_f32(uint16_t h) {
+  uint32_t bits = (uint32_t)h << 16;
+  float f;
+  memcpy(&f, &bits, 4);
+  return f;
+}
+/* Round to nearest even, NaN to the canonical quiet NaN (as c10::BFloat16). */
+static inline uint16_t kitsune_f32_to_bf16(float f) {
+  uint32_t bits;
+  memcpy(&bits, &f, 4);
+  uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  return f != f ? (uint16_t)0x7fc0u : (uint16_t)rounded;
+}
+static inline float kitsune_round_bf16(float f) { return kitsune_bf16_to_f32(kitsune_f32_to_bf16(f)); }
+
+/* erfinv as eager PyTorch computes it: rational first guess, two Newton steps. */
+#define KITSUNE_ERFINV(T, SUFFIX)                                                  \
+static inline T kitsune_erfinv##SUFFIX(T y) {                                    \
+  const T a0 = 0.886226899, a1 = -1.645349621, a2 = 0.914624893, a3 = -0.140543331; \
+  const T b0 = -2.118377725, b1 = 1.442710462, b2 = -0.329097515, b3 = 0.012229801; \
+  const T c0 = -1.970840454, c1 = -1.624906493, c2 = 3.429567803, c3 = 1.641345311; \
+  const T d0 = 3.543889200, d1 = 1.637067800;                                     \
+  const T y_abs = fabs##SUFFIX(y);                                                \
+  if (y_abs > (T)1) return (T)NAN;                                                \
+  if (y_abs == (T)1) return copysign##SUFFIX((T)INFINITY, y);                     \
+  T x;                                                                            \
+  if (y_abs <= (T)0.7) {                                                          \
+    const T z = y * y;                                                            \
+    const T num = (((a3 * z + a2) * z + a1) * z + a0);                            \
+    const T dem = ((((b3 * z + b2) * z + b1) * z + b0) * z + (T)1);               \
+    x = y * num / dem;                                                            \
+  } else {                                                                        \
+    const T z = sqrt##SUFFIX(-log##SUFFIX(((T)1 - y_abs) / (T)2));                \
+    const T num = ((c3 * z + c2) * z + c1) * z + c0;                              \
+    const T dem = (d1 * z + d0) * z + (T)1;                                       \
+    x = copysign##SUFFIX(num, y) / dem;                                           \
+  }                                                                               \
+  const T two_over_sqrt_pi = (T)1.12837916709551257390;                           \
+  x = x - (erf##SUFFIX(x) - y) / (two_over_sqrt_pi * exp##SUFFIX(-x * x));        \
+  x = x - (erf##SUFFIX(x) - y) / (two_over_sqrt_pi * exp##SUFFIX(-x * x));        \
+  return x;                                                                       \
+}
+KITSUNE_ERFINV(float, f)
+KITSUNE_ERFINV(double, )
+"""
+
+
+def math_declarations(names: dict[str, int]) -> str:
+    """`declare simd` prototypes: GCC then calls libmvec's vector variants."""
+    lines = []
+    for name, arity in sorted(names.items()):
+        for ctype, suffix in (("float", "f"), ("double", "")):
+            params = ", ".join([ctype] * arity)
+            lines.append("#pragma omp declare simd notinbranch")
+            lines.append(f"extern {ctype} {name}{suffix}({params});")
+    return "\n".join(lines)
+
+
+def literal(value, dtype: torch.dtype) -> str:
+    ctype = COMPUTE[dtype]
+    if dtype == torch.bool:
+        return "true" if value else "false"
+    if dtype.is_floating_point:
+        if math.isnan(value):
+            return f"(({ctype})NAN)"
+        if math.isinf(value):
+            return f"(({ctype})INFINITY)" if value > 0 else f"(-({ctype})INFINITY)"
+        return f"(({ctype}){float(value).hex()})"  # exact; the cast rounds like torch.full
+    bits = _BITS[dtype]
+    return f"(({ctype})UINT{bits}_C({int(value) & ((1 << bits) - 1):#x}))"
+
+
+def emit_kernel(spec: KernelSpec, fn_name: str) -> str:
+    """C source of `int fn_name(inputs..., outputs..., int64_t numel, int threads)`.
+
+    Returns 0, or 1 when an integer division by zero happened."""
+    inputs = [i.name for i in spec.inputs]
+    names: dict[Value, str] = {}
+    body: list[str] = []
+    uses_err = False
+    for v in spec.values():
+        names[v] = f"v{len(names)}"
+        text = _expr(v, names, inputs)
+        uses_err |= "kitsune_err" in text
+        body.append(f"const {COMPUTE[v.dtype]} {names[v]} = {text};")
+    for out in spec.outputs:
+        if out.value.dtype != out.dtype:
+            raise KernelError(f"{spec.name}: output {out.name} stores {out.value.dtype} into {out.dtype}")
+        value = names[out.value]
+        if out.dtype == torch.bfloat16:
+            value = f"kitsune_f32_to_bf16({value})"
+        elif out.dtype == torch.float16:
+            value = f"(_Float16){value}"
+        body.append(f"{out.name}[{render(out.index, 'x', floordiv='/')}] = {value};")
+    params = [f"const {STORAGE[i.dtype]} *restrict {i.name}" for i in spec.inputs]
+    params += [f"{STORAGE[o.dtype]} *restrict {o.name}" for o in spec.outputs]
+    params += ["int64_t numel", "int threads"]
+    reduction = " reduction(|:kitsune_err)" if uses_err else ""
+    header = "\n".join(f"// {line}" for line in (spec.description or spec.name).splitlines())
+    lines = [
+        header,
+        f"int {fn_name}({', '.join(params)}) {{",
+        "  int kitsune_err = 0;",
+        f"  #pragma omp parallel for simd schedule(static) num_threads(threads) "
+        f"if(numel >= {PARALLEL_THRESHOLD}){reduction}",
+        "  for (int64_t x = 0; x < numel; ++x) {",
+    ]
+    lines += [f"    {line}" for line in body]
+    lines += ["  }", "  return kitsune_err;", "}", ""]
+    return "\n".join(lines)
+
+
+def _f(dtype: torch.dtype) -> str:
+    """C math suffix for the compute type."""
+    return "" if dtype == torch.float64 else "f"
+
+
+def _expr(v: Value, names: dict, inputs: list[str]) -> str:
+    a = [names[arg] for arg in v.args]
+    op, dtype = v.op, v.dtype
+    ctype = COMPUTE[dtype]
+    if op == "load":
+        slot, index = v.attr
+        ref = f"{inputs[slot]}[{render(index, 'x', floordiv='/')}]"
+        if dtype == torch.bfloat16:
+            return f"kitsune_bf16_to_f32({ref})"
+        return f"(float){ref}" if dtype == torch.float16 else ref
+    if op == "const":
+        return literal(v.attr, dtype)
+    if op == "cast":
+        if dtype == torch.bool:
+            return f"({a[0]} != 0)"
+        if dtype == torch.bfloat16:
+            return f"kitsune_round_bf16((float){a[0]})"
+        if dtype == torch.float16:
+            return f"(float)(_Float16)(float){a[0]}"
+        return f"({ctype}){a[0]}"
+    if op in _BINARY:
+        if dtype == torch.bool and op in ("bitwise_and", "bitwise_or", "bitwise_xor"):
+            return f"(bool)({a[0]} {_BINARY[op]} {a[1]})"
+        return f"({a[0]} {_BINARY[op]} {a[1]})"
+    if op in ("truncdiv", "fmod") and not dtype.is_floating_point:
+        # C traps on x / 0 and INT_MIN / -1; eager raises on the first, and
+        # the second wraps to INT_MIN (quotient) / 0 (remainder).
+        quotient = f"(-{a[0]})" if op == "truncdiv" else f"({ctype})0"
+        c_op = "/" if op == "truncdiv" else "%"
+        return (f"({a[1]} == 0 ? (kitsune_err = 1, ({ctype})0) : {a[1]} == -1 ? {quotient} "
+                f": ({a[0]} {c_op} {a[1]}))")
+    if op == "neg":
+        return f"(-{a[0]})"
+    if op == "abs":
+        return f"fabs{_f(dtype)}({a[0]})" if dtype.is_floating_point else f"({a[0]} < 0 ? -{a[0]} : {a[0]})"
+    if op in ("maximum", "minimum"):
+        cmp = ">" if op == "maximum" else "<"
+        if dtype.is_floating_point:
+            return f"((({a[0]} {cmp} {a[1]}) | ({a[0]} != {a[0]})) ? {a[0]} : {a[1]})"
+        return f"({a[0]} {cmp} {a[1]} ? {a[0]} : {a[1]})"
+    if op == "sigmoid":
+        return f"(({ctype})1 / (({ctype})1 + exp{_f(dtype)}(-{a[0]})))"
+    if op == "rsqrt":
+        return f"(({ctype})1 / sqrt{_f(dtype)}({a[0]}))"
+    if op == "erfinv":
+        return f"kitsune_erfinv{_f(dtype)}({a[0]})"
+    if op in _LIBM:
+        if not dtype.is_floating_point:
+            raise KernelError(f"{op} on {dtype} has no C translation")
+        return f"{_LIBM[op]}{_f(dtype)}({', '.join(a)})"
+    if op == "isnan":
+        return f"({a[0]} != {a[0]})"
+    if op == "where":
+        return f"({a[0]} ? {a[1]} : {a[2]})"
+    if op == "bitwise_not":
+        return f"(!{a[0]})" if dtype == torch.bool else f"(~{a[0]})"
+    if op in ("lshift", "rshift"):
+        bits = _BITS.get(dtype)
+        if bits is None:
+            raise KernelError(f"shift of {dtype} is not supported")
+        out_of_range = f"({a[1]} < 0 || {a[1]} >= {bits})"
+        if op == "lshift":
+            return f"({out_of_range} ? ({ctype})0 : ({ctype})(({_UNSIGNED[dtype]}){a[0]} << {a[1]}))"
+        return f"({a[0]} >> ({out_of_range} ? {bits - 1} : {a[1]}))"
+    raise KernelError(f"no C translation for primitive {op!r}")
+

@@ -65,14 +65,14 @@ def _floor_divide(a: Value, b: Value) -> Value:
         # Eager's div_floor_floating: exact for every representable quotient.
         mod = call("fmod", a, b)
         div = (a - mod) / b
-        div = where((mod != 0) & ((b < 0) != (mod < 0)), div - 1, div)
+        div = where(_ne(mod, 0) & _ne(b < 0, mod < 0), div - 1, div)
         floordiv = call("floor", div)
         floordiv = where(div - floordiv > 0.5, floordiv + 1, floordiv)
         floordiv = where(_eq(div, 0), _copysign_zero(a / b), floordiv)
         return where(_eq(b, 0), a / b, floordiv)
     q = call("truncdiv", a, b)
     r = call("fmod", a, b)
-    return where((r != 0) & ((r < 0) != (b < 0)), q - 1, q)
+    return where(_ne(r, 0) & _ne(r < 0, b < 0), q - 1, q)
 
 
 def _copysign_zero(v: Value) -> Value:
@@ -82,7 +82,7 @@ def _copysign_zero(v: Value) -> Value:
 
 def _remainder(a: Value, b: Value) -> Value:
     r = call("fmod", a, b)
-    return where((r != 0) & ((r < 0) != (b < 0)), r + b, r)
+    return where(_ne(r, 0) & _ne(r < 0, b < 0), r + b, r)
 
 
 def _div_mode(a: Value, b: Value, rounding_mode=None) -> Value:

@@ -75,10 +75,19 @@ class Value:
     def __hash__(self):
         return self._hash
 
+    def __ne__(self, other):
+        return not self.__eq__(other)
+
+    def __bool__(self):
+        raise TypeError("a scalar Value has no truth value at compile time; use where()")
+
     def __eq__(self, other):
+        # Structural equality (dict keys). Comparing with a number is a formula
+        # bug: elementwise comparisons are call("eq"/"ne", ...).
+        if not isinstance(other, Value):
+            raise TypeError("Value == number is not elementwise; use call('eq'|'ne', a, b) in formulas")
         return (
-            isinstance(other, Value)
-            and self._hash == other._hash
+            self._hash == other._hash
             and self.op == other.op
             and self.dtype == other.dtype
             and _attr_key(self.attr) == _attr_key(other.attr)

@@ -29,6 +29,10 @@ _LIBM = {"exp": "exp", "exp2": "exp2", "expm1": "expm1", "log": "log", "log1p": 
          "sin": "sin", "cos": "cos", "atan2": "atan2", "hypot": "hypot", "pow": "pow", "floor": "floor",
          "ceil": "ceil", "trunc": "trunc", "round": "rint"}
 
+# float32 functions Triton computes with the GPU's fast hardware paths (as
+# Inductor does); libdevice serves everything else and all of float64.
+_FAST = {"exp", "exp2"}
+
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _LOW else dtype
@@ -66,7 +70,7 @@ def emit_triton(spec: KernelSpec, fn_name: str) -> str:
         if out.value.dtype != out.dtype:
             raise KernelError(f"{spec.name}: output {out.name} stores {out.value.dtype} into {out.dtype}")
         if out.dtype == torch.bfloat16:
-            value = f"libm.round_bf16({value})"
+            value = f"round_bf16({value})"
         body.append(f"tl.store({out.name} + ({render(out.index, 'x')}), "
                     f"{value}.to({TL_DTYPE[out.dtype]}), xmask)")
     params = ", ".join([i.name for i in spec.inputs] + [o.name for o in spec.outputs] + ["numel"])
@@ -75,7 +79,7 @@ def emit_triton(spec: KernelSpec, fn_name: str) -> str:
     lines = [
         "import triton",
         "import triton.language as tl",
-        "from kitsune.codegen.triton import libm",
+        "from kitsune.codegen.triton.libm import libm, round_bf16",
         "",
         header,
         "@triton.jit",
@@ -112,7 +116,7 @@ def _expr(v: Value, names: dict, inputs: list[str]) -> str:
         if dtype == torch.bool:
             return f"({a[0]} != 0)"
         if dtype == torch.bfloat16:
-            return f"libm.round_bf16({a[0]}.to(tl.float32))"
+            return f"round_bf16({a[0]}.to(tl.float32))"
         if dtype == torch.float16:
             return f"{a[0]}.to(tl.float16).to(tl.float32)"
         if src == torch.bool:
@@ -136,7 +140,9 @@ def _expr(v: Value, names: dict, inputs: list[str]) -> str:
             return f"tl.where(({a[0]} {cmp} {a[1]}) | ({a[0]} != {a[0]}), {a[0]}, {a[1]})"
         return f"tl.where({a[0]} {cmp} {a[1]}, {a[0]}, {a[1]})"
     if op == "sigmoid":
-        return f"1.0 / (1.0 + libm.exp(-{a[0]}))"
+        return f"tl.sigmoid({a[0]})" if cdt == torch.float32 else f"1.0 / (1.0 + libm.exp(-{a[0]}))"
+    if op in _FAST and cdt == torch.float32:
+        return f"tl.{op}({a[0]})"
     if op in _LIBM:
         return f"libm.{_LIBM[op]}({', '.join(a)})"
     if op == "isnan":

@@ -1,7 +1,7 @@
 """The math functions generated Triton kernels call, as `libm.<name>(...)`.
 
-On a GPU this module re-exports CUDA's libdevice, plus `round_bf16` (round a
-float32 to the nearest bfloat16, ties to even, and widen it back). Triton's interpreter (`TRITON_INTERPRET=1`,
+On a GPU `libm` is CUDA's libdevice; `round_bf16` rounds a float32 to the
+nearest bfloat16 (ties to even) and widens it back. Triton's interpreter (`TRITON_INTERPRET=1`,
 used by the CPU test suite) cannot call libdevice, so there each function is
 evaluated with PyTorch on the numpy arrays that back the interpreter's
 tensors. The generated source is the same in both modes; only what the name
@@ -16,7 +16,7 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 if not INTERPRETED:
     import triton
     import triton.language as tl
-    from triton.language.extra.libdevice import *  # noqa: F401,F403
+    from triton.language.extra import libdevice as libm  # noqa: F401
 
     @triton.jit
     def round_bf16(x):
@@ -47,31 +47,34 @@ else:
             return tl.tensor(TensorHandle(result, ref.handle.dtype.scalar), ty)
         return apply
 
-    # libdevice's names, computed with PyTorch (interpreter only). The
-    # interpreter's own float32 -> bfloat16 cast truncates; round_bf16 rounds
-    # to nearest even like the hardware.
-    exp = _wrap(torch.exp)
-    exp2 = _wrap(torch.exp2)
-    expm1 = _wrap(torch.expm1)
-    log = _wrap(torch.log)
-    log1p = _wrap(torch.log1p)
-    log2 = _wrap(torch.log2)
-    sqrt = _wrap(torch.sqrt)
-    rsqrt = _wrap(torch.rsqrt)
-    tanh = _wrap(torch.tanh)
-    erf = _wrap(torch.erf)
-    erfc = _wrap(torch.erfc)
-    erfinv = _wrap(torch.erfinv)
-    sin = _wrap(torch.sin)
-    cos = _wrap(torch.cos)
-    atan2 = _wrap(torch.atan2)
-    hypot = _wrap(torch.hypot)
-    pow = _wrap(torch.pow)
-    fmod = _wrap(torch.fmod)
-    floor = _wrap(torch.floor)
-    ceil = _wrap(torch.ceil)
-    trunc = _wrap(torch.trunc)
-    rint = _wrap(torch.round)
-    div_rn = _wrap(torch.div)
+    class libm:  # noqa: N801 - stands in for the libdevice module
+        """libdevice's names, computed with PyTorch (interpreter only)."""
 
+        exp = staticmethod(_wrap(torch.exp))
+        exp2 = staticmethod(_wrap(torch.exp2))
+        expm1 = staticmethod(_wrap(torch.expm1))
+        log = staticmethod(_wrap(torch.log))
+        log1p = staticmethod(_wrap(torch.log1p))
+        log2 = staticmethod(_wrap(torch.log2))
+        sqrt = staticmethod(_wrap(torch.sqrt))
+        rsqrt = staticmethod(_wrap(torch.rsqrt))
+        tanh = staticmethod(_wrap(torch.tanh))
+        erf = staticmethod(_wrap(torch.erf))
+        erfc = staticmethod(_wrap(torch.erfc))
+        erfinv = staticmethod(_wrap(torch.erfinv))
+        sin = staticmethod(_wrap(torch.sin))
+        cos = staticmethod(_wrap(torch.cos))
+        atan2 = staticmethod(_wrap(torch.atan2))
+        hypot = staticmethod(_wrap(torch.hypot))
+        pow = staticmethod(_wrap(torch.pow))
+        fmod = staticmethod(_wrap(torch.fmod))
+        floor = staticmethod(_wrap(torch.floor))
+        ceil = staticmethod(_wrap(torch.ceil))
+        trunc = staticmethod(_wrap(torch.trunc))
+        rint = staticmethod(_wrap(torch.round))
+        div_rn = staticmethod(_wrap(torch.div))
+
+
+    # The interpreter's own float32 -> bfloat16 cast truncates; this rounds to
+    # nearest even like the hardware.
     round_bf16 = _wrap(lambda t: t.to(torch.bfloat16).to(torch.float32))

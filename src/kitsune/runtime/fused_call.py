@@ -25,8 +25,8 @@ class FusedGroupCall:
         self.fallback = fallback
         self.kernel = None  # set by attach(); None means "run the fallback"
         self.failure: str | None = None
-        self.input_strides = tuple(tuple(v.stride()) for v in inputs)
-        self.input_shapes = tuple(tuple(v.shape) for v in inputs)
+        self.input_strides = [tuple(v.stride()) for v in inputs]
+        self.input_shapes = [tuple(v.shape) for v in inputs]
         self.output_meta = tuple((tuple(v.shape), tuple(v.stride()), v.dtype) for v in outputs)
         self.device = outputs[0].device
         # fx codegen names call_function targets by these
@@ -43,12 +43,14 @@ class FusedGroupCall:
 
     def __call__(self, *inputs):
         kernel = self.kernel
-        if kernel is None or not self._layout_matches(inputs):
+        if kernel is None or ([t.stride() for t in inputs] != self.input_strides
+                              and not self._layout_matches(inputs)):
             return self.fallback(*inputs)
-        outputs = [torch.empty_strided(shape, stride, dtype=dtype, device=inputs[0].device if inputs else self.device)
+        device = inputs[0].device if inputs else self.device
+        outputs = [torch.empty_strided(shape, stride, dtype=dtype, device=device)
                    for shape, stride, dtype in self.output_meta]
         try:
-            kernel(list(inputs), outputs)
+            kernel(inputs, outputs)
         except Exception as error:  # noqa: BLE001 - whatever broke, eager semantics decide
             result = self.fallback(*inputs)  # raises eager's own error if the inputs are invalid
             self.disable(f"kernel launch failed: {error}")

@@ -51,6 +51,8 @@ import warnings
 
 import common
 
+if "--fresh-pages" not in sys.argv:
+    common.reexec_with_malloc_reuse()  # restarts this script once, with glibc told to reuse freed memory
 common.use_private_caches()  # before kitsune is imported: KITSUNE_CACHE_DIR and friends
 
 import torch  # noqa: E402
@@ -146,7 +148,7 @@ def run_backend(backend: str, fn, inputs, expected, ref64, device, repeats, kits
     return result
 
 
-def run_case(name: str, dtype_name: str, numel: int, device, repeat: int | None, copy_gbs: float,
+def run_case(name: str, dtype_name: str, numel: int, device, repeat: int | None,
              kitsune_log: WarningCollector) -> dict:
     fn, n_inputs = CASES[name]
     dtype = DTYPES[dtype_name]
@@ -169,7 +171,6 @@ def run_case(name: str, dtype_name: str, numel: int, device, repeat: int | None,
         if "timing" in result:
             ms = result["timing"]["median_ms"]
             result["gb_per_s"] = common.gb_per_s(nbytes, ms)
-            result["share_of_copy"] = result["gb_per_s"] / copy_gbs
     k = row["backends"]["kitsune"]
     if "timing" in k:
         for other in ("eager", "inductor"):
@@ -224,8 +225,8 @@ def table(rows: list[dict]) -> str:
         cells = [row["case"] + ("*" if kitsune_problems(row) else ""), row["dtype"], common.format_numel(row["numel"])]
         cells += [f"{b[n]['timing']['median_ms']:.3f}" if "timing" in b[n] else "FAIL" for n in BACKENDS]
         cells += [f"{k[key]:.2f}x" if key in k else "n/a" for key in ("speedup_vs_eager", "speedup_vs_inductor")]
-        cells += [f"{b[n]['gb_per_s']:.0f} ({100 * b[n]['share_of_copy']:.0f}%)" if "gb_per_s" in b[n] else "n/a"
-                  for n in BACKENDS]
+        cells += [f"{common.format_rate(b[n]['gb_per_s'])} ({100 * b[n]['share_of_copy']:.0f}%)"
+                  if "gb_per_s" in b[n] else "n/a" for n in BACKENDS]
         cells += [f"{b[n]['compile_s']:.2f}" if "compile_s" in b[n] else "n/a" for n in ("inductor", "kitsune")]
         lines.append(cells)
     return common.markdown_table(headers, lines)
@@ -239,6 +240,9 @@ def main(argv=None) -> int:
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     parser.add_argument("--repeat", type=int, help="timed calls per measurement (default: by device and size)")
     parser.add_argument("--json", metavar="PATH", help="write every number to this JSON file")
+    parser.add_argument("--fresh-pages", action="store_true",
+                        help="keep glibc's default of returning large freed blocks to the OS, so that every "
+                             "call on the CPU page-faults its output in anew (default: reuse freed memory)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -255,12 +259,17 @@ def main(argv=None) -> int:
     print(f"# Pointwise fusion: eager vs Inductor vs Kitsune — {env['date']}")
     print(f"device: {env['device_name']} ({env['device']})   torch {env['torch']}   triton {env['triton']}   "
           f"kitsune {env['kitsune']}   python {env['python']}")
+    env["malloc_reuse"] = common.malloc_reuse_active()
     if device.type == "cpu":
-        print(f"threads: {env['threads']} of {env['cpus']} CPUs")
+        print(f"threads: {env['threads']} of {env['cpus']} CPUs; host memory: "
+              + ("freed memory reused (" + " ".join(f"{k}={v}" for k, v in common.MALLOC_REUSE_ENV.items()) + ")"
+                 if env["malloc_reuse"] else "glibc default (outputs page-fault in every call)"))
 
+    # The copy ceiling, measured before and after the cases: their difference shows the drift/noise.
     copy_bytes = max(COPY_BYTES, numel * 4)
-    copy = common.copy_rate(device, copy_bytes, args.repeat or common.default_repeats(device, 2 * copy_bytes))
-    print(f"device copy rate: {copy['gb_per_s']:.1f} GB/s (dst.copy_(src), {copy['bytes_per_side'] >> 20} MiB "
+    copy_repeats = max(20, args.repeat or common.default_repeats(device, 2 * copy_bytes))
+    copies = [common.copy_rate(device, copy_bytes, copy_repeats)]
+    print(f"device copy rate: {copies[0]['gb_per_s']:.1f} GB/s (dst.copy_(src), {copy_bytes >> 20} MiB "
           f"per side, read + write counted)")
     print("pre-warming both compilers on an unrelated function ...")
     prewarm(device)
@@ -268,17 +277,27 @@ def main(argv=None) -> int:
     rows = []
     for case in args.cases:
         for dtype_name in args.dtypes:
-            row = run_case(case, dtype_name, numel, device, args.repeat, copy["gb_per_s"], kitsune_log)
+            row = run_case(case, dtype_name, numel, device, args.repeat, kitsune_log)
             print_case(row)
             rows.append(row)
 
-    stats = kitsune.get_fusion_stats()  # of the last case only; per-case reports are in the rows
-    fused_total = sum(r["backends"]["kitsune"].get("fusion", {}).get("num_fused", 0) for r in rows)
-    fallbacks_total = sum(len(r["backends"]["kitsune"].get("fusion", {}).get("fallbacks", [])) for r in rows)
+    copies.append(common.copy_rate(device, copy_bytes, copy_repeats))
+    copy_gbs = max(c["gb_per_s"] for c in copies)  # the ceiling: the better of the two measurements
+    for row in rows:
+        for result in row["backends"].values():
+            if "gb_per_s" in result:
+                result["share_of_copy"] = result["gb_per_s"] / copy_gbs
+
+    # kitsune.get_fusion_stats() is reset before each Kitsune compile: each row holds its case's report
+    reports = [r["backends"]["kitsune"].get("fusion", {}) for r in rows]
     problems = [r for r in rows if kitsune_problems(r)]
     print()
-    print(f"kitsune fusion stats over all cases: num_fused={fused_total}, fallbacks={fallbacks_total} "
-          f"(last case: {stats['num_fused']} fused, kernels {stats['kernels_before']} -> {stats['kernels_after']})")
+    print(f"device copy rate: {copies[0]['gb_per_s']:.1f} GB/s before the cases, {copies[1]['gb_per_s']:.1f} GB/s "
+          f"after; shares use {copy_gbs:.1f} GB/s")
+    print(f"kitsune fusion stats, all cases: num_fused={sum(f.get('num_fused', 0) for f in reports)}, "
+          f"kernels {sum(f.get('kernels_before', 0) for f in reports)} eager -> "
+          f"{sum(f.get('kernels_after', 0) for f in reports)}, "
+          f"fallbacks={sum(len(f.get('fallbacks', [])) for f in reports)}")
     if problems:
         print("!" * 100)
         print(f"WARNING: in {len(problems)} of {len(rows)} rows (marked *) Kitsune fell back to PyTorch or fused "
@@ -290,13 +309,14 @@ def main(argv=None) -> int:
 
     print()
     print(f"{env['device_name']}, torch {env['torch']}, triton {env['triton']}, {env['date'][:10]}; "
-          f"copy {copy['gb_per_s']:.0f} GB/s; median ms; vs = other/kitsune time (>1: kitsune faster)")
+          f"copy {common.format_rate(copy_gbs)} GB/s; median ms; vs = other time / kitsune time (>1: kitsune faster); "
+          f"compile s = cold first call")
     print()
     print(table(rows))
 
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(environment=env, copy=copy, numel=numel, rows=rows), f, indent=2, default=str)
+            json.dump(dict(environment=env, copy=dict(runs=copies, gb_per_s=copy_gbs), numel=numel, rows=rows), f, indent=2, default=str)
         print(f"\nwrote {args.json}")
     return 0
 

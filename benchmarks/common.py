@@ -84,13 +84,10 @@ def disable_compile_caches() -> None:
 def cold_start() -> None:
     """Make the next compile cold: reset Dynamo, clear Inductor's in-memory caches,
     forget Kitsune's imported kernel modules, and give every on-disk cache a new,
-    empty directory.
-
-    Inductor's compile-worker processes (started by the first Inductor compile and
-    kept, so that their start-up is not charged to every case) keep the Triton
-    cache directory they were started with: a kernel whose source an earlier case
-    already compiled there would hit that cache. Benchmarks should give every
-    case distinct kernels (different ops or dtypes), as bench_pointwise does."""
+    empty directory. Inductor's compile workers stay up (their start-up is paid once,
+    not by every case); Inductor hands them the current TORCHINDUCTOR_CACHE_DIR and
+    TRITON_CACHE_DIR with every task, and its in-memory kernel caches are among those
+    `clear_caches()` empties."""
     if _cache_root is None:
         raise RuntimeError("call use_private_caches() at process start first")
     torch._dynamo.reset()

@@ -16,7 +16,8 @@ def make_backend(config: FusionConfig | None = None):
     """A Dynamo backend that compiles with `config`."""
     if config is not None and not isinstance(config, FusionConfig):
         raise TypeError(f"config must be a FusionConfig, got {type(config).__name__}")
-    return aot_backend(functools.partial(_compile_with, config=config))
+    reductions = config.enable_reduction if config is not None else True
+    return aot_backend(functools.partial(_compile_with, config=config), reductions=reductions)
 
 
 def _compile_with(gm, example_inputs, kind, config):

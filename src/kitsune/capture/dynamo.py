@@ -14,8 +14,11 @@ from torch._decomp import core_aten_decompositions, get_decompositions
 aten = torch.ops.aten
 
 
-@functools.lru_cache(maxsize=1)
-def decomposition_table() -> dict:
+@functools.lru_cache(maxsize=2)
+def decomposition_table(reductions: bool = True) -> dict:
+    """PyTorch's decompositions, plus those that expose fusible work. With
+    `reductions`, normalisations and softmax also decompose into the sums,
+    means and maxima the planner fuses with their neighbours."""
     table = dict(core_aten_decompositions())
     # Composites that core ATen keeps whole but that are pointwise chains.
     table.update(get_decompositions([
@@ -24,10 +27,16 @@ def decomposition_table() -> dict:
         aten.clamp_min, aten.clamp_max, aten.sigmoid_backward, aten.tanh_backward, aten.silu_backward,
         aten.softplus_backward, aten.logit, aten.square,
     ]))
+    if reductions:
+        table.update(get_decompositions([
+            aten._softmax, aten._log_softmax, aten.native_layer_norm, aten.var, aten.var_mean,
+            aten.native_group_norm, aten.native_batch_norm, aten._native_batch_norm_legit_functional,
+            aten._native_batch_norm_legit_no_training,
+        ]))
     return table
 
 
-def aot_backend(compile_graph):
+def aot_backend(compile_graph, reductions: bool = True):
     """A Dynamo backend that hands each forward/backward aten graph to
     `compile_graph(gm, example_inputs, name)` and runs what it returns."""
     from functorch.compile import make_boxed_func
@@ -43,6 +52,6 @@ def aot_backend(compile_graph):
         fw_compiler=compiler("forward"),
         bw_compiler=compiler("backward"),
         inference_compiler=compiler("inference"),
-        decompositions=decomposition_table(),
+        decompositions=decomposition_table(reductions),
         partition_fn=min_cut_rematerialization_partition,
     )

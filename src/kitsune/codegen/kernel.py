@@ -45,6 +45,14 @@ class KernelSpec:
     inputs: tuple[KernelInput, ...]
     outputs: tuple[KernelOutput, ...]
     description: str = ""  # the graph nodes fused, for the header comment
+    # Reduction kernels: the flat variable x splits into a row x // reduction
+    # and a position r = x % reduction along the reduced elements; `reduce`
+    # Values collapse r. 0 for pointwise kernels.
+    reduction: int = 0
+
+    @property
+    def rows(self) -> int:
+        return self.numel // self.reduction if self.reduction else self.numel
 
     def values(self) -> list[Value]:
         return walk([o.value for o in self.outputs])
@@ -60,7 +68,7 @@ class KernelSpec:
 
     def structure_key(self) -> str:
         """Hash of everything that changes the generated code."""
-        text = repr((self.numel, self.inputs, [(o.name, o.dtype, o.index) for o in self.outputs],
+        text = repr((self.numel, self.reduction, self.inputs, [(o.name, o.dtype, o.index) for o in self.outputs],
                      [(v.op, v.dtype, _attr_repr(v.attr), tuple(hash(a) for a in v.args)) for v in self.values()]))
         return hashlib.sha256(text.encode()).hexdigest()[:24]
 
@@ -79,6 +87,38 @@ def _bound(index: Index, numel: int) -> int:
             digit = min(digit, t.mod - 1)
         total += max(t.coef * digit, 0)
     return total
+
+
+def is_row_index(index: Index, reduction: int) -> bool:
+    """Does `index` depend on x only through the row x // reduction?"""
+    for t in index.terms:
+        if t.base is None:
+            if t.div % reduction:
+                return False
+        elif not is_row_index(t.base, reduction):
+            return False
+    return True
+
+
+def row_values(spec: KernelSpec) -> set:
+    """The Values of a reduction kernel that are constant along r (one per row)."""
+    rows: set = set()
+    for v in spec.values():
+        if v.op == "load":
+            if is_row_index(v.attr[1], spec.reduction):
+                rows.add(v)
+        elif v.op in ("const", "reduce") or all(a in rows for a in v.args):
+            rows.add(v)
+    return rows
+
+
+def reduction_stage(spec: KernelSpec) -> dict:
+    """Value -> how many reductions lie on its longest path from the loads."""
+    stage: dict = {}
+    for v in spec.values():
+        s = max((stage[a] for a in v.args), default=0)
+        stage[v] = s + 1 if v.op == "reduce" else s
+    return stage
 
 
 class KernelError(RuntimeError):

@@ -15,8 +15,8 @@ from torch import fx
 from kitsune.codegen.kernel import KernelInput, KernelOutput, KernelSpec
 from kitsune.ir.graph import is_view, meta, view_root
 from kitsune.ir.index import Index, delinearize, linearize, strided
-from kitsune.ir.ops import POINTWISE_OPS, NotFusible, aten, op_name
-from kitsune.ir.scalar import Value, cast, load
+from kitsune.ir.ops import POINTWISE_OPS, REDUCTION_OPS, NotFusible, aten, op_name, reduction_signature
+from kitsune.ir.scalar import Value, call, cast, const, load, reduce
 from kitsune.planner.pointwise import FusionGroup, group_outputs
 
 
@@ -103,6 +103,7 @@ class GroupLowering:
         self.members = set(group.nodes)
         self.inputs: dict[fx.Node, int] = {}
         self.memo: dict = {}
+        self.frame = group.frame  # (full shape, reduced dims) of a reduction group, else None
 
     def value_at(self, node: fx.Node, idx: tuple) -> Value:
         key = (node, idx)
@@ -120,6 +121,8 @@ class GroupLowering:
         return load(slot, strided(idx, val.stride()), val.dtype)
 
     def _apply_formula(self, node: fx.Node, idx: tuple) -> Value:
+        if node.target in REDUCTION_OPS:
+            return self._apply_reduction(node, idx)
         opdef = POINTWISE_OPS[node.target]
         shape = tuple(meta(node).shape)
         compute = _compute_dtype(node, opdef)
@@ -141,6 +144,60 @@ class GroupLowering:
         return cast(result, meta(node).dtype) if result.dtype != meta(node).dtype else result
 
 
+    def _apply_reduction(self, node: fx.Node, idx: tuple) -> Value:
+        """reduce(arg) at the output index: kept dims come from idx (they depend
+        on the row only), reduced dims from r, the position along the row."""
+        rdef = REDUCTION_OPS[node.target]
+        dims, keepdim = reduction_signature(node)
+        source = node.args[0]
+        in_shape = tuple(meta(source).shape)
+        if self.frame is None or (in_shape, tuple(dims)) != self.frame:
+            raise NotFusible(f"{node.name} reduces another iteration space than its group")
+        kept = [d for d in range(len(in_shape)) if d not in dims]
+        kept_idx = [idx[d] for d in kept] if keepdim else list(idx)
+        r_idx = reduced_index(in_shape, dims)
+        full, k, j = [], iter(kept_idx), iter(r_idx)
+        for d in range(len(in_shape)):
+            full.append(next(j) if d in dims else next(k))
+        out_dtype = meta(node).dtype
+        arg = self.value_at(source, tuple(full))
+        if rdef.combine in ("any", "all"):
+            arg = cast(arg, torch.bool)
+        else:
+            acc = torch.float32 if out_dtype in _LOW_PRECISION else out_dtype
+            arg = cast(arg, acc)
+        result = reduce(rdef.combine, arg)
+        if rdef.mean:
+            count = 1
+            for d in dims:
+                count *= in_shape[d]
+            result = call("truediv", result, const(count, result.dtype))
+        return cast(result, out_dtype)
+
+
+def reduced_index(in_shape, dims) -> list:
+    """Indices of the reduced dims at r = x % R (R = their element count)."""
+    sizes = [in_shape[d] for d in dims]
+    total = 1
+    for n in sizes:
+        total *= n
+    return delinearize(Index.var().mod(total), sizes)
+
+
+def frame_index(frame, out_shape) -> tuple:
+    """Index of a reduction group's output at flat x = row * R + r."""
+    in_shape, dims = frame
+    R = 1
+    for d in dims:
+        R *= in_shape[d]
+    row = Index.var().floordiv(R)
+    if tuple(out_shape) == tuple(in_shape):
+        kept_sizes = [in_shape[d] for d in range(len(in_shape)) if d not in dims]
+        k, j = iter(delinearize(row, kept_sizes)), iter(reduced_index(in_shape, dims))
+        return tuple(next(j) if d in dims else next(k) for d in range(len(in_shape)))
+    return tuple(delinearize(row, list(out_shape)))
+
+
 def iteration_index(shape, stride) -> tuple:
     """Logical indices of flat x, walking `shape` in the memory order of `stride`."""
     order = sorted(range(len(shape)), key=lambda d: -stride[d])
@@ -159,7 +216,9 @@ def lower_group(group: FusionGroup, name: str) -> tuple[KernelSpec, list[fx.Node
     kernel_outputs = []
     for k, node in enumerate(outputs):
         val = meta(node)
-        if tuple(val.shape) == tuple(first.shape):
+        if group.frame is not None:
+            idx = frame_index(group.frame, tuple(val.shape))
+        elif tuple(val.shape) == tuple(first.shape):
             idx = iteration_index(tuple(first.shape), first.stride())
         else:
             idx = iteration_index(tuple(val.shape), val.stride())
@@ -172,5 +231,6 @@ def lower_group(group: FusionGroup, name: str) -> tuple[KernelSpec, list[fx.Node
         inputs=tuple(KernelInput(f"in{i}", meta(n).dtype) for i, n in enumerate(inputs)),
         outputs=tuple(kernel_outputs),
         description=", ".join(f"{n.name}={op_name(n.target)}" for n in group.nodes),
+        reduction=group.reduction,
     )
     return spec, inputs, outputs

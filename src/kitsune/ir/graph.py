@@ -67,7 +67,7 @@ def pointwise_blocker(node: fx.Node) -> str | None:
     if node.op != "call_function":
         return "not an operation"
     kind = op_kind(node.target)
-    if kind is not OpKind.POINTWISE:
+    if kind not in (OpKind.POINTWISE, OpKind.REDUCTION):
         return f"{op_name(node.target)} is {kind.value} (runs through PyTorch)"
     val = meta(node)
     if val is None:
@@ -84,5 +84,5 @@ def pointwise_blocker(node: fx.Node) -> str | None:
             return "non-strided or dynamic input"
     if val.device.type not in ("cpu", "cuda"):
         return f"device {val.device.type} has no backend"
-    check = POINTWISE_OPS[node.target].check
+    check = POINTWISE_OPS[node.target].check if kind is OpKind.POINTWISE else None
     return check(node) if check else None

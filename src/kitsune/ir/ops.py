@@ -260,9 +260,54 @@ VIEW_OPS = {
 }
 
 
+@dataclass(frozen=True)
+class ReductionDef:
+    """A reduction over some dims of its first argument.
+
+    `combine` names the scalar reduction primitive (`kitsune.ir.scalar.REDUCTIONS`);
+    `mean` divides the sum by the number of reduced elements afterwards."""
+    combine: str
+    mean: bool = False
+
+
+# aten reductions as the decompositions leave them (softmax, log_softmax,
+# layer/group/batch norm, var/std, logsumexp all decompose into these).
+REDUCTION_OPS: dict = {
+    aten.sum.dim_IntList: ReductionDef("sum"), aten.sum.default: ReductionDef("sum"),
+    aten.mean.dim: ReductionDef("sum", mean=True), aten.mean.default: ReductionDef("sum", mean=True),
+    aten.amax.default: ReductionDef("max"), aten.amin.default: ReductionDef("min"),
+    aten.prod.dim_int: ReductionDef("prod"), aten.prod.default: ReductionDef("prod"),
+    aten.any.dim: ReductionDef("any"), aten.any.dims: ReductionDef("any"), aten.any.default: ReductionDef("any"),
+    aten.all.dim: ReductionDef("all"), aten.all.default: ReductionDef("all"),
+}
+
+
+def reduction_signature(node) -> tuple[list[int], bool]:
+    """(normalised reduced dims, keepdim) of a reduction node; an empty dim list means all dims."""
+    ndim = node.args[0].meta["val"].dim()
+    target = node.target
+    args = list(node.args[1:])
+    dims = None
+    keepdim = bool(node.kwargs.get("keepdim", False))
+    if target in (aten.sum.default, aten.mean.default, aten.prod.default, aten.any.default, aten.all.default):
+        dims = []
+    elif target in (aten.prod.dim_int, aten.any.dim, aten.all.dim):
+        dims = [args[0]] if args else []
+        keepdim = bool(args[1]) if len(args) > 1 else keepdim
+    else:
+        dims = args[0] if args else node.kwargs.get("dim", [])
+        dims = [dims] if isinstance(dims, int) else list(dims or [])
+        keepdim = bool(args[1]) if len(args) > 1 else keepdim
+    if not dims:
+        dims = list(range(ndim))
+    return sorted({d + ndim if d < 0 else d for d in dims}), keepdim
+
+
 def op_kind(target) -> OpKind:
     if target in POINTWISE_OPS:
         return OpKind.POINTWISE
+    if target in REDUCTION_OPS:
+        return OpKind.REDUCTION
     if target in VIEW_OPS:
         return OpKind.VIEW
     return OpKind.OPAQUE

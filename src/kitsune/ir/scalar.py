@@ -54,7 +54,15 @@ PRIMITIVES: dict[str, int] = {
     # bitwise on integers and bools (logical ops are these on bools)
     "bitwise_and": 2, "bitwise_or": 2, "bitwise_xor": 2, "bitwise_not": 1,
     "lshift": 2, "rshift": 2,  # integers; shift >= bit width: 0 / sign fill
+    # reduction over the kernel's reduction variable r: attr is one of
+    # REDUCTIONS. Its operand varies along r; its result is one value per row.
+    "reduce": 1,
 }
+
+# sum/prod accumulate in the operand dtype (the lowering casts low-precision
+# operands to float32 first, as eager does); max/min propagate NaN;
+# any/all take and give bool.
+REDUCTIONS = ("sum", "prod", "max", "min", "any", "all")
 
 
 @dataclass(frozen=True, eq=True)
@@ -181,6 +189,12 @@ def call(op: str, *args) -> Value:
     if len(operands) != PRIMITIVES[op]:
         raise TypeError(f"{op} takes {PRIMITIVES[op]} operands, got {len(operands)}")
     return Value(op, operands, torch.bool if op in _BOOL_RESULT else dtype)
+
+
+def reduce(kind: str, v: Value) -> Value:
+    if kind not in REDUCTIONS:
+        raise ValueError(f"unknown reduction {kind!r}")
+    return Value("reduce", (v,), v.dtype, kind)
 
 
 def where(cond: Value, a, b) -> Value:

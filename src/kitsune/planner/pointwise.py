@@ -1,4 +1,5 @@
-"""Partition a captured graph into pointwise fusion groups.
+"""Partition a captured graph into fusion groups: pointwise chains, and
+reductions with their pointwise producers and consumers.
 
 Greedy and vertical, in topological order: each fusible node joins the groups
 of its producers when that is legal. Legality follows from node kinds and
@@ -8,7 +9,12 @@ iteration sizes, never from op names:
   members whose values never leave the group: those are recomputed per element
   through broadcasting;
 - merging never creates a cycle (a path that leaves the group and comes back);
-- a group holds at most `max_fusion_size` user operations.
+- a group holds at most `max_fusion_size` user operations;
+- a group with reductions has one *frame*: the shape S they reduce and the
+  dims D they reduce over. Its kernel runs over rows (the kept dims of S)
+  and, in each row, over the R reduced elements; every value it writes is
+  either of shape S (one per element) or one per row (the kept dims, with
+  or without the reduced dims kept as size 1).
 
 Every decision, taken or refused, is recorded with its reason.
 """
@@ -18,9 +24,32 @@ from dataclasses import dataclass, field
 
 from torch import fx
 
+import math
+
 from kitsune.config import FusionConfig
-from kitsune.ir.graph import (is_compute, is_view, numel, pointwise_blocker, tensor_inputs, user_op_key,
+from kitsune.ir.graph import (is_compute, is_view, meta, numel, pointwise_blocker, tensor_inputs, user_op_key,
                               view_root)
+from kitsune.ir.ops import REDUCTION_OPS, reduction_signature
+
+
+def node_frame(node: fx.Node):
+    """(input shape, reduced dims) of a reduction node, else None."""
+    if node.target not in REDUCTION_OPS:
+        return None
+    dims, _ = reduction_signature(node)
+    return tuple(meta(node.args[0]).shape), tuple(dims)
+
+
+def frames_of(nodes) -> set:
+    return {f for f in map(node_frame, nodes) if f is not None}
+
+
+def frame_shapes(frame) -> tuple[tuple, tuple, tuple]:
+    """(full shape, row shape, row shape with the reduced dims kept as 1)."""
+    shape, dims = frame
+    kept = tuple(s for d, s in enumerate(shape) if d not in dims)
+    keep = tuple(1 if d in dims else s for d, s in enumerate(shape))
+    return shape, kept, keep
 
 
 @dataclass
@@ -28,7 +57,21 @@ class FusionGroup:
     nodes: list[fx.Node]
 
     @property
+    def frame(self):
+        frames = frames_of(self.nodes)
+        return next(iter(frames)) if frames else None
+
+    @property
+    def reduction(self) -> int:
+        """Elements reduced per row (0: a pointwise group)."""
+        frame = self.frame
+        return math.prod(frame[0][d] for d in frame[1]) if frame else 0
+
+    @property
     def numel(self) -> int:
+        frame = self.frame
+        if frame is not None:
+            return math.prod(frame[0])
         return max(numel(n) for n in self.nodes)
 
     def user_ops(self) -> set:
@@ -104,10 +147,20 @@ def can_merge(a: FusionGroup, b: FusionGroup, config: FusionConfig, position: di
     ops = len(a.user_ops() | b.user_ops())
     if ops > config.max_fusion_size:
         return f"would hold {ops} operations > max_fusion_size={config.max_fusion_size}"
-    size = max(a.numel, b.numel)
-    for n in union:
-        if numel(n) != size and has_external_use(n, union):
-            return f"iteration sizes differ ({numel(n)} vs {size}) and {n.name} is needed outside"
+    frames = frames_of(union)
+    if len(frames) > 1:
+        return "reductions over different iteration spaces (shape or dims)"
+    if frames:
+        full, kept, keep = frame_shapes(next(iter(frames)))
+        for n in union:
+            if has_external_use(n, union) and tuple(meta(n).shape) not in (full, kept, keep):
+                return (f"{n.name} has shape {tuple(meta(n).shape)}, neither the reduced shape {full} "
+                        f"nor one value per row")
+    else:
+        size = max(a.numel, b.numel)
+        for n in union:
+            if numel(n) != size and has_external_use(n, union):
+                return f"iteration sizes differ ({numel(n)} vs {size}) and {n.name} is needed outside"
     if _creates_cycle(set(a.nodes), set(b.nodes), union, position):
         return "a path through an unfused op would form a cycle"
     return None
@@ -120,7 +173,7 @@ def plan_pointwise(graph: fx.Graph, config: FusionConfig) -> FusionPlan:
     for node in graph.nodes:
         if not is_compute(node):
             continue
-        blocker = "elementwise fusion disabled" if not config.enable_elementwise else pointwise_blocker(node)
+        blocker = _blocker(node, config)
         if blocker:
             plan.decisions.append(Decision((node.name,), False, blocker))
             continue
@@ -148,5 +201,29 @@ def plan_pointwise(graph: fx.Graph, config: FusionConfig) -> FusionPlan:
             plan.decisions.append(Decision(names, False, "single operation: nothing to fuse"))
             continue
         plan.groups.append(group)
-        plan.decisions.append(Decision(names, True, f"pointwise chain of {len(group.nodes)} ops"))
+        if group.frame is not None:
+            reductions = sum(n.target in REDUCTION_OPS for n in group.nodes)
+            plan.decisions.append(Decision(names, True, f"{reductions} reduction(s) over {group.reduction} "
+                                           f"elements per row with {len(group.nodes) - reductions} pointwise ops"))
+        else:
+            plan.decisions.append(Decision(names, True, f"pointwise chain of {len(group.nodes)} ops"))
     return plan
+
+
+def _blocker(node: fx.Node, config: FusionConfig) -> str | None:
+    if node.target in REDUCTION_OPS:
+        if not config.enable_reduction:
+            return "reduction fusion disabled"
+        blocker = pointwise_blocker(node)
+        if blocker:
+            return blocker
+        shape, dims = node_frame(node)
+        if math.prod(shape) == 0:
+            return "empty reduction (runs through PyTorch)"
+        rows = math.prod(shape) // math.prod(shape[d] for d in dims)
+        if rows < 4 and math.prod(shape) > 1 << 16:
+            return f"{rows} row(s) of {math.prod(shape) // rows} elements: split reductions are not generated yet"
+        return None
+    if not config.enable_elementwise:
+        return "elementwise fusion disabled"
+    return pointwise_blocker(node)

@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from kitsune.codegen.kernel import KernelError, KernelSpec
+from kitsune.codegen.kernel import KernelError, KernelSpec, reduction_stage, row_values
 from kitsune.ir.index import render
 from kitsune.ir.scalar import Value
 
@@ -131,6 +131,8 @@ def emit_kernel(spec: KernelSpec, fn_name: str) -> str:
     """C source of `int fn_name(inputs..., outputs..., int64_t numel, int threads)`.
 
     Returns 0, or 1 when an integer division by zero happened."""
+    if spec.reduction:
+        return _emit_reduction(spec, fn_name)
     inputs = [i.name for i in spec.inputs]
     names: dict[Value, str] = {}
     body: list[str] = []
@@ -172,13 +174,13 @@ def _f(dtype: torch.dtype) -> str:
     return "" if dtype == torch.float64 else "f"
 
 
-def _expr(v: Value, names: dict, inputs: list[str]) -> str:
+def _expr(v: Value, names: dict, inputs: list[str], var: str = "x") -> str:
     a = [names[arg] for arg in v.args]
     op, dtype = v.op, v.dtype
     ctype = COMPUTE[dtype]
     if op == "load":
         slot, index = v.attr
-        ref = f"{inputs[slot]}[{render(index, 'x', floordiv='/')}]"
+        ref = f"{inputs[slot]}[{render(index, var, floordiv='/')}]"
         if dtype == torch.bfloat16:
             return f"kitsune_bf16_to_f32({ref})"
         return f"(float){ref}" if dtype == torch.float16 else ref
@@ -238,3 +240,147 @@ def _expr(v: Value, names: dict, inputs: list[str]) -> str:
         return f"({a[0]} >> ({out_of_range} ? {bits - 1} : {a[1]}))"
     raise KernelError(f"no C translation for primitive {op!r}")
 
+
+
+# -- reduction kernels --------------------------------------------------------
+#
+# Threads split the rows; in each row one `omp simd` loop per reduction stage
+# accumulates (the variance needs the mean first), recomputing the elementwise
+# values it needs, and a last loop writes the per-element outputs.
+
+def _identity(kind: str, dtype: torch.dtype) -> str:
+    if kind in ("sum", "any"):
+        return literal(0, dtype) if kind == "sum" else "0"
+    if kind in ("prod", "all"):
+        return literal(1, dtype) if kind == "prod" else "1"
+    if dtype.is_floating_point:
+        return literal(-math.inf if kind == "max" else math.inf, dtype)
+    info = torch.iinfo(dtype)
+    return literal(info.min if kind == "max" else info.max, dtype)
+
+
+_OMP_REDUCTION = {"sum": "+", "prod": "*", "max": "max", "min": "min", "any": "|", "all": "&"}
+
+
+def _emit_reduction(spec: KernelSpec, fn_name: str) -> str:
+    R, rows = spec.reduction, spec.rows
+    inputs = [i.name for i in spec.inputs]
+    values = spec.values()
+    row = row_values(spec)
+    stage = reduction_stage(spec)
+    counter = iter(range(10**9))
+    body: list[str] = []
+    uses_err = False
+
+    def emit(v: Value, scope: dict, out: list, indent: str) -> str:
+        nonlocal uses_err
+        if v in scope:
+            return scope[v]
+        if v.op == "reduce":
+            raise KernelError(f"{spec.name}: reduction used before it is computed")
+        for a in v.args:
+            emit(a, scope, out, indent)
+        name = f"v{next(counter)}"
+        # row values read their inputs at the row's first element
+        text = _expr(v, scope, inputs, var="xrow" if v in row else "x")
+        uses_err |= "kitsune_err" in text
+        out.append(f"{indent}const {COMPUTE[v.dtype]} {name} = {text};")
+        scope[v] = name
+        return name
+
+    reductions = [v for v in values if v.op == "reduce"]
+    max_stage = max((stage[v] for v in reductions), default=0)
+    full_outputs = [o for o in spec.outputs if o.value not in row]
+    row_outputs = [o for o in spec.outputs if o.value in row]
+    names: dict = {}
+
+    def loop_header(clauses: str) -> list[str]:
+        err = " reduction(|:kitsune_err)" if uses_err else ""
+        return [f"#pragma omp simd{clauses}{err}", f"for (int64_t r = 0; r < {R}; ++r) {{",
+                "  const int64_t x = xrow + r;"]
+
+    for v in values:
+        if v in row and v.op != "reduce" and stage[v] == 0:
+            emit(v, names, body, "")
+    for s in range(max_stage):
+        targets = [v for v in reductions if stage[v] == s + 1]
+        loop: list[str] = []
+        scope = {k: n for k, n in names.items() if k in row}
+        accs, clauses = {}, ""
+        for v in targets:
+            acc = f"acc{next(counter)}"
+            accs[v] = acc
+            ctype = "int" if v.attr in ("any", "all") else COMPUTE[v.dtype]
+            body.append(f"{ctype} {acc} = {_identity(v.attr, v.dtype)};")
+            clauses += f" reduction({_OMP_REDUCTION[v.attr]}:{acc})"
+            if v.attr in ("max", "min") and v.dtype.is_floating_point:
+                body.append(f"int {acc}_nan = 0;")
+                clauses += f" reduction(|:{acc}_nan)"
+        for v in targets:
+            arg = emit(v.args[0], scope, loop, "  ")
+            acc = accs[v]
+            if v.attr == "sum":
+                loop.append(f"  {acc} += {arg};")
+            elif v.attr == "prod":
+                loop.append(f"  {acc} *= {arg};")
+            elif v.attr in ("any", "all"):
+                loop.append(f"  {acc} {'|' if v.attr == 'any' else '&'}= ({arg} != 0);")
+            else:
+                cmp = ">" if v.attr == "max" else "<"
+                loop.append(f"  {acc} = {arg} {cmp} {acc} ? {arg} : {acc};")
+                if v.dtype.is_floating_point:
+                    loop.append(f"  {acc}_nan |= {arg} != {arg};")
+        body += loop_header(clauses) + loop + ["}"]
+        for v in targets:
+            acc = accs[v]
+            name = f"v{next(counter)}"
+            if v.attr in ("max", "min") and v.dtype.is_floating_point:
+                text = f"{acc}_nan ? {literal(math.nan, v.dtype)} : {acc}"
+            elif v.attr in ("any", "all"):
+                text = f"{acc} != 0"
+            else:
+                text = acc
+            body.append(f"const {COMPUTE[v.dtype]} {name} = {text};")
+            names[v] = name
+        for v in values:
+            if v in row and v.op != "reduce" and stage[v] == s + 1:
+                emit(v, names, body, "")
+    if full_outputs:
+        scope = {k: n for k, n in names.items() if k in row}
+        loop = []
+        for out in full_outputs:
+            value = emit(out.value, scope, loop, "  ")
+            loop.append("  " + _store_c(out, value, "x"))
+        body += loop_header("") + loop + ["}"]
+    for out in row_outputs:
+        value = emit(out.value, names, body, "")
+        body.append(_store_c(out, value, "xrow"))
+
+    params = [f"const {STORAGE[i.dtype]} *restrict {i.name}" for i in spec.inputs]
+    params += [f"{STORAGE[o.dtype]} *restrict {o.name}" for o in spec.outputs]
+    params += ["int64_t numel", "int threads"]
+    reduction = " reduction(|:kitsune_err)" if uses_err else ""
+    header = "\n".join(f"// {line}" for line in (spec.description or spec.name).splitlines())
+    lines = [
+        header,
+        f"// {rows} rows x {R} reduced elements",
+        f"int {fn_name}({', '.join(params)}) {{",
+        "  int kitsune_err = 0;",
+        f"  #pragma omp parallel for schedule(static) num_threads(threads) if(numel >= {PARALLEL_THRESHOLD})"
+        f"{reduction}",
+        f"  for (int64_t row = 0; row < {rows}; ++row) {{",
+        f"    const int64_t xrow = row * {R};",
+    ]
+    lines += [f"    {line}" for line in body]
+    lines += ["  }", "  return kitsune_err;", "}", ""]
+    return "\n".join(lines)
+
+
+def _store_c(out, value: str, var: str) -> str:
+    if out.value.dtype != out.dtype:
+        raise KernelError(f"output {out.name} stores {out.value.dtype} into {out.dtype}")
+    if out.dtype == torch.bfloat16:
+        value = f"kitsune_f32_to_bf16({value})"
+    elif out.dtype == torch.float16:
+        value = f"(_Float16){value}"
+    return f"{out.name}[{render(out.index, var, floordiv='/')}] = {value};"

@@ -16,22 +16,23 @@ import torch
 
 from kitsune.cache import cache_dir, write_atomic
 from kitsune.codegen.kernel import KernelError, KernelSpec
-from kitsune.codegen.triton.emit import emit_triton
+import hashlib
+
+from kitsune.codegen.triton.emit import emit_triton, reduction_blocks
 from kitsune.codegen.triton.libm import INTERPRETED
 
 log = logging.getLogger("kitsune")
 
 MAX_XBLOCK = 1024
-
-
-def source_path(spec: KernelSpec) -> Path:
-    return cache_dir("triton") / f"kitsune_{spec.structure_key()}.py"
+# Rows of up to this many elements (rounded up to a power of two) are reduced
+# in registers in one block; longer rows are walked in chunks.
+PERSISTENT_MAX = 4096
 
 
 def compile_kernel(spec: KernelSpec) -> "TritonKernel":
     fn_name = f"kitsune_{spec.structure_key()}"
-    path = source_path(spec)
-    source = emit_triton(spec, fn_name)
+    source = emit_triton(spec, fn_name, PERSISTENT_MAX)
+    path = cache_dir("triton") / f"{fn_name}_{hashlib.sha256(source.encode()).hexdigest()[:8]}.py"
     if not path.exists() or path.read_text() != source:
         write_atomic(path, source.encode())
     module_name = f"kitsune_generated.{path.stem}"
@@ -65,9 +66,15 @@ class TritonKernel:
     def __init__(self, spec: KernelSpec, fn, path: Path):
         self.spec, self.fn, self.path = spec, fn, path
         numel = spec.numel
-        self.xblock = min(MAX_XBLOCK, max(16, 1 << max(numel - 1, 0).bit_length()))
-        self.grid = ((numel + self.xblock - 1) // self.xblock,)
-        self.num_warps = 4 if self.xblock >= 512 else (2 if self.xblock >= 128 else 1)
+        self.constexprs = {}
+        if spec.reduction:
+            self.xblock, rblock, self.num_warps, _ = reduction_blocks(spec, PERSISTENT_MAX)
+            self.constexprs["RBLOCK"] = rblock
+            self.grid = ((spec.rows + self.xblock - 1) // self.xblock,)
+        else:
+            self.xblock = min(MAX_XBLOCK, max(16, 1 << max(numel - 1, 0).bit_length()))
+            self.grid = ((numel + self.xblock - 1) // self.xblock,)
+            self.num_warps = 4 if self.xblock >= 512 else (2 if self.xblock >= 128 else 1)
         self._static = None       # PyTorch's static launcher, once compiled
         self._aligned = ()        # arguments that were 16-byte aligned at compile time
         self._tried_static = INTERPRETED
@@ -88,9 +95,10 @@ class TritonKernel:
             stream = _raw_stream(tensors[0].device.index)
             static.run(self.grid[0], 1, 1, stream, *tensors, self.spec.numel)
         elif INTERPRETED:
-            self.fn[self.grid](*tensors, self.spec.numel, XBLOCK=self.xblock)
+            self.fn[self.grid](*tensors, self.spec.numel, XBLOCK=self.xblock, **self.constexprs)
         else:
-            self.fn[self.grid](*tensors, self.spec.numel, XBLOCK=self.xblock, num_warps=self.num_warps)
+            self.fn[self.grid](*tensors, self.spec.numel, XBLOCK=self.xblock, num_warps=self.num_warps,
+                               **self.constexprs)
 
     def _static_launcher(self, tensors):
         if self.spec.numel <= 1 or not tensors or tensors[0].device.type != "cuda":
@@ -98,7 +106,7 @@ class TritonKernel:
         try:
             from torch._inductor.runtime.static_triton_launcher import StaticallyLaunchedCudaKernel
             compiled = self.fn.warmup(*tensors, self.spec.numel, grid=self.grid, XBLOCK=self.xblock,
-                                      num_warps=self.num_warps)
+                                      num_warps=self.num_warps, **self.constexprs)
             cubin = cache_dir("triton") / f"{self.path.stem}-{compiled.hash[:16]}.cubin"
             if not cubin.exists():
                 write_atomic(cubin, compiled.asm["cubin"])

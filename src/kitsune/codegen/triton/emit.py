@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from kitsune.codegen.kernel import KernelError, KernelSpec
+from kitsune.codegen.kernel import KernelError, KernelSpec, reduction_stage, row_values
 from kitsune.ir.index import render
 from kitsune.ir.scalar import Value
 
@@ -54,8 +54,10 @@ def literal(value, dtype: torch.dtype) -> str:
     return f"tl.full([], {int(value)}, {TL_DTYPE[cdt]})"
 
 
-def emit_triton(spec: KernelSpec, fn_name: str) -> str:
+def emit_triton(spec: KernelSpec, fn_name: str, persistent_max: int = 4096) -> str:
     """Source of a module defining the @triton.jit kernel `fn_name`."""
+    if spec.reduction:
+        return _emit_reduction(spec, fn_name, persistent_max)
     wide = spec.max_offset() >= 2**31 - 2**16
     names: dict[Value, str] = {}
     inputs = [i.name for i in spec.inputs]
@@ -98,14 +100,14 @@ def _is_block(v: Value) -> bool:
     return any(_is_block(a) for a in v.args)
 
 
-def _expr(v: Value, names: dict, inputs: list[str]) -> str:
+def _expr(v: Value, names: dict, inputs: list[str], var: str = "x", mask: str = "xmask") -> str:
     a = [names[arg] for arg in v.args]
     op, dtype = v.op, v.dtype
     cdt = compute_dtype(dtype)
     if op == "load":
         slot, index = v.attr
-        ptr, idx = inputs[slot], render(index, "x")
-        text = f"tl.load({ptr} + ({idx}))" if index.is_const else f"tl.load({ptr} + ({idx}), xmask)"
+        ptr, idx = inputs[slot], render(index, var)
+        text = f"tl.load({ptr} + ({idx}))" if index.is_const else f"tl.load({ptr} + ({idx}), {mask})"
         if dtype == torch.bool:
             return f"({text} != 0)"
         return f"{text}.to(tl.float32)" if dtype in _LOW else text
@@ -160,3 +162,164 @@ def _expr(v: Value, names: dict, inputs: list[str]) -> str:
             return f"tl.where({out_of_range}, 0, {a[0]} << tl.where({out_of_range}, 0, {a[1]}))"
         return f"{a[0]} >> tl.where({out_of_range}, {bits - 1}, {a[1]})"
     raise KernelError(f"no Triton translation for primitive {op!r}")
+
+
+# -- reduction kernels --------------------------------------------------------
+#
+# One program handles XBLOCK rows. A row of R elements either fits in one
+# [XBLOCK, RBLOCK] block ("persistent": every value is computed once, in
+# registers) or is walked in RBLOCK chunks: one loop per reduction stage
+# (reductions that depend on earlier reductions, like the variance on the
+# mean, need the earlier result first), recomputing the elementwise values a
+# loop needs from the loads, and a last loop for the per-element outputs.
+
+_IDENTITY = {"sum": 0, "prod": 1, "any": 0, "all": 1}
+
+
+def _identity(kind: str, dtype: torch.dtype) -> str:
+    cdt = compute_dtype(dtype)
+    if kind in _IDENTITY:
+        return literal(_IDENTITY[kind], dtype)
+    if cdt.is_floating_point:
+        return literal(-math.inf if kind == "max" else math.inf, dtype)
+    info = torch.iinfo(cdt)
+    return literal(info.min if kind == "max" else info.max, dtype)
+
+
+def _combine(kind: str, acc: str, v: str) -> str:
+    return {"sum": f"{acc} + {v}", "prod": f"{acc} * {v}", "max": f"max_nan({acc}, {v})",
+            "min": f"min_nan({acc}, {v})", "any": f"{acc} | {v}", "all": f"{acc} & {v}"}[kind]
+
+
+def _finish(kind: str, block: str) -> str:
+    if kind == "sum":
+        return f"tl.sum({block}, 1)[:, None]"
+    if kind in ("any", "all"):
+        fn = "tl.max" if kind == "any" else "tl.min"
+        return f"({fn}({block}.to(tl.int8), 1)[:, None] != 0)"
+    fn = {"prod": "mul_combine", "max": "max_nan", "min": "min_nan"}[kind]
+    return f"tl.reduce({block}, 1, {fn})[:, None]"
+
+
+def reduction_blocks(spec: KernelSpec, persistent_max: int) -> tuple[int, int, int, bool]:
+    """(XBLOCK, RBLOCK, num_warps, persistent) for a reduction kernel."""
+    R, rows = spec.reduction, spec.rows
+    rblock = 1 << max(R - 1, 0).bit_length()
+    persistent = rblock <= persistent_max
+    if not persistent:
+        rblock = min(rblock, 2048, persistent_max)
+    xblock = max(1, min(1024 // rblock, 1 << max(rows - 1, 0).bit_length(), 64))
+    work = xblock * rblock
+    num_warps = 8 if work >= 4096 else 4 if work >= 1024 else 2 if work >= 256 else 1
+    return xblock, rblock, num_warps, persistent
+
+
+def _emit_reduction(spec: KernelSpec, fn_name: str, persistent_max: int) -> str:
+    R, rows = spec.reduction, spec.rows
+    wide = spec.max_offset() >= 2**31 - 2**16
+    xblock, rblock, num_warps, persistent = reduction_blocks(spec, persistent_max)
+    inputs = [i.name for i in spec.inputs]
+    values = spec.values()
+    row = row_values(spec)
+    stage = reduction_stage(spec)
+    names: dict[Value, str] = {}
+    counter = iter(range(10**9))
+    body: list[str] = []
+
+    def emit(v: Value, scope: dict, out: list, indent: str) -> str:
+        """Name of v in `scope`, emitting it (and what it needs) first."""
+        if v in scope:
+            return scope[v]
+        if v.op == "reduce":
+            raise KernelError(f"{spec.name}: reduction used before it is computed")
+        for a in v.args:
+            emit(a, scope, out, indent)
+        name = f"v{next(counter)}"
+        is_row = v in row
+        text = _expr(v, scope, inputs, var="xrow" if is_row else "x", mask="rowmask" if is_row else "xmask")
+        out.append(f"{indent}{name} = {text}")
+        scope[v] = name
+        return name
+
+    reductions = [v for v in values if v.op == "reduce"]
+    max_stage = max((stage[v] for v in reductions), default=0)
+    full_outputs = [o for o in spec.outputs if o.value not in row]
+    row_outputs = [o for o in spec.outputs if o.value in row]
+
+    def row_stage_values(s):
+        return [v for v in values if v in row and v.op != "reduce" and stage[v] == s]
+
+    for v in row_stage_values(0):
+        emit(v, names, body, "")
+    if persistent:
+        body += ["r = tl.arange(0, RBLOCK)[None, :]", "x = xrow + r", f"xmask = rowmask & (r < {R})"]
+    for s in range(max_stage):
+        targets = [v for v in reductions if stage[v] == s + 1]
+        if persistent:
+            for v in targets:
+                arg = emit(v.args[0], names, body, "")
+                block = f"tl.where(xmask, {arg}, {_identity(v.attr, v.dtype)})"
+                name = f"v{next(counter)}"
+                body.append(f"{name} = {_finish(v.attr, block)}")
+                names[v] = name
+        else:
+            accs = {}
+            for v in targets:
+                accs[v] = f"acc{next(counter)}"
+                body.append(f"{accs[v]} = tl.full([XBLOCK, RBLOCK], {_identity(v.attr, v.dtype)}, "
+                            f"{TL_DTYPE[compute_dtype(v.dtype)]})")
+            body += [f"for r0 in range(0, {R}, RBLOCK):", "    r = r0 + tl.arange(0, RBLOCK)[None, :]",
+                     "    x = xrow + r", f"    xmask = rowmask & (r < {R})"]
+            scope = {k: n for k, n in names.items() if k in row}
+            for v in targets:
+                arg = emit(v.args[0], scope, body, "    ")
+                block = f"tl.where(xmask, {arg}, {_identity(v.attr, v.dtype)})"
+                body.append(f"    {accs[v]} = {_combine(v.attr, accs[v], block)}")
+            for v in targets:
+                name = f"v{next(counter)}"
+                body.append(f"{name} = {_finish(v.attr, accs[v])}")
+                names[v] = name
+        for v in row_stage_values(s + 1):
+            emit(v, names, body, "")
+    if full_outputs:
+        indent = ""
+        scope = names
+        if not persistent:
+            body += [f"for r0 in range(0, {R}, RBLOCK):", "    r = r0 + tl.arange(0, RBLOCK)[None, :]",
+                     "    x = xrow + r", f"    xmask = rowmask & (r < {R})"]
+            indent, scope = "    ", {k: n for k, n in names.items() if k in row}
+        for out in full_outputs:
+            value = emit(out.value, scope, body, indent)
+            body.append(indent + _store(out, value, "x", "xmask", "[XBLOCK, RBLOCK]"))
+    for out in row_outputs:
+        value = emit(out.value, names, body, "")
+        body.append(_store(out, value, "xrow", "rowmask", "[XBLOCK, 1]"))
+
+    params = ", ".join(inputs + [o.name for o in spec.outputs] + ["numel"])
+    pid = "tl.program_id(0).to(tl.int64)" if wide else "tl.program_id(0)"
+    header = "\n".join(f"# {line}" for line in (spec.description or spec.name).splitlines())
+    lines = [
+        "import triton",
+        "import triton.language as tl",
+        "from kitsune.codegen.triton.libm import libm, round_bf16, max_nan, min_nan, mul_combine",
+        "",
+        header,
+        f"# {rows} rows x {R} reduced elements; XBLOCK={xblock} RBLOCK={rblock} num_warps={num_warps} "
+        f"{'persistent' if persistent else 'looped'}",
+        "@triton.jit",
+        f"def {fn_name}({params}, XBLOCK: tl.constexpr, RBLOCK: tl.constexpr):",
+        f"    row = ({pid} * XBLOCK + tl.arange(0, XBLOCK))[:, None]",
+        f"    rowmask = row < {rows}",
+        f"    xrow = row * {R}",
+    ]
+    lines += [f"    {line}" for line in body]
+    return "\n".join(lines) + "\n"
+
+
+def _store(out, value: str, var: str, mask: str, shape: str) -> str:
+    if out.value.dtype != out.dtype:
+        raise KernelError(f"output {out.name} stores {out.value.dtype} into {out.dtype}")
+    value = f"tl.broadcast_to({value}, {shape})"
+    if out.dtype == torch.bfloat16:
+        value = f"round_bf16({value})"
+    return f"tl.store({out.name} + ({render(out.index, var)}), {value}.to({TL_DTYPE[out.dtype]}), {mask})"

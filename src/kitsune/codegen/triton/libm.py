@@ -23,6 +23,7 @@ if not INTERPRETED:
         return x.to(tl.bfloat16).to(tl.float32)
 else:
     import numpy as np
+    import triton
     import torch
     import triton.language as tl
     from triton.runtime.interpreter import TensorHandle
@@ -78,3 +79,20 @@ else:
     # The interpreter's own float32 -> bfloat16 cast truncates; this rounds to
     # nearest even like the hardware.
     round_bf16 = _wrap(lambda t: t.to(torch.bfloat16).to(torch.float32))
+
+
+# Combine functions for tl.reduce and reduction loops (plain Triton: they run
+# in the interpreter too). max/min propagate NaN, like eager.
+@triton.jit
+def max_nan(a, b):
+    return tl.where((a > b) | (a != a), a, b)
+
+
+@triton.jit
+def min_nan(a, b):
+    return tl.where((a < b) | (a != a), a, b)
+
+
+@triton.jit
+def mul_combine(a, b):
+    return a * b

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+_SCALAR_TYPES = {"bool": bool, "int": int, "float": (int, float)}
+
 
 @dataclass(frozen=True)
 class FusionConfig:
@@ -15,11 +17,18 @@ class FusionConfig:
     min_tensor_size: int = 0          # elements; smaller groups run through PyTorch
     cpu_fusion: bool = True
     gpu_fusion: bool = True
+    # Named patterns Kitsune may apply (see kitsune.fusion.patterns): None = every
+    # built-in and custom pattern. Generic pointwise fusion is "elementwise_chain".
+    enabled_patterns: frozenset | None = None
+    # User FusionPatterns (kitsune.fusion.FusionPattern) that steer grouping.
+    custom_patterns: tuple = ()
 
     def __post_init__(self):
         for f in fields(self):
             value = getattr(self, f.name)
-            expected = {"bool": bool, "int": int, "float": (int, float)}[f.type]
+            expected = _SCALAR_TYPES.get(f.type)
+            if expected is None:
+                continue
             if not isinstance(value, expected) or (f.type != "bool" and isinstance(value, bool)):
                 raise TypeError(f"FusionConfig.{f.name} must be {f.type}, got {type(value).__name__} {value!r}")
         if self.max_fusion_size < 1:
@@ -28,3 +37,43 @@ class FusionConfig:
             raise ValueError(f"FusionConfig.min_fusion_benefit must be >= 1.0, got {self.min_fusion_benefit}")
         if self.min_tensor_size < 0:
             raise ValueError(f"FusionConfig.min_tensor_size must be >= 0, got {self.min_tensor_size}")
+        self._check_patterns()
+
+    def _check_patterns(self) -> None:
+        from kitsune.fusion.patterns import BUILTIN_NAMES, FusionPattern
+
+        custom = self.custom_patterns
+        if isinstance(custom, FusionPattern) or not isinstance(custom, (list, tuple)):
+            raise TypeError(f"FusionConfig.custom_patterns must be a list of FusionPattern, got {custom!r}")
+        seen = set()
+        for i, pattern in enumerate(custom):
+            if not isinstance(pattern, FusionPattern):
+                raise TypeError(f"FusionConfig.custom_patterns[{i}] must be a FusionPattern, "
+                                f"got {type(pattern).__name__}")
+            if pattern.name in BUILTIN_NAMES or pattern.name in seen:
+                raise ValueError(f"FusionConfig.custom_patterns[{i}]: pattern name {pattern.name!r} is already "
+                                 f"{'a built-in pattern' if pattern.name in BUILTIN_NAMES else 'used'}")
+            seen.add(pattern.name)
+        object.__setattr__(self, "custom_patterns", tuple(custom))
+
+        enabled = self.enabled_patterns
+        if enabled is None:
+            return
+        if isinstance(enabled, str) or not hasattr(enabled, "__iter__"):
+            raise TypeError(f"FusionConfig.enabled_patterns must be a collection of pattern names or None, "
+                            f"got {type(enabled).__name__} {enabled!r}")
+        names = []
+        for name in enabled:
+            if isinstance(name, FusionPattern):
+                name = name.name
+            if not isinstance(name, str):
+                raise TypeError(f"FusionConfig.enabled_patterns holds {name!r}: pattern names are str")
+            names.append(name)
+        unknown = sorted(set(names) - BUILTIN_NAMES - seen)
+        if unknown:
+            raise ValueError(f"FusionConfig.enabled_patterns: unknown pattern name(s) {unknown}; "
+                             f"known: {sorted(BUILTIN_NAMES | seen)}")
+        object.__setattr__(self, "enabled_patterns", frozenset(names))
+
+    def pattern_enabled(self, name: str) -> bool:
+        return self.enabled_patterns is None or name in self.enabled_patterns

@@ -15,7 +15,7 @@ from torch import fx
 from kitsune.codegen.kernel import KernelInput, KernelOutput, KernelSpec
 from kitsune.ir.graph import is_view, meta, view_root
 from kitsune.ir.index import Index, delinearize, linearize, strided
-from kitsune.ir.ops import POINTWISE_OPS, REDUCTION_OPS, NotFusible, aten, op_name, reduction_signature
+from kitsune.ir.ops import POINTWISE_OPS, REDUCTION_OPS, NotFusible, aten, op_name, prims, reduction_signature
 from kitsune.ir.scalar import Value, call, cast, const, load, reduce
 from kitsune.planner.pointwise import FusionGroup, group_outputs
 
@@ -52,6 +52,10 @@ def view_source_index(node: fx.Node, idx: tuple) -> tuple:
         return tuple(src)
     if target is aten.alias.default:
         return idx
+    if target is prims.broadcast_in_dim.default:
+        # source dim i is output dim args[2][i]; size-1 source dims broadcast
+        return tuple(Index.constant(0) if src_shape[i] == 1 and out_shape[d] != 1 else idx[d]
+                     for i, d in enumerate(args[2]))
     if target is aten.unsqueeze.default:
         dim = _norm_dim(args[1], len(out_shape))
         return idx[:dim] + idx[dim + 1:]
@@ -166,11 +170,17 @@ class GroupLowering:
         else:
             acc = torch.float32 if out_dtype in _LOW_PRECISION else out_dtype
             arg = cast(arg, acc)
-        result = reduce(rdef.combine, arg)
+        count = 1
+        for d in dims:
+            count *= in_shape[d]
+        if rdef.combine == "var":  # two passes: the mean, then the squared deviations
+            correction = node.args[2] if len(node.args) > 2 else node.kwargs.get("correction", 1.0)
+            mean = call("truediv", reduce("sum", arg), const(count, arg.dtype))
+            dev = arg - mean
+            result = call("truediv", reduce("sum", dev * dev), const(count - correction, arg.dtype))
+        else:
+            result = reduce(rdef.combine, arg)
         if rdef.mean:
-            count = 1
-            for d in dims:
-                count *= in_shape[d]
             result = call("truediv", result, const(count, result.dtype))
         return cast(result, out_dtype)
 

@@ -197,6 +197,8 @@ _row([aten.rsub.Tensor, aten.rsub.Scalar], lambda a, b, alpha=1: b - (a if alpha
 _row([aten.mul.Tensor, aten.mul.Scalar], lambda a, b: a * b)
 _row([aten.div.Tensor, aten.div.Scalar], lambda a, b: a / b)
 _row([aten.div.Tensor_mode, aten.div.Scalar_mode], _div_mode)
+# prims.div: true division for floats, C (truncating) division for integers
+_row([prims.div.default], lambda a, b: a / b if _is_float(a) else call("truncdiv", a, b))
 _row([aten.floor_divide.default, aten.floor_divide.Scalar], _floor_divide)
 _row([aten.remainder.Tensor, aten.remainder.Scalar], _remainder)
 _row([aten.fmod.Tensor, aten.fmod.Scalar], _binary("fmod"))
@@ -256,7 +258,7 @@ VIEW_OPS = {
     aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.expand.default,
     aten.permute.default, aten.transpose.int, aten.t.default, aten.unsqueeze.default,
     aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.slice.Tensor, aten.select.int,
-    aten.alias.default,
+    aten.alias.default, prims.broadcast_in_dim.default,
 }
 
 
@@ -279,6 +281,8 @@ REDUCTION_OPS: dict = {
     aten.prod.dim_int: ReductionDef("prod"), aten.prod.default: ReductionDef("prod"),
     aten.any.dim: ReductionDef("any"), aten.any.dims: ReductionDef("any"), aten.any.default: ReductionDef("any"),
     aten.all.dim: ReductionDef("all"), aten.all.default: ReductionDef("all"),
+    # what the var_mean / layer_norm decompositions produce
+    prims.sum.default: ReductionDef("sum"), prims.var.default: ReductionDef("var"),
 }
 
 
@@ -291,6 +295,8 @@ def reduction_signature(node) -> tuple[list[int], bool]:
     keepdim = bool(node.kwargs.get("keepdim", False))
     if target in (aten.sum.default, aten.mean.default, aten.prod.default, aten.any.default, aten.all.default):
         dims = []
+    elif target in (prims.sum.default, prims.var.default):
+        dims, keepdim = list(args[0]), False
     elif target in (aten.prod.dim_int, aten.any.dim, aten.all.dim):
         dims = [args[0]] if args else []
         keepdim = bool(args[1]) if len(args) > 1 else keepdim

@@ -1,0 +1,220 @@
+"""Reductions fused with their pointwise neighbours, against eager, through the
+Triton (interpreter) and CPU code generators: forward and backward."""
+import importlib
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kitsune
+
+
+@pytest.fixture(params=["cpu", "triton", "triton-looped"])
+def backend(request, monkeypatch):
+    name = request.param
+    monkeypatch.setenv("KITSUNE_BACKEND", name.split("-")[0])
+    if name == "triton-looped":  # rows longer than 8 elements walk in chunks of 8
+        monkeypatch.setattr(importlib.import_module("kitsune.codegen.triton"), "PERSISTENT_MAX", 8)
+    kitsune.reset_fusion_stats()
+    yield name
+
+
+def _fused(min_groups=1):
+    stats = kitsune.get_fusion_stats()
+    assert stats["fallbacks"] == [], stats["fallbacks"]
+    assert stats["num_fused"] >= min_groups, stats
+    words = ("sum", "amax", "amin", "prod", "any", "all", "mean", "var")
+    reductions = [g for g in stats["groups"] if any(w in n for n in g[1] for w in words)]
+    assert reductions, f"no reduction was fused: {stats['groups']}"
+    return stats
+
+
+def _special(x):
+    """Sprinkle NaN, ±inf and -0.0 into x (float tensors)."""
+    flat = x.view(-1)
+    if flat.numel() > 8:
+        flat[1] = math.nan
+        flat[5] = math.inf
+        flat[7] = -math.inf
+        flat[3] = -0.0
+    return x
+
+
+REDUCTIONS = {
+    "sum": lambda x, d, k: (x * 2).sum(d, keepdim=k) + 1,
+    "mean": lambda x, d, k: (x + 1).mean(d, keepdim=k) * 3,
+    "amax": lambda x, d, k: (x - 1).amax(d, keepdim=k) * 2,
+    "amin": lambda x, d, k: (x * 3).amin(d, keepdim=k) - 1,
+    "prod": lambda x, d, k: (x * 0.5 + 1).prod(d[0] if isinstance(d, tuple) else d, keepdim=k) - 1,
+    "var": lambda x, d, k: (x * 2).var(d, keepdim=k, correction=1) + 1,
+    "std0": lambda x, d, k: (x * 2).std(d, keepdim=k, correction=0) + 1,
+    "logsumexp": lambda x, d, k: torch.logsumexp(x * 2, d, keepdim=k) - 1,
+}
+
+
+@pytest.mark.parametrize("name", sorted(REDUCTIONS))
+@pytest.mark.parametrize("dims,keepdim", [(-1, False), (1, True), (0, False), ((0, 2), True)])
+def test_float_reductions(backend, name, dims, keepdim):
+    if name == "prod" and isinstance(dims, tuple):
+        pytest.skip("prod takes one dim")
+    f = REDUCTIONS[name]
+    x = torch.randn(5, 12, 7)
+    if name not in ("prod",):
+        x = _special(x)
+    compiled = torch.compile(lambda t: f(t, dims, keepdim), backend="kitsune")
+    torch.testing.assert_close(compiled(x), f(x, dims, keepdim), equal_nan=True, rtol=2e-5, atol=2e-5)
+    _fused()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_low_and_high_precision_sum_and_max(backend, dtype):
+    def f(x):
+        return (x * 1.5).sum(-1) + x.amax(-1) - (x + 1).mean(-1)
+
+    x = torch.randn(6, 40, dtype=dtype)
+    torch.testing.assert_close(torch.compile(f, backend="kitsune")(x), f(x))
+    _fused()
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_integer_reductions_wrap_and_promote(backend, dtype):
+    def f(x):
+        return (x * 3).sum(-1), (x + 1).amax(-1), (x - 2).amin(0), (x | 1).prod(-1)
+
+    info = torch.iinfo(dtype)
+    x = torch.randint(-50, 50, (4, 9), dtype=dtype)
+    x[0, 0] = info.max  # x * 3 wraps around, as in eager
+    outs = torch.compile(f, backend="kitsune")(x)
+    for got, want in zip(outs, f(x)):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want)
+    _fused()
+
+
+def test_any_all(backend):
+    def f(x):
+        return (x > 0.5).any(-1), (x > -2).all(1), (x != x).any(0)
+
+    x = torch.randn(5, 11)
+    x[2] = -3.0
+    x[0, 3] = math.nan
+    outs = torch.compile(f, backend="kitsune")(x)
+    for got, want in zip(outs, f(x)):
+        torch.testing.assert_close(got, want)
+    _fused()
+
+
+def test_non_contiguous_and_transposed_inputs(backend):
+    def f(x, y):
+        return torch.softmax(x.t() * 2 + y, -1)
+
+    x = torch.randn(13, 6)
+    y = torch.randn(6, 26)[:, ::2]
+    torch.testing.assert_close(torch.compile(f, backend="kitsune")(x, y), f(x, y))
+    _fused()
+
+
+def test_softmax_with_fully_masked_rows(backend):
+    def f(x, mask):
+        return torch.softmax(x.masked_fill(mask, -math.inf) * 0.125, -1)
+
+    x = torch.randn(6, 20)
+    mask = torch.rand(6, 20) > 0.7
+    mask[2] = True  # a fully masked row is all NaN in eager
+    torch.testing.assert_close(torch.compile(f, backend="kitsune")(x, mask), f(x, mask), equal_nan=True)
+    _fused()
+
+
+def _grads(f, *args):
+    out = f(*args)
+    weight = torch.randn_like(out)
+    return out, torch.autograd.grad((out * weight).sum(), [a for a in args if a.requires_grad])
+
+
+def _check_fwd_bwd(f, *args, dtype=torch.float32, **tol):
+    args_c = [a.detach().clone().requires_grad_(a.requires_grad) for a in args]
+    args_e = [a.detach().clone().requires_grad_(a.requires_grad) for a in args]
+    torch.manual_seed(1)
+    out_c, grads_c = _grads(torch.compile(f, backend="kitsune"), *args_c)
+    torch.manual_seed(1)
+    out_e, grads_e = _grads(f, *args_e)
+    torch.testing.assert_close(out_c, out_e, **tol)
+    for gc, ge in zip(grads_c, grads_e):
+        torch.testing.assert_close(gc, ge, **tol)
+
+
+COMPOSITES = {  # name -> (function, which of x, w, b it uses)
+    "softmax": (lambda x: torch.softmax(x * 0.125, -1), 1),
+    "log_softmax": (lambda x: torch.log_softmax(x, -1) * 2, 1),
+    "layer_norm_gelu": (lambda x, w, b: F.gelu(F.layer_norm(x, x.shape[-1:], w, b)), 3),
+    "rms_norm_silu": (lambda x, w: F.silu(x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w), 2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(COMPOSITES))
+def test_composites_forward_backward(backend, name):
+    f, nargs = COMPOSITES[name]
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 24, requires_grad=True)
+    w = torch.randn(24, requires_grad=True)
+    b = torch.randn(24, requires_grad=True)
+    _check_fwd_bwd(f, *(x, w, b)[:nargs], rtol=1e-4, atol=1e-5)
+    _fused(2)  # forward and backward
+
+
+def test_layer_norm_bf16_matches_eager_accuracy(backend):
+    torch.manual_seed(0)
+    x = torch.randn(8, 64, dtype=torch.bfloat16)
+    w = torch.randn(64, dtype=torch.bfloat16)
+    b = torch.randn(64, dtype=torch.bfloat16)
+
+    def f(x, w, b):
+        return F.layer_norm(x, (64,), w, b)
+
+    got = torch.compile(f, backend="kitsune")(x, w, b).double()
+    want = f(x, w, b).double()
+    exact = f(x.double(), w.double(), b.double())
+    # no worse than eager's own bf16 error against a float64 run
+    assert (got - exact).abs().max() <= (want - exact).abs().max() * 1.5 + 1e-2
+    _fused()
+
+
+def test_cross_entropy_forward_backward(backend):
+    torch.manual_seed(0)
+    logits = torch.randn(8, 30, requires_grad=True)
+    target = torch.randint(0, 30, (8,))
+    target[3] = -100
+
+    def f(x, t):
+        return F.cross_entropy(x, t, ignore_index=-100, label_smoothing=0.1)
+
+    _check_fwd_bwd(lambda x: f(x, target), logits, rtol=1e-5, atol=1e-6)
+    _fused()
+
+
+def test_long_rows(backend):
+    def f(x):
+        return torch.softmax(x, -1) * 2 + x.sum(-1, keepdim=True)
+
+    x = torch.randn(2, 5000)
+    torch.testing.assert_close(torch.compile(f, backend="kitsune")(x), f(x), rtol=1e-4, atol=1e-4)
+    _fused()
+
+
+def test_empty_reduction_runs_through_pytorch(backend):
+    def f(x):
+        return (x * 2).sum(-1) + 1
+
+    x = torch.randn(3, 0)
+    torch.testing.assert_close(torch.compile(f, backend="kitsune")(x), f(x))
+
+
+def test_reduction_fusion_can_be_disabled():
+    config = kitsune.FusionConfig(enable_reduction=False)
+    kitsune.reset_fusion_stats()
+    f = kitsune.optimize(lambda x: torch.softmax(x * 2, -1), config)
+    x = torch.randn(4, 10)
+    torch.testing.assert_close(f(x), torch.softmax(x * 2, -1))
+    stats = kitsune.get_fusion_stats()
+    assert not any("amax" in " ".join(g[1]) for g in stats["groups"])

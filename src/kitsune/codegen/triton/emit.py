@@ -73,8 +73,7 @@ def emit_triton(spec: KernelSpec, fn_name: str, persistent_max: int = 4096) -> s
             raise KernelError(f"{spec.name}: output {out.name} stores {out.value.dtype} into {out.dtype}")
         if out.dtype == torch.bfloat16:
             value = f"round_bf16({value})"
-        body.append(f"tl.store({out.name} + ({render(out.index, 'x')}), "
-                    f"{value}.to({TL_DTYPE[out.dtype]}), xmask)")
+        body.append(f"tl.store({_pointer(out, 'x')}, {value}.to({TL_DTYPE[out.dtype]}), xmask)")
     params = ", ".join([i.name for i in spec.inputs] + [o.name for o in spec.outputs] + ["numel"])
     pid = "tl.program_id(0).to(tl.int64)" if wide else "tl.program_id(0)"
     header = "\n".join(f"# {line}" for line in (spec.description or spec.name).splitlines())
@@ -322,4 +321,10 @@ def _store(out, value: str, var: str, mask: str, shape: str) -> str:
     value = f"tl.broadcast_to({value}, {shape})"
     if out.dtype == torch.bfloat16:
         value = f"round_bf16({value})"
-    return f"tl.store({out.name} + ({render(out.index, var)}), {value}.to({TL_DTYPE[out.dtype]}), {mask})"
+    return f"tl.store({_pointer(out, var)}, {value}.to({TL_DTYPE[out.dtype]}), {mask})"
+
+
+def _pointer(out, var: str) -> str:
+    """Block of pointers for a store (a constant offset still needs the block's shape)."""
+    offset = render(out.index, var)
+    return f"{out.name} + ({offset})" + (f" + 0 * {var}" if out.index.is_const else "")

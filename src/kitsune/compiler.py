@@ -17,6 +17,7 @@ from torch import fx
 from kitsune.codegen.kernel import KernelError
 from kitsune.codegen.lower import lower_group
 from kitsune.config import FusionConfig
+from kitsune.fusion.steer import apply_patterns
 from kitsune.ir.graph import is_compute, meta
 from kitsune.planner.pointwise import plan_pointwise
 from kitsune.report.stats import GLOBAL_STATS, GraphRecord
@@ -83,6 +84,7 @@ def _device_allowed(device: torch.device, config: FusionConfig) -> bool:
 
 def _compile(gm: fx.GraphModule, config: FusionConfig, record: GraphRecord) -> fx.GraphModule:
     plan = plan_pointwise(gm.graph, config)
+    plan = apply_patterns(gm, plan, config, record)  # named/user patterns; records opportunities
     record.decisions = plan.decisions
     lowered = []
     for group in plan.groups:

@@ -1,8 +1,33 @@
-"""What Kitsune did so far: counts that `kitsune.get_fusion_stats()` returns."""
+"""What Kitsune did so far: counts that `kitsune.get_fusion_stats()` returns.
+
+Keys (all graphs compiled into this stats object):
+
+    graphs            number of aten graphs compiled (forward and backward count separately)
+    num_fused         fusion groups running as one generated kernel
+    kernels_before    kernels of the captured aten graphs run op by op (views are free)
+    kernels_after     the same after fusion
+    efficiency        kernels removed / kernels removable, in [0, 1]: "removable" is what
+                      applying every detected pattern opportunity would remove (each connected
+                      region of overlapping opportunities becoming one kernel); 1.0 when nothing
+                      is removable. The opportunities it is missing, with reasons, are in
+                      `patterns` and `explain()`: that is what a user can act on.
+    bytes_before      estimated memory traffic of eager PyTorch (one kernel per user operation)
+    bytes_after       estimated memory traffic with Kitsune's kernels
+    estimated_speedup eager time / Kitsune time under the roofline model (kitsune.fusion.cost)
+    patterns          {pattern: {"detected", "applied", "partial", "not_applied", "disabled"}}
+    fallbacks         (what, reason) for everything that runs through PyTorch after failing
+    compile_seconds   time spent in Kitsune's compiler (not Dynamo's capture)
+    groups            (kernel name, nodes fused, backend) per fused group
+    group_details     one dict per fused group: kernel, graph, backend, nodes, ops, patterns,
+                      estimated seconds before/after, bytes saved, measured_speedup (profile=True)
+"""
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass, field
+
+log = logging.getLogger("kitsune")
 
 
 @dataclass
@@ -14,6 +39,14 @@ class GraphRecord:
     fallbacks: list = field(default_factory=list)   # (what, reason) that run through PyTorch
     decisions: list = field(default_factory=list)   # planner Decisions
     compile_seconds: float = 0.0
+    # Filled by kitsune.fusion.steer (pattern detection) and the FusionEngine:
+    graph: object = None                             # the captured fx.Graph
+    units: object = None                             # kitsune.fusion.units.UnitGraph
+    opportunities: list = field(default_factory=list)  # FusionOpportunity
+    config: object = None
+    kernel_calls: dict = field(default_factory=dict)   # kernel name -> FusedGroupCall
+    measured: dict = field(default_factory=dict)       # kernel name -> {"fused_s", "unfused_s", "speedup"}
+    finalized: bool = False
 
 
 class FusionStats:
@@ -22,6 +55,11 @@ class FusionStats:
         self.graphs: list[GraphRecord] = []
 
     def record(self, graph: GraphRecord) -> None:
+        from kitsune.report.analysis import finalize
+        first = not graph.finalized
+        finalize(graph)
+        if first:
+            _log_record(graph)
         with self._lock:
             self.graphs.append(graph)
 
@@ -29,20 +67,74 @@ class FusionStats:
         with self._lock:
             self.graphs.clear()
 
-    def as_dict(self) -> dict:
+    def records(self) -> list[GraphRecord]:
         with self._lock:
-            graphs = list(self.graphs)
+            return list(self.graphs)
+
+    def as_dict(self) -> dict:
+        from kitsune.report.analysis import summarize
+        graphs = self.records()
         before = sum(g.kernels_before for g in graphs)
         after = sum(g.kernels_after for g in graphs)
+        summary = summarize(graphs)
         return {
             "graphs": len(graphs),
             "num_fused": sum(len(g.groups) for g in graphs),
             "kernels_before": before,
             "kernels_after": after,
+            "efficiency": summary["efficiency"],
+            "bytes_before": summary["bytes_before"],
+            "bytes_after": summary["bytes_after"],
+            "estimated_speedup": summary["estimated_speedup"],
+            "patterns": summary["patterns"],
             "fallbacks": [f for g in graphs for f in g.fallbacks],
             "compile_seconds": round(sum(g.compile_seconds for g in graphs), 3),
             "groups": [grp for g in graphs for grp in g.groups],
+            "group_details": summary["groups"],
         }
+
+
+class TeeStats:
+    """Records into several FusionStats (an engine's own and the process-wide one)."""
+
+    def __init__(self, *targets: FusionStats):
+        self.targets = targets
+        self.last: GraphRecord | None = None
+
+    def record(self, graph: GraphRecord) -> None:
+        self.last = graph
+        for target in self.targets:
+            target.record(graph)
+
+
+def _log_record(record: GraphRecord) -> None:
+    if not log.isEnabledFor(logging.INFO):
+        return
+    for opp in record.opportunities:
+        if opp.status == "applied":
+            log.info("kitsune: %s graph: pattern %s applied: %s in %s (est. %.2fx, %s saved)", record.name,
+                     opp.pattern, opp.describe(), ", ".join(opp.kernels), opp.estimated_speedup,
+                     _bytes(opp.bytes_saved))
+        elif opp.status == "partial":
+            log.info("kitsune: %s graph: pattern %s partly applied: %s in %s; %s", record.name, opp.pattern,
+                     opp.describe(), ", ".join(opp.kernels), opp.reason)
+        else:
+            log.debug("kitsune: %s graph: pattern %s %s: %s: %s", record.name, opp.pattern, opp.status,
+                      opp.describe(), opp.reason)
+    if log.isEnabledFor(logging.DEBUG):
+        for decision in record.decisions:
+            if not decision.fused and len(decision.nodes) > 1 or (not decision.fused and
+                                                                  "nothing to fuse" not in decision.reason):
+                log.debug("kitsune: %s graph: not fused: %s: %s", record.name, " + ".join(decision.nodes),
+                          decision.reason)
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
 
 
 GLOBAL_STATS = FusionStats()

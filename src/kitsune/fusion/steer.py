@@ -1,0 +1,232 @@
+"""Named patterns acting on the planner's groups (the compiler's one hook into this package).
+
+`apply_patterns(gm, plan, config, record)` runs after the generic planner:
+
+1. detects every pattern in the graph (`FusionDetector`) and keeps the
+   opportunities, the graph and its units on the `GraphRecord` for stats,
+   `explain()` and the HTML report;
+2. ``FusionConfig.enabled_patterns`` without ``elementwise_chain`` (the
+   generic rule) restricts the groups to the operations of enabled patterns;
+3. each custom `FusionPattern` found in the graph steers grouping: its
+   operations are put in one group (together with the groups they were already
+   in, or alone when that union is illegal; a user pattern may exceed
+   ``max_fusion_size`` by its own operations), or it is refused, with the
+   reason recorded as a planner `Decision` and logged at DEBUG.
+
+Legality is the planner's own (`can_merge`: iteration space, cycles, size)
+plus a check that the groups still form an acyclic schedule. This function
+never raises: if anything goes wrong the plan is returned unchanged.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from torch import fx
+
+from kitsune.fusion.detector import FusionDetector
+from kitsune.fusion.units import UnitGraph, is_kernel
+from kitsune.ir.graph import is_compute, pointwise_blocker, view_root
+from kitsune.planner import pointwise as planner
+
+log = logging.getLogger("kitsune")
+
+
+def apply_patterns(gm: fx.GraphModule, plan, config, record):
+    try:
+        units = UnitGraph(gm.graph)
+        opportunities = FusionDetector(config=config).detect_units(units, graph_name=record.name)
+        record.graph, record.units, record.opportunities, record.config = gm.graph, units, opportunities, config
+    except Exception as error:  # noqa: BLE001 - reporting must never break compilation
+        log.warning("kitsune: pattern detection failed on the %s graph: %s: %s", record.name,
+                    type(error).__name__, error)
+        return plan
+    try:
+        position = {n: i for i, n in enumerate(gm.graph.nodes)}
+        plan = _restrict_to_enabled(plan, opportunities, config, position)
+        for opp in opportunities:
+            if opp.custom and config.pattern_enabled(opp.pattern):
+                _steer(plan, opp, config, position)
+    except Exception as error:  # noqa: BLE001
+        log.warning("kitsune: user patterns not applied to the %s graph: %s: %s", record.name,
+                    type(error).__name__, error)
+    return plan
+
+
+# -- helpers ----------------------------------------------------------------------
+
+def _group(nodes, position):
+    return planner.FusionGroup(sorted(nodes, key=position.__getitem__))
+
+
+def _check(nodes, config, position) -> str | None:
+    group = _group(nodes, position)
+    return planner.can_merge(group, group, config, position)
+
+
+def _components(nodes: set) -> list[set]:
+    parent = {n: n for n in nodes}
+
+    def find(n):
+        while parent[n] is not n:
+            parent[n] = parent[parent[n]]
+            n = parent[n]
+        return n
+
+    for n in nodes:
+        for a in n.all_input_nodes:
+            root = view_root(a)
+            if root in parent:
+                parent[find(root)] = find(n)
+    comps: dict = {}
+    for n in nodes:
+        comps.setdefault(find(n), set()).add(n)
+    return list(comps.values())
+
+
+def _acyclic(graph_nodes, groups) -> bool:
+    """Do the groups (plus every other node alone) still form a DAG?"""
+    owner = {}
+    for i, g in enumerate(groups):
+        for n in g.nodes:
+            owner[n] = ("g", i)
+
+    def unit(n):
+        if n in owner:
+            return owner[n]
+        root = view_root(n)
+        return owner.get(root, n) if root is not n else n
+
+    deps: dict = {}
+    for n in graph_nodes:
+        u = unit(n)
+        deps.setdefault(u, set())
+        for a in n.all_input_nodes:
+            v = unit(a)
+            if v != u:
+                deps[u].add(v)
+    users: dict = {u: [] for u in deps}
+    pending = {u: len(d) for u, d in deps.items()}
+    for u, d in deps.items():
+        for v in d:
+            users.setdefault(v, []).append(u)
+    ready = [u for u, k in pending.items() if k == 0]
+    seen = 0
+    while ready:
+        u = ready.pop()
+        seen += 1
+        for w in users.get(u, []):
+            pending[w] -= 1
+            if pending[w] == 0:
+                ready.append(w)
+    return seen == len(deps)
+
+
+def _replace_decisions(plan, old_groups, new_decisions):
+    old = {tuple(n.name for n in g.nodes) for g in old_groups}
+    plan.decisions = [d for d in plan.decisions if not (d.fused and tuple(d.nodes) in old)] + new_decisions
+
+
+def _blocker(node, config) -> str | None:
+    if not is_compute(node):
+        return "runs through PyTorch (no tensor result Kitsune can generate)"
+    check = getattr(planner, "_blocker", None)
+    return check(node, config) if check is not None else pointwise_blocker(node)
+
+
+# -- enabled_patterns ---------------------------------------------------------------
+
+def _restrict_to_enabled(plan, opportunities, config, position):
+    if config.enabled_patterns is None or "elementwise_chain" in config.enabled_patterns:
+        return plan
+    allowed = set()
+    for opp in opportunities:
+        if config.pattern_enabled(opp.pattern):
+            allowed.update(n for n in opp.fx_nodes if is_kernel(n))
+    groups, decisions, changed = [], [], []
+    for group in plan.groups:
+        keep = {n for n in group.nodes if n in allowed}
+        if len(keep) == len(group.nodes):
+            groups.append(group)
+            continue
+        changed.append(group)
+        dropped = [n.name for n in group.nodes if n not in keep]
+        decisions.append(planner.Decision(tuple(dropped), False,
+                                          "not part of an enabled pattern (elementwise_chain is not in "
+                                          "FusionConfig.enabled_patterns)"))
+        for comp in _components(keep):
+            names = tuple(n.name for n in sorted(comp, key=position.__getitem__))
+            if len(comp) < 2:
+                continue
+            reason = _check(comp, config, position)
+            if reason:
+                decisions.append(planner.Decision(names, False, reason))
+                continue
+            groups.append(_group(comp, position))
+            decisions.append(planner.Decision(names, True, f"enabled pattern ops: {len(comp)} ops"))
+    if not changed:
+        return plan
+    graph_nodes = sorted(position, key=position.__getitem__)
+    if not _acyclic(graph_nodes, groups):
+        decisions = [planner.Decision(tuple(n.name for g in changed for n in g.nodes), False,
+                                      "restricting to enabled patterns would order kernels in a cycle")]
+        groups = [g for g in groups if g in plan.groups]
+    plan.groups = sorted(groups, key=lambda g: position[g.nodes[0]])
+    _replace_decisions(plan, changed, decisions)
+    return plan
+
+
+# -- custom patterns ----------------------------------------------------------------
+
+def _refuse(plan, opp, names, reason):
+    log.debug("kitsune: pattern %r (%s) refused on %s: %s", opp.pattern, opp.describe(), ", ".join(names), reason)
+    plan.decisions.append(planner.Decision(tuple(names), False, f"pattern {opp.pattern!r}: {reason}"))
+    opp.reason = reason
+
+
+def _steer(plan, opp, config, position) -> None:
+    members = [n for n in opp.fx_nodes if is_kernel(n)]
+    names = [n.name for n in members]
+    if len(members) < 2 and not any(len(g.nodes) > 1 and members[0] in g.nodes for g in plan.groups):
+        if members:
+            _refuse(plan, opp, names, "a single operation: nothing to fuse")
+        return
+    if any(set(members) <= set(g.nodes) for g in plan.groups):
+        return  # the planner fused it already
+    in_group = {n for g in plan.groups for n in g.nodes}
+    for n in members:
+        if n not in in_group:
+            reason = _blocker(n, config)
+            if reason:
+                _refuse(plan, opp, names, f"{n.name}: {reason}")
+                return
+    touched = [g for g in plan.groups if set(g.nodes) & set(members)]
+    others = [g for g in plan.groups if g not in touched]
+    own = len(_group(members, position).user_ops())
+    relaxed = dataclasses.replace(config, max_fusion_size=max(config.max_fusion_size, own))
+    union = set(members).union(*[set(g.nodes) for g in touched])
+    candidates = []
+    if not _check(union, relaxed, position):
+        candidates.append([_group(union, position)])
+    alone_reason = _check(set(members), relaxed, position)
+    if not alone_reason:
+        rest = []
+        for g in touched:
+            for comp in _components(set(g.nodes) - set(members)):
+                if len(comp) > 1 and not _check(comp, config, position):
+                    rest.append(_group(comp, position))
+        candidates.append([_group(members, position)] + rest)
+    graph_nodes = sorted(position, key=position.__getitem__)
+    for new in candidates:
+        groups = others + new
+        if _acyclic(graph_nodes, groups):
+            plan.groups = sorted(groups, key=lambda g: position[g.nodes[0]])
+            _replace_decisions(plan, touched, [])
+            for g in new:
+                plan.decisions.append(planner.Decision(tuple(n.name for n in g.nodes), True,
+                                                       f"pattern {opp.pattern!r} ({opp.describe()})"
+                                                       if set(members) <= set(g.nodes) else
+                                                       "rest of a group split by a user pattern"))
+            log.debug("kitsune: pattern %r steers %s into one kernel", opp.pattern, ", ".join(names))
+            return
+    _refuse(plan, opp, names, alone_reason or "its kernels would depend on each other in a cycle")

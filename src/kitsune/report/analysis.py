@@ -1,0 +1,169 @@
+"""Turn compile records into what reports show: which opportunities were
+applied and why not, per-group estimates, efficiency, before/after totals.
+
+Everything here reads `GraphRecord`s (kitsune.report.stats) and never
+changes a compiled model.
+"""
+from __future__ import annotations
+
+from kitsune.fusion.cost import Estimate, eager_estimate, kernel_estimate, nodes_estimate
+from kitsune.fusion.units import is_kernel
+
+
+def _reasons(record) -> dict:
+    """node name -> why it is not (fully) fused, from planner decisions and fallbacks."""
+    single, merge = {}, {}
+    for d in record.decisions:
+        if d.fused:
+            continue
+        names = [part for item in d.nodes for part in str(item).split(" → ")]
+        target = single if len(names) == 1 else merge
+        for name in names:
+            target.setdefault(name, d.reason)
+    for what, reason in record.fallbacks:
+        for name in str(what).split(" → "):
+            single.setdefault(name, reason)
+    return {**merge, **single}  # a node's own blocker wins over a refused merge
+
+
+def finalize(record) -> None:
+    """Fill in status, reason and kernels of every opportunity of `record` (idempotent)."""
+    kernel_of = {name: kernel for kernel, names, _ in record.groups for name in names
+                 if not _failed(record, kernel)}
+    reasons = _reasons(record)
+    for kernel, names, _ in record.groups:
+        failure = _failed(record, kernel)
+        if failure:
+            for name in names:
+                reasons[name] = f"kernel {kernel} fell back to PyTorch at run time: {failure}"
+    config = record.config
+    for opp in record.opportunities:
+        compute = [n.name for n in opp.compute_nodes()]
+        kernels = list(dict.fromkeys(kernel_of[n] for n in compute if n in kernel_of))
+        missing = [n for n in compute if n not in kernel_of]
+        opp.kernels = tuple(kernels)
+        steering = opp.reason if opp.custom and opp.reason else ""
+        if config is not None and not config.pattern_enabled(opp.pattern):
+            opp.status, opp.reason = "disabled", "not in FusionConfig.enabled_patterns"
+        elif compute and not missing and len(kernels) == 1:
+            opp.status, opp.reason = "applied", ""
+        elif kernels:
+            opp.status = "partial"
+            if missing:
+                opp.reason = steering or _why(missing, reasons)
+            else:
+                opp.reason = steering or f"split over {len(kernels)} kernels: " + _why(compute, reasons)
+        else:
+            opp.status = "not applied"
+            opp.reason = steering or (_why(missing, reasons) if compute else "no kernel work in it")
+    record.finalized = True
+
+
+def _why(names, reasons) -> str:
+    for name in names:
+        if name in reasons:
+            return f"{name}: {reasons[name]}"
+    return f"{names[0]}: not grouped by the planner" if names else ""
+
+
+def graph_estimates(record) -> dict:
+    """Estimated eager vs Kitsune cost of one graph, and per-group details."""
+    if record.graph is None or record.units is None:
+        return {"before": Estimate(), "after": Estimate(), "groups": []}
+    nodes = {n.name: n for n in record.graph.nodes}
+    before = eager_estimate(record.units.units)
+    fused_names = set()
+    after = Estimate()
+    groups = []
+    for kernel, names, backend in record.groups:
+        members = [nodes[n] for n in names if n in nodes]
+        fused_names.update(names)
+        est = kernel_estimate(members)
+        unfused = nodes_estimate(members)
+        eager_units = {record.units.unit_of[n].index: record.units.unit_of[n]
+                       for n in members if n in record.units.unit_of}
+        after = after + est
+        patterns = sorted({o.pattern for o in record.opportunities if kernel in o.kernels})
+        groups.append({
+            "kernel": kernel, "graph": record.name, "backend": backend, "nodes": list(names),
+            "ops": [u.name for u in sorted(eager_units.values(), key=lambda u: u.index)],
+            "patterns": patterns, "unfused_seconds": unfused.seconds, "fused_seconds": est.seconds,
+            "unfused_kernels": unfused.launches, "bytes_saved": max(0, unfused.bytes - est.bytes),
+            "measured": record.measured.get(kernel),
+        })
+    rest = [n for n in record.graph.nodes if is_kernel(n) and n.name not in fused_names]
+    after = after + nodes_estimate(rest)
+    return {"before": before, "after": after, "groups": groups}
+
+
+def efficiency(records) -> float:
+    """Kernels removed / kernels removable (see kitsune.report.stats).
+
+    Removable: every detected opportunity and every fused group becomes one
+    kernel, overlapping ones merging into one region; a region of k kernel
+    nodes removes k - 1. Removed: what Kitsune's groups remove (k - 1 each)."""
+    removable = removed = 0
+    for record in records:
+        parent: dict = {}
+
+        def find(x):
+            while parent[x] != x:
+                parent[x] = parent[parent[x]]
+                x = parent[x]
+            return x
+
+        def join(names):
+            for name in names:
+                parent.setdefault(name, name)
+            for a, b in zip(names, names[1:]):
+                parent[find(a)] = find(b)
+
+        for opp in record.opportunities:
+            join([n.name for n in opp.compute_nodes()])
+        for kernel, names, _ in record.groups:
+            if not _failed(record, kernel):
+                join(list(names))
+                removed += len(names) - 1
+        regions: dict = {}
+        for name in parent:
+            regions[find(name)] = regions.get(find(name), 0) + 1
+        removable += sum(size - 1 for size in regions.values())
+    if removable == 0:
+        return 1.0
+    return round(min(1.0, removed / removable), 4)
+
+
+def _failed(record, kernel) -> str | None:
+    """The failure of a kernel that fell back to PyTorch at run time, else None."""
+    call = record.kernel_calls.get(kernel)
+    return getattr(call, "failure", None) if call is not None and getattr(call, "kernel", 1) is None else None
+
+
+def summarize(records) -> dict:
+    patterns: dict = {}
+    bytes_before = bytes_after = 0
+    seconds_before = seconds_after = 0.0
+    groups = []
+    for record in records:
+        finalize(record)
+        for opp in record.opportunities:
+            counts = patterns.setdefault(opp.pattern, {"detected": 0, "applied": 0, "partial": 0,
+                                                       "not_applied": 0, "disabled": 0})
+            counts["detected"] += 1
+            counts[opp.status.replace(" ", "_") if opp.status != "detected" else "not_applied"] += 1
+        est = graph_estimates(record)
+        bytes_before += est["before"].bytes
+        bytes_after += est["after"].bytes
+        seconds_before += est["before"].seconds
+        seconds_after += est["after"].seconds
+        groups += est["groups"]
+    return {
+        "efficiency": efficiency(records),
+        "bytes_before": bytes_before,
+        "bytes_after": bytes_after,
+        "seconds_before": seconds_before,
+        "seconds_after": seconds_after,
+        "estimated_speedup": round(seconds_before / seconds_after, 3) if seconds_after > 0 else 1.0,
+        "patterns": patterns,
+        "groups": groups,
+    }

@@ -6,7 +6,7 @@ changes a compiled model.
 """
 from __future__ import annotations
 
-from kitsune.fusion.cost import Estimate, eager_estimate, kernel_estimate, nodes_estimate
+from kitsune.fusion.cost import Estimate, eager_estimate, eager_kernels, kernel_estimate, nodes_estimate
 from kitsune.fusion.units import is_kernel
 
 
@@ -79,7 +79,9 @@ def graph_estimates(record) -> dict:
         members = [nodes[n] for n in names if n in nodes]
         fused_names.update(names)
         est = kernel_estimate(members)
-        unfused = nodes_estimate(members)
+        unfused = Estimate()  # eager PyTorch running the same operations
+        for part in eager_kernels(members):
+            unfused = unfused + kernel_estimate(part)
         eager_units = {record.units.unit_of[n].index: record.units.unit_of[n]
                        for n in members if n in record.units.unit_of}
         after = after + est

@@ -1,0 +1,137 @@
+"""`FusionEngine.explain()` / `python -m kitsune explain`: one screen of text.
+
+What it says, in order: how many kernels eager PyTorch launches and how many
+Kitsune launches; the estimated (or measured) gain; which patterns fired and
+which did not, with the reason; each fused kernel and the operations in it;
+where the time goes now; fallbacks.
+"""
+from __future__ import annotations
+
+from kitsune.fusion.cost import eager_kernels, kernel_estimate
+from kitsune.fusion.units import is_kernel
+from kitsune.report.analysis import graph_estimates, summarize
+from kitsune.report.stats import _bytes
+
+
+def _time(seconds: float) -> str:
+    if seconds >= 1:
+        return f"{seconds:.2f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds * 1e6:.1f} µs"
+
+
+def _ops(names, limit=6) -> str:
+    names = list(names)
+    text = " → ".join(names[:limit])
+    return text + (f" → … (+{len(names) - limit})" if len(names) > limit else "")
+
+
+def eager_kernel_count(record) -> int:
+    if record.units is None:
+        return record.kernels_before
+    return sum(1 for u in record.units.units for part in eager_kernels(u.nodes) if any(map(is_kernel, part)))
+
+
+def explain_records(records, verbose: bool = False, config=None) -> str:
+    records = list(records)
+    if not records:
+        return ("Kitsune: nothing compiled yet. torch.compile compiles on the first call: "
+                "run the fused model or function once, then explain() again.")
+    summary = summarize(records)
+    lines = []
+    names = ", ".join(r.name for r in records)
+    compile_s = sum(r.compile_seconds for r in records)
+    lines.append(f"Kitsune fusion report: {len(records)} graph(s) ({names}), compiled in {compile_s:.2f} s")
+    eager = sum(eager_kernel_count(r) for r in records)
+    captured = sum(r.kernels_before for r in records)
+    after = sum(r.kernels_after for r in records)
+    fused = sum(len(r.groups) for r in records)
+    lines.append(f"Kernels: eager PyTorch ≈ {eager} | captured aten ops {captured} | Kitsune {after} "
+                 f"({fused} fused kernel{'s' if fused != 1 else ''})")
+    measured = [m for r in records for m in r.measured.values() if m]
+    lines.append(f"Estimated gain (roofline model): {summary['estimated_speedup']:.2f}x, "
+                 f"{_time(summary['seconds_before'])} → {_time(summary['seconds_after'])}; memory traffic "
+                 f"{_bytes(summary['bytes_before'])} → {_bytes(summary['bytes_after'])}")
+    if measured:
+        before = sum(m["unfused_s"] for m in measured)
+        now = sum(m["fused_s"] for m in measured)
+        lines.append(f"Measured on first inputs ({len(measured)} kernels): unfused {_time(before)} → "
+                     f"fused {_time(now)} ({before / now:.2f}x)" if now > 0 else "")
+    lines.append(f"Efficiency: {summary['efficiency']:.0%} of the kernel reduction that the detected "
+                 f"patterns allow")
+    if config is not None and not (config.enable_elementwise or config.enable_reduction):
+        lines.append("Fusion is disabled (enable_fusion=False or all enable_* off): patterns are only detected.")
+
+    # -- patterns -----------------------------------------------------------------
+    lines.append("")
+    lines.append("Patterns            detected  applied  partial  not applied  disabled")
+    for name, c in sorted(summary["patterns"].items(), key=lambda kv: -kv[1]["detected"]):
+        lines.append(f"  {name:<18}{c['detected']:>8}{c['applied']:>9}{c['partial']:>9}{c['not_applied']:>13}"
+                     f"{c['disabled']:>10}")
+    if not summary["patterns"]:
+        lines.append("  (no pattern found)")
+
+    # -- fused kernels --------------------------------------------------------------
+    lines.append("")
+    lines.append("Fused kernels (operations → one kernel; estimated time eager → fused):")
+    groups = summary["groups"]
+    shown = groups if verbose else sorted(groups, key=lambda g: g["fused_seconds"] - g["unfused_seconds"])[:12]
+    for g in shown:
+        gain = g["unfused_seconds"] / g["fused_seconds"] if g["fused_seconds"] else 1.0
+        pats = f" [{', '.join(g['patterns'])}]" if g["patterns"] else ""
+        m = g.get("measured")
+        meas = f", measured {m['speedup']:.2f}x" if m else ""
+        lines.append(f"  {g['graph']:<9} {g['kernel']:<22} {_ops(g['ops'])}: {len(g['nodes'])} ops, "
+                     f"{_time(g['unfused_seconds'])} → {_time(g['fused_seconds'])} ({gain:.1f}x{meas}){pats}")
+    if len(shown) < len(groups):
+        lines.append(f"  … {len(groups) - len(shown)} more (explain(verbose=True) lists all)")
+    if not groups:
+        lines.append("  (none)")
+
+    # -- opportunities not applied --------------------------------------------------
+    missed = [(r, o) for r in records for o in r.opportunities if o.status != "applied"]
+    lines.append("")
+    lines.append("Not fused (pattern: operations: why):")
+    seen = set()
+    count = 0
+    for record, opp in sorted(missed, key=lambda ro: -ro[1].estimated_speedup):
+        key = (opp.pattern, opp.ops, opp.reason)
+        if key in seen and not verbose:
+            continue
+        seen.add(key)
+        count += 1
+        if count > 12 and not verbose:
+            lines.append(f"  … more (explain(verbose=True) lists all)")
+            break
+        lines.append(f"  {record.name:<9} {opp.pattern} ({opp.status}): {_ops(opp.ops)}: {opp.reason} "
+                     f"[est. {opp.estimated_speedup:.2f}x, {_bytes(opp.bytes_saved)} less traffic]")
+    if not missed:
+        lines.append("  (every detected opportunity was applied)")
+
+    # -- where the time goes ---------------------------------------------------------
+    lines.append("")
+    lines.append("Where the time goes now (estimated, top kernels):")
+    costs = []
+    for record in records:
+        est = graph_estimates(record)
+        for g in est["groups"]:
+            costs.append((g["fused_seconds"], record.name, f"{g['kernel']} ({_ops(g['ops'], 3)})"))
+        if record.graph is not None:
+            fused_names = {n for _, names, _ in record.groups for n in names}
+            for node in record.graph.nodes:
+                if is_kernel(node) and node.name not in fused_names:
+                    unit = record.units.unit_of.get(node) if record.units else None
+                    label = f"{node.name} ({unit.name})" if unit is not None and unit.name != node.name else node.name
+                    costs.append((kernel_estimate([node]).seconds, record.name, label + " [PyTorch]"))
+    total = sum(c[0] for c in costs) or 1.0
+    for seconds, graph, label in sorted(costs, reverse=True)[:8]:
+        lines.append(f"  {seconds / total:6.1%}  {_time(seconds):>10}  {graph:<9} {label}")
+
+    fallbacks = [(r.name, what, why) for r in records for what, why in r.fallbacks]
+    if fallbacks:
+        lines.append("")
+        lines.append("Fallbacks (run through PyTorch):")
+        for graph, what, why in fallbacks[: None if verbose else 10]:
+            lines.append(f"  {graph:<9} {_ops(str(what).split(' → '), 4)}: {why}")
+    return "\n".join(lines)

@@ -476,12 +476,23 @@ def capture_graphs(fn, *example_inputs, reductions: bool = True) -> list[tuple[s
         out = torch.compile(fn, backend=aot_backend(keep, reductions=reductions))(*example_inputs)
         leaves = [t for t in (out if isinstance(out, (tuple, list)) else [out])
                   if isinstance(t, torch.Tensor) and t.requires_grad]
-        if leaves:
-            sum(t.float().sum() for t in leaves).backward()
+        if leaves:  # gradients w.r.t. the graph's leaves: compiles the backward, leaves .grad alone
+            loss = sum(t.float().sum() for t in leaves)
+            torch.autograd.grad(loss, _autograd_leaves(loss), allow_unused=True)
     finally:
         torch._dynamo.reset()
     return graphs
 
 
-def _target_label(node: fx.Node) -> str:
-    return target_name(node)
+def _autograd_leaves(tensor) -> list:
+    leaves, seen, stack = [], set(), [tensor.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        variable = getattr(fn, "variable", None)
+        if variable is not None:
+            leaves.append(variable)
+        stack.extend(next_fn for next_fn, _ in fn.next_functions)
+    return leaves

@@ -94,8 +94,8 @@ def _extract_function(source: str, spec) -> str:
     if len(lines) < 80 or not starts:
         return source
     start = starts[0]
-    while start > 0 and lines[start - 1].strip() and not lines[start - 1].startswith("}"):
-        start -= 1  # attributes / comments just above
+    while start > 0 and lines[start - 1].lstrip().startswith(("//", "/*", "*")):
+        start -= 1  # its header comment
     end = next((i for i in range(starts[0], len(lines)) if lines[i].startswith("}")), len(lines) - 1)
     return "\n".join(lines[start:end + 1]) + "\n\n/* (one function of the graph's library; the file holds all) */"
 

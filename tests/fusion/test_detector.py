@@ -47,6 +47,14 @@ def test_elementwise_chain_is_a_connected_pointwise_region():
     assert sorted(o.ops for o in found(gm, "elementwise_chain")) == [("exp", "cos")]
 
 
+def test_elementwise_chain_stops_where_a_matmul_lies_between():
+    # exp feeds add directly and through the matmul: one kernel cannot hold both
+    gm = graph(lambda a, w: (e := a.exp()) + e @ w, x, torch.randn(8, 8))
+    assert found(gm, "elementwise_chain") == []
+    gm = graph(lambda a, w: (e := a.exp()) + e.cos() + a @ w, x, torch.randn(8, 8))
+    assert only(gm, "elementwise_chain").ops == ("exp", "cos", "add", "add")
+
+
 def test_binary_activation_and_its_bytes_saved():
     gm = graph(lambda a, b: torch.relu(a + b), x, x)
     opp = only(gm, "binary_activation")

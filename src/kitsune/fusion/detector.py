@@ -234,13 +234,32 @@ def _elementwise_chains(ug: UnitGraph) -> list[list[Unit]]:
         if unit.index not in parent:
             continue
         for other in ug.consumers(unit):
-            if other.index in parent:
+            if other.index in parent and not _detour(ug, unit, other):
                 parent[find(other.index)] = find(unit.index)
     comps: dict[int, list[Unit]] = {}
     for unit in ug.units:
         if unit.index in parent:
             comps.setdefault(find(unit.index), []).append(unit)
     return [units for units in comps.values() if sum(len(u.kernels) for u in units) >= 2]
+
+
+def _detour(ug: UnitGraph, src: Unit, dst: Unit) -> bool:
+    """Is there a path src → ... → dst through a unit that is not pointwise (a norm,
+    a matmul)? Then src and dst cannot share a kernel: the residual adds of a
+    transformer are connected, but a layer's work lies between them."""
+    stack, seen = [(u, False) for u in src.users], set()
+    while stack:
+        unit, outside = stack.pop()
+        if unit.index > dst.index or (unit.index, outside) in seen:
+            continue
+        seen.add((unit.index, outside))
+        if unit is dst:
+            if outside:
+                return True
+            continue
+        outside = outside or not (unit.pointwise or unit.category == "view")
+        stack.extend((u, outside) for u in unit.users)
+    return False
 
 
 def _softmax_matches(ug: UnitGraph) -> list[list[Unit]]:

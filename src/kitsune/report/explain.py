@@ -8,7 +8,7 @@ where the time goes now; fallbacks.
 from __future__ import annotations
 
 from kitsune.fusion.cost import eager_kernels, kernel_estimate
-from kitsune.fusion.units import is_kernel
+from kitsune.fusion.units import is_kernel, node_class
 from kitsune.report.analysis import graph_estimates, summarize
 from kitsune.report.stats import _bytes
 
@@ -72,60 +72,77 @@ def explain_records(records, verbose: bool = False, config=None) -> str:
     if not summary["patterns"]:
         lines.append("  (no pattern found)")
 
-    # -- fused kernels --------------------------------------------------------------
+    # -- fused kernels (identical ones counted once: a transformer repeats its layers) -----
     lines.append("")
     lines.append("Fused kernels (operations → one kernel; estimated time eager → fused):")
     groups = summary["groups"]
-    shown = groups if verbose else sorted(groups, key=lambda g: g["fused_seconds"] - g["unfused_seconds"])[:12]
-    for g in shown:
-        gain = g["unfused_seconds"] / g["fused_seconds"] if g["fused_seconds"] else 1.0
+    kinds: dict = {}
+    for g in groups:
+        key = (g["graph"], tuple(g["ops"]), len(g["nodes"]), tuple(g["patterns"]))
+        kinds.setdefault(key, []).append(g)
+    ordered = sorted(kinds.values(), key=lambda gs: sum(g["fused_seconds"] - g["unfused_seconds"] for g in gs))
+    for gs in ordered if verbose else ordered[:10]:
+        g = gs[0]
+        unfused = sum(x["unfused_seconds"] for x in gs)
+        fused = sum(x["fused_seconds"] for x in gs)
+        gain = unfused / fused if fused else 1.0
         pats = f" [{', '.join(g['patterns'])}]" if g["patterns"] else ""
-        m = g.get("measured")
-        meas = f", measured {m['speedup']:.2f}x" if m else ""
-        lines.append(f"  {g['graph']:<9} {g['kernel']:<22} {_ops(g['ops'])}: {len(g['nodes'])} ops, "
-                     f"{_time(g['unfused_seconds'])} → {_time(g['fused_seconds'])} ({gain:.1f}x{meas}){pats}")
-    if len(shown) < len(groups):
-        lines.append(f"  … {len(groups) - len(shown)} more (explain(verbose=True) lists all)")
+        measured = [x["measured"] for x in gs if x.get("measured")]
+        meas = (f", measured {sum(m['unfused_s'] for m in measured) / sum(m['fused_s'] for m in measured):.2f}x"
+                if measured and sum(m["fused_s"] for m in measured) > 0 else "")
+        count = f"{len(gs)}× " if len(gs) > 1 else ""
+        lines.append(f"  {g['graph']:<9} {count}{g['kernel']:<20} {_ops(g['ops'])}: {len(g['nodes'])} ops, "
+                     f"{_time(unfused)} → {_time(fused)} ({gain:.1f}x{meas}){pats}")
+    if not verbose and len(ordered) > 10:
+        lines.append(f"  … {len(ordered) - 10} more kinds (explain(verbose=True) lists all)")
     if not groups:
         lines.append("  (none)")
 
-    # -- opportunities not applied --------------------------------------------------
-    missed = [(r, o) for r in records for o in r.opportunities if o.status != "applied"]
+    # -- opportunities not applied (identical ones counted once) ------------------------
+    missed: dict = {}
+    for record in records:
+        for opp in record.opportunities:
+            if opp.status == "applied":
+                continue
+            why = opp.reason.split(": ", 1)[1] if ": " in opp.reason and opp.reason.split(": ", 1)[0] in \
+                opp.nodes else opp.reason
+            missed.setdefault((record.name, opp.pattern, opp.status, opp.ops, why), []).append(opp)
     lines.append("")
     lines.append("Not fused (pattern: operations: why):")
-    seen = set()
-    count = 0
-    for record, opp in sorted(missed, key=lambda ro: -ro[1].estimated_speedup):
-        key = (opp.pattern, opp.ops, opp.reason)
-        if key in seen and not verbose:
-            continue
-        seen.add(key)
-        count += 1
-        if count > 12 and not verbose:
-            lines.append(f"  … more (explain(verbose=True) lists all)")
-            break
-        lines.append(f"  {record.name:<9} {opp.pattern} ({opp.status}): {_ops(opp.ops)}: {opp.reason} "
-                     f"[est. {opp.estimated_speedup:.2f}x, {_bytes(opp.bytes_saved)} less traffic]")
+    ranked = sorted(missed.items(), key=lambda kv: -sum(o.eager_seconds - o.fused_seconds for o in kv[1]))
+    for (graph, pattern, status, ops, why), opps in ranked if verbose else ranked[:10]:
+        count = f"{len(opps)}× " if len(opps) > 1 else ""
+        lines.append(f"  {graph:<9} {count}{pattern} ({status}): {_ops(ops)}: {opps[0].reason} "
+                     f"[est. {opps[0].estimated_speedup:.2f}x, {_bytes(sum(o.bytes_saved for o in opps))} "
+                     f"less traffic]")
+    if not verbose and len(ranked) > 10:
+        lines.append(f"  … {len(ranked) - 10} more (explain(verbose=True) lists all)")
     if not missed:
         lines.append("  (every detected opportunity was applied)")
 
     # -- where the time goes ---------------------------------------------------------
-    lines.append("")
-    lines.append("Where the time goes now (estimated, top kernels):")
     costs = []
     for record in records:
         est = graph_estimates(record)
         for g in est["groups"]:
-            costs.append((g["fused_seconds"], record.name, f"{g['kernel']} ({_ops(g['ops'], 3)})"))
+            costs.append((g["fused_seconds"], record.name, f"{g['kernel']} ({_ops(g['ops'], 3)})", "fused kernels"))
         if record.graph is not None:
             fused_names = {n for _, names, _ in record.groups for n in names}
             for node in record.graph.nodes:
                 if is_kernel(node) and node.name not in fused_names:
                     unit = record.units.unit_of.get(node) if record.units else None
                     label = f"{node.name} ({unit.name})" if unit is not None and unit.name != node.name else node.name
-                    costs.append((kernel_estimate([node]).seconds, record.name, label + " [PyTorch]"))
+                    kind = node_class(node)
+                    kind = {"matmul": "matmul (PyTorch)", "conv": "conv (PyTorch)"}.get(kind, "other PyTorch ops")
+                    costs.append((kernel_estimate([node]).seconds, record.name, label + " [PyTorch]", kind))
     total = sum(c[0] for c in costs) or 1.0
-    for seconds, graph, label in sorted(costs, reverse=True)[:8]:
+    by_kind: dict = {}
+    for seconds, _, _, kind in costs:
+        by_kind[kind] = by_kind.get(kind, 0.0) + seconds
+    lines.append("")
+    lines.append("Where the time goes now (estimated): " + ", ".join(
+        f"{kind} {seconds / total:.0%}" for kind, seconds in sorted(by_kind.items(), key=lambda kv: -kv[1])))
+    for seconds, graph, label, _ in sorted(costs, reverse=True)[:6]:
         lines.append(f"  {seconds / total:6.1%}  {_time(seconds):>10}  {graph:<9} {label}")
 
     fallbacks = [(r.name, what, why) for r in records for what, why in r.fallbacks]

@@ -142,3 +142,24 @@ def test_cli_explain_and_report(tmp_path, capsys):
     assert cli_main(["explain", f"{script}:missing"]) == 2
     assert "defines no 'missing'" in capsys.readouterr().err
     assert cli_main(["explain", f"{tmp_path / 'nope.py'}:model"]) == 2
+
+
+def test_report_draws_each_group_contiguously():
+    from kitsune.report.html import _order, _visible
+
+    def f(a, b):
+        e = a.exp()
+        m = b @ b  # runs through PyTorch, between the group's members in graph order
+        return e.t() * 2 + m
+
+    engine = FusionEngine()
+    a, b = torch.randn(4, 4), torch.randn(4, 4)
+    torch.testing.assert_close(engine.fuse(f)(a, b), f(a, b))
+    (record,) = engine.records
+    group_of = {n: k for k, names, _ in record.groups for n in names}
+    assert any({"exp", "mul"} <= set(names) for _, names, _ in record.groups)
+    order = [n.name for n in _order(record, group_of) if _visible(n)]
+    assert order != [n.name for n in record.graph.nodes if _visible(n)]
+    for kernel, names, _ in record.groups:
+        rows = sorted(order.index(n) for n in names if n in order)
+        assert rows == list(range(rows[0], rows[0] + len(rows))), (kernel, order)

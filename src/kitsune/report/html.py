@@ -50,6 +50,7 @@ JS = """
 function showGroup(id){
   document.querySelectorAll('tr.hl').forEach(r=>r.classList.remove('hl'));
   var row=document.getElementById('row-'+id); if(!row) return;
+  var outer=row.closest('details'); if(outer) outer.open=true;
   row.classList.add('hl'); var d=row.querySelector('details'); if(d) d.open=true;
   row.scrollIntoView({behavior:'smooth',block:'center'});
 }
@@ -145,8 +146,14 @@ def _source_of(node, visible):
 
 def _order(record, group_of):
     """Graph order with each group contiguous (groups placed at their last member's slot when legal)."""
+    from kitsune.ir.graph import is_view, view_root
+
     nodes = [n for n in record.graph.nodes]
     position = {n: i for i, n in enumerate(nodes)}
+    group_of = dict(group_of)
+    for n in nodes:  # views of a member are folded into the kernel: they belong to its group
+        if is_view(n) and n.name not in group_of and view_root(n).name in group_of:
+            group_of[n.name] = group_of[view_root(n).name]
     units, unit_of = [], {}
     for n in nodes:
         key = group_of.get(n.name, n)
@@ -167,7 +174,13 @@ def _order(record, group_of):
     for i, d in enumerate(deps):
         for j in d:
             users[j].append(i)
-    ready = [(position[units[i][0]], i) for i, k in enumerate(pending) if k == 0]
+    def priority(i):  # inputs are drawn next to their first user, not all at the top
+        first = units[i][0]
+        if first.op in ("placeholder", "get_attr") and first.users:
+            return min(position[u] for u in first.users) - 0.5
+        return position[first]
+
+    ready = [(priority(i), i) for i, k in enumerate(pending) if k == 0]
     heapq.heapify(ready)
     order = []
     while ready:
@@ -176,7 +189,7 @@ def _order(record, group_of):
         for u in users[i]:
             pending[u] -= 1
             if pending[u] == 0:
-                heapq.heappush(ready, (position[units[u][0]], u))
+                heapq.heappush(ready, (priority(u), u))
     return order if len(order) == len(nodes) else nodes
 
 
@@ -342,8 +355,19 @@ def render(records, title: str | None = None, config=None) -> str:
                    f"<td>{c['not_applied']}</td><td>{c['disabled']}</td></tr>")
     out.append("</table>")
 
+    # graphs
+    for gid, r in enumerate(records):
+        out.append(f"<h2>Graph: {_e(r.name)}</h2>")
+        if r.graph is None:
+            out.append("<p class=\"muted\">graph not recorded</p>")
+            continue
+        out.append('<p class="legend">Each coloured box is one fused kernel (click it for its source); dark grey '
+                   'nodes run through PyTorch; light grey are inputs/outputs. Views are folded into the edges.</p>')
+        out.append(f'<div class="graphbox">{graph_svg(r, gid, colors, group_ids)}</div>')
     # groups
-    out.append("<h2>Fused groups</h2><table><tr><th></th><th>kernel</th><th>graph</th><th>backend</th>"
+    many = sum(len(r.groups) for r in records) > 40
+    out.append(f"<h2>Fused groups</h2><details{'' if many else ' open'}><summary>{sum(len(r.groups) for r in records)} "
+               "fused kernels</summary><table><tr><th></th><th>kernel</th><th>graph</th><th>backend</th>"
                "<th>operations</th><th>nodes</th><th>patterns</th><th>est. eager → fused</th><th>measured</th>"
                "<th>source</th></tr>")
     for r in records:
@@ -365,7 +389,7 @@ def render(records, title: str | None = None, config=None) -> str:
                 f'<td>{_time(g.get("unfused_seconds", 0))} → {_time(g.get("fused_seconds", 0))}</td>'
                 f'<td>{meas}</td><td><details><summary>show source</summary><pre>{_e(source)}</pre>'
                 f'</details></td></tr>')
-    out.append("</table>")
+    out.append("</table></details>")
 
     # opportunities
     out.append("<h2>Opportunities</h2><table><tr><th>graph</th><th>pattern</th><th>operations</th><th>status</th>"
@@ -385,15 +409,6 @@ def render(records, title: str | None = None, config=None) -> str:
         out += [f"<tr><td>{_e(g)}</td><td>{_e(w)}</td><td>{_e(why)}</td></tr>" for g, w, why in fallbacks]
         out.append("</table>")
 
-    # graphs
-    for gid, r in enumerate(records):
-        out.append(f"<h2>Graph: {_e(r.name)}</h2>")
-        if r.graph is None:
-            out.append("<p class=\"muted\">graph not recorded</p>")
-            continue
-        out.append('<p class="legend">Each coloured box is one fused kernel (click it for its source); dark grey '
-                   'nodes run through PyTorch; light grey are inputs/outputs. Views are folded into the edges.</p>')
-        out.append(f'<div class="graphbox">{graph_svg(r, gid, colors, group_ids)}</div>')
     data = {"stats": {k: v for k, v in summary.items() if k != "groups"}}
     out.append(f'<script type="application/json" id="kitsune-data">{_e(json.dumps(data, default=str))}</script>')
     out.append("</main></body></html>")

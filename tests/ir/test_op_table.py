@@ -21,7 +21,9 @@ How one test works (one test = one op case x one dtype x one backend):
 from __future__ import annotations
 
 import importlib
+import logging
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -105,6 +107,11 @@ def pool(role: str, dtype: torch.dtype) -> list:
     if role == "b":
         return BOUNDS["float" if dtype.is_floating_point else dtype]
     if dtype.is_floating_point:
+        if role == "d":
+            # No subnormal divisors: eager's own vectorised fmod/remainder return NaN for
+            # them (torch.fmod(torch.full((16,), 5.), torch.full((16,), 1e-40)) is NaN,
+            # the 2-element call gives 4.2e-41), so eager is not a reference there.
+            return [v for v in FLOAT_POOL if v == 0 or not math.isfinite(v) or abs(v) >= 1e-30]
         if dtype == torch.bfloat16 and _SAMPLING_FOR == "triton":
             # Triton's interpreter (numpy underneath) widens bfloat16 subnormals
             # wrongly when loading them (9.2e-41 -> -0.0, 1.0e-39 -> 4.4e-39); a
@@ -151,6 +158,17 @@ def _outer(roles, dtype):
         j += 1
     out[0] = out[0].expand(sizes) if out[0].dim() else out[0]
     return out
+
+
+_OUTER: dict = {}
+
+
+def _outer_cached(roles, dtype):
+    """`_outer` for probing eager support (shared, never handed to a compiled graph)."""
+    if (roles, dtype) not in _OUTER:
+        tensors = _OUTER[roles, dtype] = _outer(roles, dtype)
+        _FAKES[id(tensors)] = [_FAKE_MODE.from_tensor(t) for t in tensors]
+    return _OUTER[roles, dtype]
 
 
 def _shaped(*shapes):
@@ -285,11 +303,11 @@ CASES: list[Case] = [
          [(), (1.0, 100.0, -100.0), (-0.0, None, None), (NAN, INF, None)]),
     Case("where.self", aten.where.self, ("c", "x", "y"), lambda v, c, a, b: aten.where.self(c, a, b)),
     Case("where.ScalarSelf", aten.where.ScalarSelf, ("c", "y"), lambda v, c, b: aten.where.ScalarSelf(c, v, b),
-         [-0.0, 7, True]),
+         [7, -0.0, True]),
     Case("where.ScalarOther", aten.where.ScalarOther, ("c", "x"),
          lambda v, c, a: aten.where.ScalarOther(c, a, v), [NAN, -3, False]),
     Case("where.Scalar", aten.where.Scalar, ("c",), lambda v, c: aten.where.Scalar(c, *v),
-         [(1.5, -0.0), (3, -4), (True, False), (NAN, INF)], dtypes=(torch.bool,)),
+         [(3, -4), (1.5, -0.0), (True, False), (NAN, INF)], dtypes=(torch.bool,)),
     Case("masked_fill.Scalar", aten.masked_fill.Scalar, ("x", "c"),
          lambda v, a, m: aten.masked_fill.Scalar(a, m, v), [-1.5, 7, NAN, True]),
     Case("masked_fill.Tensor", aten.masked_fill.Tensor, ("x", "c", "y0"),
@@ -368,11 +386,33 @@ class Sample:
 
 
 def _eager_ok(case: Case, variant, tensors) -> bool:
+    """Eager runs it, and so do PyTorch's meta functions (which capture needs:
+    eager accepts `bool << 3`, the meta function of __lshift__ does not)."""
     try:
         case.build(variant, aten.clone.default(tensors[0]), *tensors[1:])
+    except (RuntimeError, TypeError, ValueError, NotImplementedError):
+        return False
+    try:
+        with _FAKE_MODE:
+            fakes = _FAKES.get(id(tensors)) or [_FAKE_MODE.from_tensor(t) for t in tensors]
+            case.build(variant, aten.clone.default(fakes[0]), *fakes[1:])
         return True
     except (RuntimeError, TypeError, ValueError, NotImplementedError):
         return False
+
+
+_FAKE_MODE = FakeTensorMode()
+_FAKES: dict = {}  # id(list of tensors in _OUTER) -> their fake tensors
+
+
+class _QuietMetaFailures(logging.Filter):
+    """FakeTensorMode logs a traceback for each meta function that raises; the probe expects some."""
+
+    def filter(self, record):
+        return "failed while attempting to run meta" not in record.getMessage()
+
+
+logging.getLogger("torch._subclasses.fake_tensor").addFilter(_QuietMetaFailures())
 
 
 _SUPPORTED: dict = {}
@@ -382,18 +422,24 @@ def supported_variants(case: Case, dtype: torch.dtype) -> list:
     """The variants eager PyTorch accepts for `dtype` ("every dtype it supports")."""
     key = (case.id, dtype)
     if key not in _SUPPORTED:
-        tensors = _outer(case.roles, dtype) if dtype in case.dtypes else None
+        tensors = _outer_cached(case.roles, dtype) if dtype in case.dtypes else None
         _SUPPORTED[key] = [v for v in case.variants if tensors is not None and _eager_ok(case, v, tensors)]
     return _SUPPORTED[key]
 
 
+_SAMPLES: dict = {}
+
+
 def make_samples(case: Case, dtype: torch.dtype, backend: str) -> list[Sample]:
     global _SAMPLING_FOR
-    _SAMPLING_FOR = backend
-    try:
-        return _make_samples(case, dtype)
-    finally:
-        _SAMPLING_FOR = None
+    key = (case.id, dtype, backend)
+    if key not in _SAMPLES:
+        _SAMPLING_FOR = backend
+        try:
+            _SAMPLES[key] = _make_samples(case, dtype)
+        finally:
+            _SAMPLING_FOR = None
+    return _SAMPLES[key]
 
 
 def _make_samples(case: Case, dtype: torch.dtype) -> list[Sample]:
@@ -404,9 +450,19 @@ def _make_samples(case: Case, dtype: torch.dtype) -> list[Sample]:
             continue  # same as "0dim" for one tensor argument
         tensors = make(case.roles, dtype)
         chosen = [v for v in (variants if part == "values" else variants[:1]) if _eager_ok(case, v, tensors)]
+        if part == "values":  # constants -0.0 get a kernel (and a test) of their own
+            neg0 = [v for v in chosen if _has_negative_zero(v)]
+            chosen = [v for v in chosen if v not in neg0]
+            if neg0:
+                samples.append(Sample(case, dtype, layout, "neg0_const", neg0, make(case.roles, dtype)))
         if chosen:
             samples.append(Sample(case, dtype, layout, part, chosen, tensors))
     return samples
+
+
+def _has_negative_zero(variant) -> bool:
+    items = variant if isinstance(variant, tuple) else (variant,)
+    return any(isinstance(x, float) and x == 0 and math.copysign(1, x) < 0 for x in items)
 
 
 def program_of(samples: list[Sample]):
@@ -446,6 +502,7 @@ class Outcome:
     stats: dict                      # kitsune.get_fusion_stats() right after compiling the batch
     meta: Any = None                 # the node's fake tensor: shape, strides and dtype Kitsune promises
     inputs: list = None              # the sample's input tensors (for failure messages)
+    variant: Any = None
 
 
 _BATCHES: dict = {}
@@ -493,11 +550,12 @@ def _run_batch(backend: str, dtype: torch.dtype, cases: list[Case]) -> dict:
             failures.update({n: call.failure for n, spec in group_of.items() if spec == call.spec.name})
     labels = [s.label(v) for s in samples for v in s.variants]
     sample_inputs = [s.tensors for s in samples for v in s.variants]
+    variants = [v for s in samples for v in s.variants]
     assert len(labels) == len(out_nodes) == len(want)
     return {label: Outcome(label, node.name, node.target, w, g, node.name in group_of, failures.get(node.name),
                            [d.reason for d in record.decisions if not d.fused and node.name in d.nodes], stats,
-                           node.meta.get("val"), inputs)
-            for label, node, w, g, inputs in zip(labels, out_nodes, want, got, sample_inputs)}
+                           node.meta.get("val"), inputs, variant)
+            for label, node, w, g, inputs, variant in zip(labels, out_nodes, want, got, sample_inputs, variants)}
 
 
 def _where(mask, got, want, inputs) -> str:
@@ -512,7 +570,7 @@ def _where(mask, got, want, inputs) -> str:
     return f"at {list(i)}: got {got[i].item()!r}, eager {want[i].item()!r}, inputs {args}"
 
 
-def assert_same(got, want, label, op=None, loose=False, meta=None, inputs=None):
+def assert_same(got, want, label, op=None, loose=False, meta=None, inputs=None, reference=None):
     if isinstance(got, BaseException):
         raise AssertionError(f"{label}: the compiled graph raised {type(got).__name__}: {got}") from got
     assert isinstance(got, torch.Tensor), f"{label}: got {type(got).__name__}"
@@ -526,10 +584,23 @@ def assert_same(got, want, label, op=None, loose=False, meta=None, inputs=None):
             g, w = got.double(), want.double()
             rtol, atol = (tol["rtol"], tol["atol"]) if tol else torch.testing._comparison.default_tolerances(want)
             bad = ~torch.isclose(g, w, rtol=rtol, atol=atol, equal_nan=True)
+            if reference is not None:
+                # float16/bfloat16: Kitsune computes each op in float32 and rounds once; eager
+                # sometimes rounds an intermediate (b * alpha, the quotient before trunc, a
+                # Python scalar converted to the tensor's dtype). A result at least as close to
+                # the float64 result as eager's is not an error.
+                r = reference()
+                bad &= ~((g == r) | ((g - r).abs() <= (w - r).abs()))
+                if not bad.any():
+                    return _check_layout_and_zeros(got, want, label, op, meta, inputs)
         else:
             bad = got != want
         detail = _where(bad, got, want, inputs) if bad.any() else str(error).splitlines()[0]
         raise AssertionError(f"{label}: {int(bad.sum())} of {want.numel()} differ; first {detail}") from None
+    _check_layout_and_zeros(got, want, label, op, meta, inputs)
+
+
+def _check_layout_and_zeros(got, want, label, op, meta, inputs):
     if meta is not None and got.numel() > 1:
         # Kitsune allocates outputs with the strides of the graph's metadata (PyTorch's
         # meta functions, which for a few ops, e.g. floor_divide, differ from eager CPU).
@@ -552,28 +623,100 @@ def check_outcome(case: Case, o: Outcome):
         assert o.stats["num_fused"] >= 1
     # (fallbacks of other samples of the batch are their own tests' business)
     assert not [f for f in o.stats["fallbacks"] if o.node in f[0].split(" → ")]
-    assert_same(o.got, o.want, o.label, case.op, case.loose, o.meta, o.inputs)
+    assert_same(o.got, o.want, o.label, case.op, case.loose, o.meta, o.inputs, _float64_reference(case, o))
 
 
-# -- known bugs: (backend or None, case id or None, dtype or None, part or None) -> reason ---
+def _float64_reference(case: Case, o: Outcome):
+    """For float16/bfloat16 results of float16/bfloat16 inputs: the op computed in float64."""
+    if o.want.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    if not all(t.dtype in (torch.float16, torch.bfloat16, torch.bool) for t in o.inputs):
+        return None
 
-KNOWN_BUGS: list = []
+    def reference():
+        wide = [t.double() if t.dtype.is_floating_point else t for t in o.inputs]
+        return case.build(o.variant, aten.clone.default(wide[0]), *wide[1:]).double()
+    return reference
+
+
+# -- known bugs -------------------------------------------------------------------------
+#
+# Test ids "<backend>-<case>-<dtype>-<part>" that fail because Kitsune computes
+# something other than eager (or cannot generate it), with the reason. They are
+# strict xfails: a fix makes them XPASS, and then the entry must shrink. To
+# re-survey, run with KITSUNE_TEST_IGNORE_KNOWN_BUGS=1.
+
+def _ids(backends, cases, dtypes, parts) -> set:
+    return {f"{b}-{c}-{_dt(d)}-{p}" for b in backends for c in cases for d in dtypes for p in parts}
+
+
+_BOTH = ("triton", "cpu")
+_LOW = (torch.float16, torch.bfloat16)
+_NONFLOAT = (torch.bool, torch.int32, torch.int64)
+_ALL = ("values", "layouts", "0dim", "neg0_const")
+
+KNOWN_BUGS: list = [
+    ({f"triton-{c.id}-{_dt(d)}-0dim" for c in CASES for d in DTYPES}
+     - _ids(["triton"], ["pow.Tensor_Tensor"], INTS, ["0dim"]),  # (refused: nothing generated)
+     "triton: a kernel whose output is 0-dim fails at launch (ValueError: Value argument cannot be block "
+     "type if pointer argument is not a block): it stores an XBLOCK-wide value through the scalar pointer "
+     "`out0 + (0)`, so every 0-dim result runs unfused"),
+    (_ids(["triton"], ["logical_and", "logical_or", "logical_xor"], FLOATS, ["0dim"]),
+     "triton interpreter only: `tl.load(p) != 0` on a float scalar, `&` a block of bools, raises TypeError "
+     "in numpy (ufunc 'bitwise_and' not supported); 0-dim float operands of logical ops run unfused"),
+    (_ids(["triton"], ["add.Scalar", "sub.Scalar", "nan_to_num"], FLOATS, ["neg0_const"])
+     | _ids(["triton"], ["rsub.Scalar"], INTS + FLOATS, ["neg0_const"])
+     | _ids(["triton"], ["mul.Scalar", "div.Scalar", "div.Scalar_mode", "where.ScalarSelf"], DTYPES,
+            ["neg0_const"]),
+     "triton: a -0.0 constant is emitted as tl.full([], -0.0, ...), and Triton's scalar_constant turns any "
+     "value == 0 into +0.0: x / -0.0 gives +inf instead of -inf; x * -0.0, x + -0.0, -0.0 - x, "
+     "where(c, -0.0, x), nan_to_num(nan=-0.0) lose the sign"),
+    (_ids(["triton"], ["neg"], FLOATS, ["values", "layouts"]),
+     "triton: neg is emitted as `-x`, which Triton lowers to 0 - x: neg(+0.0) gives +0.0, eager -0.0"),
+    (_ids(_BOTH, ["div.Scalar_mode"], _NONFLOAT, ["values"])
+     | _ids(_BOTH, ["div.Scalar_mode"], FLOATS, ["values", "layouts", "0dim"])
+     | _ids(_BOTH, ["floor_divide.Scalar"], _NONFLOAT, ["values", "neg0_const"])
+     | _ids(_BOTH, ["floor_divide.Scalar"], FLOATS, _ALL),
+     "floor division by a Python scalar does not lower when the result is a float: _floor_divide calls "
+     "_eq(b, 0) with b a Python number (TypeError 'eq: at least one operand must be a Value'), so the "
+     "group runs unfused"),
+    (_ids(_BOTH, ["floor_divide"], FLOATS, ["values", "layouts", "0dim"])
+     | _ids(_BOTH, ["div.Tensor_mode"], FLOATS, ["values"]),
+     "floor division of floats gives +0.0 where eager gives -0.0 (-0.0 // 0.5, -0.0 // inf, 0.5 // -inf): "
+     "_copysign_zero tests `v < 0`, which is false for -0.0"),
+    (_ids(_BOTH, ["sign", "sgn"], FLOATS, ["values"]) | _ids(["triton"], ["sign", "sgn"], [torch.bfloat16],
+                                                              ["layouts"]),
+     "sign/sgn(NaN) returns NaN (the formula keeps NaN); eager returns 0"),
+    (_ids(_BOTH, ["nan_to_num"], _LOW, _ALL),
+     "nan_to_num on float16/bfloat16 replaces +-inf by float32's max/min (finfo of the compute dtype), "
+     "which rounds back to +-inf; eager uses the tensor dtype's (+-65504, +-3.39e38)"),
+    (_ids(_BOTH, ["pow.Tensor_Scalar"], [torch.float16], ["values"]),
+     "pow(x, 0.5) / pow(x, -0.5) on float16 is generated as sqrt / rsqrt: NaN for x = -inf where eager "
+     "(std::pow for float16) gives inf / 0"),
+    (_ids(_BOTH, ["where.Scalar"], [torch.bool], _ALL),
+     "where.Scalar (both branches Python scalars) does not lower: the formula takes the dtype from a Value "
+     "branch (AttributeError 'int' object has no attribute 'dtype'), so it runs unfused"),
+]
 
 
 def _known_bug(backend, case, dtype, part):
-    for (b, c, d, p), reason in KNOWN_BUGS:
-        if b in (None, backend) and c in (None, case.id) and d in (None, dtype) and p in (None, part):
-            return reason
-    return None
+    """The reasons this test is known to fail, or None."""
+    if os.environ.get("KITSUNE_TEST_IGNORE_KNOWN_BUGS"):
+        return None
+    test_id = f"{backend}-{case.id}-{_dt(dtype)}-{part}"
+    reasons = [reason for ids, reason in KNOWN_BUGS if test_id in ids]
+    return " | ALSO: ".join(reasons) or None
 
 
 def _params():
     params = []
     for index, case in enumerate(CASES):
         for dtype in DTYPES:
-            if supported_variants(case, dtype):
+            variants = supported_variants(case, dtype)
+            if variants:
+                parts = PARTS + (("neg0_const",) if any(map(_has_negative_zero, variants)) else ())
                 params += [pytest.param(case, dtype, part, index // CHUNK, id=f"{case.id}-{_dt(dtype)}-{part}")
-                           for part in PARTS]
+                           for part in parts]
     return params
 
 

@@ -17,6 +17,7 @@ Units know their canonical name, a category (pointwise, activation, matmul,
 """
 from __future__ import annotations
 
+import functools
 import math
 import operator
 import re
@@ -173,15 +174,17 @@ class Unit:
     inputs: list = field(default_factory=list)  # units feeding this one (direct)
     users: list = field(default_factory=list)   # units consuming this one (direct)
 
-    @property
+    # Cached: a unit is complete once UnitGraph is built (names may change while merging,
+    # never after).
+    @functools.cached_property
     def kernels(self) -> list:
         return [n for n in self.nodes if is_kernel(n)]
 
-    @property
+    @functools.cached_property
     def classes(self) -> set:
         return {node_class(n) for n in self.kernels}
 
-    @property
+    @functools.cached_property
     def category(self) -> str:
         name, classes = self.name, self.classes
         if name in P.ATTENTION_OPS:
@@ -210,7 +213,7 @@ class Unit:
             return "reduction"
         return "other"
 
-    @property
+    @functools.cached_property
     def pointwise(self) -> bool:
         classes = self.classes
         return bool(classes) and classes == {"pointwise"}

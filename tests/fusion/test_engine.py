@@ -187,3 +187,48 @@ def test_applied_fusion_logged_at_info(caplog):
         engine.fuse(lambda a, b: torch.relu(a - b))(torch.randn(4), torch.randn(4))
     messages = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
     assert any("binary_activation applied" in m for m in messages), messages
+
+
+def _gate_model(a, b):
+    return (torch.sigmoid(a * b) + a).relu()
+
+
+def _engine_with_replacement(fn):
+    engine = FusionEngine()
+    engine.register_pattern(FusionPattern(name="gate", ops=["mul", "sigmoid", "add"], replacement=fn))
+    return engine
+
+
+def test_replacement_callable_runs_instead_of_the_ops():
+    calls = []
+
+    def gate(a, b):
+        calls.append((a.shape, b.shape))
+        return torch.sigmoid(a * b) + a
+
+    engine = _engine_with_replacement(gate)
+    x, y = torch.randn(8), torch.randn(8)
+    torch.testing.assert_close(engine.fuse(_gate_model)(x, y), _gate_model(x, y))
+    assert calls == [(x.shape, y.shape)]
+    (record,) = engine.records
+    targets = [getattr(n.target, "__name__", "") for n in record.graph.nodes if n.op == "call_function"]
+    assert "kitsune_replacement_gate" in targets and "sigmoid" not in " ".join(targets)
+    (opp,) = opportunities(engine, "gate")
+    assert opp.status == "applied" and opp.kernels == ("kitsune_replacement_gate",)
+
+
+def test_bad_replacement_falls_back_to_the_original_ops(caplog, monkeypatch):
+    engine = _engine_with_replacement(lambda a, b: torch.zeros(3))
+    x, y = torch.randn(8), torch.randn(8)
+    with caplog.at_level(logging.WARNING, logger="kitsune"):
+        torch.testing.assert_close(engine.fuse(_gate_model)(x, y), _gate_model(x, y))
+    assert any("replacement of pattern 'gate'" in r.getMessage() for r in caplog.records)
+    assert engine.get_fusion_stats()["patterns"]["gate"]["not_applied"] == 1
+    # a replacement computing something else is only caught when checking (KITSUNE_DEBUG=1)
+    monkeypatch.setenv("KITSUNE_DEBUG", "1")
+    torch._dynamo.reset()
+    engine = _engine_with_replacement(lambda a, b: torch.sigmoid(a * b) - a)
+    torch.testing.assert_close(engine.fuse(_gate_model)(x, y), _gate_model(x, y))
+    (opp,) = opportunities(engine, "gate")
+    engine.get_fusion_stats()
+    assert opp.status == "not applied" and "differs" in opp.reason

@@ -61,6 +61,7 @@ class FusionOpportunity:
     eager_seconds: float = 0.0
     fused_seconds: float = 0.0
     fx_nodes: list = field(default_factory=list, repr=False, compare=False)
+    replaced_by: object = field(default=None, repr=False, compare=False)  # a user pattern's ReplacementCall
 
     @property
     def memory_savings(self) -> int:

@@ -109,8 +109,12 @@ class FusionPattern:
                   ``?`` makes an op optional.
     fusion_type:  one of `FUSION_TYPES`; describes the kernel kind, used in
                   reports and to tell the user which generator would serve it.
-    replacement:  reserved: a callable to run instead of the matched ops
-                  (not applied yet; the pattern still steers grouping).
+    replacement:  optional callable run instead of the matched ops, with their tensor
+                  inputs in the order the ops first read them; it must return one
+                  tensor of the ops' result shape and dtype (else, or if it raises,
+                  the original ops run, logged). KITSUNE_DEBUG=1 checks every call
+                  against the original ops. The match must have one result used
+                  outside it. Without a replacement, the pattern steers grouping.
     description:  free text for reports.
 
     Invalid patterns raise at construction: an empty ``ops`` or an unknown op

@@ -36,6 +36,13 @@ def apply_patterns(gm: fx.GraphModule, plan, config, record):
     try:
         units = UnitGraph(gm.graph)
         opportunities = FusionDetector(config=config).detect_units(units, graph_name=record.name)
+        replaced = _apply_replacements(gm, opportunities, config)
+        if replaced:  # the graph changed: plan and detect again
+            plan = planner.plan_pointwise(gm.graph, config)
+            units = UnitGraph(gm.graph)
+            opportunities = FusionDetector(config=config).detect_units(units, graph_name=record.name)
+            opportunities += replaced
+            record.kernels_before = sum(map(is_compute, gm.graph.nodes))
         record.graph, record.units, record.opportunities, record.config = gm.graph, units, opportunities, config
     except Exception as error:  # noqa: BLE001 - reporting must never break compilation
         log.warning("kitsune: pattern detection failed on the %s graph: %s: %s", record.name,
@@ -230,3 +237,92 @@ def _steer(plan, opp, config, position) -> None:
             log.debug("kitsune: pattern %r steers %s into one kernel", opp.pattern, ", ".join(names))
             return
     _refuse(plan, opp, names, alone_reason or "its kernels would depend on each other in a cycle")
+
+
+# -- replacement callables -------------------------------------------------------------
+
+class ReplacementCall:
+    """Runs a user pattern's replacement instead of the ops it matched.
+
+    Called with the matched ops' tensor inputs (in the order the ops first read
+    them). A result with another shape or dtype than the ops', or an exception,
+    runs the original ops instead (logged once). With KITSUNE_DEBUG=1 every call
+    also runs the original ops and compares (torch.testing.assert_close)."""
+
+    def __init__(self, pattern, original: fx.GraphModule, expected):
+        self.pattern = pattern
+        self.original = original
+        self.expected = (tuple(expected.shape), expected.dtype)
+        self.failure: str | None = None
+        self.__name__ = f"kitsune_replacement_{pattern.name}".replace("-", "_").replace(".", "_")
+        self.__module__ = __name__
+
+    def _fail(self, reason, inputs):
+        if self.failure is None:
+            log.warning("kitsune: replacement of pattern %r runs the original ops: %s", self.pattern.name, reason)
+        self.failure = reason
+        return self.original(*inputs)[0]
+
+    def __call__(self, *inputs):
+        import os
+
+        import torch
+        if self.failure is not None:
+            return self.original(*inputs)[0]
+        try:
+            result = self.pattern.replacement(*inputs)
+        except Exception as error:  # noqa: BLE001 - never crash the user's model
+            return self._fail(f"{type(error).__name__}: {error}", inputs)
+        if not isinstance(result, torch.Tensor) or (tuple(result.shape), result.dtype) != self.expected:
+            got = (tuple(result.shape), result.dtype) if isinstance(result, torch.Tensor) else type(result).__name__
+            return self._fail(f"returned {got}, expected {self.expected}", inputs)
+        if os.environ.get("KITSUNE_DEBUG", "") not in ("", "0"):
+            reference = self.original(*inputs)[0]
+            try:
+                torch.testing.assert_close(result, reference)
+            except AssertionError as error:
+                return self._fail(f"differs from the ops it replaces: {error}", inputs)
+        return result
+
+
+def _apply_replacements(gm: fx.GraphModule, opportunities, config) -> list:
+    """Rewrite the graph: each match of a pattern with a replacement becomes one call."""
+    from kitsune.runtime.fused_call import group_fallback
+
+    done = []
+    for opp in opportunities:
+        pattern = (dict((p.name, p) for p in config.custom_patterns)).get(opp.pattern)
+        if pattern is None or pattern.replacement is None or not config.pattern_enabled(opp.pattern):
+            continue
+        members = list(opp.fx_nodes)
+        member_set = set(members)
+        outputs = [n for n in members if any(u not in member_set for u in n.users)]
+        kernels = [n for n in members if is_kernel(n)]
+        if len(outputs) != 1 or not is_compute(outputs[0]) or not kernels:
+            log.debug("kitsune: pattern %r not replaced on %s: it needs one result used outside the pattern, "
+                      "found %d", opp.pattern, opp.describe(), len(outputs))
+            continue
+        inputs = []
+        for n in members:
+            for a in n.all_input_nodes:
+                if a not in member_set and a not in inputs:
+                    inputs.append(a)
+        out = outputs[0]
+        original = group_fallback(inputs, [out], members)
+        call = ReplacementCall(pattern, original, out.meta["val"])
+        with gm.graph.inserting_before(out):
+            node = gm.graph.call_function(call, tuple(inputs))
+        node.meta = {k: v for k, v in out.meta.items() if k not in ("source_fn_stack", "original_aten", "seq_nr",
+                                                                     "nn_module_stack")}
+        out.replace_all_uses_with(node)
+        for n in reversed(members):
+            if not n.users:
+                gm.graph.erase_node(n)
+        opp.status, opp.reason, opp.kernels = "applied", "", (call.__name__,)
+        opp.fx_nodes, opp.replaced_by = [node], call
+        log.info("kitsune: pattern %r replaced %s by %s", pattern.name, opp.describe(), call.__name__)
+        done.append(opp)
+    if done:
+        gm.graph.lint()
+        gm.recompile()
+    return done

@@ -43,7 +43,12 @@ def finalize(record) -> None:
         missing = [n for n in compute if n not in kernel_of]
         opp.kernels = tuple(kernels)
         steering = opp.reason if opp.custom and opp.reason else ""
-        if config is not None and not config.pattern_enabled(opp.pattern):
+        if opp.replaced_by is not None:
+            failure = getattr(opp.replaced_by, "failure", None)
+            opp.kernels = (opp.replaced_by.__name__,)
+            opp.status, opp.reason = ("not applied", f"replacement failed, the original ops run: {failure}") \
+                if failure else ("applied", "")
+        elif config is not None and not config.pattern_enabled(opp.pattern):
             opp.status, opp.reason = "disabled", "not in FusionConfig.enabled_patterns"
         elif compute and not missing and len(kernels) == 1:
             opp.status, opp.reason = "applied", ""

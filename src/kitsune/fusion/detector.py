@@ -493,7 +493,14 @@ def capture_graphs(fn, *example_inputs, reductions: bool = True) -> list[tuple[s
 
     torch._dynamo.reset()
     try:
-        out = torch.compile(fn, backend=aot_backend(keep, reductions=reductions))(*example_inputs)
+        try:
+            out = torch.compile(fn, backend=aot_backend(keep, reductions=reductions))(*example_inputs)
+        except Exception:  # noqa: BLE001 - a decomposition that fails: capture without them
+            if not reductions:
+                raise
+            graphs.clear()
+            torch._dynamo.reset()
+            out = torch.compile(fn, backend=aot_backend(keep, reductions=False))(*example_inputs)
         leaves = [t for t in (out if isinstance(out, (tuple, list)) else [out])
                   if isinstance(t, torch.Tensor) and t.requires_grad]
         if leaves:  # gradients w.r.t. the graph's leaves: compiles the backward, leaves .grad alone

@@ -6,8 +6,12 @@ changes a compiled model.
 """
 from __future__ import annotations
 
+import logging
+
 from kitsune.fusion.cost import Estimate, eager_estimate, eager_kernels, kernel_estimate, nodes_estimate
 from kitsune.fusion.units import is_kernel
+
+log = logging.getLogger("kitsune")
 
 
 def _reasons(record) -> dict:
@@ -158,7 +162,11 @@ def summarize(records) -> dict:
                                                        "not_applied": 0, "disabled": 0})
             counts["detected"] += 1
             counts[opp.status.replace(" ", "_") if opp.status != "detected" else "not_applied"] += 1
-        est = graph_estimates(record)
+        try:
+            est = graph_estimates(record)
+        except Exception as error:  # noqa: BLE001 - stats must never fail
+            log.debug("kitsune: no estimates for the %s graph: %s", record.name, error)
+            continue
         bytes_before += est["before"].bytes
         bytes_after += est["after"].bytes
         seconds_before += est["before"].seconds

@@ -155,3 +155,25 @@ def test_bad_config_is_rejected():
         kitsune.FusionConfig(max_fusion_size=0)
     with pytest.raises(TypeError, match="config"):
         kitsune.optimize(lambda x: x, config={"max_fusion_size": 4})
+
+
+def test_batch_norm_eval_and_train_do_not_crash(kernel_backend):
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+    x = torch.randn(2, 3, 8, 8)
+    for mode in (m.eval, m.train):
+        mode()
+        torch._dynamo.reset()
+        torch.testing.assert_close(torch.compile(m, backend="kitsune")(x), m(x))
+
+
+def test_structure_key_is_stable_across_processes():
+    import subprocess
+    import sys
+    code = ("import torch\nfrom kitsune.codegen.kernel import KernelSpec, KernelInput, KernelOutput\n"
+            "from kitsune.ir.scalar import load, call\nfrom kitsune.ir.index import Index\n"
+            "v = call('exp', load(0, Index.var(), torch.float32))\n"
+            "print(KernelSpec('k', 8, (KernelInput('in0', torch.float32),),"
+            " (KernelOutput('out0', torch.float32, Index.var(), v),)).structure_key())")
+    keys = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+            for _ in range(2)}
+    assert len(keys) == 1, keys

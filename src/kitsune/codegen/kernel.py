@@ -69,8 +69,15 @@ class KernelSpec:
     def structure_key(self) -> str:
         """Hash of everything that changes the generated code."""
         text = repr((self.numel, self.reduction, self.inputs, [(o.name, o.dtype, o.index) for o in self.outputs],
-                     [(v.op, v.dtype, _attr_repr(v.attr), tuple(hash(a) for a in v.args)) for v in self.values()]))
+                     _structure(self.values())))
         return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def _structure(values) -> list:
+    """Values as (op, dtype, attr, operand positions): stable across processes
+    (Python's hash() of strings is salted per process, so it cannot key a disk cache)."""
+    position = {v: i for i, v in enumerate(values)}
+    return [(v.op, v.dtype, _attr_repr(v.attr), tuple(position[a] for a in v.args)) for v in values]
 
 
 def _attr_repr(attr):

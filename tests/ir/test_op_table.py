@@ -385,13 +385,15 @@ class Sample:
         return f"{self.case.id}[{_dt(self.dtype)}, {self.layout}, variant={variant!r}]"
 
 
-def _eager_ok(case: Case, variant, tensors) -> bool:
+def _eager_ok(case: Case, variant, tensors, fake=True) -> bool:
     """Eager runs it, and so do PyTorch's meta functions (which capture needs:
     eager accepts `bool << 3`, the meta function of __lshift__ does not)."""
     try:
         case.build(variant, aten.clone.default(tensors[0]), *tensors[1:])
     except (RuntimeError, TypeError, ValueError, NotImplementedError):
         return False
+    if not fake:
+        return True
     try:
         with _FAKE_MODE:
             fakes = _FAKES.get(id(tensors)) or [_FAKE_MODE.from_tensor(t) for t in tensors]
@@ -449,7 +451,8 @@ def _make_samples(case: Case, dtype: torch.dtype) -> list[Sample]:
         if layout == "0dim_mix" and sum(not r.endswith("0") for r in case.roles) < 2:
             continue  # same as "0dim" for one tensor argument
         tensors = make(case.roles, dtype)
-        chosen = [v for v in (variants if part == "values" else variants[:1]) if _eager_ok(case, v, tensors)]
+        # (the meta functions were probed by supported_variants; they do not depend on the layout)
+        chosen = [v for v in (variants if part == "values" else variants[:1]) if _eager_ok(case, v, tensors, False)]
         if part == "values":  # constants -0.0 get a kernel (and a test) of their own
             neg0 = [v for v in chosen if _has_negative_zero(v)]
             chosen = [v for v in chosen if v not in neg0]
@@ -528,10 +531,8 @@ def trace(program, flat):
     return gm, [o.node for o in outs]
 
 
-def _run_batch(backend: str, dtype: torch.dtype, cases: list[Case]) -> dict:
-    samples = [s for case in cases for s in make_samples(case, dtype, backend)]
-    flat = [t for s in samples for t in s.tensors]
-    program = program_of(samples)
+def run_program(program, flat, labels, inputs=None, variants=None) -> dict:
+    """Eager vs Kitsune for every output of `program(*flat)`: {label: Outcome}."""
     want = program(*flat)
     gm, out_nodes = trace(program, flat)
     kitsune.reset_fusion_stats()
@@ -544,18 +545,26 @@ def _run_batch(backend: str, dtype: torch.dtype, cases: list[Case]) -> dict:
         got = [error] * len(want)
     group_of = {name: spec for spec, nodes, _ in record.groups for name in nodes}
     failures = {name: reason for label, reason in record.fallbacks for name in label.split(" → ")}
-    for node in compiled.graph.nodes:
+    for node in compiled.graph.nodes:  # kernels that failed at launch ran the group through PyTorch
         call = node.target
         if isinstance(call, FusedGroupCall) and call.failure:
             failures.update({n: call.failure for n, spec in group_of.items() if spec == call.spec.name})
-    labels = [s.label(v) for s in samples for v in s.variants]
-    sample_inputs = [s.tensors for s in samples for v in s.variants]
-    variants = [v for s in samples for v in s.variants]
-    assert len(labels) == len(out_nodes) == len(want)
+    inputs = inputs or [None] * len(labels)
+    variants = variants or [None] * len(labels)
+    assert len(labels) == len(out_nodes) == len(want) == len(inputs) == len(variants)
     return {label: Outcome(label, node.name, node.target, w, g, node.name in group_of, failures.get(node.name),
                            [d.reason for d in record.decisions if not d.fused and node.name in d.nodes], stats,
-                           node.meta.get("val"), inputs, variant)
-            for label, node, w, g, inputs, variant in zip(labels, out_nodes, want, got, sample_inputs, variants)}
+                           node.meta.get("val"), ins, variant)
+            for label, node, w, g, ins, variant in zip(labels, out_nodes, want, got, inputs, variants)}
+
+
+def _run_batch(backend: str, dtype: torch.dtype, cases: list[Case]) -> dict:
+    samples = [s for case in cases for s in make_samples(case, dtype, backend)]
+    flat = [t for s in samples for t in s.tensors]
+    return run_program(program_of(samples), flat,
+                       labels=[s.label(v) for s in samples for v in s.variants],
+                       inputs=[s.tensors for s in samples for v in s.variants],
+                       variants=[v for s in samples for v in s.variants])
 
 
 def _where(mask, got, want, inputs) -> str:
@@ -610,6 +619,30 @@ def _check_layout_and_zeros(got, want, label, op, meta, inputs):
         if bad.any():
             raise AssertionError(f"{label}: sign of zero differs in {int(bad.sum())} elements; first "
                                  f"{_where(bad, got, want, inputs)}")
+
+
+def check_generated(o: Outcome, op):
+    """`o` is op's result, computed by a generated kernel, equal to eager's."""
+    assert o.target is op, f"{o.label}: traced as {o.target}, not {op}"
+    assert o.failure is None, f"{o.label}: ran through PyTorch: {o.failure}"
+    assert o.fused, f"{o.label}: not fused: {o.refusals}"
+    assert o.stats["num_fused"] >= 1
+    assert not [f for f in o.stats["fallbacks"] if o.node in f[0].split(" → ")]
+    assert_same(o.got, o.want, o.label, op, False, o.meta, o.inputs)
+
+
+def _collect_errors(check, items) -> None:
+    """Run check(item) for each item; fail with every message, not just the first."""
+    errors = []
+    for item in items:
+        try:
+            check(item)
+        except AssertionError as error:
+            errors.append(str(error).split("\n")[0])
+    if errors:
+        # The messages say everything; no traceback (pytest renders one even for an
+        # xfail, ~0.1 s each, which adds up over hundreds of known failures).
+        pytest.fail("\n".join(errors), pytrace=False)
 
 
 def check_outcome(case: Case, o: Outcome):
@@ -728,13 +761,7 @@ def test_op_matches_eager(request, backend, case, dtype, part, chunk):
     results = outcomes(backend, dtype, chunk)
     labels = [s.label(v) for s in make_samples(case, dtype, backend) if s.part == part for v in s.variants]
     assert labels, "no samples"
-    errors = []
-    for label in labels:  # every failing variant/layout is reported, not just the first
-        try:
-            check_outcome(case, results[label])
-        except AssertionError as error:
-            errors.append(str(error).split("\n")[0])
-    assert not errors, "\n".join(errors)
+    _collect_errors(lambda label: check_outcome(case, results[label]), labels)
 
 
 def test_every_table_row_has_a_case():
@@ -746,3 +773,234 @@ def test_every_table_row_has_a_case():
 def test_every_case_covers_some_dtype():
     for case in CASES:
         assert any(supported_variants(case, d) for d in DTYPES), case.id
+
+
+# -- conversions: _to_copy, convert_element_type and copy, every dtype to every dtype ------
+
+# Rounding and overflow cases for conversions between float types (ties of
+# bfloat16 and float16 rounding, values just past their max, float64-only range).
+CONVERSION_EXTRA = [1e300, -1e300, 1e-310, 65519.0, 65520.0, -65520.0, 0.1, 1.00390625, 1.01171875,
+                    1.0039062500000002, 3.4028235e38, 3.5e38, 2.0**31 - 0.5, -2.0**31, 2.0**24 + 1]
+CONVERSIONS = {  # (op name, the table row): build(x, dst_dtype, dst_like)
+    "_to_copy": (aten._to_copy.default, lambda x, d, like: aten._to_copy.default(aten.clone.default(x), dtype=d)),
+    "convert_element_type": (prims.convert_element_type.default,
+                             lambda x, d, like: prims.convert_element_type.default(aten.clone.default(x), d)),
+    "copy": (aten.copy.default, lambda x, d, like: aten.copy.default(aten.clone.default(like), x)),
+}
+
+
+def _conversion_values(src: torch.dtype, dst: torch.dtype, backend: str) -> torch.Tensor:
+    global _SAMPLING_FOR
+    _SAMPLING_FOR = backend
+    try:
+        values = pool("x", src) + (CONVERSION_EXTRA if src.is_floating_point else [])
+    finally:
+        _SAMPLING_FOR = None
+    x = torch.tensor(values, dtype=torch.float64 if src.is_floating_point else src).to(src)
+    if src.is_floating_point and not (dst.is_floating_point or dst == torch.bool):
+        # float -> integer is undefined behaviour in C (and eager) for NaN, inf and out of range
+        limit = float(torch.iinfo(dst).max)
+        x = x[torch.isfinite(x) & (x.double().abs() < limit)]
+    return x
+
+
+def _conversion_samples(backend, src):
+    """(label, op name, dst, part, tensors) for every conversion from src."""
+    samples = []
+    for dst in DTYPES:
+        x = _conversion_values(src, dst, backend)
+        n = len(x)
+        layouts = {
+            "values": x,
+            "strided": torch.cat([x, x.flip(0)]).reshape(2, n).t(),   # (n, 2) strides (1, n)
+            "0dim": x[len(x) // 2].clone(),
+        }
+        for name, t in layouts.items():
+            like = torch.zeros(t.shape, dtype=dst)
+            for op_name in CONVERSIONS:
+                part = "0dim" if name == "0dim" else "values"
+                samples.append((f"{op_name}[{_dt(src)} -> {_dt(dst)}, {name}]", op_name, dst, part, [t, like]))
+    return samples
+
+
+_CONVERSION_RESULTS: dict = {}
+
+
+def conversion_outcomes(backend: str, src: torch.dtype) -> dict:
+    if (backend, src) not in _CONVERSION_RESULTS:
+        samples = _conversion_samples(backend, src)
+
+        def program(*flat):
+            return tuple(CONVERSIONS[op_name][1](flat[2 * i], dst, flat[2 * i + 1])
+                         for i, (_, op_name, dst, _, _) in enumerate(samples))
+        flat = [t for *_, tensors in samples for t in tensors]
+        _CONVERSION_RESULTS[backend, src] = run_program(program, flat, [s[0] for s in samples],
+                                                        inputs=[s[4][:1] for s in samples])
+    return _CONVERSION_RESULTS[backend, src]
+
+
+_ZERO_DIM_BUG = KNOWN_BUGS[0][1]
+
+
+@pytest.mark.parametrize("part", ["values", "0dim"])
+@pytest.mark.parametrize("dst", DTYPES, ids=_dt)
+@pytest.mark.parametrize("src", DTYPES, ids=_dt)
+def test_conversion_matches_eager(request, backend, src, dst, part):
+    if backend == "triton" and part == "0dim" and not os.environ.get("KITSUNE_TEST_IGNORE_KNOWN_BUGS"):
+        request.applymarker(pytest.mark.xfail(strict=True, reason=_ZERO_DIM_BUG))
+    results = conversion_outcomes(backend, src)
+    mine = [(label, op_name) for label, op_name, d, p, _ in _conversion_samples(backend, src)
+            if d == dst and p == part]
+    assert mine
+    _collect_errors(lambda item: check_generated(results[item[0]], CONVERSIONS[item[1]][0]), mine)
+
+
+# -- fills: full and scalar_tensor (no tensor inputs at all) ---------------------------------
+
+FILL_VALUES = {"float": [NAN, INF, -INF, 2.5, 0.1, 1e30, -7e4, 0.0], "int": [7, -1, 2.5, -2.5, 0],
+               torch.bool: [True, False, 2.5, 0.0]}
+FILL_SHAPES = {"values": ([3, 4], [0, 2]), "0dim": ([],), "neg0_const": ([3, 4],)}
+
+
+def _fill_samples():
+    samples = []
+    for dtype in DTYPES:
+        if dtype.is_floating_point:
+            values = FILL_VALUES["float"]
+        elif dtype == torch.bool:
+            values = FILL_VALUES[torch.bool]
+        else:
+            info = torch.iinfo(dtype)
+            values = FILL_VALUES["int"] + [info.max, info.min]
+        for part, shapes in FILL_SHAPES.items():
+            for value in ([-0.0] if part == "neg0_const" else values):
+                for shape in shapes:
+                    try:
+                        aten.full.default(shape, value, dtype=dtype)
+                    except RuntimeError:
+                        continue  # e.g. 1e30 does not fit float16: eager refuses it too
+                    samples.append(("full", dtype, part, shape, value))
+                if part != "values":
+                    samples.append(("scalar_tensor", dtype, part, [], value))
+    return samples
+
+
+FILL_OPS = {"full": aten.full.default, "scalar_tensor": aten.scalar_tensor.default}
+_FILL_RESULTS: dict = {}
+
+
+def fill_outcomes(backend: str) -> dict:
+    if backend not in _FILL_RESULTS:
+        samples = _fill_samples()
+
+        def program(x):  # x only gives access to the tracer: the fills have no tensor inputs
+            outs = []
+            for op, dtype, _, shape, value in samples:
+                args = (shape, value) if op == "full" else (value,)
+                if isinstance(x, fx.Proxy):  # tracing: record the call (a real call would just run)
+                    made = x.tracer.create_proxy("call_function", FILL_OPS[op], args, {"dtype": dtype})
+                else:
+                    made = FILL_OPS[op](*args, dtype=dtype)
+                outs.append(aten.clone.default(made))  # a second op: fill + clone is one kernel
+            return tuple(outs)
+        labels = [f"{op}[{_dt(d)}, shape={shape}, value={v!r}]" for op, d, _, shape, v in samples]
+        _FILL_RESULTS[backend] = (samples, labels, run_program(program, [torch.zeros(1)], labels))
+    return _FILL_RESULTS[backend]
+
+
+@pytest.mark.parametrize("part", list(FILL_SHAPES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dt)
+@pytest.mark.parametrize("op", list(FILL_OPS))
+def test_fill_matches_eager(request, backend, op, dtype, part):
+    if op == "scalar_tensor" and part == "values":
+        pytest.skip("scalar_tensor is always 0-dim")
+    if part == "neg0_const" and not dtype.is_floating_point:
+        pytest.skip("-0.0 is a float")
+    if not os.environ.get("KITSUNE_TEST_IGNORE_KNOWN_BUGS") and backend == "triton":
+        if part == "neg0_const":
+            request.applymarker(pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[2][1]))
+        if part == "0dim" or op == "scalar_tensor":
+            request.applymarker(pytest.mark.xfail(strict=True, reason=_ZERO_DIM_BUG))
+    samples, labels, results = fill_outcomes(backend)
+    mine = [label for label, (o, d, p, _, _) in zip(labels, samples) if o == op and d == dtype and p == part]
+    assert mine
+
+    # each output is clone(fill): the pair must be one generated kernel writing eager's values
+    _collect_errors(lambda label: check_generated(results[label], aten.clone.default), mine)
+
+
+# -- integer division by zero: eager raises, so must the compiled graph ----------------------
+
+INT_DIVISION = {
+    "div_trunc": lambda a, b: aten.div.Tensor_mode(a, b, rounding_mode="trunc"),
+    "div_floor": lambda a, b: aten.div.Tensor_mode(a, b, rounding_mode="floor"),
+    "floor_divide": lambda a, b: aten.floor_divide.default(a, b),
+    "remainder": lambda a, b: aten.remainder.Tensor(a, b),
+    "fmod": lambda a, b: aten.fmod.Tensor(a, b),
+}
+INT_DIVISION_BY_SCALAR_ZERO = {
+    "div_trunc.Scalar": lambda a: aten.div.Scalar_mode(a, 0, rounding_mode="trunc"),
+    "div_floor.Scalar": lambda a: aten.div.Scalar_mode(a, 0, rounding_mode="floor"),
+    "floor_divide.Scalar": lambda a: aten.floor_divide.Scalar(a, 0),
+    "remainder.Scalar": lambda a: aten.remainder.Scalar(a, 0),
+    "fmod.Scalar": lambda a: aten.fmod.Scalar(a, 0),
+}
+
+
+@pytest.fixture
+def cpu_backend(monkeypatch):
+    # GPUs have no integer division trap (the result is undefined), so this is the
+    # C backend's contract only; the triton cases never divide integers by zero.
+    if not _available("cpu"):
+        pytest.skip("cpu backend not built yet")
+    monkeypatch.setenv("KITSUNE_BACKEND", "cpu")
+    kitsune.reset_fusion_stats()
+
+
+def _compiled_with_kernels(program, flat):
+    gm, _ = trace(program, flat)
+    kitsune.reset_fusion_stats()
+    compiled = compile_graph(gm, flat, config=CONFIG)
+    stats = kitsune.get_fusion_stats()
+    assert stats["num_fused"] >= 1 and stats["fallbacks"] == [], stats
+    calls = [n.target for n in compiled.graph.nodes if isinstance(n.target, FusedGroupCall)]
+    return compiled, calls
+
+
+@pytest.mark.parametrize("dtype", INTS, ids=_dt)
+def test_integer_division_by_zero_raises(cpu_backend, dtype):
+    names = list(INT_DIVISION)
+    a = torch.tensor(INT_POOL[dtype], dtype=dtype)
+    safe = torch.tensor([INT_DIVISORS[dtype][i % len(INT_DIVISORS[dtype])] for i in range(len(a))], dtype=dtype)
+
+    def program(a, *divisors):
+        return tuple(INT_DIVISION[name](aten.clone.default(a), b) for name, b in zip(names, divisors))
+    compiled, calls = _compiled_with_kernels(program, [a] + [safe] * len(names))
+    assert len(calls) == len(names)
+    for i, name in enumerate(names):
+        divisors = [safe] * len(names)
+        divisors[i] = safe.clone()
+        divisors[i][3] = 0
+        with pytest.raises(RuntimeError, match="ZeroDivisionError"):
+            program(a, *divisors)  # eager
+        with pytest.raises(RuntimeError, match="ZeroDivisionError"):
+            compiled(a, *divisors)
+    # the kernels stay in use after the error and compute the right thing
+    got, want = compiled(a, *[safe] * len(names)), program(a, *[safe] * len(names))
+    for name, g, w in zip(names, got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+    assert all(call.kernel is not None and call.failure is None for call in calls)
+
+
+@pytest.mark.parametrize("name", list(INT_DIVISION_BY_SCALAR_ZERO))
+def test_integer_division_by_scalar_zero_raises(cpu_backend, name):
+    a = torch.tensor(INT_POOL[torch.int32], dtype=torch.int32)
+
+    def program(a):
+        return (INT_DIVISION_BY_SCALAR_ZERO[name](aten.clone.default(a)),)
+    with pytest.raises(RuntimeError, match="ZeroDivisionError"):
+        program(a)
+    compiled, calls = _compiled_with_kernels(program, [a])
+    assert len(calls) == 1
+    with pytest.raises(RuntimeError, match="ZeroDivisionError"):
+        compiled(a)

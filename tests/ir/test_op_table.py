@@ -163,12 +163,14 @@ def _outer(roles, dtype):
 _OUTER: dict = {}
 
 
-def _outer_cached(roles, dtype):
+def _outer_cached(roles, dtype, same_shape=False):
     """`_outer` for probing eager support (shared, never handed to a compiled graph)."""
-    if (roles, dtype) not in _OUTER:
-        tensors = _OUTER[roles, dtype] = _outer(roles, dtype)
+    key = (roles, dtype, same_shape)
+    if key not in _OUTER:
+        tensors = _outer(roles, dtype)
+        tensors = _OUTER[key] = list(torch.broadcast_tensors(*tensors)) if same_shape else tensors
         _FAKES[id(tensors)] = [_FAKE_MODE.from_tensor(t) for t in tensors]
-    return _OUTER[roles, dtype]
+    return _OUTER[key]
 
 
 def _shaped(*shapes):
@@ -235,6 +237,7 @@ class Case:
     variants: list = field(default_factory=lambda: [None])
     dtypes: tuple = tuple(DTYPES)
     loose: bool = False                     # libm function: see TOLERANCE
+    same_shape: bool = False                # prims do not broadcast: inputs are expanded first
 
 
 def _alpha(op):
@@ -261,6 +264,9 @@ CASES: list[Case] = [
     Case("div.Scalar_mode", aten.div.Scalar_mode, ("x",),
          lambda v, a: aten.div.Scalar_mode(a, v[1], rounding_mode=v[0]),
          [("floor", -2), ("trunc", 3), ("floor", 2.5), ("trunc", -0.75), ("floor", 0.0), ("trunc", -0.0)]),
+    # (bool: eager's prims.div returns float32 where its meta function says bool; graphs never hold it)
+    Case("prims.div", prims.div.default, ("x", "d"), lambda v, a, b: prims.div.default(a, b), same_shape=True,
+         dtypes=INTS + FLOATS),
     Case("floor_divide", aten.floor_divide.default, ("x", "d"), lambda v, a, b: aten.floor_divide.default(a, b)),
     Case("floor_divide.Scalar", aten.floor_divide.Scalar, ("x",),
          lambda v, a: aten.floor_divide.Scalar(a, v), DIV_SCALARS),
@@ -424,7 +430,7 @@ def supported_variants(case: Case, dtype: torch.dtype) -> list:
     """The variants eager PyTorch accepts for `dtype` ("every dtype it supports")."""
     key = (case.id, dtype)
     if key not in _SUPPORTED:
-        tensors = _outer_cached(case.roles, dtype) if dtype in case.dtypes else None
+        tensors = _outer_cached(case.roles, dtype, case.same_shape) if dtype in case.dtypes else None
         _SUPPORTED[key] = [v for v in case.variants if tensors is not None and _eager_ok(case, v, tensors)]
     return _SUPPORTED[key]
 
@@ -451,6 +457,8 @@ def _make_samples(case: Case, dtype: torch.dtype) -> list[Sample]:
         if layout == "0dim_mix" and sum(not r.endswith("0") for r in case.roles) < 2:
             continue  # same as "0dim" for one tensor argument
         tensors = make(case.roles, dtype)
+        if case.same_shape:
+            tensors = list(torch.broadcast_tensors(*tensors))
         # (the meta functions were probed by supported_variants; they do not depend on the layout)
         chosen = [v for v in (variants if part == "values" else variants[:1]) if _eager_ok(case, v, tensors, False)]
         if part == "values":  # constants -0.0 get a kernel (and a test) of their own
@@ -688,12 +696,12 @@ _LOW = (torch.float16, torch.bfloat16)
 _NONFLOAT = (torch.bool, torch.int32, torch.int64)
 _ALL = ("values", "layouts", "0dim", "neg0_const")
 
+NEG0_CONST_BUG = (
+    "triton: a -0.0 constant is emitted as tl.full([], -0.0, ...), and Triton's scalar_constant turns any "
+    "value == 0 into +0.0: x / -0.0 gives +inf instead of -inf; x * -0.0, x + -0.0, -0.0 - x, "
+    "where(c, -0.0, x), nan_to_num(nan=-0.0), full(-0.0) lose the sign")
+
 KNOWN_BUGS: list = [
-    ({f"triton-{c.id}-{_dt(d)}-0dim" for c in CASES for d in DTYPES}
-     - _ids(["triton"], ["pow.Tensor_Tensor"], INTS, ["0dim"]),  # (refused: nothing generated)
-     "triton: a kernel whose output is 0-dim fails at launch (ValueError: Value argument cannot be block "
-     "type if pointer argument is not a block): it stores an XBLOCK-wide value through the scalar pointer "
-     "`out0 + (0)`, so every 0-dim result runs unfused"),
     (_ids(["triton"], ["logical_and", "logical_or", "logical_xor"], FLOATS, ["0dim"]),
      "triton interpreter only: `tl.load(p) != 0` on a float scalar, `&` a block of bools, raises TypeError "
      "in numpy (ufunc 'bitwise_and' not supported); 0-dim float operands of logical ops run unfused"),
@@ -701,9 +709,7 @@ KNOWN_BUGS: list = [
      | _ids(["triton"], ["rsub.Scalar"], INTS + FLOATS, ["neg0_const"])
      | _ids(["triton"], ["mul.Scalar", "div.Scalar", "div.Scalar_mode", "where.ScalarSelf"], DTYPES,
             ["neg0_const"]),
-     "triton: a -0.0 constant is emitted as tl.full([], -0.0, ...), and Triton's scalar_constant turns any "
-     "value == 0 into +0.0: x / -0.0 gives +inf instead of -inf; x * -0.0, x + -0.0, -0.0 - x, "
-     "where(c, -0.0, x), nan_to_num(nan=-0.0) lose the sign"),
+     NEG0_CONST_BUG),
     (_ids(["triton"], ["neg"], FLOATS, ["values", "layouts"]),
      "triton: neg is emitted as `-x`, which Triton lowers to 0 - x: neg(+0.0) gives +0.0, eager -0.0"),
     (_ids(_BOTH, ["div.Scalar_mode"], _NONFLOAT, ["values"])
@@ -839,15 +845,10 @@ def conversion_outcomes(backend: str, src: torch.dtype) -> dict:
     return _CONVERSION_RESULTS[backend, src]
 
 
-_ZERO_DIM_BUG = KNOWN_BUGS[0][1]
-
-
 @pytest.mark.parametrize("part", ["values", "0dim"])
 @pytest.mark.parametrize("dst", DTYPES, ids=_dt)
 @pytest.mark.parametrize("src", DTYPES, ids=_dt)
-def test_conversion_matches_eager(request, backend, src, dst, part):
-    if backend == "triton" and part == "0dim" and not os.environ.get("KITSUNE_TEST_IGNORE_KNOWN_BUGS"):
-        request.applymarker(pytest.mark.xfail(strict=True, reason=_ZERO_DIM_BUG))
+def test_conversion_matches_eager(backend, src, dst, part):
     results = conversion_outcomes(backend, src)
     mine = [(label, op_name) for label, op_name, d, p, _ in _conversion_samples(backend, src)
             if d == dst and p == part]
@@ -916,11 +917,8 @@ def test_fill_matches_eager(request, backend, op, dtype, part):
         pytest.skip("scalar_tensor is always 0-dim")
     if part == "neg0_const" and not dtype.is_floating_point:
         pytest.skip("-0.0 is a float")
-    if not os.environ.get("KITSUNE_TEST_IGNORE_KNOWN_BUGS") and backend == "triton":
-        if part == "neg0_const":
-            request.applymarker(pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[2][1]))
-        if part == "0dim" or op == "scalar_tensor":
-            request.applymarker(pytest.mark.xfail(strict=True, reason=_ZERO_DIM_BUG))
+    if not os.environ.get("KITSUNE_TEST_IGNORE_KNOWN_BUGS") and backend == "triton" and part == "neg0_const":
+        request.applymarker(pytest.mark.xfail(strict=True, reason=NEG0_CONST_BUG))
     samples, labels, results = fill_outcomes(backend)
     mine = [label for label, (o, d, p, _, _) in zip(labels, samples) if o == op and d == dtype and p == part]
     assert mine

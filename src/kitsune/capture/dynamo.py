@@ -20,6 +20,10 @@ def decomposition_table(reductions: bool = True) -> dict:
     `reductions`, normalisations and softmax also decompose into the sums,
     means and maxima the planner fuses with their neighbours."""
     table = dict(core_aten_decompositions())
+    # Attention stays whole (a library kernel). The CPU flash-attention
+    # decomposition also gives wrong gradients through AOTAutograd (GPT-2's
+    # attention weights, torch 2.13); Inductor's table leaves it out too.
+    table.pop(aten._scaled_dot_product_flash_attention_for_cpu.default, None)
     # Composites that core ATen keeps whole but that are pointwise chains.
     table.update(get_decompositions([
         aten.gelu, aten.gelu_backward, aten.elu, aten.elu_backward, aten.hardtanh, aten.hardtanh_backward,

@@ -6,10 +6,16 @@ specialised for, and launches the kernel. Anything unexpected — a kernel that
 failed to build, an input with other strides, a launch error — runs the
 group's original ops through PyTorch instead, with a logged warning: Kitsune
 never turns a working model into a crashing one.
+
+With KITSUNE_DEBUG=1 every call also runs the original ops and compares:
+a mismatch is logged with the group's ops and the size of the difference,
+and the eager result is returned (the kernel stays on for the next call, so
+that every mismatching group shows up).
 """
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 from torch import fx
@@ -17,6 +23,7 @@ from torch import fx
 from kitsune.codegen.kernel import KernelSpec
 
 log = logging.getLogger("kitsune")
+_DEBUG = os.environ.get("KITSUNE_DEBUG", "") not in ("", "0")
 
 
 class FusedGroupCall:
@@ -55,7 +62,20 @@ class FusedGroupCall:
             result = self.fallback(*inputs)  # raises eager's own error if the inputs are invalid
             self.disable(f"kernel launch failed: {error}")
             return result
+        if _DEBUG:
+            return self._check(inputs, outputs)
         return tuple(outputs)
+
+    def _check(self, inputs, outputs):
+        expected = self.fallback(*inputs)
+        for i, (got, want) in enumerate(zip(outputs, expected)):
+            try:
+                torch.testing.assert_close(got, want, equal_nan=True, check_stride=False)
+            except AssertionError as error:
+                summary = " ".join(str(error).split("\n")[1:4])
+                log.error("kitsune: KITSUNE_DEBUG: %s output %d differs from eager (%s); ops: %s",
+                          self.spec.name, i, summary, self.spec.description)
+        return tuple(expected)
 
     def _layout_matches(self, inputs) -> bool:
         for t, shape, stride in zip(inputs, self.input_shapes, self.input_strides):

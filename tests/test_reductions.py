@@ -193,6 +193,70 @@ def test_cross_entropy_forward_backward(backend):
     _fused()
 
 
+def _kernels_fusing(op_name):
+    return [g for g in kitsune.get_fusion_stats()["groups"] if any(op_name in n for n in g[1])]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_entropy_forward_is_one_row_kernel(backend, dtype):
+    """log_softmax, the target pick (gather) and the ignore mask fuse into one
+    row kernel: the logits are read once and no [rows, classes] tensor is written."""
+    torch.manual_seed(0)
+    logits = _special(torch.randn(16, 50)).to(dtype)
+    target = torch.randint(0, 50, (16,))
+    target[2] = 7  # a NaN row: the loss is NaN, as in eager
+    target[4] = -100
+
+    def f(x, t):
+        return F.cross_entropy(x, t)
+
+    got = torch.compile(f, backend="kitsune")(logits, target)
+    torch.testing.assert_close(got, f(logits, target), equal_nan=True)
+    finite = torch.randn(16, 50, dtype=dtype)
+    torch._dynamo.reset()
+    kitsune.reset_fusion_stats()
+    torch.testing.assert_close(torch.compile(f, backend="kitsune")(finite, target), f(finite, target))
+    row_kernels = _kernels_fusing("gather")
+    assert len(row_kernels) == 1 and any("amax" in n for n in row_kernels[0][1]), row_kernels
+
+
+@pytest.mark.parametrize("dim", [0, 1, -1])
+def test_gather_one_per_row_and_scatter(backend, dim):
+    x = torch.randn(6, 9)
+    x[1, 2] = -math.inf
+    x[3, 4] = math.nan
+    size = list(x.shape)
+    size[dim] = 1
+    index = torch.randint(0, x.shape[dim], size)
+
+    def f(x, i):
+        soft = torch.softmax(x * 2, dim)
+        picked = torch.gather(soft, dim, i)
+        marked = torch.scatter(torch.zeros_like(x), dim, i, -1.0) + soft
+        moved = torch.scatter(x * 3, dim, i, picked * 5)
+        return picked, marked, moved
+
+    got = torch.compile(f, backend="kitsune")(x, index)
+    for g, e in zip(got, f(x, index)):
+        torch.testing.assert_close(g, e, equal_nan=True)
+    assert _kernels_fusing("gather") and _kernels_fusing("scatter")
+
+
+def test_gather_out_of_range_gives_nan(backend):
+    """Eager raises for an index out of range; the fused gather cannot raise
+    from inside a kernel, so the picked value is NaN (never a plausible number)."""
+    def f(x, i):
+        return torch.gather(torch.softmax(x, 1), 1, i) * 2
+
+    x = torch.randn(4, 8)
+    index = torch.tensor([[1], [9], [0], [7]])
+    got = torch.compile(f, backend="kitsune")(x, index)
+    assert torch.isnan(got[1]).all()
+    keep = torch.tensor([0, 2, 3])
+    torch.testing.assert_close(got[keep], f(x, index.clamp(max=7))[keep])
+    assert _kernels_fusing("gather")
+
+
 def test_long_rows(backend):
     def f(x):
         return torch.softmax(x, -1) * 2 + x.sum(-1, keepdim=True)

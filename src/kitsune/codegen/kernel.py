@@ -111,8 +111,8 @@ def row_values(spec: KernelSpec) -> set:
     """The Values of a reduction kernel that are constant along r (one per row)."""
     rows: set = set()
     for v in spec.values():
-        if v.op == "load":
-            if is_row_index(v.attr[1], spec.reduction):
+        if v.op in ("load", "index"):
+            if is_row_index(v.attr[1] if v.op == "load" else v.attr, spec.reduction):
                 rows.add(v)
         elif v.op in ("const", "reduce") or all(a in rows for a in v.args):
             rows.add(v)

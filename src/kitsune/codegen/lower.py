@@ -16,7 +16,7 @@ from kitsune.codegen.kernel import KernelInput, KernelOutput, KernelSpec
 from kitsune.ir.graph import is_view, meta, view_root
 from kitsune.ir.index import Index, delinearize, linearize, strided
 from kitsune.ir.ops import POINTWISE_OPS, REDUCTION_OPS, NotFusible, aten, op_name, prims, reduction_signature
-from kitsune.ir.scalar import Value, call, cast, const, load, reduce
+from kitsune.ir.scalar import Value, call, cast, const, coordinate, load, reduce, where
 from kitsune.planner.pointwise import FusionGroup, group_outputs
 
 
@@ -134,6 +134,8 @@ class GroupLowering:
         def convert(position, a):
             if not isinstance(a, fx.Node):
                 return a
+            if opdef.compute == "fill":
+                return None  # full_like: only the shape of its argument matters
             v = self.value_at(a, _broadcast(idx, shape, tuple(meta(a).shape)))
             keep = compute is None or position in opdef.keep_args
             return v if keep else cast(v, compute)
@@ -142,6 +144,10 @@ class GroupLowering:
         kwargs = {k: convert(None, v) for k, v in node.kwargs.items()}
         if opdef.compute == "fill":
             kwargs["dtype"] = meta(node).dtype
+        if opdef.wants_out:
+            kwargs["out"] = meta(node)
+        if opdef.coordinate is not None:
+            kwargs["_coord"] = coordinate(idx[_norm_dim(node.args[opdef.coordinate], len(shape))])
         result = opdef.formula(*args, **kwargs)
         if not isinstance(result, Value):
             raise NotFusible(f"{op_name(node.target)}: formula gave {type(result).__name__}")
@@ -165,6 +171,8 @@ class GroupLowering:
             full.append(next(j) if d in dims else next(k))
         out_dtype = meta(node).dtype
         arg = self.value_at(source, tuple(full))
+        if rdef.combine == "gather":
+            return self._gather(node, idx, arg, coordinate(full[dims[0]]))
         if rdef.combine in ("any", "all"):
             arg = cast(arg, torch.bool)
         else:
@@ -183,6 +191,19 @@ class GroupLowering:
         if rdef.mean:
             result = call("truediv", result, const(count, result.dtype))
         return cast(result, out_dtype)
+
+
+    def _gather(self, node: fx.Node, idx: tuple, arg: Value, position: Value) -> Value:
+        """gather with one index per row, as a masked sum along the row:
+        exact (every other term is zero), and an index out of range matches
+        nothing, which gives NaN (eager raises; a NaN loss is the visible signal)."""
+        out_dtype = meta(node).dtype
+        acc = torch.float32 if out_dtype in _LOW_PRECISION else out_dtype
+        target = cast(self.value_at(node.args[2], idx), torch.int64)
+        match = call("eq", position, target)
+        picked = reduce("sum", where(match, cast(arg, acc), const(0.0, acc)))
+        found = reduce("any", match)
+        return cast(where(found, picked, const(float("nan"), acc)), out_dtype)
 
 
 def reduced_index(in_shape, dims) -> list:

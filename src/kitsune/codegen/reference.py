@@ -43,6 +43,15 @@ def evaluate_index(index: Index, x: torch.Tensor) -> torch.Tensor:
     return total
 
 
+def _reduce(kind: str, arg: torch.Tensor, spec: KernelSpec) -> torch.Tensor:
+    """Reduce over r: x = row * R + r, so the flat values reshape to (rows, R)."""
+    R = spec.reduction
+    rows = arg.expand(spec.numel).reshape(-1, R) if spec.numel else arg.reshape(0, max(R, 1))
+    fn = {"sum": lambda t: t.sum(1), "prod": lambda t: t.prod(1), "max": lambda t: t.amax(1),
+          "min": lambda t: t.amin(1), "any": lambda t: t.any(1), "all": lambda t: t.all(1)}[kind]
+    return fn(rows).repeat_interleave(R)
+
+
 def run_reference(spec: KernelSpec, inputs, outputs) -> None:
     device = outputs[0].device if outputs else torch.device("cpu")
     x = torch.arange(spec.numel, dtype=torch.int64, device=device)
@@ -56,6 +65,10 @@ def run_reference(spec: KernelSpec, inputs, outputs) -> None:
             values[v] = flat[evaluate_index(index, x)].to(dtype) if spec.numel else x.to(dtype)
         elif v.op == "const":
             values[v] = torch.full((), v.attr, dtype=dtype, device=device)
+        elif v.op == "index":
+            values[v] = evaluate_index(v.attr, x)
+        elif v.op == "reduce":
+            values[v] = _reduce(v.attr, values[v.args[0]], spec).to(dtype)
         elif v.op == "cast":
             values[v] = values[v.args[0]].to(v.dtype).to(dtype)
         else:

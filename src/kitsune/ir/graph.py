@@ -12,7 +12,7 @@ import math
 import torch
 from torch import fx
 
-from kitsune.ir.ops import POINTWISE_OPS, VIEW_OPS, OpKind, op_kind, op_name
+from kitsune.ir.ops import POINTWISE_OPS, REDUCTION_OPS, VIEW_OPS, OpKind, op_kind, op_name
 from kitsune.ir.scalar import SUPPORTED_DTYPES
 
 
@@ -84,5 +84,5 @@ def pointwise_blocker(node: fx.Node) -> str | None:
             return "non-strided or dynamic input"
     if val.device.type not in ("cpu", "cuda"):
         return f"device {val.device.type} has no backend"
-    check = POINTWISE_OPS[node.target].check if kind is OpKind.POINTWISE else None
+    check = (POINTWISE_OPS if kind is OpKind.POINTWISE else REDUCTION_OPS)[node.target].check
     return check(node) if check else None

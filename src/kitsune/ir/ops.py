@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from kitsune.ir.scalar import Value, call, const, where
+from kitsune.ir.scalar import Value, call, cast, const, opmath_dtype, where
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -52,6 +52,13 @@ class OpDef:
     compute: str = "out"
     keep_args: tuple[int, ...] = ()  # positional tensor args passed unconverted (conditions, masks)
     check: Callable[..., str | None] | None = None  # (node) -> reason it cannot fuse, or None
+    # Position of an int `dim` argument: the formula then also gets `_coord`,
+    # the element's coordinate along that dim (an int64 Value), for scatter.
+    coordinate: int | None = None
+    # The formula also gets `out=<the node's fake tensor>` (result dtype and
+    # device): for ops whose eager semantics depend on more than the compute
+    # dtype, or that make constants of the result type from Python scalars.
+    wants_out: bool = False
 
 
 # -- formulas shared by several rows ------------------------------------------
@@ -60,7 +67,17 @@ def _is_float(v: Value) -> bool:
     return v.dtype.is_floating_point
 
 
-def _floor_divide(a: Value, b: Value) -> Value:
+def _values(a, b) -> tuple[Value, Value]:
+    """Both operands as Values: a Python number becomes a constant of the other's dtype."""
+    if not isinstance(a, Value):
+        a = const(a, b.dtype)
+    if not isinstance(b, Value):
+        b = const(b, a.dtype)
+    return a, b
+
+
+def _floor_divide(a, b) -> Value:
+    a, b = _values(a, b)
     if _is_float(a):
         # Eager's div_floor_floating: exact for every representable quotient.
         mod = call("fmod", a, b)
@@ -76,16 +93,19 @@ def _floor_divide(a: Value, b: Value) -> Value:
 
 
 def _copysign_zero(v: Value) -> Value:
-    # 0.0 with the sign of v (eager returns signed zeros for zero quotients).
-    return where(v < 0, const(-0.0, v.dtype), const(0.0, v.dtype))
+    # 0.0 with the sign of v, as eager's c10::copysign(0, v) for zero quotients.
+    # (`v < 0` misses v = -0.0; 1 / v is -inf there.)
+    return where(1 / v < 0, const(-0.0, v.dtype), const(0.0, v.dtype))
 
 
-def _remainder(a: Value, b: Value) -> Value:
+def _remainder(a, b) -> Value:
+    a, b = _values(a, b)
     r = call("fmod", a, b)
     return where(_ne(r, 0) & _ne(r < 0, b < 0), r + b, r)
 
 
-def _div_mode(a: Value, b: Value, rounding_mode=None) -> Value:
+def _div_mode(a, b, rounding_mode=None) -> Value:
+    a, b = _values(a, b)
     if rounding_mode is None:
         return a / b
     if rounding_mode == "trunc":
@@ -95,11 +115,17 @@ def _div_mode(a: Value, b: Value, rounding_mode=None) -> Value:
     raise NotFusible(f"unknown rounding_mode {rounding_mode!r}")
 
 
-def _pow_scalar_exponent(a: Value, exponent) -> Value:
+def _pow_scalar_exponent(a: Value, exponent, *, out) -> Value:
     if _is_float(a):
         special = {2: lambda: a * a, 3: lambda: a * a * a, 1: lambda: a, 0: lambda: const(1, a.dtype),
                    0.5: lambda: call("sqrt", a), -0.5: lambda: call("rsqrt", a),
                    -1: lambda: 1 / a, -2: lambda: 1 / (a * a)}
+        if out.dtype == torch.float16 and out.device.type == "cpu":
+            # Eager's CPU kernel computes float16 with std::pow whatever the exponent
+            # (sqrt/rsqrt are used for the other float types, and on CUDA): pow(-inf, 0.5)
+            # is inf and pow(-0.0, 0.5) is 0.0, where sqrt gives NaN and -0.0. The other
+            # shortcuts are exact for float16 inputs computed in float32: they agree with pow.
+            del special[0.5], special[-0.5]
         if exponent in special and not isinstance(exponent, bool):
             return special[exponent]()
         return call("pow", a, const(exponent, a.dtype))
@@ -134,23 +160,34 @@ def _clamp(a: Value, lo=None, hi=None) -> Value:
     return a
 
 
-def _nan_to_num(a: Value, nan=0.0, posinf=None, neginf=None) -> Value:
+def _nan_to_num(a: Value, nan=0.0, posinf=None, neginf=None, *, out) -> Value:
     if not _is_float(a):
         return a
-    info = torch.finfo(a.dtype)
+    # The default limits are the result dtype's (float16: +-65504), not those of
+    # the float32 that float16 computes in. Every test looks at the input, so a
+    # replacement is never replaced again (nan=inf stays inf).
+    info = torch.finfo(out.dtype)
+    nan = 0.0 if nan is None else nan
     posinf = info.max if posinf is None else posinf
     neginf = info.min if neginf is None else neginf
-    a = where(_ne(a, a), const(nan, a.dtype), a)
-    a = where(_eq(a, math.inf), const(posinf, a.dtype), a)
-    return where(_eq(a, -math.inf), const(neginf, a.dtype), a)
+    return where(_ne(a, a), const(nan, a.dtype),
+                 where(_eq(a, math.inf), const(posinf, a.dtype),
+                       where(_eq(a, -math.inf), const(neginf, a.dtype), a)))
 
 
 def _sign(a: Value) -> Value:
+    # Eager computes (0 < a) - (a < 0): sign(NaN) is 0 and sign(-0.0) is +0.0.
     if a.dtype == torch.bool:
         return a
-    one, zero = const(1, a.dtype), const(0, a.dtype)
-    signed = where(a > 0, one, where(a < 0, -one, zero))
-    return where(_ne(a, a), a, signed) if _is_float(a) else signed
+    return where(a > 0, const(1, a.dtype), where(a < 0, const(-1, a.dtype), const(0, a.dtype)))
+
+
+def _where(cond: Value, a, b, *, out) -> Value:
+    # Python-scalar branches (where.Scalar has two) become constants of the
+    # compute dtype, which the lowering has converted tensor branches to.
+    dtype = opmath_dtype(out.dtype)
+    return where(cond, a if isinstance(a, Value) else const(a, dtype),
+                 b if isinstance(b, Value) else const(b, dtype))
 
 
 def _shift_check(node) -> str | None:
@@ -186,9 +223,9 @@ P = OpKind.POINTWISE
 POINTWISE_OPS: dict = {}
 
 
-def _row(ops, formula, compute="out", check=None, keep_args=()):
+def _row(ops, formula, compute="out", check=None, keep_args=(), coordinate=None, wants_out=False):
     for op in ops:
-        POINTWISE_OPS[op] = OpDef(P, formula, compute, keep_args, check)
+        POINTWISE_OPS[op] = OpDef(P, formula, compute, keep_args, check, coordinate, wants_out=wants_out)
 
 
 _row([aten.add.Tensor, aten.add.Scalar], lambda a, b, alpha=1: a + (b if alpha == 1 else b * alpha))
@@ -205,7 +242,7 @@ _row([aten.fmod.Tensor, aten.fmod.Scalar], _binary("fmod"))
 _row([aten.neg.default], lambda a: -a)
 _row([aten.abs.default], lambda a: call("abs", a) if a.dtype != torch.bool else a)
 _row([aten.sign.default, aten.sgn.default], _sign)
-_row([aten.pow.Tensor_Scalar], _pow_scalar_exponent, check=_check_pow_tensor_scalar)
+_row([aten.pow.Tensor_Scalar], _pow_scalar_exponent, check=_check_pow_tensor_scalar, wants_out=True)
 _row([aten.pow.Tensor_Tensor], _binary("pow"), check=_check_float_out)
 _row([aten.pow.Scalar], lambda base, e: call("pow", const(base, e.dtype), e), check=_check_float_out)
 for _name in ("exp", "exp2", "expm1", "log", "log1p", "log2", "sqrt", "rsqrt", "sigmoid", "tanh",
@@ -224,9 +261,9 @@ _row([aten.minimum.default], _binary("minimum"))
 _row([aten.clamp.default, aten.clamp.Tensor], _clamp)
 _row([aten.clamp_min.default, aten.clamp_min.Tensor], lambda a, lo: _clamp(a, lo=lo))
 _row([aten.clamp_max.default, aten.clamp_max.Tensor], lambda a, hi: _clamp(a, hi=hi))
-_row([aten.nan_to_num.default], _nan_to_num)
-_row([aten.where.self, aten.where.ScalarSelf, aten.where.ScalarOther, aten.where.Scalar],
-     lambda c, a, b: where(c, a, b), keep_args=(0,))
+_row([aten.nan_to_num.default], _nan_to_num, wants_out=True)
+_row([aten.where.self, aten.where.ScalarSelf, aten.where.ScalarOther, aten.where.Scalar], _where,
+     keep_args=(0,), wants_out=True)
 _row([aten.masked_fill.Scalar, aten.masked_fill.Tensor], lambda a, mask, v: where(mask, v, a), keep_args=(1,))
 _row([aten.eq.Tensor, aten.eq.Scalar], _eq, compute="promote")
 _row([aten.ne.Tensor, aten.ne.Scalar], _ne, compute="promote")
@@ -253,6 +290,39 @@ _row([aten._to_copy.default], _identity, check=_check_same_device)
 _row([aten.copy.default], lambda dst, src, non_blocking=False: src)
 _row([aten.full.default], lambda size, value, dtype, **_: const(value, dtype), compute="fill")
 _row([aten.scalar_tensor.default], lambda value, dtype, **_: const(value, dtype), compute="fill")
+_row([aten.full_like.default], lambda a, value, dtype, **_: const(value, dtype), compute="fill",
+     check=_check_same_device)
+
+
+
+def _one_per_row(node, index, dim) -> str | None:
+    """gather/scatter fuse when `index` picks one position along `dim` per row."""
+    src = node.args[0].meta["val"]
+    idx = index.meta["val"] if hasattr(index, "meta") else None
+    if idx is None or idx.dim() != src.dim():
+        return "index of another rank"
+    dim = dim + src.dim() if dim < 0 else dim
+    if idx.shape[dim] != 1 or any(idx.shape[d] != src.shape[d] for d in range(src.dim()) if d != dim):
+        return "index with more than one position per row (runs through PyTorch)"
+    return None
+
+
+def _check_scatter(node) -> str | None:
+    if node.kwargs.get("reduce") is not None:
+        return "scatter with reduce"
+    _, dim, index, src = node.args[:4]
+    if hasattr(src, "meta") and tuple(src.meta["val"].shape) != tuple(index.meta["val"].shape):
+        return "scatter source of another shape than the index"
+    return _one_per_row(node, index, dim)
+
+
+def _scatter(a: Value, dim, index: Value, src, _coord: Value) -> Value:
+    # out[.., r, ..] = src where r == index[.., 0, ..], else self. An index out
+    # of range matches no r: the row is left as it was (eager raises).
+    return where(call("eq", _coord, cast(index, torch.int64)), src, a)
+
+
+_row([aten.scatter.value, aten.scatter.src], _scatter, keep_args=(2,), check=_check_scatter, coordinate=1)
 
 VIEW_OPS = {
     aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.expand.default,
@@ -270,6 +340,13 @@ class ReductionDef:
     `mean` divides the sum by the number of reduced elements afterwards."""
     combine: str
     mean: bool = False
+    check: Callable[..., str | None] | None = None  # (node) -> reason it cannot fuse, or None
+
+
+def _check_gather(node) -> str | None:
+    if not node.meta["val"].dtype.is_floating_point:
+        return "gather of integers (runs through PyTorch)"
+    return _one_per_row(node, node.args[2], node.args[1])
 
 
 # aten reductions as the decompositions leave them (softmax, log_softmax,
@@ -283,6 +360,9 @@ REDUCTION_OPS: dict = {
     aten.all.dim: ReductionDef("all"), aten.all.default: ReductionDef("all"),
     # what the var_mean / layer_norm decompositions produce
     prims.sum.default: ReductionDef("sum"), prims.var.default: ReductionDef("var"),
+    # one element per row (cross-entropy's target logit): a masked sum along
+    # the row, so it fuses with the row's other reductions
+    aten.gather.default: ReductionDef("gather", check=_check_gather),
 }
 
 
@@ -297,6 +377,8 @@ def reduction_signature(node) -> tuple[list[int], bool]:
         dims = []
     elif target in (prims.sum.default, prims.var.default):
         dims, keepdim = list(args[0]), False
+    elif target is aten.gather.default:
+        dims, keepdim = [args[0]], True
     elif target in (aten.prod.dim_int, aten.any.dim, aten.all.dim):
         dims = [args[0]] if args else []
         keepdim = bool(args[1]) if len(args) > 1 else keepdim

@@ -29,6 +29,7 @@ SUPPORTED_DTYPES = FLOAT_DTYPES + INT_DTYPES + (torch.bool,)
 PRIMITIVES: dict[str, int] = {
     # leaves
     "load": 0,       # attr: (input slot: int, index: kitsune.ir.index.Index)
+    "index": 0,      # attr: Index; its value as int64 (a coordinate, for gather/scatter)
     "const": 0,      # attr: Python bool/int/float (may be inf/nan)
     "cast": 1,       # convert to self.dtype; to float16/bfloat16 this rounds
     # arithmetic (operands and result share one dtype)
@@ -137,6 +138,11 @@ def _attr_key(attr):
     return (type(attr).__name__, attr) if isinstance(attr, (bool, int)) else attr
 
 
+def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype values of `dtype` are computed in: float32 for float16/bfloat16."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def const(value, dtype: torch.dtype) -> Value:
     if dtype == torch.bool:
         value = bool(value)
@@ -203,6 +209,13 @@ def where(cond: Value, a, b) -> Value:
 
 def load(slot: int, index, dtype: torch.dtype) -> Value:
     return Value("load", (), dtype, (slot, index))
+
+
+def coordinate(index) -> Value:
+    """The int64 value of an index expression (e.g. the position along a row)."""
+    if index.is_const:
+        return const(index.const, torch.int64)
+    return Value("index", (), torch.int64, index)
 
 
 def walk(roots) -> list[Value]:

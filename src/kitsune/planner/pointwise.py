@@ -22,14 +22,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from torch import fx
-
 import math
+
+import torch
+from torch import fx
 
 from kitsune.config import FusionConfig
 from kitsune.ir.graph import (is_compute, is_view, meta, numel, pointwise_blocker, tensor_inputs, user_op_key,
                               view_root)
 from kitsune.ir.ops import REDUCTION_OPS, reduction_signature
+
+_FREE_OPS = (torch.ops.aten._to_copy.default, torch.ops.prims.convert_element_type.default)
 
 
 def node_frame(node: fx.Node):
@@ -75,7 +78,9 @@ class FusionGroup:
         return max(numel(n) for n in self.nodes)
 
     def user_ops(self) -> set:
-        return {user_op_key(n) for n in self.nodes}
+        """The user operations the group holds (what max_fusion_size counts).
+        Dtype conversions are free in registers and do not count."""
+        return {user_op_key(n) for n in self.nodes if n.target not in _FREE_OPS}
 
     def label(self) -> str:
         return " → ".join(n.name for n in self.nodes)

@@ -186,6 +186,8 @@ def _expr(v: Value, names: dict, inputs: list[str], var: str = "x") -> str:
         return f"(float){ref}" if dtype == torch.float16 else ref
     if op == "const":
         return literal(v.attr, dtype)
+    if op == "index":
+        return f"(int64_t)({render(v.attr, var, floordiv='/')})"
     if op == "cast":
         if dtype == torch.bool:
             return f"({a[0]} != 0)"

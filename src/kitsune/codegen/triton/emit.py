@@ -48,6 +48,10 @@ def literal(value, dtype: torch.dtype) -> str:
             text = 'float("nan")'
         elif math.isinf(value):
             text = 'float("inf")' if value > 0 else 'float("-inf")'
+        elif value == 0 and math.copysign(1.0, value) < 0:
+            # Triton makes every constant equal to 0 a +0.0: -0.0 is the sign bit alone
+            bits, int_type = (-2**31, "tl.int32") if cdt == torch.float32 else (-2**63, "tl.int64")
+            return f"tl.full([], {bits}, {int_type}).to({TL_DTYPE[cdt]}, bitcast=True)"
         else:
             text = repr(float(value))
         return f"tl.full([], {text}, {TL_DTYPE[cdt]})"
@@ -96,6 +100,8 @@ def _is_block(v: Value) -> bool:
     """Whether v varies with x (otherwise it is a scalar in the kernel)."""
     if v.op == "load":
         return not v.attr[1].is_const
+    if v.op == "index":
+        return True
     return any(_is_block(a) for a in v.args)
 
 
@@ -112,6 +118,8 @@ def _expr(v: Value, names: dict, inputs: list[str], var: str = "x", mask: str = 
         return f"{text}.to(tl.float32)" if dtype in _LOW else text
     if op == "const":
         return literal(v.attr, dtype)
+    if op == "index":
+        return f"({render(v.attr, var)}).to(tl.int64)"
     if op == "cast":
         src = v.args[0].dtype
         if dtype == torch.bool:
@@ -132,7 +140,8 @@ def _expr(v: Value, names: dict, inputs: list[str], var: str = "x", mask: str = 
     if op == "fmod":
         return f"libm.fmod({a[0]}, {a[1]})" if cdt.is_floating_point else f"{a[0]} % {a[1]}"
     if op == "neg":
-        return f"-{a[0]}"
+        # Triton's unary minus is 0 - x, which gives +0.0 for x = +0.0; eager gives -0.0
+        return f"({a[0]} * -1.0)" if cdt.is_floating_point else f"-{a[0]}"
     if op == "abs":
         return f"tl.abs({a[0]})"
     if op in ("maximum", "minimum"):

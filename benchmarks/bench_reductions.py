@@ -1,0 +1,267 @@
+"""Reduction and normalisation benchmark: eager vs Inductor vs Kitsune, in one process.
+
+    python3 benchmarks/bench_reductions.py                  # CUDA: the issue's sizes, bf16
+    python3 benchmarks/bench_reductions.py --device cpu     # CPU: 4096x1024 fp32
+    python3 benchmarks/bench_reductions.py --cases softmax,rmsnorm --json out.json
+    python3 benchmarks/bench_reductions.py --models         # also GPT-2 small / BERT-base (CUDA)
+
+Cases (rows x cols; bf16 on CUDA, fp32 on the CPU):
+
+    softmax        softmax(x * 0.125, -1)                         16384x4096   (CPU 4096x1024)
+    ln_gelu        gelu(layer_norm(x, w, b))                       16384x4096
+    rmsnorm        (x.float() * rsqrt(mean(x.float()^2) + eps)).to(dtype) * w
+    cross_entropy  F.cross_entropy(logits, target)                 8192x32000   (CPU 4096x1024)
+    block_fwd_bwd  LayerNorm -> Linear -> GELU -> Linear, forward + backward
+                   (4096 tokens x 1024 features, 4096 hidden; CPU 512 x 256, 1024)
+    gpt2 / bert    whole-model inference, GPT-2 small (8 x 512 tokens) and BERT-base
+                   (32 x 128), random weights from transformers configs (--models)
+
+Method: the helpers of benchmarks/common.py, as in bench_pointwise.py. Each
+backend is checked against eager (float64 reference for the row cases) before
+it is timed; times are medians over --repeat calls after a warm-up (CUDA events
+on the GPU, perf_counter on the CPU); "share" is the bandwidth of the fewest
+bytes any implementation must move (inputs read once, outputs written once)
+as a share of the measured device-to-device copy rate. Kitsune's fusion report
+is read after each compile: a case where it fell back to PyTorch is marked.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+common.use_private_caches()
+warnings.filterwarnings("ignore", message=".*dynamo_pgo force disabled.*")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+
+def softmax(x):
+    return torch.softmax(x * 0.125, -1)
+
+
+def ln_gelu(x, w, b):
+    return F.gelu(F.layer_norm(x, (x.shape[-1],), w, b))
+
+
+def rmsnorm(x, w):
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype) * w
+
+
+def cross_entropy(logits, target):
+    return F.cross_entropy(logits, target)
+
+
+def row_cases(device, dtype, big: bool):
+    rows, cols = (16384, 4096) if big else (4096, 1024)
+    ce_rows, ce_cols = (8192, 32000) if big else (4096, 1024)
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def rand(*shape, dt=dtype):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dt)
+
+    x = rand(rows, cols)
+    w, b = rand(cols), rand(cols)
+    logits = rand(ce_rows, ce_cols)
+    target = torch.randint(0, ce_cols, (ce_rows,), generator=g).to(device)
+    return {
+        "softmax": (softmax, (x,), [x], [x]),
+        "ln_gelu": (ln_gelu, (x, w, b), [x, w, b], [x]),
+        "rmsnorm": (rmsnorm, (x, w), [x, w], [x]),
+        # the loss reads the logits once (plus the targets) and writes a scalar
+        "cross_entropy": (cross_entropy, (logits, target), [logits, target], []),
+    }
+
+
+class Block(torch.nn.Module):
+    def __init__(self, d, h):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(d)
+        self.up = torch.nn.Linear(d, h)
+        self.down = torch.nn.Linear(h, d)
+
+    def forward(self, x):
+        return self.down(F.gelu(self.up(self.norm(x))))
+
+
+def block_case(device, dtype, big: bool):
+    tokens, d, h = (4096, 1024, 4096) if big else (512, 256, 1024)
+    torch.manual_seed(0)
+    block = Block(d, h).to(device=device, dtype=dtype)
+    x = torch.randn(tokens, d, device=device, dtype=dtype, requires_grad=True)
+    grad = torch.randn(tokens, d, device=device, dtype=dtype)
+
+    def make(fn):
+        def step():
+            for p in block.parameters():
+                p.grad = None
+            x.grad = None
+            out = fn(x)
+            out.backward(grad)
+            return [out.detach(), x.grad] + [p.grad for p in block.parameters()]
+        return step
+    return block, make
+
+
+def check(name, got, expected, dtype):
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype in (torch.bfloat16, torch.float16) else dict(rtol=1e-4, atol=1e-4)
+    try:
+        for g, e in zip(got if isinstance(got, (list, tuple)) else [got],
+                        expected if isinstance(expected, (list, tuple)) else [expected]):
+            torch.testing.assert_close(g.float(), e.float(), equal_nan=True, **tol)
+    except AssertionError as error:
+        print(f"  {name}: WRONG RESULT: {str(error).splitlines()[0]}")
+        return False
+    return True
+
+
+def kitsune_report():
+    import kitsune
+    stats = kitsune.get_fusion_stats()
+    return dict(kernels_before=stats.get("kernels_before"), kernels_after=stats.get("kernels_after"),
+                fallbacks=stats.get("fallbacks"))
+
+
+def run_case(name, fn, args, device, repeats, backends, eager_fn=None):
+    """Times every backend of one function; returns {backend: dict}."""
+    import kitsune
+    results = {}
+    eager = fn(*args)
+    for backend in backends:
+        common.cold_start()
+        kitsune.reset_fusion_stats()
+        compiled = fn if backend == "eager" else torch.compile(fn, backend=backend, dynamic=False)
+        seconds, out = common.cold_call(compiled, *args, device=device)
+        ok = check(f"{name}/{backend}", out, eager, args[0].dtype)
+        entry = dict(compile_s=round(seconds, 3), correct=ok)
+        if backend == "kitsune":
+            entry["report"] = kitsune_report()
+            if entry["report"]["fallbacks"]:
+                print(f"  WARNING {name}: Kitsune fell back: {entry['report']['fallbacks']}")
+        if ok:
+            entry["timing"] = common.time_ms(lambda: compiled(*args), device, repeats).as_dict()
+        results[backend] = entry
+    return results
+
+
+def models(device, repeats, backends):
+    import transformers
+    transformers.logging.set_verbosity_error()
+    out = {}
+    specs = {
+        "gpt2": (lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0)), (8, 512), 50257),
+        "bert": (lambda: transformers.BertForMaskedLM(transformers.BertConfig(
+            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)), (32, 128), 30522),
+    }
+    for name, (build, shape, vocab) in specs.items():
+        torch.manual_seed(0)
+        model = build().to(device=device, dtype=torch.bfloat16).eval()
+        tokens = torch.randint(0, vocab, shape, device=device)
+
+        def fn(t, model=model):
+            with torch.no_grad():
+                return model(t).logits
+        print(f"{name}: {shape}")
+        out[name] = run_case(name, fn, (tokens,), device, repeats, backends)
+        _print(name, out[name], None, None)
+    return out
+
+
+def _print(name, res, nbytes, copy):
+    k = res.get("kitsune", {}).get("timing", {}).get("median_ms")
+    for backend, entry in res.items():
+        t = entry.get("timing", {}).get("median_ms")
+        line = f"  {backend:9s} compile {entry['compile_s']:7.3f} s"
+        if t is not None:
+            line += f"  {t:9.4f} ms"
+            if nbytes:
+                rate = common.gb_per_s(nbytes, t)
+                line += f"  {rate:8.1f} GB/s"
+                if copy:
+                    line += f"  {100 * rate / copy:5.1f}% of copy"
+            if k and backend != "kitsune":
+                line += f"  kitsune speed-up {t / k:5.2f}x"
+        else:
+            line += "  (not timed: wrong result)"
+        print(line)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--cases", default="softmax,ln_gelu,rmsnorm,cross_entropy,block_fwd_bwd")
+    parser.add_argument("--backends", default="eager,inductor,kitsune")
+    parser.add_argument("--models", action="store_true", help="also GPT-2 small and BERT-base inference")
+    parser.add_argument("--repeat", type=int, default=None)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        common.reexec_with_malloc_reuse()
+    common.disable_compile_caches()
+    logging.getLogger("kitsune").setLevel(logging.WARNING)
+    import kitsune  # noqa: F401  (registers the backend)
+    big = device.type == "cuda"
+    dtype = torch.bfloat16 if big else torch.float32
+    backends = args.backends.split(",")
+    cases = args.cases.split(",")
+    print(json.dumps(common.environment(device)))
+    copy = common.copy_rate(device, 1 << 28, 20 if big else 5)["gb_per_s"]
+    print(f"copy rate {copy:.1f} GB/s")
+    # a throwaway compile pays one-time process costs (imports, compile workers)
+    warm = torch.randn(64, 64, device=device)
+    for backend in backends[1:]:
+        torch.compile(lambda t: torch.softmax(t, -1) * 2, backend=backend)(warm)
+
+    results = {"copy_gb_per_s": copy, "device": str(device), "dtype": str(dtype), "cases": {}}
+    rows = row_cases(device, dtype, big)
+    for name in cases:
+        if name in rows:
+            fn, fargs, ins, outs = rows[name]
+            expected = fn(*fargs)
+            nbytes = common.min_bytes(ins, [expected] if outs else [])
+            repeats = args.repeat or common.default_repeats(device, nbytes)
+            print(f"{name}: {tuple(fargs[0].shape)} {dtype}, {nbytes / 1e6:.1f} MB moved at least")
+            res = run_case(name, fn, fargs, device, repeats, backends)
+            _print(name, res, nbytes, copy)
+            results["cases"][name] = dict(min_bytes=nbytes, **res)
+        elif name == "block_fwd_bwd":
+            block, make = block_case(device, dtype, big)
+            print(f"{name}: {sum(p.numel() for p in block.parameters())} parameters")
+            res = {}
+            expected = make(block)()
+            for backend in backends:
+                common.cold_start()
+                kitsune.reset_fusion_stats()
+                fn = block if backend == "eager" else torch.compile(block, backend=backend, dynamic=False)
+                step = make(fn)
+                seconds, out = common.cold_call(step, device=device)
+                ok = check(f"{name}/{backend}", out, expected, dtype)
+                entry = dict(compile_s=round(seconds, 3), correct=ok)
+                if backend == "kitsune":
+                    entry["report"] = kitsune_report()
+                if ok:
+                    entry["timing"] = common.time_ms(step, device, args.repeat or (100 if big else 10)).as_dict()
+                res[backend] = entry
+            _print(name, res, None, None)
+            results["cases"][name] = res
+        else:
+            raise SystemExit(f"unknown case {name!r}")
+    if args.models:
+        results["models"] = models(device, args.repeat or 50, backends)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -26,7 +26,7 @@ else:
     import triton
     import torch
     import triton.language as tl
-    from triton.runtime.interpreter import TensorHandle
+    from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
 
     def _data(x):
         if isinstance(x, tl.tensor):
@@ -79,6 +79,20 @@ else:
     # The interpreter's own float32 -> bfloat16 cast truncates; this rounds to
     # nearest even like the hardware.
     round_bf16 = _wrap(lambda t: t.to(torch.bfloat16).to(torch.float32))
+
+    def _bool_result(compare):
+        def create(self, lhs, rhs):
+            out = compare(self, lhs, rhs)
+            return TensorHandle(out.data.astype(bool), tl.int1)
+        return create
+
+    # The interpreter labels a comparison's result with its operands' type
+    # (float32 for `x != 0` on floats), so splatting a scalar comparison to a
+    # block makes floats, and `&` with a block of bools then fails in numpy.
+    # A GPU has no such problem: give comparisons the int1 type they have there.
+    for _name in dir(InterpreterBuilder):
+        if _name.startswith(("create_icmp", "create_fcmp")):
+            setattr(InterpreterBuilder, _name, _bool_result(getattr(InterpreterBuilder, _name)))
 
 
 # Combine functions for tl.reduce and reduction loops (plain Triton: they run

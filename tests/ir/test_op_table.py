@@ -23,7 +23,6 @@ from __future__ import annotations
 import importlib
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -337,11 +336,16 @@ CASES: list[Case] = [
       for name, overload in (("bitwise_left_shift", "Tensor_Scalar"), ("bitwise_right_shift", "Tensor_Scalar"),
                              ("__lshift__", "Scalar"), ("__rshift__", "Scalar"))],
     Case("copy", aten.copy.default, ("x", "y"), lambda v, a, b: aten.copy.default(a, b)),
+    # (value, dtype): only the input's shape and strides matter
+    Case("full_like", aten.full_like.default, ("x",),
+         lambda v, a: aten.full_like.default(a, v[0], dtype=v[1]),
+         [(2.5, None), (-0.0, None), (NAN, None), (-INF, None), (7, None), (True, None), (-3.5, torch.float64),
+          (5, torch.int32), (0.5, torch.bool)]),
 ]
 
-# Rows checked by dedicated tests below (conversions and fills).
+# Rows checked by dedicated tests below (conversions, fills, scatter).
 SEPARATELY_TESTED = {prims.convert_element_type.default, aten._to_copy.default, aten.full.default,
-                     aten.scalar_tensor.default}
+                     aten.scalar_tensor.default, aten.scatter.value, aten.scatter.src}
 
 # Rows that must not be generated for some dtypes; the planner refuses them with a reason.
 def expected_refusal(case: Case, out_dtype: torch.dtype) -> str | None:
@@ -680,73 +684,6 @@ def _float64_reference(case: Case, o: Outcome):
     return reference
 
 
-# -- known bugs -------------------------------------------------------------------------
-#
-# Test ids "<backend>-<case>-<dtype>-<part>" that fail because Kitsune computes
-# something other than eager (or cannot generate it), with the reason. They are
-# strict xfails: a fix makes them XPASS, and then the entry must shrink. To
-# re-survey, run with KITSUNE_TEST_IGNORE_KNOWN_BUGS=1.
-
-def _ids(backends, cases, dtypes, parts) -> set:
-    return {f"{b}-{c}-{_dt(d)}-{p}" for b in backends for c in cases for d in dtypes for p in parts}
-
-
-_BOTH = ("triton", "cpu")
-_LOW = (torch.float16, torch.bfloat16)
-_NONFLOAT = (torch.bool, torch.int32, torch.int64)
-_ALL = ("values", "layouts", "0dim", "neg0_const")
-
-NEG0_CONST_BUG = (
-    "triton: a -0.0 constant is emitted as tl.full([], -0.0, ...), and Triton's scalar_constant turns any "
-    "value == 0 into +0.0: x / -0.0 gives +inf instead of -inf; x * -0.0, x + -0.0, -0.0 - x, "
-    "where(c, -0.0, x), nan_to_num(nan=-0.0), full(-0.0) lose the sign")
-
-KNOWN_BUGS: list = [
-    (_ids(["triton"], ["logical_and", "logical_or", "logical_xor"], FLOATS, ["0dim"]),
-     "triton interpreter only: `tl.load(p) != 0` on a float scalar, `&` a block of bools, raises TypeError "
-     "in numpy (ufunc 'bitwise_and' not supported); 0-dim float operands of logical ops run unfused"),
-    (_ids(["triton"], ["add.Scalar", "sub.Scalar", "nan_to_num"], FLOATS, ["neg0_const"])
-     | _ids(["triton"], ["rsub.Scalar"], INTS + FLOATS, ["neg0_const"])
-     | _ids(["triton"], ["mul.Scalar", "div.Scalar", "div.Scalar_mode", "where.ScalarSelf"], DTYPES,
-            ["neg0_const"]),
-     NEG0_CONST_BUG),
-    (_ids(["triton"], ["neg"], FLOATS, ["values", "layouts"]),
-     "triton: neg is emitted as `-x`, which Triton lowers to 0 - x: neg(+0.0) gives +0.0, eager -0.0"),
-    (_ids(_BOTH, ["div.Scalar_mode"], _NONFLOAT, ["values"])
-     | _ids(_BOTH, ["div.Scalar_mode"], FLOATS, ["values", "layouts", "0dim"])
-     | _ids(_BOTH, ["floor_divide.Scalar"], _NONFLOAT, ["values", "neg0_const"])
-     | _ids(_BOTH, ["floor_divide.Scalar"], FLOATS, _ALL),
-     "floor division by a Python scalar does not lower when the result is a float: _floor_divide calls "
-     "_eq(b, 0) with b a Python number (TypeError 'eq: at least one operand must be a Value'), so the "
-     "group runs unfused"),
-    (_ids(_BOTH, ["floor_divide"], FLOATS, ["values", "layouts", "0dim"])
-     | _ids(_BOTH, ["div.Tensor_mode"], FLOATS, ["values"]),
-     "floor division of floats gives +0.0 where eager gives -0.0 (-0.0 // 0.5, -0.0 // inf, 0.5 // -inf): "
-     "_copysign_zero tests `v < 0`, which is false for -0.0"),
-    (_ids(_BOTH, ["sign", "sgn"], FLOATS, ["values"]) | _ids(["triton"], ["sign", "sgn"], [torch.bfloat16],
-                                                              ["layouts"]),
-     "sign/sgn(NaN) returns NaN (the formula keeps NaN); eager returns 0"),
-    (_ids(_BOTH, ["nan_to_num"], _LOW, _ALL),
-     "nan_to_num on float16/bfloat16 replaces +-inf by float32's max/min (finfo of the compute dtype), "
-     "which rounds back to +-inf; eager uses the tensor dtype's (+-65504, +-3.39e38)"),
-    (_ids(_BOTH, ["pow.Tensor_Scalar"], [torch.float16], ["values"]),
-     "pow(x, 0.5) / pow(x, -0.5) on float16 is generated as sqrt / rsqrt: NaN for x = -inf where eager "
-     "(std::pow for float16) gives inf / 0"),
-    (_ids(_BOTH, ["where.Scalar"], [torch.bool], _ALL),
-     "where.Scalar (both branches Python scalars) does not lower: the formula takes the dtype from a Value "
-     "branch (AttributeError 'int' object has no attribute 'dtype'), so it runs unfused"),
-]
-
-
-def _known_bug(backend, case, dtype, part):
-    """The reasons this test is known to fail, or None."""
-    if os.environ.get("KITSUNE_TEST_IGNORE_KNOWN_BUGS"):
-        return None
-    test_id = f"{backend}-{case.id}-{_dt(dtype)}-{part}"
-    reasons = [reason for ids, reason in KNOWN_BUGS if test_id in ids]
-    return " | ALSO: ".join(reasons) or None
-
-
 def _params():
     params = []
     for index, case in enumerate(CASES):
@@ -760,10 +697,7 @@ def _params():
 
 
 @pytest.mark.parametrize(("case", "dtype", "part", "chunk"), _params())
-def test_op_matches_eager(request, backend, case, dtype, part, chunk):
-    reason = _known_bug(backend, case, dtype, part)
-    if reason:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
+def test_op_matches_eager(backend, case, dtype, part, chunk):
     results = outcomes(backend, dtype, chunk)
     labels = [s.label(v) for s in make_samples(case, dtype, backend) if s.part == part for v in s.variants]
     assert labels, "no samples"
@@ -912,19 +846,81 @@ def fill_outcomes(backend: str) -> dict:
 @pytest.mark.parametrize("part", list(FILL_SHAPES))
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dt)
 @pytest.mark.parametrize("op", list(FILL_OPS))
-def test_fill_matches_eager(request, backend, op, dtype, part):
+def test_fill_matches_eager(backend, op, dtype, part):
     if op == "scalar_tensor" and part == "values":
         pytest.skip("scalar_tensor is always 0-dim")
     if part == "neg0_const" and not dtype.is_floating_point:
         pytest.skip("-0.0 is a float")
-    if not os.environ.get("KITSUNE_TEST_IGNORE_KNOWN_BUGS") and backend == "triton" and part == "neg0_const":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=NEG0_CONST_BUG))
     samples, labels, results = fill_outcomes(backend)
     mine = [label for label, (o, d, p, _, _) in zip(labels, samples) if o == op and d == dtype and p == part]
     assert mine
 
     # each output is clone(fill): the pair must be one generated kernel writing eager's values
     _collect_errors(lambda label: check_generated(results[label], aten.clone.default), mine)
+
+
+# -- scatter: the table fuses one position per row (index.shape[dim] == 1) ---------------------
+
+SCATTER_VALUES = [2.5, -0.0, NAN, -INF, 7, True, -2.5]
+SCATTER_OPS = {"scatter.value": aten.scatter.value, "scatter.src": aten.scatter.src}
+
+
+def _scatter_samples(dtype, backend):
+    """(label, op name, part, build, tensors): every dim of a (4, 5) input, a transposed one and
+    a 3-d one; awkward pool values in self and src, every Python value eager accepts."""
+    global _SAMPLING_FOR
+    _SAMPLING_FOR = backend
+    try:
+        x = fill("x", dtype, (4, 5), 0)
+        layouts = [("dim=1", x, 1, torch.tensor([[4], [0], [2], [3]])),
+                   ("dim=0", x, 0, torch.tensor([[3, 0, 1, 2, 3]])),
+                   ("dim=-1 transposed", fill("x", dtype, (5, 4), 3).t(), -1, torch.tensor([[1], [4], [4], [0]])),
+                   ("dim=1 3d", fill("x", dtype, (2, 3, 4), 5), 1, torch.tensor([[[2, 0, 1, 2]], [[0, 0, 1, 1]]]))]
+        samples = []
+        for name, self_, dim, index in layouts:
+            src = fill("x", dtype, tuple(index.shape), 7)
+            for value in SCATTER_VALUES:
+                try:
+                    aten.scatter.value(self_, dim, index, value)
+                except RuntimeError:
+                    continue  # e.g. NaN into an integer tensor: eager refuses it too
+                part = "neg0_const" if _has_negative_zero(value) else "values"
+                samples.append((f"scatter.value[{_dt(dtype)}, {name}, value={value!r}]", "scatter.value", part,
+                                lambda x, i, s, dim=dim, value=value: aten.scatter.value(x, dim, i, value),
+                                [self_, index, src]))
+            samples.append((f"scatter.src[{_dt(dtype)}, {name}]", "scatter.src", "values",
+                            lambda x, i, s, dim=dim: aten.scatter.src(x, dim, i, s), [self_, index, src]))
+    finally:
+        _SAMPLING_FOR = None
+    return samples
+
+
+_SCATTER_RESULTS: dict = {}
+
+
+def scatter_outcomes(backend: str, dtype: torch.dtype) -> tuple[list, dict]:
+    if (backend, dtype) not in _SCATTER_RESULTS:
+        samples = _scatter_samples(dtype, backend)
+
+        def program(*flat):
+            return tuple(build(aten.clone.default(flat[3 * k]), flat[3 * k + 1], flat[3 * k + 2])
+                         for k, (_, _, _, build, _) in enumerate(samples))
+        flat = [t for *_, tensors in samples for t in tensors]
+        _SCATTER_RESULTS[backend, dtype] = samples, run_program(program, flat, [s[0] for s in samples],
+                                                                inputs=[s[4] for s in samples])
+    return _SCATTER_RESULTS[backend, dtype]
+
+
+@pytest.mark.parametrize("part", ["values", "neg0_const"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dt)
+@pytest.mark.parametrize("op", list(SCATTER_OPS))
+def test_scatter_matches_eager(backend, op, dtype, part):
+    if part == "neg0_const" and (op == "scatter.src" or not dtype.is_floating_point):
+        pytest.skip("-0.0 is a float value of scatter.value")
+    samples, results = scatter_outcomes(backend, dtype)
+    mine = [label for label, o, p, _, _ in samples if o == op and p == part]
+    assert mine
+    _collect_errors(lambda label: check_generated(results[label], SCATTER_OPS[op]), mine)
 
 
 # -- integer division by zero: eager raises, so must the compiled graph ----------------------

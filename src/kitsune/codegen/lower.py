@@ -255,6 +255,14 @@ def lower_group(group: FusionGroup, name: str) -> tuple[KernelSpec, list[fx.Node
             idx = iteration_index(tuple(val.shape), val.stride())
         value = lowering.value_at(node, idx)
         kernel_outputs.append(KernelOutput(f"out{k}", val.dtype, strided(idx, val.stride()), value))
+    # Tensors from outside that members read but the kernel never loads (full_like
+    # of a member needs only its shape, not its inputs) are inputs all the same:
+    # the group's unfused fallback computes every member from them.
+    for node in group.nodes:
+        for a in node.all_input_nodes:
+            if a not in lowering.members and not (is_view(a) and view_root(a) in lowering.members) \
+                    and isinstance(meta(a), torch.Tensor):
+                lowering.inputs.setdefault(a, len(lowering.inputs))
     inputs = sorted(lowering.inputs, key=lowering.inputs.__getitem__)
     spec = KernelSpec(
         name=name,

@@ -36,7 +36,7 @@ from hypothesis import strategies as st
 
 import kitsune
 
-MAX_EXAMPLES = 30
+MAX_EXAMPLES = 40
 
 # --------------------------------------------------------------------------- programs
 # A program is (inputs, steps, outputs):

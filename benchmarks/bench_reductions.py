@@ -112,12 +112,21 @@ def block_case(device, dtype, big: bool):
     return block, make
 
 
-def check(name, got, expected, dtype):
-    tol = dict(rtol=2e-2, atol=2e-2) if dtype in (torch.bfloat16, torch.float16) else dict(rtol=1e-4, atol=1e-4)
+def check(name, got, expected, dtype, whole_model=False):
+    """Element-wise closeness for the row cases; for blocks and models (many
+    bf16 roundings, which any compiler reorders) the relative L2 error of each
+    output against eager must stay under 2 % (0.01 % in fp32)."""
+    low = dtype in (torch.bfloat16, torch.float16)
+    tol = dict(rtol=2e-2, atol=2e-2) if low else dict(rtol=1e-4, atol=1e-4)
+    pairs = zip(got if isinstance(got, (list, tuple)) else [got],
+                expected if isinstance(expected, (list, tuple)) else [expected])
     try:
-        for g, e in zip(got if isinstance(got, (list, tuple)) else [got],
-                        expected if isinstance(expected, (list, tuple)) else [expected]):
-            torch.testing.assert_close(g.float(), e.float(), equal_nan=True, **tol)
+        for g, e in pairs:
+            if whole_model:
+                error = ((g.double() - e.double()).norm() / e.double().norm().clamp_min(1e-30)).item()
+                assert error < (2e-2 if low else 1e-4), f"relative L2 error {error:.2e}"
+            else:
+                torch.testing.assert_close(g.float(), e.float(), equal_nan=True, **tol)
     except AssertionError as error:
         print(f"  {name}: WRONG RESULT: {str(error).splitlines()[0]}")
         return False
@@ -131,7 +140,7 @@ def kitsune_report():
                 fallbacks=stats.get("fallbacks"))
 
 
-def run_case(name, fn, args, device, repeats, backends, eager_fn=None):
+def run_case(name, fn, args, device, repeats, backends, whole_model=False):
     """Times every backend of one function; returns {backend: dict}."""
     import kitsune
     results = {}
@@ -141,7 +150,7 @@ def run_case(name, fn, args, device, repeats, backends, eager_fn=None):
         kitsune.reset_fusion_stats()
         compiled = fn if backend == "eager" else torch.compile(fn, backend=backend, dynamic=False)
         seconds, out = common.cold_call(compiled, *args, device=device)
-        ok = check(f"{name}/{backend}", out, eager, args[0].dtype)
+        ok = check(f"{name}/{backend}", out, eager, torch.bfloat16 if whole_model else args[0].dtype, whole_model)
         entry = dict(compile_s=round(seconds, 3), correct=ok)
         if backend == "kitsune":
             entry["report"] = kitsune_report()
@@ -172,7 +181,7 @@ def models(device, repeats, backends):
             with torch.no_grad():
                 return model(t).logits
         print(f"{name}: {shape}")
-        out[name] = run_case(name, fn, (tokens,), device, repeats, backends)
+        out[name] = run_case(name, fn, (tokens,), device, repeats, backends, whole_model=True)
         _print(name, out[name], None, None)
     return out
 
@@ -246,7 +255,7 @@ def main() -> None:
                 fn = block if backend == "eager" else torch.compile(block, backend=backend, dynamic=False)
                 step = make(fn)
                 seconds, out = common.cold_call(step, device=device)
-                ok = check(f"{name}/{backend}", out, expected, dtype)
+                ok = check(f"{name}/{backend}", out, expected, dtype, whole_model=True)
                 entry = dict(compile_s=round(seconds, 3), correct=ok)
                 if backend == "kitsune":
                     entry["report"] = kitsune_report()

@@ -14,6 +14,7 @@ import time
 import torch
 from torch import fx
 
+from kitsune.capture.simplify import simplify
 from kitsune.codegen.kernel import KernelError
 from kitsune.codegen.lower import lower_group
 from kitsune.config import FusionConfig
@@ -23,6 +24,7 @@ from kitsune.planner.pointwise import plan_pointwise
 from kitsune.report.stats import GLOBAL_STATS, GraphRecord
 from kitsune.runtime.compiled_graph import build_graph_module
 from kitsune.runtime.fused_call import FusedGroupCall, group_fallback
+from kitsune.runtime.matmul import align_matmuls
 
 log = logging.getLogger("kitsune")
 _kernel_ids = itertools.count()
@@ -71,11 +73,26 @@ def compile_graph(gm: fx.GraphModule, example_inputs, kind: str = "graph",
         log.warning("kitsune: %s graph runs unfused through PyTorch: %s: %s", kind, type(error).__name__, error)
         record.fallbacks.append((kind, f"{type(error).__name__}: {error}"))
         record.groups.clear()
+        record.kernel_calls.clear()
         compiled = gm
     record.kernels_after = record.kernels_before - sum(len(nodes) - 1 for _, nodes, _ in record.groups)
+    if kind == "inference" and config.cuda_graphs:
+        compiled = _with_cuda_graphs(gm, example_inputs, compiled, record)
     record.compile_seconds = time.perf_counter() - start
     stats.record(record)
     return compiled
+
+
+def _with_cuda_graphs(gm, example_inputs, compiled, record):
+    from kitsune.runtime.cuda_graphs import CudaGraphRunner, cuda_graph_blocker
+
+    blocker = cuda_graph_blocker(gm, example_inputs)
+    if blocker is not None:
+        if any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs):
+            log.info("kitsune: %s graph runs without CUDA graphs: %s", record.name, blocker)
+        return compiled
+    record.cuda_graph = True
+    return CudaGraphRunner(compiled, f"{record.name} graph")
 
 
 def _device_allowed(device: torch.device, config: FusionConfig) -> bool:
@@ -83,6 +100,7 @@ def _device_allowed(device: torch.device, config: FusionConfig) -> bool:
 
 
 def _compile(gm: fx.GraphModule, config: FusionConfig, record: GraphRecord) -> fx.GraphModule:
+    simplify(gm)
     plan = plan_pointwise(gm.graph, config)
     plan = apply_patterns(gm, plan, config, record)  # named/user patterns; records opportunities
     record.decisions = plan.decisions
@@ -115,9 +133,12 @@ def _compile(gm: fx.GraphModule, config: FusionConfig, record: GraphRecord) -> f
                 record.fallbacks.append((group.label(), call.failure))
             else:
                 call.attach(kernel)
+                record.kernel_calls[call.spec.name] = call  # run-time fallbacks are read from it
                 record.groups.append((call.spec.name, [n.name for n in group.nodes], backend))
                 log.info("kitsune: fused %s into %s (%s)", group.label(), call.spec.name, backend)
     calls = {id(g): (g, call, ins, outs) for g, call, ins, outs, _ in lowered if call.kernel is not None}
-    if not calls:
-        return gm
-    return build_graph_module(gm, calls)
+    result = build_graph_module(gm, calls) if calls else gm
+    aligned = align_matmuls(result)
+    if aligned:
+        log.info("kitsune: %d matmul(s) write padded rows (fast cuBLAS kernels for odd widths)", aligned)
+    return result

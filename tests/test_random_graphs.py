@@ -102,9 +102,12 @@ def _layouts(shape):
             "t": shape, "slice": shape, "expand": shape}
 
 
-def _views(shape):
-    """(expression template, result shape) for views of a value of `shape`."""
+def _views(shape, full):
+    """(expression template, result shape) for views of a value of `shape` in a program whose
+    inputs broadcast to `full`."""
     out = []
+    if len(shape) == len(full) and any(s == 1 and f > 1 for s, f in zip(shape, full)):
+        out.append((f"{{x}}.expand{tuple(full)}", tuple(full)))
     if len(shape) == 2:
         out.append(("{x}.t()", shape[::-1]))
     if len(shape) == 3:
@@ -124,7 +127,8 @@ def programs(draw):
         shape.insert(0, draw(st.sampled_from([2, 3])))
     if draw(st.integers(0, 9)) == 0:  # sometimes no elements at all
         shape[draw(st.integers(0, len(shape) - 1))] = 0
-    layouts = _layouts(tuple(shape))
+    full = tuple(shape)
+    layouts = _layouts(full)
     n_inputs = draw(st.integers(1, 3))
     inputs = [draw(st.sampled_from(sorted(layouts))) for _ in range(n_inputs)]
     inputs = [(layout, layouts[layout]) for layout in inputs]
@@ -148,8 +152,8 @@ def programs(draw):
         else:
             i = _pick(draw, names)
             args = (i,)
-            if kind == "view" and _views(shapes[i]):
-                template, shape = draw(st.sampled_from(_views(shapes[i])))
+            if kind == "view" and _views(shapes[i], full):
+                template, shape = draw(st.sampled_from(_views(shapes[i], full)))
                 expr, compound, op_kind = template.format(x=names[i]), False, "view"
             elif kind == "reduction" and _reductions(shapes[i]):
                 template, shape, compound = draw(st.sampled_from(_reductions(shapes[i])))
@@ -159,7 +163,9 @@ def programs(draw):
                 expr, shape, op_kind = template.format(x=names[i], c=c), shapes[i], "pointwise"
                 compound = template in COMPOUND_UNARY
         if op_kind == "view":
-            made_by.append(made_by[i])
+            # a transpose keeps the producer's elements; a slice or an expand changes how many
+            # there are, which the planner may legitimately refuse to fuse across
+            made_by.append(made_by[i] if math.prod(shape) == math.prod(shapes[i]) else None)
             edge.append(False)
         else:
             made_by.append(op_kind)
@@ -361,3 +367,34 @@ def test_check_program_smoke(kernel_backend):
             return (v1, v0)
         """, [("t", (4, 5)), ("vec", (5,))])
     check_program(program, torch.float32, 0, True)
+
+
+ROW_OUTPUT_BUG = ("Reduction kernels store an output whose value is constant along the reduced "
+                  "elements once per row (codegen/{triton,cpu}/emit.py pick row outputs by "
+                  "`o.value in row` only), even when the output's index walks the reduced "
+                  "elements too (a full-shape output of a broadcast row value): the other "
+                  "elements are never written and hold uninitialised memory.")
+
+
+@pytest.mark.xfail(strict=True, reason=ROW_OUTPUT_BUG)
+def test_regression_expanded_row_value_is_written_everywhere(kernel_backend):
+    program = _regression("""\
+        def fn(in0):
+            v0 = in0.sum(-1, keepdim=True)
+            v1 = v0.expand(4, 8) * 2.0
+            return (v1,)
+        """, [("full", (4, 8))])
+    check_program(program, torch.float32, 0, False)
+
+
+@pytest.mark.xfail(strict=True, reason=ROW_OUTPUT_BUG)
+def test_regression_expanded_input_divided_by_its_max(kernel_backend):
+    """The same bug reached through an expanded (stride 0) input: x / x.amax(0) only loads
+    x at the column, so the division's value is one per row of the (4, 8) → (8,) frame."""
+    program = _regression("""\
+        def fn(in0):
+            v0 = in0.amax(0, keepdim=False)
+            v1 = in0 / v0
+            return (v1,)
+        """, [("expand", (4, 8))])
+    check_program(program, torch.float32, 0, False)

@@ -30,7 +30,8 @@ def optimize(model, config: FusionConfig | None = None, **compile_kwargs):
 def get_fusion_stats() -> dict:
     """Counts for everything compiled in this process: num_fused (groups running as one
     generated kernel), kernels_before/kernels_after (eager kernels vs Kitsune's), fallbacks
-    (what runs through PyTorch, with the reason), compile_seconds and the fused groups."""
+    (what runs through PyTorch, with the reason), runtime_fallbacks (kernel, reason, calls that
+    ran unfused at run time), compile_seconds and the fused groups."""
     from kitsune.report.stats import GLOBAL_STATS
     return GLOBAL_STATS.as_dict()
 

@@ -118,7 +118,7 @@ def test_launch_failure_falls_back_and_warns_once(kernel_backend, monkeypatch, c
     torch.testing.assert_close(second, f(x + 1, y))
     assert tried >= 1
     assert len(launches) == tried  # a kernel that failed once is not launched again
-    warnings = _warnings(caplog, "kernel launch failed: launch went wrong")
+    warnings = _warnings(caplog, "kernel launch failed: RuntimeError: launch went wrong")
     assert len(warnings) == tried, caplog.text  # one warning per failed kernel, not per call
 
 
@@ -255,3 +255,123 @@ def test_planner_failure_runs_the_whole_graph_unfused(kernel_backend, monkeypatc
     assert stats["num_fused"] == 0
     assert stats["fallbacks"] == [("inference", "RuntimeError: planner bug")]  # no grad: one graph
     assert _warnings(caplog, "planner bug")
+
+
+# --------------------------------------------------------------------------- run-time fallbacks in the stats
+
+def _spy(call):
+    launches = []
+    real = call.kernel
+    call.attach(lambda inputs, outputs: (launches.append(1), real(inputs, outputs)))
+    return launches
+
+
+def test_launch_failure_is_counted_in_stats(kernel_backend, monkeypatch):
+    _raising_kernels(monkeypatch, "no device")
+    x, y = _inputs()
+    compiled = _compiled()
+    for _ in range(3):
+        torch.testing.assert_close(compiled(x, y), f(x, y))
+    stats = kitsune.get_fusion_stats()
+    assert stats["num_fused"] >= 1
+    runtime = stats["runtime_fallbacks"]
+    assert {name for name, _, _ in runtime} == {name for name, _, _ in stats["groups"]}
+    for name, reason, calls in runtime:
+        assert reason == "kernel launch failed: RuntimeError: no device"
+        assert calls == 3  # the failing call and every later one ran the original ops
+    assert stats["fallbacks"] == []  # compile-time fallbacks: none
+
+
+def test_stride_mismatch_is_counted_and_the_kernel_stays_on():
+    x, y = _inputs()
+    compiled, stats = _compile_fx(lambda a, b: (torch.sigmoid(a * 2 + b) * b,), x, y)
+    (call,) = _calls(compiled)
+    launches = _spy(call)
+    xt = torch.randn(6, 4).t()
+    for _ in range(2):
+        torch.testing.assert_close(compiled(xt, y)[0], torch.sigmoid(xt * 2 + y) * y)
+    torch.testing.assert_close(compiled(x, y)[0], torch.sigmoid(x * 2 + y) * y)
+    assert launches == [1]  # only the call with the compiled layout took the kernel
+    assert stats.as_dict()["runtime_fallbacks"] == [
+        (call.spec.name, "input 0 has strides (1, 4) (compiled for (6, 1))", 2)]
+
+
+def test_fast_path_does_no_fallback_work(kernel_backend, monkeypatch):
+    """Calls with the compiled layout neither inspect the layout nor count anything."""
+    x, y = _inputs()
+    compiled, stats = _compile_fx(lambda a, b: (torch.exp(a) * b + 1,), x, y)
+    (call,) = _calls(compiled)
+
+    def forbidden(*args):
+        raise AssertionError("slow-path work on the fast path")
+
+    monkeypatch.setattr(call, "_layout_mismatch", forbidden)
+    monkeypatch.setattr(call, "_count", forbidden)
+    monkeypatch.setattr(call, "_unfused", forbidden)
+    for _ in range(3):
+        torch.testing.assert_close(compiled(x, y)[0], torch.exp(x) * y + 1)
+    assert call.runtime_fallbacks == {} and stats.as_dict()["runtime_fallbacks"] == []
+
+
+def test_size_one_dims_may_have_any_stride():
+    """Strides of size-1 dims address nothing: such inputs still take the kernel, uncounted."""
+    x = torch.randn(1, 6)
+    compiled, stats = _compile_fx(lambda a: (torch.exp(a) + a,), x)
+    (call,) = _calls(compiled)
+    launches = _spy(call)
+    odd = torch.randn(6, 1).t()  # shape (1, 6), strides (1, 1)
+    assert odd.stride() != x.stride()
+    torch.testing.assert_close(compiled(odd)[0], torch.exp(odd) + odd)
+    assert launches == [1]
+    assert stats.as_dict()["runtime_fallbacks"] == []
+
+
+def test_other_shape_runs_unfused_and_is_counted():
+    """Shapes are Dynamo's to guard (a graph is compiled for static shapes); the slow path,
+    taken for other strides, checks them too, so that eager decides."""
+    x = torch.randn(4, 6)
+    compiled, stats = _compile_fx(lambda a: (torch.exp(a) + a,), x)
+    (call,) = _calls(compiled)
+    launches = _spy(call)
+    narrow = torch.randn(4, 3)
+    torch.testing.assert_close(call(narrow)[0], torch.exp(narrow) + narrow)
+    assert launches == []
+    assert stats.as_dict()["runtime_fallbacks"] == [(call.spec.name, "input 0 has shape (4, 3) (compiled for (4, 6))", 1)]
+
+
+def test_profiling_decision_is_not_a_runtime_fallback():
+    """A kernel switched off by a measurement (FusionEngine(profile=True)) is a decision,
+    recorded in `fallbacks` at compile time, not counted per call."""
+    x, y = _inputs()
+    compiled, stats = _compile_fx(lambda a, b: (torch.exp(a) * b + 1,), x, y)
+    (call,) = _calls(compiled)
+    call.kernel, call.failure = None, "measured 0.90x faster than unfused < min_fusion_benefit=1.1"
+    torch.testing.assert_close(compiled(x, y)[0], torch.exp(x) * y + 1)
+    assert stats.as_dict()["runtime_fallbacks"] == []
+
+
+def test_debug_mismatch_is_counted(monkeypatch):
+    monkeypatch.setattr(fused_call, "_DEBUG", True)
+    x, y = _inputs()
+    compiled, stats = _compile_fx(lambda a, b: (torch.exp(a) * b + 1,), x, y)
+    (call,) = _calls(compiled)
+    real = call.kernel
+
+    def wrong(inputs, outputs):
+        real(inputs, outputs)
+        outputs[0].mul_(2)
+
+    call.attach(wrong)
+    torch.testing.assert_close(compiled(x, y)[0], torch.exp(x) * y + 1)
+    assert stats.as_dict()["runtime_fallbacks"] == [(call.spec.name, "KITSUNE_DEBUG: output 0 differs from eager", 1)]
+
+
+def test_engine_stats_report_runtime_fallbacks(monkeypatch):
+    from kitsune.fusion import FusionEngine
+    _raising_kernels(monkeypatch, "launch refused")
+    engine = FusionEngine()
+    x, y = _inputs()
+    torch.testing.assert_close(engine.fuse(f)(x, y), f(x, y))
+    runtime = engine.get_fusion_stats()["runtime_fallbacks"]
+    assert runtime and all(r == "kernel launch failed: RuntimeError: launch refused" and n == 1
+                           for _, r, n in runtime)

@@ -16,6 +16,12 @@ Keys (all graphs compiled into this stats object):
     estimated_speedup eager time / Kitsune time under the roofline model (kitsune.fusion.cost)
     patterns          {pattern: {"detected", "applied", "partial", "not_applied", "disabled"}}
     fallbacks         (what, reason) for everything that runs through PyTorch after failing
+                      at compile time
+    runtime_fallbacks (kernel, reason, calls) for fused groups whose original ops ran through
+                      PyTorch at run time: "kernel launch failed: ..." (the kernel is off from
+                      then on; every later call counts too), "input k has strides/shape ..."
+                      (inputs laid out otherwise than compiled for; the kernel stays on),
+                      "KITSUNE_DEBUG: output k differs from eager"
     compile_seconds   time spent in Kitsune's compiler (not Dynamo's capture)
     groups            (kernel name, nodes fused, backend) per fused group
     group_details     one dict per fused group: kernel, graph, backend, nodes, ops, patterns,
@@ -44,7 +50,7 @@ class GraphRecord:
     units: object = None                             # kitsune.fusion.units.UnitGraph
     opportunities: list = field(default_factory=list)  # FusionOpportunity
     config: object = None
-    kernel_calls: dict = field(default_factory=dict)   # kernel name -> FusedGroupCall
+    kernel_calls: dict = field(default_factory=dict)   # kernel name -> FusedGroupCall (every fused group)
     measured: dict = field(default_factory=dict)       # kernel name -> {"fused_s", "unfused_s", "speedup"}
     finalized: bool = False
 
@@ -88,10 +94,23 @@ class FusionStats:
             "estimated_speedup": summary["estimated_speedup"],
             "patterns": summary["patterns"],
             "fallbacks": [f for g in graphs for f in g.fallbacks],
+            "runtime_fallbacks": runtime_fallbacks(graphs),
             "compile_seconds": round(sum(g.compile_seconds for g in graphs), 3),
             "groups": [grp for g in graphs for grp in g.groups],
             "group_details": summary["groups"],
         }
+
+
+def runtime_fallbacks(records) -> list:
+    """(kernel, reason, calls) for the run-time fallbacks of the fused groups of `records`.
+
+    Read from the FusedGroupCalls when asked, so that the calls' fast path does no work."""
+    out = []
+    for record in records:
+        for name, call in list(record.kernel_calls.items()):
+            counts = getattr(call, "runtime_fallbacks", None) or {}
+            out += [(name, reason, calls) for reason, calls in list(counts.items())]
+    return out
 
 
 class TeeStats:

@@ -11,11 +11,16 @@ With KITSUNE_DEBUG=1 every call also runs the original ops and compares:
 a mismatch is logged with the group's ops and the size of the difference,
 and the eager result is returned (the kernel stays on for the next call, so
 that every mismatching group shows up).
+
+Every call that runs the original ops at run time is counted, by reason, in
+`runtime_fallbacks` (reported by `kitsune.get_fusion_stats()`); only the slow
+path does that work, the fast path is unchanged.
 """
 from __future__ import annotations
 
 import logging
 import os
+import threading
 
 import torch
 from torch import fx
@@ -24,6 +29,7 @@ from kitsune.codegen.kernel import KernelSpec
 
 log = logging.getLogger("kitsune")
 _DEBUG = os.environ.get("KITSUNE_DEBUG", "") not in ("", "0")
+_COUNT_LOCK = threading.Lock()
 
 
 class FusedGroupCall:
@@ -32,6 +38,8 @@ class FusedGroupCall:
         self.fallback = fallback
         self.kernel = None  # set by attach(); None means "run the fallback"
         self.failure: str | None = None
+        self.runtime_failure: str | None = None  # why the kernel was switched off at run time
+        self.runtime_fallbacks: dict[str, int] = {}  # reason -> calls that ran the original ops
         self.input_strides = [tuple(v.stride()) for v in inputs]
         self.input_shapes = [tuple(v.shape) for v in inputs]
         self.output_meta = tuple((tuple(v.shape), tuple(v.stride()), v.dtype) for v in outputs)
@@ -43,16 +51,21 @@ class FusedGroupCall:
     def attach(self, kernel) -> None:
         self.kernel = kernel
 
-    def disable(self, reason: str) -> None:
+    def disable(self, reason: str, at_run_time: bool = False) -> None:
         if self.failure is None:
             log.warning("kitsune: %s runs unfused through PyTorch: %s", self.spec.name, reason)
         self.kernel, self.failure = None, reason
+        if at_run_time:
+            self.runtime_failure = reason
 
     def __call__(self, *inputs):
         kernel = self.kernel
-        if kernel is None or ([t.stride() for t in inputs] != self.input_strides
-                              and not self._layout_matches(inputs)):
-            return self.fallback(*inputs)
+        if kernel is None:
+            return self._unfused(inputs, self.runtime_failure)
+        if [t.stride() for t in inputs] != self.input_strides:
+            mismatch = self._layout_mismatch(inputs)
+            if mismatch is not None:
+                return self._unfused(inputs, mismatch)
         device = inputs[0].device if inputs else self.device
         outputs = [torch.empty_strided(shape, stride, dtype=dtype, device=device)
                    for shape, stride, dtype in self.output_meta]
@@ -60,7 +73,8 @@ class FusedGroupCall:
             kernel(inputs, outputs)
         except Exception as error:  # noqa: BLE001 - whatever broke, eager semantics decide
             result = self.fallback(*inputs)  # raises eager's own error if the inputs are invalid
-            self.disable(f"kernel launch failed: {error}")
+            self.disable(f"kernel launch failed: {type(error).__name__}: {error}", at_run_time=True)
+            self._count(self.runtime_failure)
             return result
         if _DEBUG:
             return self._check(inputs, outputs)
@@ -75,16 +89,33 @@ class FusedGroupCall:
                 summary = " ".join(str(error).split("\n")[1:4])
                 log.error("kitsune: KITSUNE_DEBUG: %s output %d differs from eager (%s); ops: %s",
                           self.spec.name, i, summary, self.spec.description)
+                self._count(f"KITSUNE_DEBUG: output {i} differs from eager")
         return tuple(expected)
 
-    def _layout_matches(self, inputs) -> bool:
-        for t, shape, stride in zip(inputs, self.input_shapes, self.input_strides):
-            if t.stride() != stride or t.shape != shape:
-                if any(s > 1 for s in shape) and t.numel() > 0:
-                    log.debug("kitsune: %s got an input with strides %s (expected %s); running unfused",
-                              self.spec.name, t.stride(), stride)
-                    return False
-        return True
+    def _unfused(self, inputs, reason: str | None):
+        """The slow path: the group's original ops, counted when it is a run-time fallback
+        (None: the kernel was never on, or a profiling decision switched it off)."""
+        if reason is not None:
+            self._count(reason)
+        return self.fallback(*inputs)
+
+    def _count(self, reason: str) -> None:
+        with _COUNT_LOCK:
+            self.runtime_fallbacks[reason] = self.runtime_fallbacks.get(reason, 0) + 1
+
+    def _layout_mismatch(self, inputs) -> str | None:
+        """Why the kernel cannot take these inputs, or None. Strides of dims of size 1 (and of
+        empty tensors) address nothing, so they may differ from the compiled ones."""
+        for i, (t, shape, stride) in enumerate(zip(inputs, self.input_shapes, self.input_strides)):
+            if tuple(t.shape) != shape:
+                reason = f"input {i} has shape {tuple(t.shape)} (compiled for {shape})"
+            elif t.numel() > 0 and any(got != want for size, got, want in zip(shape, t.stride(), stride) if size > 1):
+                reason = f"input {i} has strides {tuple(t.stride())} (compiled for {stride})"
+            else:
+                continue
+            log.debug("kitsune: %s: %s; running unfused", self.spec.name, reason)
+            return reason
+        return None
 
 
 def group_fallback(inputs: list[fx.Node], outputs: list[fx.Node], members: list[fx.Node]) -> fx.GraphModule:

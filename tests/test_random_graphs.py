@@ -106,7 +106,8 @@ def _views(shape, full):
     """(expression template, result shape) for views of a value of `shape` in a program whose
     inputs broadcast to `full`."""
     out = []
-    if len(shape) == len(full) and any(s == 1 and f > 1 for s, f in zip(shape, full)):
+    if (len(shape) == len(full) and all(s in (1, f) for s, f in zip(shape, full))
+            and any(s == 1 and f > 1 for s, f in zip(shape, full))):
         out.append((f"{{x}}.expand{tuple(full)}", tuple(full)))
     if len(shape) == 2:
         out.append(("{x}.t()", shape[::-1]))

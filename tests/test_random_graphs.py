@@ -370,14 +370,7 @@ def test_check_program_smoke(kernel_backend):
     check_program(program, torch.float32, 0, True)
 
 
-ROW_OUTPUT_BUG = ("Reduction kernels store an output whose value is constant along the reduced "
-                  "elements once per row (codegen/{triton,cpu}/emit.py pick row outputs by "
-                  "`o.value in row` only), even when the output's index walks the reduced "
-                  "elements too (a full-shape output of a broadcast row value): the other "
-                  "elements are never written and hold uninitialised memory.")
 
-
-@pytest.mark.xfail(strict=True, reason=ROW_OUTPUT_BUG)
 def test_regression_expanded_row_value_is_written_everywhere(kernel_backend):
     program = _regression("""\
         def fn(in0):
@@ -388,7 +381,6 @@ def test_regression_expanded_row_value_is_written_everywhere(kernel_backend):
     check_program(program, torch.float32, 0, False)
 
 
-@pytest.mark.xfail(strict=True, reason=ROW_OUTPUT_BUG)
 def test_regression_expanded_input_divided_by_its_max(kernel_backend):
     """The same bug reached through an expanded (stride 0) input: x / x.amax(0) only loads
     x at the column, so the division's value is one per row of the (4, 8) → (8,) frame."""

@@ -86,7 +86,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs, kind: str = "graph",
 def _with_cuda_graphs(gm, example_inputs, compiled, record):
     from kitsune.runtime.cuda_graphs import CudaGraphRunner, cuda_graph_blocker
 
-    blocker = cuda_graph_blocker(gm, example_inputs)
+    blocker = cuda_graph_blocker(gm, example_inputs, compiled)
     if blocker is not None:
         if any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs):
             log.info("kitsune: %s graph runs without CUDA graphs: %s", record.name, blocker)

@@ -115,3 +115,27 @@ def test_compiled_model_replays_on_gpu():
         for kept, out in outs:
             assert torch.equal(kept, out)
     assert any(r.cuda_graph for r in kitsune.report.stats.GLOBAL_STATS.records())
+
+
+def test_replay_only_where_launch_time_outweighs_copying_outputs():
+    from kitsune.runtime.cuda_graphs import replay_cost_blocker
+
+    def traced(fn, *shapes):
+        gm = fx.symbolic_trace(fn)
+        from torch.fx.passes.shape_prop import ShapeProp
+        ShapeProp(gm).propagate(*[torch.empty(s) for s in shapes])
+        for node in gm.graph.nodes:  # ShapeProp fills tensor_meta; the blocker reads "val"
+            if "tensor_meta" in node.meta:
+                tm = node.meta["tensor_meta"]
+                node.meta["val"] = torch.empty(tm.shape, dtype=tm.dtype, device="meta")
+        return gm
+
+    one_big = traced(lambda x: torch.softmax(x, -1), (4096, 4096))
+    assert "cost more" in replay_cost_blocker(one_big, one_big)
+
+    def many_small(x):
+        for _ in range(40):
+            x = torch.tanh(x) * 2
+        return x
+    chain = traced(many_small, (64, 64))
+    assert replay_cost_blocker(chain, chain) is None

@@ -202,7 +202,7 @@ def plan_pointwise(graph: fx.Graph, config: FusionConfig) -> FusionPlan:
             continue
         seen.add(id(group))
         names = tuple(n.name for n in group.nodes)
-        if len(group.nodes) < 2:
+        if len(group.nodes) < 2 and not _is_relayout(group.nodes[0]):
             plan.decisions.append(Decision(names, False, "single operation: nothing to fuse"))
             continue
         plan.groups.append(group)
@@ -213,6 +213,19 @@ def plan_pointwise(graph: fx.Graph, config: FusionConfig) -> FusionPlan:
         else:
             plan.decisions.append(Decision(names, True, f"pointwise chain of {len(group.nodes)} ops"))
     return plan
+
+
+def _is_relayout(node: fx.Node) -> bool:
+    """A lone copy that changes the layout (a permuted tensor made contiguous):
+    the generated kernel writes in order and reads through the view, where
+    PyTorch's generic strided copy is several times slower."""
+    if node.target not in (torch.ops.aten.clone.default, torch.ops.aten._to_copy.default):
+        return False
+    source = view_root(node.args[0])
+    src, out = meta(source), meta(node)
+    if src is None or out is None or src.dtype != out.dtype or src.device.type != "cuda":
+        return False
+    return out.numel() >= 1 << 16 and (not src.is_contiguous() or source is not node.args[0])
 
 
 def _blocker(node: fx.Node, config: FusionConfig) -> str | None:

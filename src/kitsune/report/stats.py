@@ -45,6 +45,7 @@ class GraphRecord:
     fallbacks: list = field(default_factory=list)   # (what, reason) that run through PyTorch
     decisions: list = field(default_factory=list)   # planner Decisions
     compile_seconds: float = 0.0
+    cuda_graph: bool = False      # replayed as one CUDA graph (kitsune.runtime.cuda_graphs)
     # Filled by kitsune.fusion.steer (pattern detection) and the FusionEngine:
     graph: object = None                             # the captured fx.Graph
     units: object = None                             # kitsune.fusion.units.UnitGraph

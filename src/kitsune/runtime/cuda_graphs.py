@@ -30,12 +30,18 @@ from torch import fx
 log = logging.getLogger("kitsune")
 
 WARMUP_CALLS = 2
+# Worth it when the host time of the launches saved clearly exceeds the time of
+# copying the outputs out of the recording: about 6 us of host time per op
+# (a FusedGroupCall or an aten call from Python), outputs copied at ~2 TB/s.
+HOST_US_PER_OP = 6.0
+COPY_BYTES_PER_US = 2.0e6
 
 _RANDOM = ("rand", "bernoulli", "dropout", "normal", "uniform", "multinomial", "randperm", "philox", "seed")
 
 
-def cuda_graph_blocker(gm: fx.GraphModule, example_inputs) -> str | None:
-    """Why this graph cannot be recorded, or None."""
+def cuda_graph_blocker(gm: fx.GraphModule, example_inputs, compiled=None) -> str | None:
+    """Why this graph cannot (or should not) be recorded, or None. `compiled`
+    (the graph that will run) decides whether replaying pays for itself."""
     tensors = [t for t in example_inputs if isinstance(t, torch.Tensor)]
     if not tensors or any(t.device.type != "cuda" for t in tensors):
         return "inputs not all on a CUDA device"
@@ -55,7 +61,34 @@ def cuda_graph_blocker(gm: fx.GraphModule, example_inputs) -> str | None:
         val = node.meta.get("val")
         if isinstance(val, torch.Tensor) and val.device.type != "cuda":
             return f"{node.name} makes a tensor on {val.device}"
+    return replay_cost_blocker(gm, compiled) if isinstance(compiled, fx.GraphModule) else None
+
+
+def replay_cost_blocker(gm: fx.GraphModule, compiled: fx.GraphModule) -> str | None:
+    """Why replaying would not pay for itself, or None."""
+    ops = sum(n.op == "call_function" and not _is_view(n) for n in compiled.graph.nodes)
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    out_bytes = sum(v.numel() * v.element_size() for v in _tensors(out.args[0]))
+    saved_us, copy_us = ops * HOST_US_PER_OP, out_bytes / COPY_BYTES_PER_US
+    if saved_us < 2 * copy_us:
+        return (f"copying its outputs out of a recording ({out_bytes / 1e6:.0f} MB, ~{copy_us:.0f} us) "
+                f"would cost more than the launch time it saves ({ops} ops, ~{saved_us:.0f} us)")
     return None
+
+
+def _is_view(node) -> bool:
+    from kitsune.ir.graph import is_view
+    import operator
+    return node.target is operator.getitem or is_view(node)
+
+
+def _tensors(args):
+    if isinstance(args, fx.Node):
+        val = args.meta.get("val")
+        return [val] if isinstance(val, torch.Tensor) else []
+    if isinstance(args, (list, tuple)):
+        return [t for a in args for t in _tensors(a)]
+    return []
 
 
 class CudaGraphRunner:
@@ -131,7 +164,12 @@ class CudaGraphRunner:
 
 def _fresh(outputs):
     if isinstance(outputs, torch.Tensor):
-        return outputs.clone(memory_format=torch.preserve_format)
+        # empty_strided keeps every stride (clone makes a non-dense layout dense);
+        # an expanded (overlapping) output cannot be written that way
+        if any(st == 0 and n > 1 for st, n in zip(outputs.stride(), outputs.shape)):
+            return outputs.clone()
+        fresh = torch.empty_strided(outputs.shape, outputs.stride(), dtype=outputs.dtype, device=outputs.device)
+        return fresh.copy_(outputs)
     if isinstance(outputs, (list, tuple)):
         return type(outputs)(_fresh(o) for o in outputs)
     return outputs

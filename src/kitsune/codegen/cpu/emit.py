@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from kitsune.codegen.kernel import KernelError, KernelSpec, reduction_stage, row_values
+from kitsune.codegen.kernel import KernelError, KernelSpec, is_row_index, reduction_stage, row_values
 from kitsune.ir.index import render
 from kitsune.ir.scalar import Value
 
@@ -292,8 +292,10 @@ def _emit_reduction(spec: KernelSpec, fn_name: str) -> str:
 
     reductions = [v for v in values if v.op == "reduce"]
     max_stage = max((stage[v] for v in reductions), default=0)
-    full_outputs = [o for o in spec.outputs if o.value not in row]
-    row_outputs = [o for o in spec.outputs if o.value in row]
+    # A row value stored at an index that walks the row too (a broadcast row
+    # value written at full shape) is stored by the element loop.
+    row_outputs = [o for o in spec.outputs if o.value in row and is_row_index(o.index, R)]
+    full_outputs = [o for o in spec.outputs if o not in row_outputs]
     names: dict = {}
 
     def loop_header(clauses: str) -> list[str]:

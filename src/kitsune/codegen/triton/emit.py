@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from kitsune.codegen.kernel import KernelError, KernelSpec, reduction_stage, row_values
+from kitsune.codegen.kernel import KernelError, KernelSpec, is_row_index, reduction_stage, row_values
 from kitsune.ir.index import render
 from kitsune.ir.scalar import Value
 
@@ -209,6 +209,25 @@ def _finish(kind: str, block: str) -> str:
     return f"tl.reduce({block}, 1, {fn})[:, None]"
 
 
+def _online_softmax_sums(reductions, row) -> dict:
+    """{S: M} for sums S = sum(exp(A - M)) of a float32 A whose maximum is
+    M = max(A): a looped kernel computes both in one pass over the row
+    (online softmax: the running sum is rescaled whenever the maximum grows)
+    instead of one pass for M and another for S."""
+    maxima = {v.args[0]: v for v in reductions if v.attr == "max" and v.dtype == torch.float32}
+    pairs = {}
+    for v in reductions:
+        if v.attr != "sum" or v.dtype != torch.float32 or v.args[0].op != "exp":
+            continue
+        diff = v.args[0].args[0]
+        if diff.op != "sub" or diff.args[1].op != "reduce":
+            continue
+        a, m = diff.args
+        if maxima.get(a) is m and a not in row:
+            pairs[v] = m
+    return pairs
+
+
 def reduction_blocks(spec: KernelSpec, persistent_max: int) -> tuple[int, int, int, bool]:
     """(XBLOCK, RBLOCK, num_warps, persistent) for a reduction kernel."""
     R, rows = spec.reduction, spec.rows
@@ -251,8 +270,11 @@ def _emit_reduction(spec: KernelSpec, fn_name: str, persistent_max: int) -> str:
 
     reductions = [v for v in values if v.op == "reduce"]
     max_stage = max((stage[v] for v in reductions), default=0)
-    full_outputs = [o for o in spec.outputs if o.value not in row]
-    row_outputs = [o for o in spec.outputs if o.value in row]
+    online = {} if persistent else _online_softmax_sums(reductions, row)
+    # A row value stored at an index that walks the row too (a broadcast row
+    # value written at full shape) is stored by the element loop.
+    row_outputs = [o for o in spec.outputs if o.value in row and is_row_index(o.index, R)]
+    full_outputs = [o for o in spec.outputs if o not in row_outputs]
 
     def row_stage_values(s):
         return [v for v in values if v in row and v.op != "reduce" and stage[v] == s]
@@ -271,22 +293,43 @@ def _emit_reduction(spec: KernelSpec, fn_name: str, persistent_max: int) -> str:
                 body.append(f"{name} = {_finish(v.attr, block)}")
                 names[v] = name
         else:
+            targets = [v for v in targets if v not in names]  # online sums are done already
+            pairs = [(m, total) for total, m in online.items() if m in targets]
+            if not targets:
+                for v in row_stage_values(s + 1):
+                    emit(v, names, body, "")
+                continue
             accs = {}
             for v in targets:
                 accs[v] = f"acc{next(counter)}"
                 body.append(f"{accs[v]} = tl.full([XBLOCK, RBLOCK], {_identity(v.attr, v.dtype)}, "
                             f"{TL_DTYPE[compute_dtype(v.dtype)]})")
+            for _, total in pairs:
+                accs[total] = f"acc{next(counter)}"
+                body.append(f"{accs[total]} = tl.zeros([XBLOCK, RBLOCK], tl.float32)")
             body += [f"for r0 in range(0, {R}, RBLOCK):", "    r = r0 + tl.arange(0, RBLOCK)[None, :]",
                      "    x = xrow + r", f"    xmask = rowmask & (r < {R})"]
             scope = {k: n for k, n in names.items() if k in row}
+            paired = {m: total for m, total in pairs}
             for v in targets:
                 arg = emit(v.args[0], scope, body, "    ")
                 block = f"tl.where(xmask, {arg}, {_identity(v.attr, v.dtype)})"
-                body.append(f"    {accs[v]} = {_combine(v.attr, accs[v], block)}")
+                if v in paired:  # online softmax: rescale the running sum to the new maximum
+                    m_new, total = f"m{next(counter)}", accs[paired[v]]
+                    body += [f"    {m_new} = {_combine('max', accs[v], block)}",
+                             f"    {total} = {total} * online_scale({accs[v]}, {m_new}) + "
+                             f"online_scale({block}, {m_new})",
+                             f"    {accs[v]} = {m_new}"]
+                else:
+                    body.append(f"    {accs[v]} = {_combine(v.attr, accs[v], block)}")
             for v in targets:
                 name = f"v{next(counter)}"
                 body.append(f"{name} = {_finish(v.attr, accs[v])}")
                 names[v] = name
+            for m, total in pairs:
+                name = f"v{next(counter)}"
+                body.append(f"{name} = tl.sum({accs[total]} * online_scale({accs[m]}, {names[m]}), 1)[:, None]")
+                names[total] = name
         for v in row_stage_values(s + 1):
             emit(v, names, body, "")
     if full_outputs:
@@ -309,7 +352,7 @@ def _emit_reduction(spec: KernelSpec, fn_name: str, persistent_max: int) -> str:
     lines = [
         "import triton",
         "import triton.language as tl",
-        "from kitsune.codegen.triton.libm import libm, round_bf16, max_nan, min_nan, mul_combine",
+        "from kitsune.codegen.triton.libm import libm, round_bf16, max_nan, min_nan, mul_combine, online_scale",
         "",
         header,
         f"# {rows} rows x {R} reduced elements; XBLOCK={xblock} RBLOCK={rblock} num_warps={num_warps} "

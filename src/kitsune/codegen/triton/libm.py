@@ -110,3 +110,10 @@ def min_nan(a, b):
 @triton.jit
 def mul_combine(a, b):
     return a * b
+
+
+@triton.jit
+def online_scale(a, m):
+    """exp(a - m) for online softmax; 0 where the running maximum m is still
+    -inf (then a is -inf too, and a - m would be NaN)."""
+    return tl.where(m == float("-inf"), 0.0, tl.exp(a - m))

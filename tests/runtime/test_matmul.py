@@ -1,0 +1,29 @@
+"""Matmuls with misaligned output rows (kitsune.runtime.matmul)."""
+import pytest
+import torch
+from torch import fx
+
+from kitsune.runtime.matmul import align_matmuls, aligned_addmm, aligned_mm
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("n", [101, 64, 7])
+def test_aligned_products_match_eager(dtype, n):
+    # another layout of the weight may take another BLAS kernel: the sum order,
+    # so the last bit, can differ (as it does between cuBLAS kernels)
+    a = torch.randn(33, 24).to(dtype)
+    w = torch.randn(n, 24).to(dtype)
+    bias = torch.randn(n).to(dtype)
+    for got, want in [(aligned_mm(a, w.t()), torch.mm(a, w.t())),
+                      (aligned_addmm(bias, a, w.t()), torch.addmm(bias, a, w.t())),
+                      (aligned_addmm(bias, a, w.t(), beta=0.5, alpha=2), torch.addmm(bias, a, w.t(), beta=0.5, alpha=2))]:
+        torch.testing.assert_close(got, want)
+        assert got.stride() == want.stride()
+
+
+def test_only_large_misaligned_cuda_matmuls_are_rewritten():
+    gm = fx.symbolic_trace(lambda a, b: torch.ops.aten.mm.default(a, b))
+    for node in gm.graph.nodes:
+        if node.op == "call_function":
+            node.meta["val"] = torch.empty(4096, 50257, dtype=torch.bfloat16, device="meta")
+    assert align_matmuls(gm) == 0  # meta/CPU tensors: cuBLAS is not involved

@@ -370,8 +370,10 @@ def test_check_program_smoke(kernel_backend):
     check_program(program, torch.float32, 0, True)
 
 
-
 def test_regression_expanded_row_value_is_written_everywhere(kernel_backend):
+    """A reduction kernel's output whose value is one per row but whose index walks the
+    reduced elements too (a broadcast row value stored at full shape) was written once per
+    row only, the rest left uninitialised (fixed in a2cae2f)."""
     program = _regression("""\
         def fn(in0):
             v0 = in0.sum(-1, keepdim=True)
@@ -390,4 +392,22 @@ def test_regression_expanded_input_divided_by_its_max(kernel_backend):
             v1 = in0 / v0
             return (v1,)
         """, [("expand", (4, 8))])
+    check_program(program, torch.float32, 0, False)
+
+
+SIGNED_ZERO_BUG = ("relu and clamp keep eager's input on ties in eager PyTorch (relu(-0.0) and "
+                   "clamp(-0.0, min=0.0) are -0.0), but the op table (ir/ops.py) writes them as "
+                   "maximum/minimum, whose generated code returns the bound: +0.0, so 1/relu(-0.0) "
+                   "is +inf instead of -inf.")
+
+
+@pytest.mark.xfail(strict=True, reason=SIGNED_ZERO_BUG)
+@pytest.mark.parametrize("op", ["torch.relu({x})", "torch.clamp({x}, -0.0, 0.0)", "torch.clamp({x}, min=0.0)"])
+def test_regression_relu_and_clamp_keep_negative_zero(kernel_backend, op):
+    program = _regression(f"""\
+        def fn(in0):
+            v0 = {op.format(x="in0 * 0.0")}
+            v1 = 1.0 / v0
+            return (v1,)
+        """, [("full", (4, 5))])
     check_program(program, torch.float32, 0, False)

@@ -334,6 +334,9 @@ def check_program(program, dtype, seed, specials):
         assert_matches(g, e, r, dtype)
         assert_same_layout(g, e, _fake_strides(fn, inputs, k))
     assert stats["fallbacks"] == [], stats["fallbacks"]
+    # a kernel that failed to launch (or met unexpected strides) ran eager's ops: the
+    # result above would then say nothing about Kitsune's kernels
+    assert stats["runtime_fallbacks"] == [], stats["runtime_fallbacks"]
     if program["expect_fused"]:
         assert stats["num_fused"] >= 1, f"nothing fused: {stats['groups']} / {stats['fallbacks']}"
 

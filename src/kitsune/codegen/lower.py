@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from kitsune.codegen.kernel import KernelInput, KernelOutput, KernelSpec
+from kitsune.codegen.kernel import KernelInput, KernelOutput, KernelSpec, is_row_index
 from kitsune.ir.graph import is_view, meta, view_root
 from kitsune.ir.index import Index, delinearize, linearize, strided
 from kitsune.ir.ops import POINTWISE_OPS, REDUCTION_OPS, NotFusible, aten, op_name, prims, reduction_signature
@@ -194,16 +194,48 @@ class GroupLowering:
 
 
     def _gather(self, node: fx.Node, idx: tuple, arg: Value, position: Value) -> Value:
-        """gather with one index per row, as a masked sum along the row:
-        exact (every other term is zero), and an index out of range matches
-        nothing, which gives NaN (eager raises; a NaN loss is the visible signal)."""
+        """gather with one index per row. Each element-level input of the
+        gathered expression is picked at the target position by a masked sum
+        along the row (exact: every other term is zero), and the expression is
+        evaluated once per row on the picked inputs, so the pick shares the
+        first pass over the row with the row's other reductions. An index out
+        of range matches nothing, which gives NaN (eager raises; a NaN loss is
+        the visible signal)."""
         out_dtype = meta(node).dtype
         acc = torch.float32 if out_dtype in _LOW_PRECISION else out_dtype
         target = cast(self.value_at(node.args[2], idx), torch.int64)
         match = call("eq", position, target)
-        picked = reduce("sum", where(match, cast(arg, acc), const(0.0, acc)))
+        in_shape, dims = self.frame
+        R = 1
+        for d in dims:
+            R *= in_shape[d]
+        picked = _pick(arg, match, R, {})
         found = reduce("any", match)
-        return cast(where(found, picked, const(float("nan"), acc)), out_dtype)
+        return cast(where(found, cast(picked, acc), const(float("nan"), acc)), out_dtype)
+
+
+def _pick(v: Value, match: Value, R: int, memo: dict) -> Value:
+    """v (an expression over a row) evaluated at the one position where
+    `match` holds: element-level leaves are picked by masked sums, row-level
+    values are kept."""
+    if v in memo:
+        return memo[v]
+    if v.op in ("load", "index"):
+        index = v.attr[1] if v.op == "load" else v.attr
+        if is_row_index(index, R):
+            result = v
+        elif v.dtype == torch.bool:
+            result = reduce("any", match & v)
+        else:
+            acc = torch.float32 if v.dtype in _LOW_PRECISION else v.dtype
+            acc = torch.int64 if not acc.is_floating_point else acc
+            result = cast(reduce("sum", where(match, cast(v, acc), const(0, acc))), v.dtype)
+    elif v.op in ("const", "reduce"):
+        result = v
+    else:
+        result = Value(v.op, tuple(_pick(a, match, R, memo) for a in v.args), v.dtype, v.attr)
+    memo[v] = result
+    return result
 
 
 def reduced_index(in_shape, dims) -> list:

@@ -300,36 +300,41 @@ def _emit_reduction(spec: KernelSpec, fn_name: str, persistent_max: int) -> str:
                     emit(v, names, body, "")
                 continue
             accs = {}
+            paired = {m: total for m, total in pairs}
             for v in targets:
                 accs[v] = f"acc{next(counter)}"
-                body.append(f"{accs[v]} = tl.full([XBLOCK, RBLOCK], {_identity(v.attr, v.dtype)}, "
+                width = "1" if v in paired else "RBLOCK"  # online maxima are kept per row
+                body.append(f"{accs[v]} = tl.full([XBLOCK, {width}], {_identity(v.attr, v.dtype)}, "
                             f"{TL_DTYPE[compute_dtype(v.dtype)]})")
             for _, total in pairs:
                 accs[total] = f"acc{next(counter)}"
-                body.append(f"{accs[total]} = tl.zeros([XBLOCK, RBLOCK], tl.float32)")
+                body.append(f"{accs[total]} = tl.zeros([XBLOCK, 1], tl.float32)")
             body += [f"for r0 in range(0, {R}, RBLOCK):", "    r = r0 + tl.arange(0, RBLOCK)[None, :]",
                      "    x = xrow + r", f"    xmask = rowmask & (r < {R})"]
             scope = {k: n for k, n in names.items() if k in row}
-            paired = {m: total for m, total in pairs}
             for v in targets:
                 arg = emit(v.args[0], scope, body, "    ")
                 block = f"tl.where(xmask, {arg}, {_identity(v.attr, v.dtype)})"
-                if v in paired:  # online softmax: rescale the running sum to the new maximum
-                    m_new, total = f"m{next(counter)}", accs[paired[v]]
-                    body += [f"    {m_new} = {_combine('max', accs[v], block)}",
+                if v in paired:
+                    # online softmax: the row's running maximum grows chunk by
+                    # chunk and the running sum is rescaled to it (one exp per element)
+                    m_new, chunk, total = f"m{next(counter)}", f"c{next(counter)}", accs[paired[v]]
+                    body += [f"    {chunk} = {block}",
+                             f"    {m_new} = max_nan({accs[v]}, {_finish('max', chunk)})",
                              f"    {total} = {total} * online_scale({accs[v]}, {m_new}) + "
-                             f"online_scale({block}, {m_new})",
+                             f"tl.sum(online_scale({chunk}, {m_new}), 1)[:, None]",
                              f"    {accs[v]} = {m_new}"]
                 else:
                     body.append(f"    {accs[v]} = {_combine(v.attr, accs[v], block)}")
             for v in targets:
+                if v in paired:
+                    names[v] = accs[v]
+                    continue
                 name = f"v{next(counter)}"
                 body.append(f"{name} = {_finish(v.attr, accs[v])}")
                 names[v] = name
             for m, total in pairs:
-                name = f"v{next(counter)}"
-                body.append(f"{name} = tl.sum({accs[total]} * online_scale({accs[m]}, {names[m]}), 1)[:, None]")
-                names[total] = name
+                names[total] = accs[total]
         for v in row_stage_values(s + 1):
             emit(v, names, body, "")
     if full_outputs:

@@ -40,7 +40,7 @@ def test_group_below_min_fusion_benefit_runs_unfused(monkeypatch, tmp_path):
 def test_without_profile_nothing_is_timed(monkeypatch, tmp_path):
     monkeypatch.setenv("KITSUNE_BACKEND", "reference")
     monkeypatch.setenv("KITSUNE_CACHE_DIR", str(tmp_path))
-    record = run(FusionEngine(config=FusionConfig(min_fusion_benefit=1e6)), 64)
+    record = run(FusionEngine(config=FusionConfig(min_tensor_size=0)), 64)
     assert record.measured == {} and len(record.groups) == 1
 
 
@@ -70,3 +70,13 @@ def test_decision_survives_a_process_restart_and_a_new_shape_redecides(monkeypat
     torch._dynamo.reset()
     (measured,) = run(FusionEngine(profile=True, config=FusionConfig(min_fusion_benefit=1e6)), 96).measured.values()
     assert not measured["cached"]
+
+
+def test_a_config_asking_for_min_fusion_benefit_measures_without_profile(monkeypatch, tmp_path):
+    monkeypatch.setenv("KITSUNE_BACKEND", "reference")
+    monkeypatch.setenv("KITSUNE_CACHE_DIR", str(tmp_path))
+    engine = FusionEngine(config=FusionConfig(min_fusion_benefit=1e6))  # no profile=True
+    assert engine.profile
+    record = run(engine, 64)
+    assert record.measured and record.groups == []
+    assert not FusionEngine().profile  # the default benefit alone does not time anything

@@ -122,7 +122,9 @@ class FusionEngine:
                      would fuse.
       config:        a FusionConfig (default FusionConfig()).
       profile:       time each fused kernel against its unfused ops on the first real
-                     inputs; stats and reports then show measured speed-ups.
+                     inputs; stats and reports then show measured speed-ups. A config
+                     that sets min_fusion_benefit to other than its default asks for
+                     measured decisions, so it turns profiling on too.
     """
 
     def __init__(self, enable_fusion: bool = True, config: FusionConfig | None = None, profile: bool = False):
@@ -135,7 +137,8 @@ class FusionEngine:
         if not isinstance(config, FusionConfig):
             raise TypeError(f"FusionEngine config must be a kitsune.fusion.FusionConfig, got {type(config).__name__}")
         self.enable_fusion = enable_fusion
-        self.profile = profile
+        default_benefit = FusionConfig.__dataclass_fields__["min_fusion_benefit"].default
+        self.profile = profile or config.min_fusion_benefit != default_benefit
         self._config = config
         self._stats = FusionStats()
 

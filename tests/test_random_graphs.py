@@ -398,13 +398,11 @@ def test_regression_expanded_input_divided_by_its_max(kernel_backend):
     check_program(program, torch.float32, 0, False)
 
 
-SIGNED_ZERO_BUG = ("relu and clamp keep eager's input on ties in eager PyTorch (relu(-0.0) and "
-                   "clamp(-0.0, min=0.0) are -0.0), but the op table (ir/ops.py) writes them as "
-                   "maximum/minimum, whose generated code returns the bound: +0.0, so 1/relu(-0.0) "
-                   "is +inf instead of -inf.")
+# Regression: relu and clamp keep eager's input on ties (relu(-0.0) and
+# clamp(-0.0, min=0.0) are -0.0); written as maximum/minimum they returned
+# the bound, +0.0, so 1/relu(-0.0) was +inf instead of -inf.
 
 
-@pytest.mark.xfail(strict=True, reason=SIGNED_ZERO_BUG)
 @pytest.mark.parametrize("op", ["torch.relu({x})", "torch.clamp({x}, -0.0, 0.0)", "torch.clamp({x}, min=0.0)"])
 def test_regression_relu_and_clamp_keep_negative_zero(kernel_backend, op):
     program = _regression(f"""\

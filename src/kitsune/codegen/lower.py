@@ -204,13 +204,18 @@ class GroupLowering:
         out_dtype = meta(node).dtype
         acc = torch.float32 if out_dtype in _LOW_PRECISION else out_dtype
         target = cast(self.value_at(node.args[2], idx), torch.int64)
-        match = call("eq", position, target)
         in_shape, dims = self.frame
         R = 1
         for d in dims:
             R *= in_shape[d]
+        # one row-level range check instead of an any() over the row; positions
+        # along the row fit in int32, so the per-element compare is 32-bit
+        found = call("ge", target, const(0, torch.int64)) & call("lt", target, const(R, torch.int64))
+        if R < 2**31:
+            match = call("eq", cast(position, torch.int32), cast(target, torch.int32))
+        else:
+            match = call("eq", position, target)
         picked = _pick(arg, match, R, {})
-        found = reduce("any", match)
         return cast(where(found, cast(picked, acc), const(float("nan"), acc)), out_dtype)
 
 

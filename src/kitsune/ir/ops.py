@@ -153,11 +153,18 @@ def _check_float_out(node) -> str | None:
 
 
 def _clamp(a: Value, lo=None, hi=None) -> Value:
+    # Floats: eager keeps the input on ties (clamp(-0.0, min=0.0) is -0.0) and
+    # a NaN bound gives NaN; maximum/minimum would return the bound on ties.
     if lo is not None:
-        a = call("maximum", a, lo)
+        a = _bound(a, lo, "lt") if _is_float(a) else call("maximum", a, lo)
     if hi is not None:
-        a = call("minimum", a, hi)
+        a = _bound(a, hi, "gt") if _is_float(a) else call("minimum", a, hi)
     return a
+
+
+def _bound(a: Value, bound, beyond: str) -> Value:
+    b = bound if isinstance(bound, Value) else const(bound, a.dtype)
+    return where(call(beyond, a, b) | call("isnan", b), b, a)
 
 
 def _nan_to_num(a: Value, nan=0.0, posinf=None, neginf=None, *, out) -> Value:
@@ -255,7 +262,7 @@ _row([aten.hypot.default], _binary("hypot"))
 for _name in ("floor", "ceil", "trunc", "round"):
     _row([getattr(aten, _name).default], lambda a, _p=_name: call(_p, a) if _is_float(a) else a)
 _row([aten.frac.default], lambda a: a - call("trunc", a))
-_row([aten.relu.default], lambda a: call("maximum", a, const(0, a.dtype)))
+_row([aten.relu.default], lambda a: _clamp(a, lo=0))
 _row([aten.maximum.default], _binary("maximum"))
 _row([aten.minimum.default], _binary("minimum"))
 _row([aten.clamp.default, aten.clamp.Tensor], _clamp)

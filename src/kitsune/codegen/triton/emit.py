@@ -12,7 +12,7 @@ import math
 import torch
 
 from kitsune.codegen.kernel import KernelError, KernelSpec, is_row_index, reduction_stage, row_values
-from kitsune.ir.index import render
+from kitsune.ir.index import Index, render
 from kitsune.ir.scalar import Value
 
 TL_DTYPE = {
@@ -259,15 +259,20 @@ def _emit_reduction(spec: KernelSpec, fn_name: str, persistent_max: int) -> str:
             return scope[v]
         if v.op == "reduce":
             raise KernelError(f"{spec.name}: reduction used before it is computed")
-        for a in v.args:
-            emit(a, scope, out, indent)
+        position = v.op == "cast" and v.args[0].op == "index" and v.args[0].attr == along_row
+        if position and v.dtype == torch.int32:
+            text = "r"  # the position along the row is the loop's own int32 offset
+        else:
+            for a in v.args:
+                emit(a, scope, out, indent)
+            is_row = v in row
+            text = _expr(v, scope, inputs, var="xrow" if is_row else "x", mask="rowmask" if is_row else "xmask")
         name = f"v{next(counter)}"
-        is_row = v in row
-        text = _expr(v, scope, inputs, var="xrow" if is_row else "x", mask="rowmask" if is_row else "xmask")
         out.append(f"{indent}{name} = {text}")
         scope[v] = name
         return name
 
+    along_row = Index.var().mod(R)
     reductions = [v for v in values if v.op == "reduce"]
     max_stage = max((stage[v] for v in reductions), default=0)
     online = {} if persistent else _online_softmax_sums(reductions, row)

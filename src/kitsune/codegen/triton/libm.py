@@ -99,12 +99,14 @@ else:
 # in the interpreter too). max/min propagate NaN, like eager.
 @triton.jit
 def max_nan(a, b):
-    return tl.where((a > b) | (a != a), a, b)
+    # one max.NaN instruction on the GPU (a compare-and-select chain made
+    # looped max reductions latency-bound: 59 % of copy rate against 98 % for sum)
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
 def min_nan(a, b):
-    return tl.where((a < b) | (a != a), a, b)
+    return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit

@@ -53,3 +53,19 @@ def test_reshape_digits_match_torch(src, dst):
     expected = torch.arange(24).reshape(src)
     got = torch.stack([evaluate_index(i, x) for i in idx_src])
     torch.testing.assert_close(expected[tuple(got)], x)
+
+
+def test_render_rows_agrees_with_render_on_every_position():
+    from kitsune.ir.index import Index, delinearize, render, render_rows, strided
+
+    R = 12
+    x = Index.var()
+    cases = [x, x.mod(R), x.floordiv(R), x.floordiv(3).mod(4), x.floordiv(24).mod(5),
+             strided(delinearize(x, [5, 3, 4]), [1, 20, 5], offset=7), x.mod(6) * 2 + x.floordiv(R) * 9,
+             x.floordiv(5).mod(7)]  # a digit that straddles rows keeps x
+    for index in cases:
+        general, by_rows = render(index, "x"), render_rows(index, R, "x")
+        for row in range(5):
+            for r in range(R):
+                env = {"x": row * R + r, "row": row, "r": r}
+                assert eval(by_rows, {}, env) == eval(general, {}, env), (str(index), by_rows)

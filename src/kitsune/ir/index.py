@@ -183,3 +183,30 @@ def render(index: Index, var: str, floordiv: str = "//") -> str:
     if index.const or not parts:
         parts.append(str(index.const))
     return " + ".join(parts)
+
+
+def render_rows(index: Index, R: int, var: str, floordiv: str = "//") -> str:
+    """Like `render`, in a row kernel where x = row * R + r and the names `row`
+    and `r` are in scope: a digit of x that lies within one row becomes a digit
+    of r, one above the row a digit of row. No division is left per element
+    for the common cases (a weight read at x % R, a per-row value at x // R)."""
+    parts = []
+    for t in index.terms:
+        if t.base is None and t.mod is not None and R % (t.div * t.mod) == 0:
+            s = "r" if t.div == 1 else f"(r {floordiv} {t.div})"
+            if t.div * t.mod != R:
+                s = f"{s} % {t.mod}"
+        elif t.base is None and t.div % R == 0:
+            q = t.div // R
+            s = "row" if q == 1 else f"(row {floordiv} {q})"
+            if t.mod is not None:
+                s = f"{s} % {t.mod}"
+        else:
+            parts.append(render(Index(0, (t,)), var, floordiv))
+            continue
+        if t.coef != 1:
+            s = f"({s}) * {t.coef}"
+        parts.append(s)
+    if index.const or not parts:
+        parts.append(str(index.const))
+    return " + ".join(parts)

@@ -17,7 +17,7 @@ import math
 import torch
 
 from kitsune.codegen.kernel import KernelError, KernelSpec, is_row_index, reduction_stage, row_values
-from kitsune.ir.index import render
+from kitsune.ir.index import render, render_rows
 from kitsune.ir.scalar import Value
 
 STORAGE = {
@@ -174,20 +174,26 @@ def _f(dtype: torch.dtype) -> str:
     return "" if dtype == torch.float64 else "f"
 
 
-def _expr(v: Value, names: dict, inputs: list[str], var: str = "x") -> str:
+def _render(index, var: str, rows: int | None) -> str:
+    """C text of an index; in a row kernel (rows = R) digits of x within a row
+    read the loop's r and digits above it read row: no division per element."""
+    return render(index, var, floordiv="/") if rows is None else render_rows(index, rows, var, floordiv="/")
+
+
+def _expr(v: Value, names: dict, inputs: list[str], var: str = "x", rows: int | None = None) -> str:
     a = [names[arg] for arg in v.args]
     op, dtype = v.op, v.dtype
     ctype = COMPUTE[dtype]
     if op == "load":
         slot, index = v.attr
-        ref = f"{inputs[slot]}[{render(index, var, floordiv='/')}]"
+        ref = f"{inputs[slot]}[{_render(index, var, rows)}]"
         if dtype == torch.bfloat16:
             return f"kitsune_bf16_to_f32({ref})"
         return f"(float){ref}" if dtype == torch.float16 else ref
     if op == "const":
         return literal(v.attr, dtype)
     if op == "index":
-        return f"(int64_t)({render(v.attr, var, floordiv='/')})"
+        return f"(int64_t)({_render(v.attr, var, rows)})"
     if op == "cast":
         if dtype == torch.bool:
             return f"({a[0]} != 0)"
@@ -284,7 +290,7 @@ def _emit_reduction(spec: KernelSpec, fn_name: str) -> str:
             emit(a, scope, out, indent)
         name = f"v{next(counter)}"
         # row values read their inputs at the row's first element
-        text = _expr(v, scope, inputs, var="xrow" if v in row else "x")
+        text = _expr(v, scope, inputs, var="xrow" if v in row else "x", rows=R)
         uses_err |= "kitsune_err" in text
         out.append(f"{indent}const {COMPUTE[v.dtype]} {name} = {text};")
         scope[v] = name
@@ -354,11 +360,11 @@ def _emit_reduction(spec: KernelSpec, fn_name: str) -> str:
         loop = []
         for out in full_outputs:
             value = emit(out.value, scope, loop, "  ")
-            loop.append("  " + _store_c(out, value, "x"))
+            loop.append("  " + _store_c(out, value, "x", R))
         body += loop_header("") + loop + ["}"]
     for out in row_outputs:
         value = emit(out.value, names, body, "")
-        body.append(_store_c(out, value, "xrow"))
+        body.append(_store_c(out, value, "xrow", R))
 
     params = [f"const {STORAGE[i.dtype]} *restrict {i.name}" for i in spec.inputs]
     params += [f"{STORAGE[o.dtype]} *restrict {o.name}" for o in spec.outputs]
@@ -380,11 +386,11 @@ def _emit_reduction(spec: KernelSpec, fn_name: str) -> str:
     return "\n".join(lines)
 
 
-def _store_c(out, value: str, var: str) -> str:
+def _store_c(out, value: str, var: str, rows: int | None = None) -> str:
     if out.value.dtype != out.dtype:
         raise KernelError(f"output {out.name} stores {out.value.dtype} into {out.dtype}")
     if out.dtype == torch.bfloat16:
         value = f"kitsune_f32_to_bf16({value})"
     elif out.dtype == torch.float16:
         value = f"(_Float16){value}"
-    return f"{out.name}[{render(out.index, var, floordiv='/')}] = {value};"
+    return f"{out.name}[{_render(out.index, var, rows)}] = {value};"

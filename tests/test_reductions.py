@@ -282,3 +282,23 @@ def test_reduction_fusion_can_be_disabled():
     torch.testing.assert_close(f(x), torch.softmax(x * 2, -1))
     stats = kitsune.get_fusion_stats()
     assert not any("amax" in " ".join(g[1]) for g in stats["groups"])
+
+
+def test_large_column_reduction_on_cpu_runs_through_pytorch_and_its_prologue_fuses():
+    """Bias gradients (a sum over the batch dim) on the CPU: the row kernel would
+    walk each column with a stride, so PyTorch sums and the pointwise prologue
+    fuses on its own, with the reason recorded."""
+    kitsune.reset_fusion_stats()
+
+    def f(g, x):
+        h = g * torch.sigmoid(x) * 2
+        return h, h.sum(0)
+
+    g, x = torch.randn(256, 128), torch.randn(256, 128)
+    got = torch.compile(f, backend="kitsune")(g, x)
+    for a, b in zip(got, f(g, x)):
+        torch.testing.assert_close(a, b)
+    stats = kitsune.get_fusion_stats()
+    assert stats["num_fused"] >= 1
+    decisions = [d for r in kitsune.report.stats.GLOBAL_STATS.records() for d in r.decisions]
+    assert any("column reduction on the CPU" in d.reason for d in decisions), decisions

@@ -175,6 +175,9 @@ def cast(v: Value, dtype: torch.dtype) -> Value:
 _BOOL_RESULT = {"eq", "ne", "lt", "le", "gt", "ge", "isnan"}
 
 
+_BOOL_ARITHMETIC = {"add": "bitwise_or", "mul": "bitwise_and"}
+
+
 def call(op: str, *args) -> Value:
     """Build `op(*args)`; Python numbers take the dtype of the Value operands."""
     values = [a for a in args if isinstance(a, Value)]
@@ -194,6 +197,10 @@ def call(op: str, *args) -> Value:
         raise TypeError(f"{op}: operands differ in dtype {[a.dtype for a in operands]}")
     if len(operands) != PRIMITIVES[op]:
         raise TypeError(f"{op} takes {PRIMITIVES[op]} operands, got {len(operands)}")
+    if dtype == torch.bool and op in _BOOL_ARITHMETIC:
+        # eager's bool add/mul are or/and; a 1-bit integer add wraps (True + True
+        # gave False in Triton 3.9's interpreter)
+        op = _BOOL_ARITHMETIC[op]
     return Value(op, operands, torch.bool if op in _BOOL_RESULT else dtype)
 
 

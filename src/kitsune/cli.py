@@ -1,8 +1,8 @@
 """Command line.
 
     python -m kitsune demo [--device cpu|cuda]
-    python -m kitsune explain path/to/script.py:target [--inputs NAME] [--backward] [--report out.html]
-    python -m kitsune report  path/to/script.py:target [-o report.html] [--inputs NAME] [--backward]
+    python -m kitsune explain path/to/script.py:target [--inputs NAME] [--backward] [--profile] [--report out.html]
+    python -m kitsune report  path/to/script.py:target [-o report.html] [--inputs NAME] [--backward] [--profile]
 
 `target` names something in the script (loaded without running its
 ``if __name__ == "__main__"`` block):
@@ -94,7 +94,7 @@ def load_target(spec: str, inputs_name: str | None = None):
 
 
 def run_explain(spec: str, inputs_name=None, backward=False, report=None, verbose=False, fusion=True,
-                out=None) -> int:
+                out=None, profile=False) -> int:
     import torch
 
     from kitsune.fusion import FusionEngine
@@ -105,8 +105,11 @@ def run_explain(spec: str, inputs_name=None, backward=False, report=None, verbos
     except TargetError as error:
         print(f"kitsune explain: {error}", file=sys.stderr)
         return 2
-    engine = FusionEngine(enable_fusion=fusion)
-    fused = engine.fuse(target)
+    engine = FusionEngine(enable_fusion=fusion, profile=profile)
+    # Static shapes: the explanation is of these inputs. (Dynamo's automatic dynamic shapes
+    # remember earlier compiles of the same file and function in this process, and Kitsune
+    # does not fuse dynamic shapes.)
+    fused = engine.fuse(target, dynamic=False)
     with torch.set_grad_enabled(backward):
         result = fused(*args, **kwargs)
         if backward:
@@ -137,6 +140,9 @@ def main(argv=None) -> int:
         p.add_argument("--backward", action="store_true", help="also compile and explain the backward graph")
         p.add_argument("--verbose", "-v", action="store_true", help="list every group and opportunity")
         p.add_argument("--no-fusion", action="store_true", help="detect patterns only; fuse nothing")
+        p.add_argument("--profile", action="store_true", help="time each fused kernel against its unfused ops "
+                                                             "on the first inputs; keep only those faster by "
+                                                             "min_fusion_benefit (measured gains)")
         if command == "explain":
             p.add_argument("--report", default=None, metavar="HTML", help="also write the HTML report")
         else:
@@ -146,7 +152,8 @@ def main(argv=None) -> int:
         from kitsune.demo import main as demo_main
         return demo_main(args.device)
     report = args.report if args.command == "explain" else args.output
-    return run_explain(args.target, args.inputs, args.backward, report, args.verbose, not args.no_fusion)
+    return run_explain(args.target, args.inputs, args.backward, report, args.verbose, not args.no_fusion,
+                       profile=args.profile)
 
 
 if __name__ == "__main__":

@@ -235,6 +235,7 @@ class FusionEngine:
         applying every detected pattern opportunity (and every fused group) would
         remove; 1.0 when nothing is removable. Raise it by acting on the opportunities
         `explain()` lists as not applied.
+        measured: with profiling, one dict per timed group (fused_s, unfused_s, speedup, kept, cached).
         """
         stats = self._stats.as_dict()
         stats["profiled"] = self.profile

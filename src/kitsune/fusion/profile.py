@@ -28,6 +28,8 @@ from kitsune.runtime.fused_call import FusedGroupCall
 
 log = logging.getLogger("kitsune")
 REPEATS = 5
+# Profiling this many fused groups or more shows a progress line on stderr when it is a terminal.
+PROGRESS_MIN_GROUPS = 8
 
 
 def stable_spec_text(spec) -> str:
@@ -93,13 +95,14 @@ class _Profiler(fx.Interpreter):
         self.done = 0
 
     def call_function(self, target, args, kwargs):
-        if isinstance(target, FusedGroupCall) and target.kernel is not None:
-            self.done += 1
-            try:
-                self._decide(target, args)
-            except Exception as error:  # noqa: BLE001 - measuring must never break the model
-                log.warning("kitsune: could not time %s: %s", target.spec.name, error)
-            if self.total >= 8 and sys.stderr.isatty():
+        if isinstance(target, FusedGroupCall):
+            self.done += 1  # every group counts, so that the progress line ends at total/total
+            if target.kernel is not None:
+                try:
+                    self._decide(target, args)
+                except Exception as error:  # noqa: BLE001 - measuring must never break the model
+                    log.warning("kitsune: could not time %s: %s", target.spec.name, error)
+            if self.total >= PROGRESS_MIN_GROUPS and sys.stderr.isatty():
                 print(f"\rkitsune: timing fused kernels {self.done}/{self.total}", end="", file=sys.stderr,
                       flush=True)
         return super().call_function(target, args, kwargs)
@@ -156,7 +159,7 @@ def profiled(gm: fx.GraphModule, record, config):
         profiler = _Profiler(gm, record, config, backend_of)
         with torch.no_grad():
             profiler.run(*args)
-        if profiler.total >= 8 and sys.stderr.isatty():
+        if profiler.total >= PROGRESS_MIN_GROUPS and sys.stderr.isatty():
             print(file=sys.stderr)
         from kitsune.report.analysis import finalize
         finalize(record)

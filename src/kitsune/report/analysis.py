@@ -101,6 +101,7 @@ def graph_estimates(record) -> dict:
             "patterns": patterns, "unfused_seconds": unfused.seconds, "fused_seconds": est.seconds,
             "unfused_kernels": unfused.launches, "bytes_saved": max(0, unfused.bytes - est.bytes),
             "measured": record.measured.get(kernel),
+            "measured_speedup": (record.measured[kernel]["speedup"] if kernel in record.measured else None),
         })
     rest = [n for n in record.graph.nodes if is_kernel(n) and n.name not in fused_names]
     after = after + nodes_estimate(rest)

@@ -54,10 +54,14 @@ def explain_records(records, verbose: bool = False, config=None) -> str:
                  f"{_time(summary['seconds_before'])} → {_time(summary['seconds_after'])}; memory traffic "
                  f"{_bytes(summary['bytes_before'])} → {_bytes(summary['bytes_after'])}")
     if measured:
-        before = sum(m["unfused_s"] for m in measured)
-        now = sum(m["fused_s"] for m in measured)
-        lines.append(f"Measured on first inputs ({len(measured)} kernels): unfused {_time(before)} → "
-                     f"fused {_time(now)} ({before / now:.2f}x)" if now > 0 else "")
+        # a group below min_fusion_benefit runs unfused: its time now is its unfused time
+        timed = [(m, name in {g[0] for g in r.groups}) for r in records for name, m in r.measured.items() if m]
+        before = sum(m["unfused_s"] for m, _ in timed)
+        now = sum(m["fused_s"] if kept else m["unfused_s"] for m, kept in timed)
+        kept = sum(1 for _, k in timed if k)
+        lines.append(f"Measured on first inputs ({len(timed)} kernels: {kept} kept, {len(timed) - kept} run "
+                     f"unfused below min_fusion_benefit): unfused {_time(before)} → now {_time(now)} "
+                     f"({before / now:.2f}x)" if now > 0 else "")
     lines.append(f"Efficiency: {summary['efficiency']:.0%} of the kernel reduction that the detected "
                  f"patterns allow")
     if config is not None and not (config.enable_elementwise or config.enable_reduction):

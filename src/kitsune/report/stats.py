@@ -25,7 +25,11 @@ Keys (all graphs compiled into this stats object):
     compile_seconds   time spent in Kitsune's compiler (not Dynamo's capture)
     groups            (kernel name, nodes fused, backend) per fused group
     group_details     one dict per fused group: kernel, graph, backend, nodes, ops, patterns,
-                      estimated seconds before/after, bytes saved, measured_speedup (profile=True)
+                      unfused_seconds/fused_seconds (estimated), unfused_kernels, bytes_saved,
+                      measured (the timing dict) and measured_speedup (None unless profiled)
+    measured          one dict per group a profiling engine timed, kept or run unfused:
+                      kernel, graph, fused_s, unfused_s, speedup (unfused_s / fused_s), kept
+                      (False when below min_fusion_benefit), cached (decision read from disk)
 """
 from __future__ import annotations
 
@@ -99,7 +103,21 @@ class FusionStats:
             "compile_seconds": round(sum(g.compile_seconds for g in graphs), 3),
             "groups": [grp for g in graphs for grp in g.groups],
             "group_details": summary["groups"],
+            "measured": measured_groups(graphs),
         }
+
+
+def measured_groups(records) -> list:
+    """One dict per fused group timed by a profiling engine (kept or not): kernel, graph,
+    fused_s, unfused_s, speedup (unfused_s / fused_s), kept, cached."""
+    out = []
+    for record in records:
+        kept = {name for name, _, _ in record.groups}
+        for name, m in list(record.measured.items()):
+            out.append({"kernel": name, "graph": record.name, "fused_s": m.get("fused_s"),
+                        "unfused_s": m.get("unfused_s"), "speedup": m.get("speedup"), "kept": name in kept,
+                        "cached": bool(m.get("cached"))})
+    return out
 
 
 def runtime_fallbacks(records) -> list:

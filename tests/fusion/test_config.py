@@ -5,11 +5,13 @@ from kitsune.fusion import FusionConfig, FusionPattern
 
 DEFAULTS = dict(enable_elementwise=True, enable_reduction=True, enable_matmul=False, max_fusion_size=8,
                 min_fusion_benefit=1.1, min_tensor_size=0, cpu_fusion=True, gpu_fusion=True,
-                enabled_patterns=None, custom_patterns=())
+                cuda_graphs=True, enabled_patterns=None, custom_patterns=())
 
 
 def test_defaults_match_spec_01():
+    from dataclasses import fields
     config = FusionConfig()
+    assert {f.name for f in fields(FusionConfig)} == set(DEFAULTS)  # a new field needs a test here
     for name, value in DEFAULTS.items():
         assert getattr(config, name) == value, name
 
@@ -21,7 +23,7 @@ def test_spec_01_example_constructs():
 
 
 @pytest.mark.parametrize("field", ["enable_elementwise", "enable_reduction", "enable_matmul", "cpu_fusion",
-                                   "gpu_fusion"])
+                                   "gpu_fusion", "cuda_graphs"])
 def test_bool_fields_reject_non_bools(field):
     with pytest.raises(TypeError, match=field):
         FusionConfig(**{field: 1})

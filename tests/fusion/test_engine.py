@@ -232,3 +232,35 @@ def test_bad_replacement_falls_back_to_the_original_ops(caplog, monkeypatch):
     (opp,) = opportunities(engine, "gate")
     engine.get_fusion_stats()
     assert opp.status == "not applied" and "differs" in opp.reason
+
+
+LOG_SCRIPT = """
+import torch, kitsune
+from kitsune.fusion import FusionEngine, FusionPattern
+engine = FusionEngine()
+engine.register_pattern(FusionPattern(name="mm_relu", ops=["matmul", "relu"], fusion_type="matmul"))
+f = engine.fuse(lambda a, w: torch.relu(a @ w) - a)
+a, w = torch.randn(4, 4), torch.randn(4, 4)
+torch.testing.assert_close(f(a, w), torch.relu(a @ w) - a)
+"""
+
+
+@pytest.mark.parametrize("level", ["", "info", "debug"])
+def test_kitsune_log_env_turns_logging_on(tmp_path, level):
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, KITSUNE_BACKEND="reference", KITSUNE_CACHE_DIR=str(tmp_path), KITSUNE_LOG=level)
+    result = subprocess.run([sys.executable, "-c", LOG_SCRIPT], capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith(("INFO kitsune", "DEBUG kitsune"))]
+    applied = [line for line in lines if line.startswith("INFO kitsune") and "pattern elementwise_chain applied" in line]
+    refused = [line for line in lines if line.startswith("DEBUG kitsune") and "pattern 'mm_relu'" in line
+               and "refused" in line]
+    if level == "":
+        assert lines == []
+    elif level == "info":
+        assert applied and not refused and not any(line.startswith("DEBUG") for line in lines)
+    else:
+        assert applied and refused and "opaque" in refused[0]

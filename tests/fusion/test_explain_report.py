@@ -139,6 +139,8 @@ def test_cli_explain_and_report(tmp_path, capsys):
     assert html.exists() and "<svg" in html.read_text()
     assert cli_main(["report", f"{script}:make", "--backward", "-o", str(tmp_path / "r.html")]) == 0
     assert "(forward, backward)" in capsys.readouterr().out
+    assert cli_main(["explain", f"{script}:model", "--profile"]) == 0
+    assert "Measured on first inputs (1 kernels: " in capsys.readouterr().out
     assert cli_main(["explain", f"{script}:missing"]) == 2
     assert "defines no 'missing'" in capsys.readouterr().err
     assert cli_main(["explain", f"{tmp_path / 'nope.py'}:model"]) == 2

@@ -119,6 +119,39 @@ def row_values(spec: KernelSpec) -> set:
     return rows
 
 
+def _contiguous_along(index: Index, reduction: int) -> str | None:
+    """'r' if consecutive positions along the row are adjacent in memory,
+    'row' if consecutive rows are (x = row * R + r), else None."""
+    for t in index.terms:
+        if t.base is None and t.coef == 1:
+            if t.div == 1:
+                return "r"
+            if t.div == reduction:
+                return "row"
+    return None
+
+
+def outer_layout(spec: KernelSpec) -> bool:
+    """Is this an outer (column) reduction: do the kernel's per-element
+    accesses walk memory across rows rather than along them? A bias gradient
+    (a [N, C] tensor summed over N) reads x = c * N + n at n * C + c: rows (the
+    columns c) are adjacent, the reduced positions n are C apart. Such
+    kernels are generated with the loops the other way round (a tile of
+    adjacent rows, reduced together), so that every load is contiguous."""
+    if not spec.reduction:
+        return False
+    rows = row_values(spec)
+    weight = {"r": 0, "row": 0}
+    accesses = [(v.attr[1], v.dtype) for v in spec.values() if v.op == "load" and v not in rows]
+    accesses += [(o.index, o.dtype) for o in spec.outputs
+                 if o.value not in rows or not is_row_index(o.index, spec.reduction)]
+    for index, dtype in accesses:
+        along = _contiguous_along(index, spec.reduction)
+        if along:
+            weight[along] += dtype.itemsize
+    return weight["row"] > weight["r"]
+
+
 def reduction_stage(spec: KernelSpec) -> dict:
     """Value -> how many reductions lie on its longest path from the loads."""
     stage: dict = {}

@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from kitsune.codegen.kernel import KernelError, KernelSpec, is_row_index, reduction_stage, row_values
+from kitsune.codegen.kernel import KernelError, KernelSpec, is_row_index, outer_layout, reduction_stage, row_values
 from kitsune.ir.index import render, render_rows
 from kitsune.ir.scalar import Value
 
@@ -132,7 +132,7 @@ def emit_kernel(spec: KernelSpec, fn_name: str) -> str:
 
     Returns 0, or 1 when an integer division by zero happened."""
     if spec.reduction:
-        return _emit_reduction(spec, fn_name)
+        return _emit_outer_reduction(spec, fn_name) if outer_layout(spec) else _emit_reduction(spec, fn_name)
     inputs = [i.name for i in spec.inputs]
     names: dict[Value, str] = {}
     body: list[str] = []
@@ -380,6 +380,175 @@ def _emit_reduction(spec: KernelSpec, fn_name: str) -> str:
         f"{reduction}",
         f"  for (int64_t row = 0; row < {rows}; ++row) {{",
         f"    const int64_t xrow = row * {R};",
+    ]
+    lines += [f"    {line}" for line in body]
+    lines += ["  }", "  return kitsune_err;", "}", ""]
+    return "\n".join(lines)
+
+
+# -- outer (column) reductions -------------------------------------------------
+#
+# When adjacent rows are adjacent in memory (a bias gradient: [N, C] summed
+# over N, one row per column c), walking a row strides through memory. The
+# kernel takes a tile of OUTER_TILE adjacent rows instead: threads split the
+# tiles, and for each position r along the rows one `omp simd` loop over the
+# tile's rows reads contiguous memory and accumulates into per-row arrays.
+# Row values (the reductions' results and what is computed from them) are
+# arrays over the tile, indexed by j.
+
+OUTER_TILE = 64
+SUM_BLOCK = 64
+
+
+def _emit_outer_reduction(spec: KernelSpec, fn_name: str) -> str:
+    R, rows = spec.reduction, spec.rows
+    tile = min(OUTER_TILE, rows)
+    inputs = [i.name for i in spec.inputs]
+    values = spec.values()
+    row = row_values(spec)
+    stage = reduction_stage(spec)
+    counter = iter(range(10**9))
+    body: list[str] = []
+    uses_err = False
+    names: dict = {}  # row Value -> "arr[j]"
+    position = ["const int64_t row = row0 + j;", "const int64_t xrow = row * " + str(R) + ";"]
+
+    def emit(v: Value, scope: dict, out: list, indent: str) -> str:
+        nonlocal uses_err
+        if v in scope:
+            return scope[v]
+        if v.op == "reduce":
+            raise KernelError(f"{spec.name}: reduction used before it is computed")
+        for a in v.args:
+            emit(a, scope, out, indent)
+        name = f"v{next(counter)}"
+        text = _expr(v, scope, inputs, var="xrow" if v in row else "x", rows=R)
+        uses_err |= "kitsune_err" in text
+        if v.op == "const":  # one per kernel, visible to every loop
+            body.append(f"const {COMPUTE[v.dtype]} {name} = {text};")
+            names[v] = scope[v] = name
+            return name
+        if v in row and scope is names:
+            body.append(f"{COMPUTE[v.dtype]} {name}[{tile}];")
+            out.append(f"{indent}{name}[j] = {text};")
+            name = f"{name}[j]"
+        else:
+            out.append(f"{indent}const {COMPUTE[v.dtype]} {name} = {text};")
+        scope[v] = name
+        return name
+
+    def row_loop(vs) -> None:
+        loop: list[str] = []
+        for v in vs:
+            emit(v, names, loop, "  ")
+        if loop:
+            body.extend([f"for (int64_t j = 0; j < width; ++j) {{"] + ["  " + p for p in position] + loop + ["}"])
+
+    def element_loop(inner: list[str], partials=()) -> list[str]:
+        err = " reduction(|:kitsune_err)" if uses_err else ""
+        loop = ["  " + p for p in position] + ["  const int64_t x = xrow + r;"] + inner
+        loop = [f"#pragma omp simd{err}", "for (int64_t j = 0; j < width; ++j) {"] + loop + ["}"]
+        if not partials:
+            return [f"for (int64_t r = 0; r < {R}; ++r) {{"] + ["  " + p for p in loop] + ["}"]
+        # Float sums add each block of SUM_BLOCK positions into a partial sum
+        # first (a two-level cascade, as eager's sum: a long column summed
+        # one element at a time loses bits)
+        zero = [f"    {part}[j] = {literal(0, dtype)};" for part, _, dtype in partials]
+        add = [f"    {acc}[j] += {part}[j];" for part, acc, _ in partials]
+        return [f"for (int64_t r0 = 0; r0 < {R}; r0 += {SUM_BLOCK}) {{",
+                f"  const int64_t rend = r0 + {SUM_BLOCK} < {R} ? r0 + {SUM_BLOCK} : {R};",
+                "  for (int64_t j = 0; j < width; ++j) {"] + zero + ["  }",
+                "  for (int64_t r = r0; r < rend; ++r) {"] + ["    " + p for p in loop] + ["  }",
+                "  for (int64_t j = 0; j < width; ++j) {"] + add + ["  }", "}"]
+
+    reductions = [v for v in values if v.op == "reduce"]
+    max_stage = max((stage[v] for v in reductions), default=0)
+    row_outputs = [o for o in spec.outputs if o.value in row and is_row_index(o.index, R)]
+    full_outputs = [o for o in spec.outputs if o not in row_outputs]
+
+    row_loop([v for v in values if v in row and v.op != "reduce" and stage[v] == 0])
+    for s in range(max_stage):
+        targets = [v for v in reductions if stage[v] == s + 1]
+        scope = dict(names)
+        loop: list[str] = []
+        init: list[str] = []
+        accs = {}
+        for v in targets:
+            acc = f"acc{next(counter)}"
+            accs[v] = acc
+            ctype = "int" if v.attr in ("any", "all") else COMPUTE[v.dtype]
+            body.append(f"{ctype} {acc}[{tile}];")
+            init.append(f"  {acc}[j] = {_identity(v.attr, v.dtype)};")
+            if v.attr in ("max", "min") and v.dtype.is_floating_point:
+                body.append(f"int {acc}_nan[{tile}];")
+                init.append(f"  {acc}_nan[j] = 0;")
+        partials = []
+        for v in targets:
+            arg = emit(v.args[0], scope, loop, "    ")
+            acc = f"{accs[v]}[j]"
+            if v.attr == "sum" and v.dtype.is_floating_point and R > SUM_BLOCK:
+                part = f"{accs[v]}_part"
+                body.append(f"{COMPUTE[v.dtype]} {part}[{tile}];")
+                partials.append((part, accs[v], v.dtype))
+                loop.append(f"    {part}[j] += {arg};")
+            elif v.attr == "sum":
+                loop.append(f"    {acc} += {arg};")
+            elif v.attr == "prod":
+                loop.append(f"    {acc} *= {arg};")
+            elif v.attr in ("any", "all"):
+                loop.append(f"    {acc} {'|' if v.attr == 'any' else '&'}= ({arg} != 0);")
+            else:
+                cmp = ">" if v.attr == "max" else "<"
+                loop.append(f"    {acc} = {arg} {cmp} {acc} ? {arg} : {acc};")
+                if v.dtype.is_floating_point:
+                    loop.append(f"    {accs[v]}_nan[j] |= {arg} != {arg};")
+        body += ["for (int64_t j = 0; j < width; ++j) {"] + init + ["}"]
+        body += element_loop(loop, partials)
+        finish = []
+        for v in targets:
+            acc = f"{accs[v]}[j]"
+            name = f"v{next(counter)}"
+            if v.attr in ("max", "min") and v.dtype.is_floating_point:
+                text = f"{accs[v]}_nan[j] ? {literal(math.nan, v.dtype)} : {acc}"
+            elif v.attr in ("any", "all"):
+                text = f"{acc} != 0"
+            else:
+                text = acc
+            body.append(f"{COMPUTE[v.dtype]} {name}[{tile}];")
+            finish.append(f"  {name}[j] = {text};")
+            names[v] = f"{name}[j]"
+        body += ["for (int64_t j = 0; j < width; ++j) {"] + finish + ["}"]
+        row_loop([v for v in values if v in row and v.op != "reduce" and stage[v] == s + 1])
+    if full_outputs:
+        scope = dict(names)
+        loop = []
+        for out in full_outputs:
+            value = emit(out.value, scope, loop, "    ")
+            loop.append("    " + _store_c(out, value, "x", R))
+        body += element_loop(loop)
+    if row_outputs:
+        loop = []
+        for out in row_outputs:
+            value = emit(out.value, names, loop, "  ")
+            loop.append("  " + _store_c(out, value, "xrow", R))
+        body.extend([f"for (int64_t j = 0; j < width; ++j) {{"] + ["  " + p for p in position] + loop + ["}"])
+
+    params = [f"const {STORAGE[i.dtype]} *restrict {i.name}" for i in spec.inputs]
+    params += [f"{STORAGE[o.dtype]} *restrict {o.name}" for o in spec.outputs]
+    params += ["int64_t numel", "int threads"]
+    reduction = " reduction(|:kitsune_err)" if uses_err else ""
+    header = "\n".join(f"// {line}" for line in (spec.description or spec.name).splitlines())
+    tiles = -(-rows // tile)
+    lines = [
+        header,
+        f"// {rows} rows x {R} reduced elements, outer layout: tiles of {tile} adjacent rows",
+        f"int {fn_name}({', '.join(params)}) {{",
+        "  int kitsune_err = 0;",
+        f"  #pragma omp parallel for schedule(static) num_threads(threads) if(numel >= {PARALLEL_THRESHOLD})"
+        f"{reduction}",
+        f"  for (int64_t t = 0; t < {tiles}; ++t) {{",
+        f"    const int64_t row0 = t * {tile};",
+        f"    const int64_t width = row0 + {tile} <= {rows} ? {tile} : {rows} - row0;",
     ]
     lines += [f"    {line}" for line in body]
     lines += ["  }", "  return kitsune_err;", "}", ""]

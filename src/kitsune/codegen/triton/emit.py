@@ -11,8 +11,8 @@ import math
 
 import torch
 
-from kitsune.codegen.kernel import KernelError, KernelSpec, is_row_index, reduction_stage, row_values
-from kitsune.ir.index import Index, render
+from kitsune.codegen.kernel import KernelError, KernelSpec, is_row_index, outer_layout, reduction_stage, row_values
+from kitsune.ir.index import Index, render, render_rows
 from kitsune.ir.scalar import Value
 
 TL_DTYPE = {
@@ -105,13 +105,21 @@ def _is_block(v: Value) -> bool:
     return any(_is_block(a) for a in v.args)
 
 
-def _expr(v: Value, names: dict, inputs: list[str], var: str = "x", mask: str = "xmask") -> str:
+def _render(index: Index, var: str, rows: int | None) -> str:
+    """An index as text; in a row kernel (rows = R) digits of x within a row
+    read r and digits above it read row: no division per element, and Triton
+    sees which axis of the block is contiguous in memory."""
+    return render(index, var) if rows is None else render_rows(index, rows, var)
+
+
+def _expr(v: Value, names: dict, inputs: list[str], var: str = "x", mask: str = "xmask",
+          rows: int | None = None) -> str:
     a = [names[arg] for arg in v.args]
     op, dtype = v.op, v.dtype
     cdt = compute_dtype(dtype)
     if op == "load":
         slot, index = v.attr
-        ptr, idx = inputs[slot], render(index, var)
+        ptr, idx = inputs[slot], _render(index, var, rows)
         text = f"tl.load({ptr} + ({idx}))" if index.is_const else f"tl.load({ptr} + ({idx}), {mask})"
         if dtype == torch.bool:
             return f"({text} != 0)"
@@ -119,7 +127,7 @@ def _expr(v: Value, names: dict, inputs: list[str], var: str = "x", mask: str = 
     if op == "const":
         return literal(v.attr, dtype)
     if op == "index":
-        return f"({render(v.attr, var)}).to(tl.int64)"
+        return f"({_render(v.attr, var, rows)}).to(tl.int64)"
     if op == "cast":
         src = v.args[0].dtype
         if dtype == torch.bool:
@@ -228,10 +236,27 @@ def _online_softmax_sums(reductions, row) -> dict:
     return pairs
 
 
+# Outer (column) reductions: a program reduces OUTER_RBLOCK positions of
+# XBLOCK adjacent rows per step, so each load reads XBLOCK contiguous elements
+# of one position; XBLOCK shrinks (down to 16) until there are enough programs
+# to fill the GPU (a bias gradient has only as many rows as features).
+OUTER_RBLOCK = 32
+OUTER_PROGRAMS = 264
+
+
 def reduction_blocks(spec: KernelSpec, persistent_max: int) -> tuple[int, int, int, bool]:
     """(XBLOCK, RBLOCK, num_warps, persistent) for a reduction kernel."""
     R, rows = spec.reduction, spec.rows
     rblock = 1 << max(R - 1, 0).bit_length()
+    if outer_layout(spec):
+        step = min(rblock, OUTER_RBLOCK, persistent_max)
+        xblock = 128
+        while xblock > 16 and -(-rows // xblock) < OUTER_PROGRAMS:
+            xblock //= 2
+        xblock = min(xblock, 1 << max(rows - 1, 0).bit_length())
+        work = xblock * step
+        num_warps = 8 if work >= 4096 else 4 if work >= 1024 else 2 if work >= 256 else 1
+        return xblock, step, num_warps, step >= rblock
     persistent = rblock <= persistent_max
     if not persistent:
         rblock = min(rblock, 2048, persistent_max)
@@ -266,7 +291,8 @@ def _emit_reduction(spec: KernelSpec, fn_name: str, persistent_max: int) -> str:
             for a in v.args:
                 emit(a, scope, out, indent)
             is_row = v in row
-            text = _expr(v, scope, inputs, var="xrow" if is_row else "x", mask="rowmask" if is_row else "xmask")
+            text = _expr(v, scope, inputs, var="xrow" if is_row else "x", mask="rowmask" if is_row else "xmask",
+                         rows=R)
         name = f"v{next(counter)}"
         out.append(f"{indent}{name} = {text}")
         scope[v] = name
@@ -351,10 +377,10 @@ def _emit_reduction(spec: KernelSpec, fn_name: str, persistent_max: int) -> str:
             indent, scope = "    ", {k: n for k, n in names.items() if k in row}
         for out in full_outputs:
             value = emit(out.value, scope, body, indent)
-            body.append(indent + _store(out, value, "x", "xmask", "[XBLOCK, RBLOCK]"))
+            body.append(indent + _store(out, value, "x", "xmask", "[XBLOCK, RBLOCK]", R))
     for out in row_outputs:
         value = emit(out.value, names, body, "")
-        body.append(_store(out, value, "xrow", "rowmask", "[XBLOCK, 1]"))
+        body.append(_store(out, value, "xrow", "rowmask", "[XBLOCK, 1]", R))
 
     params = ", ".join(inputs + [o.name for o in spec.outputs] + ["numel"])
     pid = "tl.program_id(0).to(tl.int64)" if wide else "tl.program_id(0)"
@@ -366,7 +392,7 @@ def _emit_reduction(spec: KernelSpec, fn_name: str, persistent_max: int) -> str:
         "",
         header,
         f"# {rows} rows x {R} reduced elements; XBLOCK={xblock} RBLOCK={rblock} num_warps={num_warps} "
-        f"{'persistent' if persistent else 'looped'}",
+        f"{'persistent' if persistent else 'looped'}{', outer layout' if outer_layout(spec) else ''}",
         "@triton.jit",
         f"def {fn_name}({params}, XBLOCK: tl.constexpr, RBLOCK: tl.constexpr):",
         f"    row = ({pid} * XBLOCK + tl.arange(0, XBLOCK))[:, None]",
@@ -377,16 +403,16 @@ def _emit_reduction(spec: KernelSpec, fn_name: str, persistent_max: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _store(out, value: str, var: str, mask: str, shape: str) -> str:
+def _store(out, value: str, var: str, mask: str, shape: str, rows: int | None = None) -> str:
     if out.value.dtype != out.dtype:
         raise KernelError(f"output {out.name} stores {out.value.dtype} into {out.dtype}")
     value = f"tl.broadcast_to({value}, {shape})"
     if out.dtype == torch.bfloat16:
         value = f"round_bf16({value})"
-    return f"tl.store({_pointer(out, var)}, {value}.to({TL_DTYPE[out.dtype]}), {mask})"
+    return f"tl.store({_pointer(out, var, rows)}, {value}.to({TL_DTYPE[out.dtype]}), {mask})"
 
 
-def _pointer(out, var: str) -> str:
+def _pointer(out, var: str, rows: int | None = None) -> str:
     """Block of pointers for a store (a constant offset still needs the block's shape)."""
-    offset = render(out.index, var)
+    offset = _render(out.index, var, rows)
     return f"{out.name} + ({offset})" + (f" + 0 * {var}" if out.index.is_const else "")

@@ -11,6 +11,7 @@ Cases (rows x cols; bf16 on CUDA, fp32 on the CPU):
     ln_gelu        gelu(layer_norm(x, w, b))                       16384x4096
     rmsnorm        (x.float() * rsqrt(mean(x.float()^2) + eps)).to(dtype) * w
     cross_entropy  F.cross_entropy(logits, target)                 8192x32000   (CPU 4096x1024)
+    bias_grad      d = gelu_backward(g, x); (d, d.sum(0))          16384x4096   (a column reduction)
     block_fwd_bwd  LayerNorm -> Linear -> GELU -> Linear, forward + backward
                    (4096 tokens x 1024 features, 4096 hidden; CPU 512 x 256, 1024)
     gpt2 / bert    whole-model inference, GPT-2 small (8 x 512 tokens) and BERT-base
@@ -61,6 +62,13 @@ def cross_entropy(logits, target):
     return F.cross_entropy(logits, target)
 
 
+def bias_grad(g, x):
+    """GELU's backward and the bias gradient of the Linear before it: a column
+    (outer) reduction over the tokens, written next to the full gradient."""
+    d = torch.ops.aten.gelu_backward(g, x)
+    return d, d.sum(0)
+
+
 def row_cases(device, dtype, big: bool):
     rows, cols = (16384, 4096) if big else (4096, 1024)
     ce_rows, ce_cols = (8192, 32000) if big else (4096, 1024)
@@ -79,6 +87,8 @@ def row_cases(device, dtype, big: bool):
         "rmsnorm": (rmsnorm, (x, w), [x, w], [x]),
         # the loss reads the logits once (plus the targets) and writes a scalar
         "cross_entropy": (cross_entropy, (logits, target), [logits, target], []),
+        # reads the gradient and the activation once, writes the gradient and one row
+        "bias_grad": (bias_grad, (x, rand(rows, cols)), None, None),
     }
 
 
@@ -208,7 +218,7 @@ def _print(name, res, nbytes, copy):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--cases", default="softmax,ln_gelu,rmsnorm,cross_entropy,block_fwd_bwd")
+    parser.add_argument("--cases", default="softmax,ln_gelu,rmsnorm,cross_entropy,bias_grad,block_fwd_bwd")
     parser.add_argument("--backends", default="eager,inductor,kitsune")
     parser.add_argument("--models", action="store_true", help="also GPT-2 small and BERT-base inference")
     parser.add_argument("--repeat", type=int, default=None)
@@ -238,7 +248,11 @@ def main() -> None:
         if name in rows:
             fn, fargs, ins, outs = rows[name]
             expected = fn(*fargs)
-            nbytes = common.min_bytes(ins, [expected] if outs else [])
+            if ins is None:  # every argument read once, every output written once
+                ins, outs = list(fargs), list(expected)
+            else:
+                outs = [expected] if outs else []
+            nbytes = common.min_bytes(ins, outs)
             repeats = args.repeat or common.default_repeats(device, nbytes)
             print(f"{name}: {tuple(fargs[0].shape)} {dtype}, {nbytes / 1e6:.1f} MB moved at least")
             res = run_case(name, fn, fargs, device, repeats, backends)

@@ -14,7 +14,7 @@ from torch import fx
 
 from kitsune.codegen.kernel import KernelInput, KernelOutput, KernelSpec, is_row_index
 from kitsune.ir.graph import is_view, meta, view_root
-from kitsune.ir.index import Index, delinearize, linearize, strided
+from kitsune.ir.index import Index, delinearize, linearize, strided, within
 from kitsune.ir.ops import POINTWISE_OPS, REDUCTION_OPS, NotFusible, aten, op_name, prims, reduction_signature
 from kitsune.ir.scalar import Value, call, cast, const, coordinate, load, reduce, where
 from kitsune.planner.pointwise import FusionGroup, group_outputs
@@ -108,6 +108,7 @@ class GroupLowering:
         self.inputs: dict[fx.Node, int] = {}
         self.memo: dict = {}
         self.frame = group.frame  # (full shape, reduced dims) of a reduction group, else None
+        self.numel = group.numel
 
     def value_at(self, node: fx.Node, idx: tuple) -> Value:
         key = (node, idx)
@@ -122,7 +123,7 @@ class GroupLowering:
             return self.value_at(node.args[0], view_source_index(node, idx))
         val = meta(node)
         slot = self.inputs.setdefault(node, len(self.inputs))
-        return load(slot, strided(idx, val.stride()), val.dtype)
+        return load(slot, within(strided(idx, val.stride()), self.numel), val.dtype)
 
     def _apply_formula(self, node: fx.Node, idx: tuple) -> Value:
         if node.target in REDUCTION_OPS:
@@ -291,7 +292,7 @@ def lower_group(group: FusionGroup, name: str) -> tuple[KernelSpec, list[fx.Node
         else:
             idx = iteration_index(tuple(val.shape), val.stride())
         value = lowering.value_at(node, idx)
-        kernel_outputs.append(KernelOutput(f"out{k}", val.dtype, strided(idx, val.stride()), value))
+        kernel_outputs.append(KernelOutput(f"out{k}", val.dtype, within(strided(idx, val.stride()), group.numel), value))
     # Tensors from outside that members read but the kernel never loads (full_like
     # of a member needs only its shape, not its inputs) are inputs all the same:
     # the group's unfused fallback computes every member from them.

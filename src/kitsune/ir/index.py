@@ -138,6 +138,23 @@ def _normalize(const: int, terms: tuple[Term, ...]) -> Index:
     return Index(const, tuple(terms))
 
 
+def within(index: Index, numel: int) -> Index:
+    """`index` for x in [0, numel): digits of x that cannot reach their
+    modulus lose it (x // R % 1024 is x // R when numel = 1024 * R), and
+    digits that are always 0 vanish. Two spellings of one access (one
+    through a keepdim view, one not) then become the same load."""
+    terms = []
+    for t in index.terms:
+        if t.base is None:
+            top = (numel - 1) // t.div
+            if top == 0:
+                continue
+            if t.mod is not None and top < t.mod:
+                t = Term(t.coef, None, t.div, None)
+        terms.append(t)
+    return _normalize(index.const, tuple(terms))
+
+
 def delinearize(flat: Index, shape) -> list[Index]:
     """Row-major digits of `flat` in `shape`; the leading digit needs no modulo
     because flat < numel."""

@@ -306,6 +306,11 @@ def _emit_reduction(spec: KernelSpec, fn_name: str, persistent_max: int) -> str:
     # value written at full shape) is stored by the element loop.
     row_outputs = [o for o in spec.outputs if o.value in row and is_row_index(o.index, R)]
     full_outputs = [o for o in spec.outputs if o not in row_outputs]
+    # a looped kernel stores the per-element outputs that need no reduction in
+    # its first pass (a gradient written next to its bias gradient is read,
+    # computed and written once)
+    early = [o for o in full_outputs if stage[o.value] == 0] if max_stage and not persistent else []
+    full_outputs = [o for o in full_outputs if o not in early]
 
     def row_stage_values(s):
         return [v for v in values if v in row and v.op != "reduce" and stage[v] == s]
@@ -357,6 +362,9 @@ def _emit_reduction(spec: KernelSpec, fn_name: str, persistent_max: int) -> str:
                              f"    {accs[v]} = {m_new}"]
                 else:
                     body.append(f"    {accs[v]} = {_combine(v.attr, accs[v], block)}")
+            for out in early if s == 0 else ():
+                value = emit(out.value, scope, body, "    ")
+                body.append("    " + _store(out, value, "x", "xmask", "[XBLOCK, RBLOCK]", R))
             for v in targets:
                 if v in paired:
                     names[v] = accs[v]

@@ -404,7 +404,7 @@ def _emit_reduction(spec: KernelSpec, fn_name: str) -> str:
 
 OUTER_TILE_MIN, OUTER_TILE_MAX = 64, 1024
 OUTER_STACK_BYTES = 256 << 10
-SUM_BLOCK = 64
+SUM_BLOCK = 64  # longer float sums are compensated
 
 
 def outer_tile(rows: int, threads: int) -> int:
@@ -470,22 +470,11 @@ def _emit_outer_tiles(spec: KernelSpec, fn_name: str, tile: int) -> tuple[str, i
         if loop:
             body.extend([f"for (int64_t j = 0; j < width; ++j) {{"] + ["  " + p for p in position] + loop + ["}"])
 
-    def element_loop(inner: list[str], partials=()) -> list[str]:
+    def element_loop(inner: list[str]) -> list[str]:
         err = " reduction(|:kitsune_err)" if uses_err else ""
         loop = ["  " + p for p in position] + ["  const int64_t x = xrow + r;"] + inner
         loop = [f"#pragma omp simd{err}", "for (int64_t j = 0; j < width; ++j) {"] + loop + ["}"]
-        if not partials:
-            return [f"for (int64_t r = 0; r < {R}; ++r) {{"] + ["  " + p for p in loop] + ["}"]
-        # Float sums add each block of SUM_BLOCK positions into a partial sum
-        # first (a two-level cascade, as eager's sum: a long column summed
-        # one element at a time loses bits)
-        zero = [f"    {part}[j] = {literal(0, dtype)};" for part, _, dtype in partials]
-        add = [f"    {acc}[j] += {part}[j];" for part, acc, _ in partials]
-        return [f"for (int64_t r0 = 0; r0 < {R}; r0 += {SUM_BLOCK}) {{",
-                f"  const int64_t rend = r0 + {SUM_BLOCK} < {R} ? r0 + {SUM_BLOCK} : {R};",
-                "  for (int64_t j = 0; j < width; ++j) {"] + zero + ["  }",
-                "  for (int64_t r = r0; r < rend; ++r) {"] + ["    " + p for p in loop] + ["  }",
-                "  for (int64_t j = 0; j < width; ++j) {"] + add + ["  }", "}"]
+        return [f"for (int64_t r = 0; r < {R}; ++r) {{"] + ["  " + p for p in loop] + ["}"]
 
     reductions = [v for v in values if v.op == "reduce"]
     max_stage = max((stage[v] for v in reductions), default=0)
@@ -512,15 +501,24 @@ def _emit_outer_tiles(spec: KernelSpec, fn_name: str, tile: int) -> tuple[str, i
             if v.attr in ("max", "min") and v.dtype.is_floating_point:
                 body.append(f"int {acc}_nan[{tile}];")
                 init.append(f"  {acc}_nan[j] = 0;")
-        partials = []
+        compensated = set()
         for v in targets:
             arg = emit(v.args[0], scope, loop, "    ")
             acc = f"{accs[v]}[j]"
             if v.attr == "sum" and v.dtype.is_floating_point and R > SUM_BLOCK:
-                part = f"{accs[v]}_part"
-                body.append(f"{COMPUTE[v.dtype]} {part}[{tile}];")
-                partials.append((part, accs[v], v.dtype))
-                loop.append(f"    {part}[j] += {arg};")
+                # A column walked one position at a time would lose bits
+                # (summed in order, 4096 floats erred twice as much as eager's
+                # cascade): Kahan-compensated, with the plain sum kept for
+                # inf/NaN (where the compensation itself turns into NaN).
+                compensated.add(v)
+                ctype = COMPUTE[v.dtype]
+                body.append(f"{ctype} {accs[v]}_c[{tile}], {accs[v]}_plain[{tile}];")
+                init.append(f"  {accs[v]}_c[j] = {accs[v]}_plain[j] = {literal(0, v.dtype)};")
+                loop += [f"    {accs[v]}_plain[j] += {arg};",
+                         f"    const {ctype} {accs[v]}_y = {arg} - {accs[v]}_c[j];",
+                         f"    const {ctype} {accs[v]}_t = {acc} + {accs[v]}_y;",
+                         f"    {accs[v]}_c[j] = ({accs[v]}_t - {acc}) - {accs[v]}_y;",
+                         f"    {acc} = {accs[v]}_t;"]
             elif v.attr == "sum":
                 loop.append(f"    {acc} += {arg};")
             elif v.attr == "prod":
@@ -536,7 +534,7 @@ def _emit_outer_tiles(spec: KernelSpec, fn_name: str, tile: int) -> tuple[str, i
             value = emit(out.value, scope, loop, "    ")
             loop.append("    " + _store_c(out, value, "x", R))
         body += ["for (int64_t j = 0; j < width; ++j) {"] + init + ["}"]
-        body += element_loop(loop, partials)
+        body += element_loop(loop)
         finish = []
         for v in targets:
             acc = f"{accs[v]}[j]"
@@ -545,6 +543,9 @@ def _emit_outer_tiles(spec: KernelSpec, fn_name: str, tile: int) -> tuple[str, i
                 text = f"{accs[v]}_nan[j] ? {literal(math.nan, v.dtype)} : {acc}"
             elif v.attr in ("any", "all"):
                 text = f"{acc} != 0"
+            elif v in compensated:
+                plain = f"{accs[v]}_plain[j]"
+                text = f"{plain} - {plain} == 0 ? {acc} : {plain}"  # finite: compensated
             else:
                 text = acc
             body.append(f"{COMPUTE[v.dtype]} {name}[{tile}];")

@@ -369,3 +369,36 @@ def test_bias_gradient_fuses_in_the_backward(backend):
     torch.testing.assert_close(lin.bias.grad, want[0])
     torch.testing.assert_close(lin.weight.grad, want[1])
     assert len(_outer_kernels()) > before, "the bias gradient did not use an outer-layout kernel"
+
+
+ARG_REDUCTIONS = {
+    "argmax_last": lambda x: (x * 2).argmax(-1),
+    "argmin_first_keepdim": lambda x: (x - 1).argmin(0, keepdim=True),
+    "argmax_flat": lambda x: (x + 1).argmax(),
+    "argmax_middle": lambda x: torch.argmax(x * x, 1),
+    "argmin_with_its_value": lambda x: (lambda y: (y.argmin(-1), y.amin(-1)))(x * 3),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int32])
+@pytest.mark.parametrize("name", sorted(ARG_REDUCTIONS))
+def test_argmax_argmin(backend, name, dtype):
+    """argmax/argmin fuse as two reductions of one row (the NaN-propagating
+    extreme, then its first position): ties give the first index, a NaN
+    anywhere in the row gives the first NaN's index, as in eager."""
+    f = ARG_REDUCTIONS[name]
+    x = (torch.randn(6, 50, 7) * 3).to(dtype)
+    if dtype.is_floating_point:
+        x[1, 3, 2] = math.nan        # a NaN row (argmax and argmin both point at it)
+        x[2] = 1.0                   # ties everywhere
+        x[3, 5, 1] = math.inf
+        x[4, 7, :] = -math.inf
+    else:
+        x[2] = 4                     # ties
+    got = torch.compile(f, backend="kitsune", dynamic=False)(x)
+    want = f(x)
+    for a, b in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(a, b, equal_nan=True, rtol=0, atol=0)
+    stats = kitsune.get_fusion_stats()
+    assert stats["fallbacks"] == [] and stats["num_fused"] >= 1, stats

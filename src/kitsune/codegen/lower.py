@@ -174,6 +174,8 @@ class GroupLowering:
         arg = self.value_at(source, tuple(full))
         if rdef.combine == "gather":
             return self._gather(node, idx, arg, coordinate(full[dims[0]]))
+        if rdef.combine in ("argmax", "argmin"):
+            return self._arg_reduction(rdef.combine, arg, in_shape, dims)
         if rdef.combine in ("any", "all"):
             arg = cast(arg, torch.bool)
         else:
@@ -193,6 +195,22 @@ class GroupLowering:
             result = call("truediv", result, const(count, result.dtype))
         return cast(result, out_dtype)
 
+
+    def _arg_reduction(self, kind: str, arg: Value, in_shape, dims) -> Value:
+        """argmax/argmin: the row's extreme (NaN if the row holds one, as eager),
+        then the smallest position holding it (a NaN matches NaN), so ties and
+        NaN give eager's first index. Both are ordinary reductions of the row."""
+        R = 1
+        for d in dims:
+            R *= in_shape[d]
+        if arg.dtype in _LOW_PRECISION:
+            arg = cast(arg, torch.float32)
+        extreme = reduce("max" if kind == "argmax" else "min", arg)
+        match = call("eq", arg, extreme)
+        if arg.dtype.is_floating_point:
+            match = match | (call("isnan", arg) & call("isnan", extreme))
+        position = coordinate(Index.var().mod(R))
+        return reduce("min", where(match, position, const(R, torch.int64)))
 
     def _gather(self, node: fx.Node, idx: tuple, arg: Value, position: Value) -> Value:
         """gather with one index per row. Each element-level input of the

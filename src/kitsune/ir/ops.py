@@ -356,6 +356,13 @@ def _check_gather(node) -> str | None:
     return _one_per_row(node, node.args[2], node.args[1])
 
 
+def _check_arg_reduction(node) -> str | None:
+    dtype = node.args[0].meta["val"].dtype
+    if dtype == torch.bool or dtype.is_complex:
+        return f"{op_name(node.target)} of {dtype} (runs through PyTorch)"
+    return None
+
+
 # aten reductions as the decompositions leave them (softmax, log_softmax,
 # layer/group/batch norm, var/std, logsumexp all decompose into these).
 REDUCTION_OPS: dict = {
@@ -370,6 +377,10 @@ REDUCTION_OPS: dict = {
     # one element per row (cross-entropy's target logit): a masked sum along
     # the row, so it fuses with the row's other reductions
     aten.gather.default: ReductionDef("gather", check=_check_gather),
+    # the first position of the (NaN-propagating) maximum / minimum: two
+    # reductions of the same row (see GroupLowering._apply_reduction)
+    aten.argmax.default: ReductionDef("argmax", check=_check_arg_reduction),
+    aten.argmin.default: ReductionDef("argmin", check=_check_arg_reduction),
 }
 
 

@@ -29,3 +29,36 @@ def test_cat_of_several_tensors_keeps_the_non_empty_ones():
 
     a, b, c = torch.randn(2, 3), torch.empty(0, 3), torch.randn(4, 3)
     torch.testing.assert_close(torch.compile(f, backend="kitsune")(a, b, c), f(a, b, c))
+
+
+def _aten_graph(f, *args):
+    from torch.fx.experimental.proxy_tensor import make_fx
+    return make_fx(f)(*args)
+
+
+def test_permutes_that_cancel_disappear_and_chains_become_one():
+    from kitsune.capture.simplify import simplify
+
+    def f(w, x):
+        back = w.permute(1, 0).permute(1, 0)            # cancels: w itself
+        chain = x.permute(2, 0, 1).permute(0, 2, 1)      # one permute (2, 1, 0)
+        return (back @ w).sum(0), chain * 2
+
+    w, x = torch.randn(4, 4), torch.randn(2, 3, 5)
+    gm = _aten_graph(f, w, x)
+    before = [n for n in gm.graph.nodes if n.target is torch.ops.aten.permute.default]
+    assert len(before) == 4
+    assert simplify(gm) == 2
+    after = [n for n in gm.graph.nodes if n.target is torch.ops.aten.permute.default]
+    assert [list(n.args[1]) for n in after] == [[2, 1, 0]]
+    for got, want in zip(gm(w, x), f(w, x)):
+        torch.testing.assert_close(got, want)
+        assert got.stride() == want.stride()
+
+
+def test_a_permute_pair_returned_as_an_output_is_kept():
+    """Outputs keep the view AOTAutograd traced (one may alias an input)."""
+    from kitsune.capture.simplify import simplify
+
+    gm = _aten_graph(lambda w: w.permute(1, 0).permute(1, 0), torch.randn(3, 4))
+    assert simplify(gm) == 0

@@ -37,7 +37,7 @@ class FusionConfig:
                 raise TypeError(f"FusionConfig.{f.name} must be {f.type}, got {type(value).__name__} {value!r}")
         if self.max_fusion_size < 1:
             raise ValueError(f"FusionConfig.max_fusion_size must be >= 1, got {self.max_fusion_size}")
-        if self.min_fusion_benefit < 1.0:
+        if not self.min_fusion_benefit >= 1.0:  # NaN too: it would profile and never decide
             raise ValueError(f"FusionConfig.min_fusion_benefit must be >= 1.0, got {self.min_fusion_benefit}")
         if self.min_tensor_size < 0:
             raise ValueError(f"FusionConfig.min_tensor_size must be >= 0, got {self.min_tensor_size}")

@@ -33,6 +33,7 @@ def test_bool_fields_reject_non_bools(field):
 @pytest.mark.parametrize("field,bad_value,error", [
     ("max_fusion_size", 0, ValueError), ("max_fusion_size", -3, ValueError), ("max_fusion_size", 2.5, TypeError),
     ("max_fusion_size", True, TypeError), ("min_fusion_benefit", 0.9, ValueError),
+    ("min_fusion_benefit", float("nan"), ValueError),
     ("min_fusion_benefit", "1.2", TypeError), ("min_tensor_size", -1, ValueError),
     ("min_tensor_size", 1.0, TypeError),
 ])

@@ -2,6 +2,7 @@
 installed) and `python -m kitsune explain|report`."""
 import html
 import io
+import os
 import re
 import shutil
 import subprocess
@@ -83,18 +84,43 @@ def test_report_holds_generated_source(monkeypatch, tmp_path):
     assert html.escape(signature) in page
 
 
-def _browser():
-    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
-        path = shutil.which(name)
-        if path:
-            return path
-    return None
+_BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+
+
+def _find_browser():
+    return next((path for path in map(shutil.which, _BROWSERS) if path), None)
+
+
+def _browser() -> tuple[str | None, str]:
+    """A headless-capable Chromium, installed from the system packages when
+    this runs as root with apt (a fresh CI machine) and none is there
+    (KITSUNE_NO_BROWSER_INSTALL=1 turns that off); else (None, why)."""
+    found = _find_browser()
+    if found or os.environ.get("KITSUNE_NO_BROWSER_INSTALL"):
+        return found, "KITSUNE_NO_BROWSER_INSTALL is set"
+    if not shutil.which("apt-get") or not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return None, "no apt-get, or not root: cannot install Chromium from the system packages"
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    why = ""
+    for command in (["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"],
+                    ["apt-get", "update", "-q"],
+                    ["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"]):
+        try:
+            result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+            why = (result.stderr or result.stdout).strip().splitlines()[-1:] or [""]
+            why = f"{' '.join(command)}: exit {result.returncode}: {why[0]}"
+        except (OSError, subprocess.TimeoutExpired) as error:
+            why = f"{' '.join(command)}: {error}"
+        found = _find_browser()
+        if found:
+            return found, ""
+    return None, why
 
 
 def test_report_renders_in_headless_chromium(engine, tmp_path):
-    browser = _browser()
+    browser, why = _browser()
     if browser is None:
-        pytest.skip("no Chromium on this machine (apt-get install chromium) to render the HTML report")
+        pytest.skip(f"no Chromium to render the HTML report, and none could be installed ({why})")
     path = engine.report(tmp_path / "report.html")
     result = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr",
                              "--v=0", "--virtual-time-budget=2000", "--dump-dom", path.as_uri()],

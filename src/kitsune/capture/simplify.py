@@ -4,6 +4,10 @@
   (`clone`), which fuses with its neighbours. A key/value cache that starts
   empty (transformers' DynamicCache) otherwise costs a separate
   concatenation kernel per layer and per call.
+- a permute of a permute becomes one permute of the source, or the source
+  itself when the two cancel (AOTAutograd's backward transposes transposed
+  weights: `permute(permute(w, [1, 0]), [1, 0])`); every op left in the graph
+  costs host time at each call.
 """
 from __future__ import annotations
 
@@ -23,9 +27,36 @@ def _numel(node) -> int | None:
         return None
 
 
+def _fold_permutes(gm: fx.GraphModule) -> int:
+    changed = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not aten.permute.default:
+            continue
+        inner = node.args[0]
+        if not (isinstance(inner, fx.Node) and inner.op == "call_function" and inner.target is aten.permute.default):
+            continue
+        if any(user.op == "output" for user in node.users):
+            continue  # outputs that alias an input keep the view AOTAutograd traced
+        ndim = len(node.args[1])
+        outer = [d % ndim for d in node.args[1]]
+        first = [d % ndim for d in inner.args[1]]
+        composed = [first[d] for d in outer]
+        source = inner.args[0]
+        if composed == list(range(ndim)):
+            node.replace_all_uses_with(source)
+        else:
+            with gm.graph.inserting_before(node):
+                single = gm.graph.call_function(aten.permute.default, (source, composed))
+            single.meta = dict(node.meta)
+            node.replace_all_uses_with(single)
+        gm.graph.erase_node(node)
+        changed += 1
+    return changed
+
+
 def simplify(gm: fx.GraphModule) -> int:
     """Rewrite gm in place; returns the number of nodes changed."""
-    changed = 0
+    changed = _fold_permutes(gm)
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target is not aten.cat.default:
             continue

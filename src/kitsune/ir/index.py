@@ -227,3 +227,9 @@ def render_rows(index: Index, R: int, var: str, floordiv: str = "//") -> str:
     if index.const or not parts:
         parts.append(str(index.const))
     return " + ".join(parts)
+
+
+def render_in_kernel(index: Index, var: str, rows: int | None, floordiv: str = "//") -> str:
+    """`render` in a pointwise kernel (rows None), `render_rows` in a row
+    kernel of `rows` = R reduced elements."""
+    return render(index, var, floordiv) if rows is None else render_rows(index, rows, var, floordiv)

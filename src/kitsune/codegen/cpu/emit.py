@@ -17,7 +17,7 @@ import math
 import torch
 
 from kitsune.codegen.kernel import KernelError, KernelSpec, is_row_index, outer_layout, reduction_stage, row_values
-from kitsune.ir.index import render, render_rows
+from kitsune.ir.index import render, render_in_kernel
 from kitsune.ir.scalar import Value
 
 STORAGE = {
@@ -177,7 +177,7 @@ def _f(dtype: torch.dtype) -> str:
 def _render(index, var: str, rows: int | None) -> str:
     """C text of an index; in a row kernel (rows = R) digits of x within a row
     read the loop's r and digits above it read row: no division per element."""
-    return render(index, var, floordiv="/") if rows is None else render_rows(index, rows, var, floordiv="/")
+    return render_in_kernel(index, var, rows, floordiv="/")
 
 
 def _expr(v: Value, names: dict, inputs: list[str], var: str = "x", rows: int | None = None) -> str:
@@ -270,6 +270,28 @@ def _identity(kind: str, dtype: torch.dtype) -> str:
 _OMP_REDUCTION = {"sum": "+", "prod": "*", "max": "max", "min": "min", "any": "|", "all": "&"}
 
 
+def _accumulate(kind: str, dtype: torch.dtype, acc: str, nan: str, arg: str) -> list[str]:
+    """C statements combining `arg` into accumulator `acc` (`nan`: its NaN flag)."""
+    if kind == "sum":
+        return [f"{acc} += {arg};"]
+    if kind == "prod":
+        return [f"{acc} *= {arg};"]
+    if kind in ("any", "all"):
+        return [f"{acc} {'|' if kind == 'any' else '&'}= ({arg} != 0);"]
+    cmp = ">" if kind == "max" else "<"
+    lines = [f"{acc} = {arg} {cmp} {acc} ? {arg} : {acc};"]
+    return lines + [f"{nan} |= {arg} != {arg};"] if dtype.is_floating_point else lines
+
+
+def _finished(kind: str, dtype: torch.dtype, acc: str, nan: str) -> str:
+    """The reduction's value once accumulator `acc` has seen the whole row."""
+    if kind in ("max", "min") and dtype.is_floating_point:
+        return f"{nan} ? {literal(math.nan, dtype)} : {acc}"
+    if kind in ("any", "all"):
+        return f"{acc} != 0"
+    return acc
+
+
 def _emit_reduction(spec: KernelSpec, fn_name: str) -> str:
     R, rows = spec.reduction, spec.rows
     inputs = [i.name for i in spec.inputs]
@@ -331,32 +353,14 @@ def _emit_reduction(spec: KernelSpec, fn_name: str) -> str:
                 clauses += f" reduction(|:{acc}_nan)"
         for v in targets:
             arg = emit(v.args[0], scope, loop, "  ")
-            acc = accs[v]
-            if v.attr == "sum":
-                loop.append(f"  {acc} += {arg};")
-            elif v.attr == "prod":
-                loop.append(f"  {acc} *= {arg};")
-            elif v.attr in ("any", "all"):
-                loop.append(f"  {acc} {'|' if v.attr == 'any' else '&'}= ({arg} != 0);")
-            else:
-                cmp = ">" if v.attr == "max" else "<"
-                loop.append(f"  {acc} = {arg} {cmp} {acc} ? {arg} : {acc};")
-                if v.dtype.is_floating_point:
-                    loop.append(f"  {acc}_nan |= {arg} != {arg};")
+            loop += ["  " + line for line in _accumulate(v.attr, v.dtype, accs[v], f"{accs[v]}_nan", arg)]
         for out in early if s == 0 else ():
             value = emit(out.value, scope, loop, "  ")
             loop.append("  " + _store_c(out, value, "x", R))
         body += loop_header(clauses) + loop + ["}"]
         for v in targets:
-            acc = accs[v]
             name = f"v{next(counter)}"
-            if v.attr in ("max", "min") and v.dtype.is_floating_point:
-                text = f"{acc}_nan ? {literal(math.nan, v.dtype)} : {acc}"
-            elif v.attr in ("any", "all"):
-                text = f"{acc} != 0"
-            else:
-                text = acc
-            body.append(f"const {COMPUTE[v.dtype]} {name} = {text};")
+            body.append(f"const {COMPUTE[v.dtype]} {name} = {_finished(v.attr, v.dtype, accs[v], f'{accs[v]}_nan')};")
             names[v] = name
         for v in values:
             if v in row and v.op != "reduce" and stage[v] == s + 1:
@@ -404,7 +408,7 @@ def _emit_reduction(spec: KernelSpec, fn_name: str) -> str:
 
 OUTER_TILE_MIN, OUTER_TILE_MAX = 64, 1024
 OUTER_STACK_BYTES = 256 << 10
-SUM_BLOCK = 64  # longer float sums are compensated
+COMPENSATE_AFTER = 64  # float sums over more positions are Kahan-compensated
 
 
 def outer_tile(rows: int, threads: int) -> int:
@@ -505,7 +509,7 @@ def _emit_outer_tiles(spec: KernelSpec, fn_name: str, tile: int) -> tuple[str, i
         for v in targets:
             arg = emit(v.args[0], scope, loop, "    ")
             acc = f"{accs[v]}[j]"
-            if v.attr == "sum" and v.dtype.is_floating_point and R > SUM_BLOCK:
+            if v.attr == "sum" and v.dtype.is_floating_point and R > COMPENSATE_AFTER:
                 # A column walked one position at a time would lose bits
                 # (summed in order, 4096 floats erred twice as much as eager's
                 # cascade): Kahan-compensated, with the plain sum kept for
@@ -519,17 +523,8 @@ def _emit_outer_tiles(spec: KernelSpec, fn_name: str, tile: int) -> tuple[str, i
                          f"    const {ctype} {accs[v]}_t = {acc} + {accs[v]}_y;",
                          f"    {accs[v]}_c[j] = ({accs[v]}_t - {acc}) - {accs[v]}_y;",
                          f"    {acc} = {accs[v]}_t;"]
-            elif v.attr == "sum":
-                loop.append(f"    {acc} += {arg};")
-            elif v.attr == "prod":
-                loop.append(f"    {acc} *= {arg};")
-            elif v.attr in ("any", "all"):
-                loop.append(f"    {acc} {'|' if v.attr == 'any' else '&'}= ({arg} != 0);")
             else:
-                cmp = ">" if v.attr == "max" else "<"
-                loop.append(f"    {acc} = {arg} {cmp} {acc} ? {arg} : {acc};")
-                if v.dtype.is_floating_point:
-                    loop.append(f"    {accs[v]}_nan[j] |= {arg} != {arg};")
+                loop += ["    " + line for line in _accumulate(v.attr, v.dtype, acc, f"{accs[v]}_nan[j]", arg)]
         for out in early if s == 0 else ():
             value = emit(out.value, scope, loop, "    ")
             loop.append("    " + _store_c(out, value, "x", R))
@@ -539,15 +534,11 @@ def _emit_outer_tiles(spec: KernelSpec, fn_name: str, tile: int) -> tuple[str, i
         for v in targets:
             acc = f"{accs[v]}[j]"
             name = f"v{next(counter)}"
-            if v.attr in ("max", "min") and v.dtype.is_floating_point:
-                text = f"{accs[v]}_nan[j] ? {literal(math.nan, v.dtype)} : {acc}"
-            elif v.attr in ("any", "all"):
-                text = f"{acc} != 0"
-            elif v in compensated:
+            if v in compensated:
                 plain = f"{accs[v]}_plain[j]"
-                text = f"{plain} - {plain} == 0 ? {acc} : {plain}"  # finite: compensated
+                text = f"{plain} - {plain} == 0 ? {acc} - {accs[v]}_c[j] : {plain}"  # finite: compensated
             else:
-                text = acc
+                text = _finished(v.attr, v.dtype, acc, f"{accs[v]}_nan[j]")
             body.append(f"{COMPUTE[v.dtype]} {name}[{tile}];")
             finish.append(f"  {name}[j] = {text};")
             names[v] = f"{name}[j]"

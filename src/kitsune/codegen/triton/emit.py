@@ -12,7 +12,7 @@ import math
 import torch
 
 from kitsune.codegen.kernel import KernelError, KernelSpec, is_row_index, outer_layout, reduction_stage, row_values
-from kitsune.ir.index import Index, render, render_rows
+from kitsune.ir.index import Index, render_in_kernel
 from kitsune.ir.scalar import Value
 
 TL_DTYPE = {
@@ -109,7 +109,7 @@ def _render(index: Index, var: str, rows: int | None) -> str:
     """An index as text; in a row kernel (rows = R) digits of x within a row
     read r and digits above it read row: no division per element, and Triton
     sees which axis of the block is contiguous in memory."""
-    return render(index, var) if rows is None else render_rows(index, rows, var)
+    return render_in_kernel(index, var, rows)
 
 
 def _expr(v: Value, names: dict, inputs: list[str], var: str = "x", mask: str = "xmask",

@@ -244,6 +244,28 @@ def test_gather_one_per_row_and_scatter(backend, dim):
     assert _kernels_fusing("gather") and _kernels_fusing("scatter")
 
 
+@pytest.mark.parametrize("dim", [0, 1, 2])
+def test_gather_reads_the_target_of_a_strided_input(backend, dim):
+    """The pick is one read per row at the target (load_at): through a permuted
+    3-d input, along each dim, with -inf/NaN around it and bf16 logits."""
+    torch.manual_seed(dim)
+    x = torch.randn(5, 7, 6, dtype=torch.bfloat16).permute(2, 0, 1)  # [6, 5, 7], not contiguous
+    x[0, 0, 0] = -math.inf
+    x[1, 2, 3] = math.nan
+    size = list(x.shape)
+    size[dim] = 1
+    index = torch.randint(0, x.shape[dim], size)
+
+    def f(x, i):
+        logp = torch.log_softmax(x.float(), dim)
+        return torch.gather(logp, dim, i) * -1, torch.gather(x, dim, i).float() + 1
+
+    got = torch.compile(f, backend="kitsune")(x, index)
+    for g, e in zip(got, f(x, index)):
+        torch.testing.assert_close(g, e, equal_nan=True)
+    assert _kernels_fusing("gather")
+
+
 def test_gather_out_of_range_gives_nan(backend):
     """Eager raises for an index out of range; the fused gather cannot raise
     from inside a kernel, so the picked value is NaN (never a plausible number)."""

@@ -56,9 +56,35 @@ def test_permutes_that_cancel_disappear_and_chains_become_one():
         assert got.stride() == want.stride()
 
 
-def test_a_permute_pair_returned_as_an_output_is_kept():
-    """Outputs keep the view AOTAutograd traced (one may alias an input)."""
+def test_a_permute_pair_returned_as_an_output_is_kept_when_it_aliases_an_input():
+    """An output that aliases an input keeps the view AOTAutograd traced."""
     from kitsune.capture.simplify import simplify
 
     gm = _aten_graph(lambda w: w.permute(1, 0).permute(1, 0), torch.randn(3, 4))
     assert simplify(gm) == 0
+
+
+def test_a_cancelling_permute_pair_returned_as_an_output_is_the_computed_tensor():
+    """AOTAutograd returns a weight gradient as permute(permute(mm)): the mm itself."""
+    from kitsune.capture.simplify import simplify
+
+    def f(a, b):
+        return (a @ b).permute(1, 0).permute(1, 0), (b @ a).permute(1, 0).permute(1, 0) * 2
+
+    a, b = torch.randn(3, 5), torch.randn(5, 3)
+    gm = _aten_graph(f, a, b)
+    assert simplify(gm) == 2
+    assert not [n for n in gm.graph.nodes if n.target is torch.ops.aten.permute.default]
+    for got, want in zip(gm(a, b), f(a, b)):
+        torch.testing.assert_close(got, want)
+        assert got.stride() == want.stride()
+
+
+def test_a_transposing_permute_pair_returned_as_an_output_is_kept():
+    from kitsune.capture.simplify import simplify
+
+    gm = _aten_graph(lambda a, b: (a @ b).permute(1, 0).permute(1, 0).permute(1, 0), torch.randn(3, 5),
+                     torch.randn(5, 4))
+    simplify(gm)
+    out = gm(torch.ones(3, 5), torch.ones(5, 4))
+    assert out.shape == (4, 3) and out.stride() == (1, 4)

@@ -6,8 +6,9 @@
   concatenation kernel per layer and per call.
 - a permute of a permute becomes one permute of the source, or the source
   itself when the two cancel (AOTAutograd's backward transposes transposed
-  weights: `permute(permute(w, [1, 0]), [1, 0])`); every op left in the graph
-  costs host time at each call.
+  weights: `permute(permute(w, [1, 0]), [1, 0])`, and returns weight
+  gradients as `permute(permute(mm))`); every op left in the graph costs host
+  time at each call.
 """
 from __future__ import annotations
 
@@ -35,13 +36,17 @@ def _fold_permutes(gm: fx.GraphModule) -> int:
         inner = node.args[0]
         if not (isinstance(inner, fx.Node) and inner.op == "call_function" and inner.target is aten.permute.default):
             continue
-        if any(user.op == "output" for user in node.users):
-            continue  # outputs that alias an input keep the view AOTAutograd traced
         ndim = len(node.args[1])
         outer = [d % ndim for d in node.args[1]]
         first = [d % ndim for d in inner.args[1]]
         composed = [first[d] for d in outer]
         source = inner.args[0]
+        if any(user.op == "output" for user in node.users) and (
+                not isinstance(source, fx.Node) or source.op == "placeholder" or composed != list(range(ndim))):
+            # an output that is the computed tensor itself can be returned as
+            # it is (same strides); one that aliases an input keeps the view
+            # AOTAutograd traced
+            continue
         if composed == list(range(ndim)):
             node.replace_all_uses_with(source)
         else:

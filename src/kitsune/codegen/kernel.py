@@ -61,7 +61,7 @@ class KernelSpec:
         """Largest element offset touched: decides 32- vs 64-bit indexing."""
         bounds = [self.numel]
         for v in self.values():
-            if v.op == "load":
+            if v.op in ("load", "load_at"):
                 bounds.append(_bound(v.attr[1], self.numel))
         bounds += [_bound(o.index, self.numel) for o in self.outputs]
         return max(bounds)

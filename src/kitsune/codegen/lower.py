@@ -16,7 +16,7 @@ from kitsune.codegen.kernel import KernelInput, KernelOutput, KernelSpec, is_row
 from kitsune.ir.graph import is_view, meta, view_root
 from kitsune.ir.index import Index, delinearize, linearize, strided, within
 from kitsune.ir.ops import POINTWISE_OPS, REDUCTION_OPS, NotFusible, aten, op_name, prims, reduction_signature
-from kitsune.ir.scalar import Value, call, cast, const, coordinate, load, reduce, where
+from kitsune.ir.scalar import Value, call, cast, const, coordinate, load, load_at, reduce, where
 from kitsune.planner.pointwise import FusionGroup, group_outputs
 
 
@@ -214,12 +214,10 @@ class GroupLowering:
 
     def _gather(self, node: fx.Node, idx: tuple, arg: Value, position: Value) -> Value:
         """gather with one index per row. Each element-level input of the
-        gathered expression is picked at the target position by a masked sum
-        along the row (exact: every other term is zero), and the expression is
-        evaluated once per row on the picked inputs, so the pick shares the
-        first pass over the row with the row's other reductions. An index out
-        of range matches nothing, which gives NaN (eager raises; a NaN loss is
-        the visible signal)."""
+        gathered expression is read at the target position (one load per row,
+        see `_pick`), and the expression is evaluated once per row on the
+        picked inputs. An index out of range reads nothing, which gives NaN
+        (eager raises; a NaN loss is the visible signal)."""
         out_dtype = meta(node).dtype
         acc = torch.float32 if out_dtype in _LOW_PRECISION else out_dtype
         target = cast(self.value_at(node.args[2], idx), torch.int64)
@@ -232,22 +230,29 @@ class GroupLowering:
         found = call("ge", target, const(0, torch.int64)) & call("lt", target, const(R, torch.int64))
         if R < 2**31:
             match = call("eq", cast(position, torch.int32), cast(target, torch.int32))
+            at = cast(target, torch.int32)
         else:
             match = call("eq", position, target)
-        picked = _pick(arg, match, R, {})
+            at = target
+        picked = _pick(arg, match, R, {}, at)
         return cast(where(found, cast(picked, acc), const(float("nan"), acc)), out_dtype)
 
 
-def _pick(v: Value, match: Value, R: int, memo: dict) -> Value:
+def _pick(v: Value, match: Value, R: int, memo: dict, position: Value | None = None) -> Value:
     """v (an expression over a row) evaluated at the one position where
-    `match` holds: element-level leaves are picked by masked sums, row-level
-    values are kept."""
+    `match` holds (`position`, when given): an element-level load becomes one
+    read at that position per row (`load_at`); other element-level leaves are
+    picked by masked sums; row-level values are kept. (A masked sum costs a
+    compare, a select and an add per element: on an H200 it made a 8192x32000
+    cross-entropy take 251 instead of 154 us.)"""
     if v in memo:
         return memo[v]
     if v.op in ("load", "index"):
         index = v.attr[1] if v.op == "load" else v.attr
         if is_row_index(index, R):
             result = v
+        elif v.op == "load" and position is not None:
+            result = load_at(v.attr[0], index, position, v.dtype)
         elif v.dtype == torch.bool:
             result = reduce("any", match & v)
         else:
@@ -257,7 +262,7 @@ def _pick(v: Value, match: Value, R: int, memo: dict) -> Value:
     elif v.op in ("const", "reduce"):
         result = v
     else:
-        result = Value(v.op, tuple(_pick(a, match, R, memo) for a in v.args), v.dtype, v.attr)
+        result = Value(v.op, tuple(_pick(a, match, R, memo, position) for a in v.args), v.dtype, v.attr)
     memo[v] = result
     return result
 

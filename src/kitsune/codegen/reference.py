@@ -63,6 +63,16 @@ def run_reference(spec: KernelSpec, inputs, outputs) -> None:
             flat = inputs[slot].as_strided((inputs[slot].untyped_storage().nbytes() // inputs[slot].element_size()
                                             - inputs[slot].storage_offset(),), (1,))
             values[v] = flat[evaluate_index(index, x)].to(dtype) if spec.numel else x.to(dtype)
+        elif v.op == "load_at":
+            slot, index = v.attr
+            flat = inputs[slot].as_strided((inputs[slot].untyped_storage().nbytes() // inputs[slot].element_size()
+                                            - inputs[slot].storage_offset(),), (1,))
+            R = spec.reduction
+            position = values[v.args[0]].to(torch.int64).expand(spec.numel)
+            inside = (position >= 0) & (position < R)
+            at = x - x % R + torch.where(inside, position, 0)
+            picked = flat[evaluate_index(index, at)].to(dtype) if spec.numel else x.to(dtype)
+            values[v] = torch.where(inside, picked, torch.zeros((), dtype=dtype, device=device))
         elif v.op == "const":
             values[v] = torch.full((), v.attr, dtype=dtype, device=device)
         elif v.op == "index":

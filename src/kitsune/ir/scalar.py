@@ -29,6 +29,10 @@ SUPPORTED_DTYPES = FLOAT_DTYPES + INT_DTYPES + (torch.bool,)
 PRIMITIVES: dict[str, int] = {
     # leaves
     "load": 0,       # attr: (input slot: int, index: kitsune.ir.index.Index)
+    # a gather's read, in a reduction kernel: the element `index` addresses at
+    # position args[0] (an integer, one per row) of the row, i.e. at
+    # x = row * R + position; 0 where the position is outside [0, R)
+    "load_at": 1,    # attr: (input slot, index) as for load
     "index": 0,      # attr: Index; its value as int64 (a coordinate, for gather/scatter)
     "const": 0,      # attr: Python bool/int/float (may be inf/nan)
     "cast": 1,       # convert to self.dtype; to float16/bfloat16 this rounds
@@ -216,6 +220,12 @@ def where(cond: Value, a, b) -> Value:
 
 def load(slot: int, index, dtype: torch.dtype) -> Value:
     return Value("load", (), dtype, (slot, index))
+
+
+def load_at(slot: int, index, position: Value, dtype: torch.dtype) -> Value:
+    if position.dtype not in INT_DTYPES:
+        raise TypeError(f"load_at: position must be an integer, got {position.dtype}")
+    return Value("load_at", (position,), dtype, (slot, index))
 
 
 def coordinate(index) -> Value:

@@ -115,6 +115,8 @@ def spec_text(spec) -> str:
         args = ", ".join(names.get(a, "?") for a in v.args)
         if v.op == "load":
             text = f"load(in{v.attr[0]})"
+        elif v.op == "load_at":
+            text = f"load_at(in{v.attr[0]}, {args})"
         elif v.op == "const":
             text = f"const({v.attr!r})"
         elif v.attr is not None:

@@ -190,6 +190,15 @@ def _expr(v: Value, names: dict, inputs: list[str], var: str = "x", rows: int | 
         if dtype == torch.bfloat16:
             return f"kitsune_bf16_to_f32({ref})"
         return f"(float){ref}" if dtype == torch.float16 else ref
+    if op == "load_at":
+        # one read per row at x = xrow + position (a gather); 0 outside the row
+        slot, index = v.attr
+        ref = f"{inputs[slot]}[{render(index, f'(xrow + {a[0]})', floordiv='/')}]"
+        if dtype == torch.bfloat16:
+            ref = f"kitsune_bf16_to_f32({ref})"
+        elif dtype == torch.float16:
+            ref = f"(float){ref}"
+        return f"(({a[0]} >= 0 && {a[0]} < {rows}) ? ({ctype}){ref} : ({ctype})0)"
     if op == "const":
         return literal(v.attr, dtype)
     if op == "index":

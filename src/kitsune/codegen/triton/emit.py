@@ -12,7 +12,7 @@ import math
 import torch
 
 from kitsune.codegen.kernel import KernelError, KernelSpec, is_row_index, outer_layout, reduction_stage, row_values
-from kitsune.ir.index import Index, render_in_kernel
+from kitsune.ir.index import Index, render, render_in_kernel
 from kitsune.ir.scalar import Value
 
 TL_DTYPE = {
@@ -100,6 +100,8 @@ def _is_block(v: Value) -> bool:
     """Whether v varies with x (otherwise it is a scalar in the kernel)."""
     if v.op == "load":
         return not v.attr[1].is_const
+    if v.op == "load_at":
+        return True
     if v.op == "index":
         return True
     return any(_is_block(a) for a in v.args)
@@ -121,6 +123,16 @@ def _expr(v: Value, names: dict, inputs: list[str], var: str = "x", mask: str = 
         slot, index = v.attr
         ptr, idx = inputs[slot], _render(index, var, rows)
         text = f"tl.load({ptr} + ({idx}))" if index.is_const else f"tl.load({ptr} + ({idx}), {mask})"
+        if dtype == torch.bool:
+            return f"({text} != 0)"
+        return f"{text}.to(tl.float32)" if dtype in _LOW else text
+    if op == "load_at":
+        # one read per row at x = xrow + position (a gather); nothing is read
+        # where the position is outside the row
+        slot, index = v.attr
+        at = f"(xrow + {a[0]})"
+        inside = f"({a[0]} >= 0) & ({a[0]} < {rows})"
+        text = f"tl.load({inputs[slot]} + ({render(index, at)}), {mask} & {inside}, other=0)"
         if dtype == torch.bool:
             return f"({text} != 0)"
         return f"{text}.to(tl.float32)" if dtype in _LOW else text

@@ -152,6 +152,43 @@ def outer_layout(spec: KernelSpec) -> bool:
     return weight["row"] > weight["r"]
 
 
+# ops through which a relative error of an operand reaches the result at most
+# unchanged in size (as a branch of `where`, not as its condition)
+_WELL_CONDITIONED = {"mul", "truediv", "neg", "abs", "cast", "where", "sqrt", "rsqrt"}
+
+
+def reaches_only_low_precision(spec: KernelSpec, value: Value) -> bool:
+    """Does every use of `value` reach an output stored as bfloat16/float16
+    through well-conditioned ops only (products, quotients, casts, selection)?
+    Then a relative error far below the output's rounding (2^-9 for bf16,
+    2^-12 for fp16) stays invisible: backends may compute `value` with a
+    cheaper approximation. A sum, a difference or a reduction on the way
+    could cancel and magnify the error, so any of them says no."""
+    users: dict = {}
+    for v in spec.values():
+        for position, a in enumerate(v.args):
+            users.setdefault(a, []).append((v, position))
+    stored = {}
+    for out in spec.outputs:
+        stored.setdefault(out.value, []).append(out.dtype)
+    low = (torch.float16, torch.bfloat16)
+    stack, seen = [value], set()
+    while stack:
+        v = stack.pop()
+        if v in seen:
+            continue
+        seen.add(v)
+        if any(dtype not in low for dtype in stored.get(v, ())):
+            return False
+        for user, position in users.get(v, ()):
+            if user.op not in _WELL_CONDITIONED or (user.op == "where" and position == 0):
+                return False
+            if user.op == "cast" and not user.dtype.is_floating_point:
+                return False
+            stack.append(user)
+    return any(v in stored for v in seen)
+
+
 def reduction_stage(spec: KernelSpec) -> dict:
     """Value -> how many reductions lie on its longest path from the loads."""
     stage: dict = {}

@@ -11,7 +11,8 @@ import math
 
 import torch
 
-from kitsune.codegen.kernel import KernelError, KernelSpec, is_row_index, outer_layout, reduction_stage, row_values
+from kitsune.codegen.kernel import (KernelError, KernelSpec, is_row_index, outer_layout, reaches_only_low_precision,
+                                    reduction_stage, row_values)
 from kitsune.ir.index import Index, render, render_in_kernel
 from kitsune.ir.scalar import Value
 
@@ -58,6 +59,29 @@ def literal(value, dtype: torch.dtype) -> str:
     return f"tl.full([], {int(value)}, {TL_DTYPE[cdt]})"
 
 
+def one_plus_erf_sums(spec: KernelSpec) -> dict[Value, Value]:
+    """{1 + erf(z): z} for the float32 sums emitted as `one_plus_erf(z)` (GELU's
+    cumulative distribution): those whose result reaches only bfloat16/float16
+    outputs through products, where its 2^-17.8 relative error is invisible."""
+    found = {}
+    for v in spec.values():
+        if v.op != "add" or compute_dtype(v.dtype) != torch.float32:
+            continue
+        for e, c in (v.args, v.args[::-1]):
+            if (e.op == "erf" and c.op == "const" and c.attr == 1.0 and e.dtype == v.dtype
+                    and reaches_only_low_precision(spec, v)):
+                found[v] = e.args[0]
+                break
+    return found
+
+
+def _unused_erfs(spec: KernelSpec, sums: dict) -> set:
+    """erf values whose every use is a sum emitted as one_plus_erf."""
+    used = {a for v in spec.values() if v not in sums for a in v.args}
+    used |= {o.value for o in spec.outputs}
+    return {e for v in sums for e in v.args if e.op == "erf" and e not in used}
+
+
 def emit_triton(spec: KernelSpec, fn_name: str, persistent_max: int = 4096) -> str:
     """Source of a module defining the @triton.jit kernel `fn_name`."""
     if spec.reduction:
@@ -66,9 +90,14 @@ def emit_triton(spec: KernelSpec, fn_name: str, persistent_max: int = 4096) -> s
     names: dict[Value, str] = {}
     inputs = [i.name for i in spec.inputs]
     body: list[str] = []
+    sums = one_plus_erf_sums(spec)
+    skipped = _unused_erfs(spec, sums)
     for v in spec.values():
+        if v in skipped:
+            continue
         names[v] = f"v{len(names)}"
-        body.append(f"{names[v]} = {_expr(v, names, inputs)}")
+        text = f"one_plus_erf({names[sums[v]]})" if v in sums else _expr(v, names, inputs)
+        body.append(f"{names[v]} = {text}")
     for out in spec.outputs:
         value = names[out.value]
         if not _is_block(out.value):
@@ -84,7 +113,7 @@ def emit_triton(spec: KernelSpec, fn_name: str, persistent_max: int = 4096) -> s
     lines = [
         "import triton",
         "import triton.language as tl",
-        "from kitsune.codegen.triton.libm import libm, round_bf16",
+        "from kitsune.codegen.triton.libm import libm, one_plus_erf, round_bf16",
         "",
         header,
         "@triton.jit",
@@ -305,6 +334,8 @@ def _emit_reduction(spec: KernelSpec, fn_name: str, persistent_max: int) -> str:
         position = v.op == "cast" and v.args[0].op == "index" and v.args[0].attr == along_row
         if position and v.dtype == torch.int32:
             text = "r"  # the position along the row is the loop's own int32 offset
+        elif v in sums:
+            text = f"one_plus_erf({emit(sums[v], scope, out, indent)})"
         else:
             for a in v.args:
                 emit(a, scope, out, indent)
@@ -317,6 +348,7 @@ def _emit_reduction(spec: KernelSpec, fn_name: str, persistent_max: int) -> str:
         return name
 
     along_row = Index.var().mod(R)
+    sums = one_plus_erf_sums(spec)
     reductions = [v for v in values if v.op == "reduce"]
     max_stage = max((stage[v] for v in reductions), default=0)
     online = {} if persistent else _online_softmax_sums(reductions, row)
@@ -433,7 +465,8 @@ def _emit_reduction(spec: KernelSpec, fn_name: str, persistent_max: int) -> str:
     lines = [
         "import triton",
         "import triton.language as tl",
-        "from kitsune.codegen.triton.libm import libm, round_bf16, max_nan, min_nan, mul_combine, online_scale",
+        "from kitsune.codegen.triton.libm import libm, one_plus_erf, round_bf16, max_nan, min_nan, mul_combine, "
+        "online_scale",
         "",
         header,
         f"# {rows} rows x {R} reduced elements; XBLOCK={xblock} RBLOCK={rblock} num_warps={num_warps} "

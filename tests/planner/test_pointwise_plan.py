@@ -67,3 +67,46 @@ def test_disabled_elementwise_fuses_nothing():
     plan = _plan(lambda x: x.sin().cos(), torch.randn(4), enable_elementwise=False)
     assert plan.groups == []
     assert all(d.reason == "elementwise fusion disabled" for d in plan.decisions)
+
+
+def test_sibling_column_sums_share_one_kernel():
+    """A backward pass's bias/weight gradients: column sums over the same rows,
+    unrelated to each other, are one kernel (side by side)."""
+    def f(g, h, w):
+        return g.sum(0), (h * w).sum(0), (h.relu() * 2).amax(0)
+
+    g, h, w = torch.randn(64, 16), torch.randn(64, 16), torch.randn(16)
+    plan = _plan(f, g, h, w)
+    (group,) = plan.groups
+    assert {n.name for n in group_outputs(group)} == {"sum_1", "sum_2", "amax"}
+
+
+def test_siblings_stay_apart_when_a_path_links_them_or_a_full_tensor_is_written():
+    def f(a, b, w):
+        s = a.sum(0)                        # feeds the matmul that the second sum needs
+        t = (b * (s @ w)).sum(0)
+        full = (b * 3).exp()                # a full-size output: not merged side by side
+        return t, full, full.sum(0), (a * 2).sum(0, keepdim=True).sum(1)
+
+    a, b, w = torch.randn(32, 8), torch.randn(32, 8), torch.randn(8, 8)
+    plan = _plan(f, a, b, w)
+    groups = [{n.name for n in g.nodes} for g in plan.groups]
+    assert not any({"sum_1", "sum_2"} <= names for names in groups), groups
+    assert any("cycle" in d.reason for d in plan.decisions if not d.fused)
+    assert not any("exp" in names and "sum_1" in names for names in groups), groups
+
+
+def test_merged_sums_compute_what_eager_does():
+    import kitsune
+
+    def f(g, h, w):
+        return g.sum(0), (h * w).sum(0), (h.relu() * 2).amax(0)
+
+    g, h, w = torch.randn(64, 16), torch.randn(64, 16), torch.randn(16)
+    g[3, 2] = float("nan")
+    h[5, 1] = float("-inf")
+    kitsune.reset_fusion_stats()
+    got = torch.compile(f, backend="kitsune")(g, h, w)
+    for a, b in zip(got, f(g, h, w)):
+        torch.testing.assert_close(a, b, equal_nan=True)
+    assert kitsune.get_fusion_stats()["num_fused"] == 1

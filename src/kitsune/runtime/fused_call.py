@@ -32,6 +32,19 @@ _DEBUG = os.environ.get("KITSUNE_DEBUG", "") not in ("", "0")
 _COUNT_LOCK = threading.Lock()
 
 
+def _fast_allocator(device: torch.device):
+    """PyTorch's allocation helper for compiled code (what Inductor's wrappers
+    call): `torch.empty_strided` less its argument parsing, 9 -> 5 us a tensor
+    on the H200 host. It allocates on the current CUDA device, which the caller
+    checks. None where this PyTorch has no such helper."""
+    try:
+        from torch._C._dynamo import guards
+        return guards._empty_strided_cuda if device.type == "cuda" else (
+            guards._empty_strided_cpu if device.type == "cpu" else None)
+    except (ImportError, AttributeError):
+        return None
+
+
 class FusedGroupCall:
     def __init__(self, spec: KernelSpec, fallback: fx.GraphModule, inputs: list, outputs: list):
         self.spec = spec
@@ -44,6 +57,9 @@ class FusedGroupCall:
         self.input_shapes = [tuple(v.shape) for v in inputs]
         self.output_meta = tuple((tuple(v.shape), tuple(v.stride()), v.dtype) for v in outputs)
         self.device = outputs[0].device
+        self._alloc = _fast_allocator(self.device)
+        self._cuda_index = (self.device.index if self.device.index is not None else torch.cuda.current_device()) \
+            if self.device.type == "cuda" else None
         # fx codegen names call_function targets by these
         self.__name__ = spec.name
         self.__module__ = __name__
@@ -66,9 +82,13 @@ class FusedGroupCall:
             mismatch = self._layout_mismatch(inputs)
             if mismatch is not None:
                 return self._unfused(inputs, mismatch)
-        device = inputs[0].device if inputs else self.device
-        outputs = [torch.empty_strided(shape, stride, dtype=dtype, device=device)
-                   for shape, stride, dtype in self.output_meta]
+        alloc = self._alloc
+        if alloc is not None and (self._cuda_index is None or torch._C._cuda_getDevice() == self._cuda_index):
+            outputs = [alloc(shape, stride, dtype) for shape, stride, dtype in self.output_meta]
+        else:
+            device = inputs[0].device if inputs else self.device
+            outputs = [torch.empty_strided(shape, stride, dtype=dtype, device=device)
+                       for shape, stride, dtype in self.output_meta]
         try:
             kernel(inputs, outputs)
         except Exception as error:  # noqa: BLE001 - whatever broke, eager semantics decide

@@ -290,12 +290,22 @@ OUTER_WARPS = None  # None: by the step's size
 # float32 sums whose lanes each add more than this many values are compensated
 COMPENSATE_STEPS = 64
 # Row kernels: a row longer than PERSISTENT_MAX is walked in chunks of
-# LOOPED_RBLOCK; a block of this many elements or more gets 8 warps (H200,
-# 16384x4096 bf16 layer_norm+GELU: 78 us with 4 warps, 84 with 8; a
-# 8192x32000 cross-entropy: 145 us in chunks of 4096 with 4 warps, 154 in
-# chunks of 2048: benchmarks/probe_rows.py)
+# LOOPED_RBLOCK with 4 warps (H200, 8192x32000 bf16 cross-entropy: 0.156 ms
+# in chunks of 4096, 0.184 in chunks of 2048; 8 warps were slower in every
+# chunk size). A persistent block of 4096 elements or more gets 8 warps,
+# unless each element takes more than HEAVY_ELEMENT_OPS operations: then 4,
+# which leaves each thread more independent work (16384x4096 bf16:
+# softmax 0.072 ms with 8 warps, 0.079 with 4; layer_norm+GELU 0.083 with 4,
+# 0.090 with 8; benchmarks/probe_rows.py and bench_reductions.py).
 LOOPED_RBLOCK = 4096
-EIGHT_WARPS_AT = 8192
+HEAVY_ELEMENT_OPS = 12
+
+
+def element_ops(spec: KernelSpec) -> int:
+    """Operations a row kernel does per element (loads, arithmetic, casts):
+    the values that vary along the row."""
+    row = row_values(spec)
+    return sum(1 for v in spec.values() if v not in row and v.op not in ("const", "index"))
 
 
 def reduction_blocks(spec: KernelSpec, persistent_max: int) -> tuple[int, int, int, bool]:
@@ -316,7 +326,9 @@ def reduction_blocks(spec: KernelSpec, persistent_max: int) -> tuple[int, int, i
         rblock = min(rblock, LOOPED_RBLOCK, persistent_max)
     xblock = max(1, min(1024 // rblock, 1 << max(rows - 1, 0).bit_length(), 64))
     work = xblock * rblock
-    num_warps = 8 if work >= EIGHT_WARPS_AT else 4 if work >= 1024 else 2 if work >= 256 else 1
+    num_warps = 8 if work >= 4096 else 4 if work >= 1024 else 2 if work >= 256 else 1
+    if num_warps == 8 and (not persistent or element_ops(spec) > HEAVY_ELEMENT_OPS):
+        num_warps = 4
     return xblock, rblock, num_warps, persistent
 
 

@@ -20,7 +20,9 @@ Cases (rows x cols; bf16 on CUDA, fp32 on the CPU):
 Method: the helpers of benchmarks/common.py, as in bench_pointwise.py. Each
 backend is checked against eager (float64 reference for the row cases) before
 it is timed; times are medians over --repeat calls after a warm-up (CUDA events
-on the GPU, perf_counter on the CPU); "share" is the bandwidth of the fewest
+on the GPU, perf_counter on the CPU); on the GPU "GPU busy" is the kernels'
+own time per call (profiler), which leaves out a host too slow to keep the
+GPU fed (then the wall time is the host's); "share" is the bandwidth of the fewest
 bytes any implementation must move (inputs read once, outputs written once)
 as a share of the measured device-to-device copy rate. Kitsune's fusion report
 is read after each compile: a case where it fell back to PyTorch is marked.
@@ -168,6 +170,8 @@ def run_case(name, fn, args, device, repeats, backends, whole_model=False):
                 print(f"  WARNING {name}: Kitsune fell back: {entry['report']['fallbacks']}")
         if ok:
             entry["timing"] = common.time_ms(lambda: compiled(*args), device, repeats).as_dict()
+            if device.type == "cuda":
+                entry["gpu_busy_ms"] = round(common.gpu_busy_ms(lambda: compiled(*args)), 5)
         results[backend] = entry
     return results
 
@@ -210,6 +214,11 @@ def _print(name, res, nbytes, copy):
                     line += f"  {100 * rate / copy:5.1f}% of copy"
             if k and backend != "kitsune":
                 line += f"  kitsune speed-up {t / k:5.2f}x"
+            busy = entry.get("gpu_busy_ms")
+            if busy is not None:
+                line += f"  | GPU busy {busy:8.4f} ms"
+                if nbytes and copy:
+                    line += f" ({100 * common.gb_per_s(nbytes, busy) / copy:5.1f}% of copy)"
         else:
             line += "  (not timed: wrong result)"
         print(line)
@@ -275,6 +284,8 @@ def main() -> None:
                     entry["report"] = kitsune_report()
                 if ok:
                     entry["timing"] = common.time_ms(step, device, args.repeat or (100 if big else 10)).as_dict()
+                    if device.type == "cuda":
+                        entry["gpu_busy_ms"] = round(common.gpu_busy_ms(step), 5)
                 res[backend] = entry
             _print(name, res, None, None)
             results["cases"][name] = res

@@ -170,6 +170,25 @@ def time_ms(fn, device: torch.device, repeats: int, warmup_ms: float = 50.0, min
     return _summarise(samples)
 
 
+def gpu_busy_ms(fn, calls: int = 20) -> float:
+    """GPU time per call of `fn()`: the summed durations of every kernel (and
+    copy) it ran, from PyTorch's profiler, divided by `calls`. Unlike the wall
+    time between events it leaves out the host: a call whose Python, guards
+    and launches take longer than its kernels shows its kernels' own speed
+    here (the H200's host is slow enough for that with 70 us kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    total_us = 0.0
+    for event in prof.key_averages():
+        total_us += getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
+    return total_us / calls / 1e3
+
+
 def _summarise(samples: list[float]) -> Timing:
     if len(samples) >= 2:
         q1, _, q3 = statistics.quantiles(samples, n=4)

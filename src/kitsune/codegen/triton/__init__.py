@@ -127,8 +127,8 @@ class TritonKernel:
         except Exception as error:  # noqa: BLE001 - Triton's own launcher still works
             log.debug("kitsune: %s uses Triton's launcher (static launch unavailable: %s)", self.spec.name, error)
             return None
-        self._aligned = [i for i, t in enumerate(tensors) if t.data_ptr() % 16 == 0 and i < len(tensors)
-                         - len(self.spec.outputs)]
+        inputs = tensors[:len(tensors) - len(self.spec.outputs)]
+        self._aligned = [i for i, t in enumerate(inputs) if t.data_ptr() % 16 == 0]
         self._device_index = tensors[0].device.index
         return static
 

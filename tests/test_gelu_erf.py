@@ -1,6 +1,6 @@
-"""GELU's 1 + erf(z) on the Triton backend: a cheaper form (`one_plus_erf`)
-where the result only reaches bfloat16/float16 outputs through products, and
-libdevice's erf everywhere else."""
+"""GELU's 1 + erf(z) on the Triton backend: a cheaper form (`one_plus_erf`, and
+for GELU's whole product `gelu_erf`) where the result only reaches
+bfloat16/float16 outputs through products, and libdevice's erf everywhere else."""
 import math
 
 import pytest
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kitsune.codegen.triton.libm import one_plus_erf
+from kitsune.codegen.triton.libm import gelu_erf, one_plus_erf
 from kitsune.fusion.engine import FusionEngine
 
 
@@ -38,6 +38,32 @@ def test_one_plus_erf_is_accurate_relative_to_its_value_and_keeps_specials():
     assert ((out.double() - exact)[band].abs() <= (eager - exact)[band].abs() + 1e-12).float().mean() > 0.9
 
 
+@triton.jit
+def _apply_gelu(Y, O, N: tl.constexpr, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(O + i, gelu_erf(tl.load(Y + i, i < N)), i < N)
+
+
+def test_gelu_erf_is_accurate_relative_to_its_value_and_keeps_specials():
+    y = torch.cat([torch.linspace(-8, 8, 80001), torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan,
+                                                               5.5437, 5.5438, -5.5437, -5.5438, 1e-30, -1e-30])])
+    out = torch.empty_like(y)
+    _apply_gelu[(triton.cdiv(y.numel(), 1024),)](y, out, y.numel(), 1024)
+    exact = F.gelu(y.double())
+    inside = (y.abs() <= 5.5437) & (y != 0)
+    relative = ((out.double() - exact) / exact)[inside].abs().max().item()
+    assert relative < 2 ** -17, relative
+    # beyond 3.92 * sqrt(2) float32 erf is +-1: eager's y and 0 exactly
+    assert torch.equal(out[y > 5.5438], y[y > 5.5438])
+    assert torch.equal(out[(y < -5.5438) & y.isfinite()], torch.zeros_like(out[(y < -5.5438) & y.isfinite()]))
+    # signed zero, inf and NaN as eager's float64 formula 0.5 * y * (1 + erf(y / sqrt(2)))
+    specials = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan])
+    got = out[-11:-6]
+    want = (0.5 * specials.double() * (1 + torch.erf(specials.double() * 0.7071067811865476))).float()
+    torch.testing.assert_close(got, want, equal_nan=True, atol=0, rtol=0)
+    assert torch.equal(torch.signbit(got[:2]), torch.signbit(want[:2]))
+
+
 def _sources(fn, *args):
     engine = FusionEngine()
     result = engine.fuse(fn)(*args)
@@ -57,7 +83,7 @@ def test_low_precision_gelu_uses_the_cheap_form_and_is_as_accurate_as_eager(monk
     x = (torch.randn(16, 256) * 3).to(dtype)
     w, b = torch.randn(256).to(dtype), torch.randn(256).to(dtype)
     got, source = _sources(_ln_gelu, x, w, b)
-    assert "one_plus_erf(" in source and "libm.erf(" not in source
+    assert "gelu_erf(" in source and "libm.erf(" not in source
     want = _ln_gelu(x, w, b)
     # the function eager computes: layer_norm rounded to `dtype`, then GELU, in float64
     exact = F.gelu(F.layer_norm(x, (256,), w, b).double())
@@ -73,7 +99,7 @@ def test_pointwise_gelu_in_bf16_uses_the_cheap_form(monkeypatch):
     x = torch.randn(4096).to(torch.bfloat16) * 4
     x[:6] = torch.tensor([math.nan, math.inf, -math.inf, -0.0, 0.0, -5.0])
     got, source = _sources(lambda t: F.gelu(t * 2) * 3, x)
-    assert "one_plus_erf(" in source and "libm.erf(" not in source
+    assert "gelu_erf(" in source and "libm.erf(" not in source
     # GELU(+inf): eager's vectorised float32/bfloat16 CPU kernels give NaN, float64 gives inf
     assert got[1] == math.inf and F.gelu(x[1:2].double() * 2).item() == math.inf
     keep = torch.arange(x.numel()) != 1
@@ -84,10 +110,10 @@ def test_float32_gelu_and_the_gelu_backward_keep_libdevice_erf(monkeypatch):
     monkeypatch.setenv("KITSUNE_BACKEND", "triton")
     x = torch.randn(64, 32)
     got, source = _sources(lambda t: F.gelu(t) * 2, x)
-    assert "libm.erf(" in source and "one_plus_erf(" not in source
+    assert "libm.erf(" in source and "one_plus_erf(" not in source and "gelu_erf(" not in source
     torch.testing.assert_close(got, F.gelu(x) * 2)
     # GELU's derivative adds x * pdf to the cdf: a sum, where a relative error could cancel
     g, xb = torch.randn(64, 32).bfloat16(), torch.randn(64, 32).bfloat16()
     got, source = _sources(lambda a, b: torch.ops.aten.gelu_backward(a, b) * 1, g, xb)
-    assert "one_plus_erf(" not in source
+    assert "one_plus_erf(" not in source and "gelu_erf(" not in source
     torch.testing.assert_close(got, torch.ops.aten.gelu_backward(g, xb))

@@ -75,11 +75,41 @@ def one_plus_erf_sums(spec: KernelSpec) -> dict[Value, Value]:
     return found
 
 
-def _unused_erfs(spec: KernelSpec, sums: dict) -> set:
-    """erf values whose every use is a sum emitted as one_plus_erf."""
-    used = {a for v in spec.values() if v not in sums for a in v.args}
-    used |= {o.value for o in spec.outputs}
-    return {e for v in sums for e in v.args if e.op == "erf" and e not in used}
+def _scaled(v: Value, factor: float) -> Value | None:
+    """y where v is y * factor (a constant), else None."""
+    if v.op != "mul":
+        return None
+    for y, c in (v.args, v.args[::-1]):
+        if c.op == "const" and isinstance(c.attr, float) and abs(c.attr - factor) < 1e-12:
+            return y
+    return None
+
+
+def gelu_products(spec: KernelSpec, sums: dict[Value, Value]) -> dict[Value, Value]:
+    """{(y * 0.5) * (1 + erf(y * sqrt(1/2))): y}, GELU's decomposition, for the
+    products whose sum is emitted as `one_plus_erf`: emitted as `gelu_erf(y)`."""
+    found = {}
+    for v in spec.values():
+        if v.op != "mul":
+            continue
+        for half, cdf in (v.args, v.args[::-1]):
+            y = _scaled(half, 0.5)
+            if cdf in sums and y is not None and _scaled(sums[cdf], 0.7071067811865476) == y:
+                found[v] = y
+                break
+    return found
+
+
+def _live(spec: KernelSpec, replaced: dict[Value, Value]) -> set:
+    """The values the outputs need when each value in `replaced` is computed
+    from its mapped value alone."""
+    live, stack = set(), [o.value for o in spec.outputs]
+    while stack:
+        v = stack.pop()
+        if v not in live:
+            live.add(v)
+            stack.extend((replaced[v],) if v in replaced else v.args)
+    return live
 
 
 def emit_triton(spec: KernelSpec, fn_name: str, persistent_max: int = 4096) -> str:
@@ -91,12 +121,18 @@ def emit_triton(spec: KernelSpec, fn_name: str, persistent_max: int = 4096) -> s
     inputs = [i.name for i in spec.inputs]
     body: list[str] = []
     sums = one_plus_erf_sums(spec)
-    skipped = _unused_erfs(spec, sums)
+    gelus = gelu_products(spec, sums)
+    live = _live(spec, {**sums, **gelus})
     for v in spec.values():
-        if v in skipped:
+        if v not in live:
             continue
         names[v] = f"v{len(names)}"
-        text = f"one_plus_erf({names[sums[v]]})" if v in sums else _expr(v, names, inputs)
+        if v in gelus:
+            text = f"gelu_erf({names[gelus[v]]})"
+        elif v in sums:
+            text = f"one_plus_erf({names[sums[v]]})"
+        else:
+            text = _expr(v, names, inputs)
         body.append(f"{names[v]} = {text}")
     for out in spec.outputs:
         value = names[out.value]
@@ -113,7 +149,7 @@ def emit_triton(spec: KernelSpec, fn_name: str, persistent_max: int = 4096) -> s
     lines = [
         "import triton",
         "import triton.language as tl",
-        "from kitsune.codegen.triton.libm import libm, one_plus_erf, round_bf16",
+        "from kitsune.codegen.triton.libm import gelu_erf, libm, one_plus_erf, round_bf16",
         "",
         header,
         "@triton.jit",
@@ -123,6 +159,19 @@ def emit_triton(spec: KernelSpec, fn_name: str, persistent_max: int = 4096) -> s
     ]
     lines += [f"    {line}" for line in body]
     return "\n".join(lines) + "\n"
+
+
+def _and(*masks: str | None) -> str | None:
+    """The conjunction of the masks that exist (None: nothing to mask)."""
+    present = [m for m in masks if m is not None]
+    return " & ".join(present) if present else None
+
+
+def _masked(mask: str | None, value: str, identity: str) -> str:
+    """A reduction's operand block, `identity` where the mask is off."""
+    if mask is None:
+        return f"tl.broadcast_to({value}, [XBLOCK, RBLOCK])"
+    return f"tl.where({mask}, {value}, {identity})"
 
 
 def _is_block(v: Value) -> bool:
@@ -151,7 +200,7 @@ def _expr(v: Value, names: dict, inputs: list[str], var: str = "x", mask: str = 
     if op == "load":
         slot, index = v.attr
         ptr, idx = inputs[slot], _render(index, var, rows)
-        text = f"tl.load({ptr} + ({idx}))" if index.is_const else f"tl.load({ptr} + ({idx}), {mask})"
+        text = f"tl.load({ptr} + ({idx}))" if index.is_const or mask is None else f"tl.load({ptr} + ({idx}), {mask})"
         if dtype == torch.bool:
             return f"({text} != 0)"
         return f"{text}.to(tl.float32)" if dtype in _LOW else text
@@ -161,7 +210,7 @@ def _expr(v: Value, names: dict, inputs: list[str], var: str = "x", mask: str = 
         slot, index = v.attr
         at = f"(xrow + {a[0]})"
         inside = f"({a[0]} >= 0) & ({a[0]} < {rows})"
-        text = f"tl.load({inputs[slot]} + ({render(index, at)}), {mask} & {inside}, other=0)"
+        text = f"tl.load({inputs[slot]} + ({render(index, at)}), {_and(mask, inside)}, other=0)"
         if dtype == torch.bool:
             return f"({text} != 0)"
         return f"{text}.to(tl.float32)" if dtype in _LOW else text
@@ -353,13 +402,15 @@ def _emit_reduction(spec: KernelSpec, fn_name: str, persistent_max: int) -> str:
         position = v.op == "cast" and v.args[0].op == "index" and v.args[0].attr == along_row
         if position and v.dtype == torch.int32:
             text = "r"  # the position along the row is the loop's own int32 offset
+        elif v in gelus:
+            text = f"gelu_erf({emit(gelus[v], scope, out, indent)})"
         elif v in sums:
             text = f"one_plus_erf({emit(sums[v], scope, out, indent)})"
         else:
             for a in v.args:
                 emit(a, scope, out, indent)
             is_row = v in row
-            text = _expr(v, scope, inputs, var="xrow" if is_row else "x", mask="rowmask" if is_row else "xmask",
+            text = _expr(v, scope, inputs, var="xrow" if is_row else "x", mask=row_mask if is_row else masks["x"],
                          rows=R)
         name = f"v{next(counter)}"
         out.append(f"{indent}{name} = {text}")
@@ -368,6 +419,7 @@ def _emit_reduction(spec: KernelSpec, fn_name: str, persistent_max: int) -> str:
 
     along_row = Index.var().mod(R)
     sums = one_plus_erf_sums(spec)
+    gelus = gelu_products(spec, sums)
     reductions = [v for v in values if v.op == "reduce"]
     max_stage = max((stage[v] for v in reductions), default=0)
     online = {} if persistent else _online_softmax_sums(reductions, row)
@@ -384,16 +436,40 @@ def _emit_reduction(spec: KernelSpec, fn_name: str, persistent_max: int) -> str:
     def row_stage_values(s):
         return [v for v in values if v in row and v.op != "reduce" and stage[v] == s]
 
+    # Masks only where the shape needs them: rows that fill the last program
+    # need no row mask, and a looped row is walked in full chunks without a
+    # mask, then in its last, partial chunk with one (the compare, the and and
+    # the select per element were a tenth of a cross-entropy's instructions).
+    row_mask = "rowmask" if rows % xblock else None
+    masks = {"x": None}  # the per-element mask of the code being emitted; read by emit()
+
+    def chunk_loops():
+        """Per loop over the row's chunks: (header lines, per-element mask)."""
+        tail = R % rblock
+        loops = [(R - tail, row_mask)] + ([(R, _and(row_mask, f"(r < {R})"))] if tail else [])
+        for i, (end, mask) in enumerate(loops):
+            start = 0 if i == 0 else loops[0][0]
+            header = [f"for r0 in range({start}, {end}, RBLOCK):" + ("  # the last, partial chunk" if i else ""),
+                      "    r = r0 + tl.arange(0, RBLOCK)[None, :]", "    x = xrow + r"]
+            if mask is not None:
+                header.append(f"    xmask = {mask}")
+            masks["x"] = None if mask is None else "xmask"
+            yield header
+
     for v in row_stage_values(0):
         emit(v, names, body, "")
     if persistent:
-        body += ["r = tl.arange(0, RBLOCK)[None, :]", "x = xrow + r", f"xmask = rowmask & (r < {R})"]
+        body += ["r = tl.arange(0, RBLOCK)[None, :]", "x = xrow + r"]
+        mask = _and(row_mask, f"(r < {R})" if R < rblock else None)
+        if mask is not None:
+            body.append(f"xmask = {mask}")
+            masks["x"] = "xmask"
     for s in range(max_stage):
         targets = [v for v in reductions if stage[v] == s + 1]
         if persistent:
             for v in targets:
                 arg = emit(v.args[0], names, body, "")
-                block = f"tl.where(xmask, {arg}, {_identity(v.attr, v.dtype)})"
+                block = _masked(masks["x"], arg, _identity(v.attr, v.dtype))
                 name = f"v{next(counter)}"
                 body.append(f"{name} = {_finish(v.attr, block)}")
                 names[v] = name
@@ -419,34 +495,34 @@ def _emit_reduction(spec: KernelSpec, fn_name: str, persistent_max: int) -> str:
             for v in compensated:
                 body.append(f"{accs[v]}_c = tl.zeros([XBLOCK, RBLOCK], tl.float32)")
                 body.append(f"{accs[v]}_plain = tl.zeros([XBLOCK, RBLOCK], tl.float32)")
-            body += [f"for r0 in range(0, {R}, RBLOCK):", "    r = r0 + tl.arange(0, RBLOCK)[None, :]",
-                     "    x = xrow + r", f"    xmask = rowmask & (r < {R})"]
-            scope = {k: n for k, n in names.items() if k in row}
-            for v in targets:
-                arg = emit(v.args[0], scope, body, "    ")
-                block = f"tl.where(xmask, {arg}, {_identity(v.attr, v.dtype)})"
-                if v in paired:
-                    # online softmax: the row's running maximum grows chunk by
-                    # chunk and the running sum is rescaled to it (one exp per element)
-                    m_new, chunk, total = f"m{next(counter)}", f"c{next(counter)}", accs[paired[v]]
-                    body += [f"    {chunk} = {block}",
-                             f"    {m_new} = max_nan({accs[v]}, {_finish('max', chunk)})",
-                             f"    {total} = {total} * online_scale({accs[v]}, {m_new}) + "
-                             f"tl.sum(online_scale({chunk}, {m_new}), 1)[:, None]",
-                             f"    {accs[v]} = {m_new}"]
-                elif v in compensated:
-                    # Kahan-compensated: an outer kernel adds R / RBLOCK values
-                    # to each lane in order (16384 floats erred 3.6 times as much
-                    # as eager); the plain sum is kept for inf/NaN
-                    acc, blk, y, t = accs[v], f"b{next(counter)}", f"y{next(counter)}", f"t{next(counter)}"
-                    body += [f"    {blk} = {block}", f"    {acc}_plain = {acc}_plain + {blk}",
-                             f"    {y} = {blk} - {acc}_c", f"    {t} = {acc} + {y}",
-                             f"    {acc}_c = ({t} - {acc}) - {y}", f"    {acc} = {t}"]
-                else:
-                    body.append(f"    {accs[v]} = {_combine(v.attr, accs[v], block)}")
-            for out in early if s == 0 else ():
-                value = emit(out.value, scope, body, "    ")
-                body.append("    " + _store(out, value, "x", "xmask", "[XBLOCK, RBLOCK]", R))
+            for header in chunk_loops():
+                body += header
+                scope = {k: n for k, n in names.items() if k in row}
+                for v in targets:
+                    arg = emit(v.args[0], scope, body, "    ")
+                    block = _masked(masks["x"], arg, _identity(v.attr, v.dtype))
+                    if v in paired:
+                        # online softmax: the row's running maximum grows chunk by
+                        # chunk and the running sum is rescaled to it (one exp per element)
+                        m_new, chunk, total = f"m{next(counter)}", f"c{next(counter)}", accs[paired[v]]
+                        body += [f"    {chunk} = {block}",
+                                 f"    {m_new} = max_nan({accs[v]}, {_finish('max', chunk)})",
+                                 f"    {total} = {total} * online_scale({accs[v]}, {m_new}) + "
+                                 f"tl.sum(online_scale({chunk}, {m_new}), 1)[:, None]",
+                                 f"    {accs[v]} = {m_new}"]
+                    elif v in compensated:
+                        # Kahan-compensated: an outer kernel adds R / RBLOCK values
+                        # to each lane in order (16384 floats erred 3.6 times as much
+                        # as eager); the plain sum is kept for inf/NaN
+                        acc, blk, y, t = accs[v], f"b{next(counter)}", f"y{next(counter)}", f"t{next(counter)}"
+                        body += [f"    {blk} = {block}", f"    {acc}_plain = {acc}_plain + {blk}",
+                                 f"    {y} = {blk} - {acc}_c", f"    {t} = {acc} + {y}",
+                                 f"    {acc}_c = ({t} - {acc}) - {y}", f"    {acc} = {t}"]
+                    else:
+                        body.append(f"    {accs[v]} = {_combine(v.attr, accs[v], block)}")
+                for out in early if s == 0 else ():
+                    value = emit(out.value, scope, body, "    ")
+                    body.append("    " + _store(out, value, "x", masks["x"], "[XBLOCK, RBLOCK]", R))
             for v in targets:
                 if v in paired:
                     names[v] = accs[v]
@@ -464,19 +540,20 @@ def _emit_reduction(spec: KernelSpec, fn_name: str, persistent_max: int) -> str:
                 names[total] = accs[total]
         for v in row_stage_values(s + 1):
             emit(v, names, body, "")
-    if full_outputs:
-        indent = ""
-        scope = names
-        if not persistent:
-            body += [f"for r0 in range(0, {R}, RBLOCK):", "    r = r0 + tl.arange(0, RBLOCK)[None, :]",
-                     "    x = xrow + r", f"    xmask = rowmask & (r < {R})"]
-            indent, scope = "    ", {k: n for k, n in names.items() if k in row}
+    if full_outputs and persistent:
         for out in full_outputs:
-            value = emit(out.value, scope, body, indent)
-            body.append(indent + _store(out, value, "x", "xmask", "[XBLOCK, RBLOCK]", R))
+            value = emit(out.value, names, body, "")
+            body.append(_store(out, value, "x", masks["x"], "[XBLOCK, RBLOCK]", R))
+    elif full_outputs:
+        for header in chunk_loops():
+            body += header
+            scope = {k: n for k, n in names.items() if k in row}
+            for out in full_outputs:
+                value = emit(out.value, scope, body, "    ")
+                body.append("    " + _store(out, value, "x", masks["x"], "[XBLOCK, RBLOCK]", R))
     for out in row_outputs:
         value = emit(out.value, names, body, "")
-        body.append(_store(out, value, "xrow", "rowmask", "[XBLOCK, 1]", R))
+        body.append(_store(out, value, "xrow", row_mask, "[XBLOCK, 1]", R))
 
     params = ", ".join(inputs + [o.name for o in spec.outputs] + ["numel"])
     pid = "tl.program_id(0).to(tl.int64)" if wide else "tl.program_id(0)"
@@ -484,8 +561,8 @@ def _emit_reduction(spec: KernelSpec, fn_name: str, persistent_max: int) -> str:
     lines = [
         "import triton",
         "import triton.language as tl",
-        "from kitsune.codegen.triton.libm import libm, one_plus_erf, round_bf16, max_nan, min_nan, mul_combine, "
-        "online_scale",
+        "from kitsune.codegen.triton.libm import gelu_erf, libm, one_plus_erf, round_bf16, max_nan, min_nan, "
+        "mul_combine, online_scale",
         "",
         header,
         f"# {rows} rows x {R} reduced elements; XBLOCK={xblock} RBLOCK={rblock} num_warps={num_warps} "
@@ -493,20 +570,21 @@ def _emit_reduction(spec: KernelSpec, fn_name: str, persistent_max: int) -> str:
         "@triton.jit",
         f"def {fn_name}({params}, XBLOCK: tl.constexpr, RBLOCK: tl.constexpr):",
         f"    row = ({pid} * XBLOCK + tl.arange(0, XBLOCK))[:, None]",
-        f"    rowmask = row < {rows}",
+        *([f"    rowmask = row < {rows}"] if row_mask else []),
         f"    xrow = row * {R}",
     ]
     lines += [f"    {line}" for line in body]
     return "\n".join(lines) + "\n"
 
 
-def _store(out, value: str, var: str, mask: str, shape: str, rows: int | None = None) -> str:
+def _store(out, value: str, var: str, mask: str | None, shape: str, rows: int | None = None) -> str:
     if out.value.dtype != out.dtype:
         raise KernelError(f"output {out.name} stores {out.value.dtype} into {out.dtype}")
     value = f"tl.broadcast_to({value}, {shape})"
     if out.dtype == torch.bfloat16:
         value = f"round_bf16({value})"
-    return f"tl.store({_pointer(out, var, rows)}, {value}.to({TL_DTYPE[out.dtype]}), {mask})"
+    mask = "" if mask is None else f", {mask}"
+    return f"tl.store({_pointer(out, var, rows)}, {value}.to({TL_DTYPE[out.dtype]}){mask})"
 
 
 def _pointer(out, var: str, rows: int | None = None) -> str:

@@ -142,3 +142,26 @@ def one_plus_erf(z):
     q = q * t + 6.165631930343807e-06
     e = tl.where(t > 3.92, 0.0, tl.exp2(q))  # NaN stays NaN
     return tl.where(z < 0, e, 2.0 - e)
+
+
+@triton.jit
+def gelu_erf(y):
+    """GELU's y * 0.5 * (1 + erf(y / sqrt(2))) for float32 y, written as y * P
+    with P = h below zero and 1 - h above, h = 0.5 * erfc(|y| / sqrt(2)) =
+    exp2(Q(|y|)): `one_plus_erf`'s fit with the 1/sqrt(2) and the 0.5 folded
+    into its coefficients (the same function, relative error 2^-17.8), so the
+    scaling multiplies, the 2 - e and the final product by 0.5 disappear:
+    14 instructions an element instead of 18. Beyond |y| = 3.92 * sqrt(2),
+    where float32 erf is +-1, h is exactly 0: eager's 0 (and NaN at -inf,
+    inf at +inf). Used where `one_plus_erf` would be, and the product is GELU's."""
+    t = tl.abs(y)
+    q = -1.923742274670707e-06
+    q = q * t + 6.333344208542258e-05
+    q = q * t + -0.0009437352743348587
+    q = q * t + 0.008557355031371117
+    q = q * t + -0.05405418142054788
+    q = q * t + -0.45838022232055664
+    q = q * t + -1.1512787620639422
+    q = q * t + -0.9999938343680697
+    h = tl.where(t > 5.5437171645025325, 0.0, tl.exp2(q))  # NaN stays NaN
+    return y * tl.where(y < 0, h, 1.0 - h)

@@ -347,6 +347,9 @@ COMPENSATE_STEPS = 64
 # softmax 0.072 ms with 8 warps, 0.079 with 4; layer_norm+GELU 0.083 with 4,
 # 0.090 with 8; benchmarks/probe_rows.py and bench_reductions.py).
 LOOPED_RBLOCK = 4096
+LOOPED_WARPS = 4
+# rows of fewer elements share a program, up to this many elements a block
+ROW_BLOCK_ELEMENTS = 1024
 HEAVY_ELEMENT_OPS = 12
 
 
@@ -373,10 +376,12 @@ def reduction_blocks(spec: KernelSpec, persistent_max: int) -> tuple[int, int, i
     persistent = rblock <= persistent_max
     if not persistent:
         rblock = min(rblock, LOOPED_RBLOCK, persistent_max)
-    xblock = max(1, min(1024 // rblock, 1 << max(rows - 1, 0).bit_length(), 64))
+    xblock = max(1, min(ROW_BLOCK_ELEMENTS // rblock, 1 << max(rows - 1, 0).bit_length(), 64))
     work = xblock * rblock
     num_warps = 8 if work >= 4096 else 4 if work >= 1024 else 2 if work >= 256 else 1
-    if num_warps == 8 and (not persistent or element_ops(spec) > HEAVY_ELEMENT_OPS):
+    if not persistent:
+        num_warps = min(num_warps, LOOPED_WARPS)
+    elif num_warps == 8 and element_ops(spec) > HEAVY_ELEMENT_OPS:
         num_warps = 4
     return xblock, rblock, num_warps, persistent
 

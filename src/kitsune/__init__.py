@@ -15,8 +15,14 @@ __all__ = ["FusionConfig", "optimize", "get_fusion_stats", "reset_fusion_stats",
 
 _level = os.environ.get("KITSUNE_LOG", "").upper()
 if _level in ("DEBUG", "INFO", "WARNING"):
-    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("kitsune").setLevel(_level)
+    # Kitsune's own handler: its messages begin with "kitsune: " themselves (so they
+    # say where they come from under any formatter), and the root logger is the user's
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    _logger = logging.getLogger("kitsune")
+    _logger.addHandler(_handler)
+    _logger.setLevel(_level)
+    _logger.propagate = False
 
 
 def optimize(model, config: FusionConfig | None = None, **compile_kwargs):

@@ -26,6 +26,8 @@ from kitsune.codegen.kernel import KernelError
 log = logging.getLogger("kitsune")
 
 BASE_FLAGS = ["-O3", "-fwrapv", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC", "-std=gnu11"]
+# Bumped when the probe changes, so that records of an older probe are redone.
+PROBE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,16 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def _cpu_has(flag: str) -> bool:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return flag in line.split(":", 1)[1].split()
+    except OSError:
+        pass
+    return False
 
 
 def _find_compiler() -> str:
@@ -101,8 +113,8 @@ def _probe_source(vector_math: dict[str, int]) -> str:
 def toolchain() -> Toolchain:
     cc = _find_compiler()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[0]
-    record = cache_dir("cpu") / ("toolchain-" + hashlib.sha256((cc + version + _cpu_model()).encode())
-                                 .hexdigest()[:16] + ".json")
+    probe = f"{cc}{version}{_cpu_model()}{PROBE_VERSION}"
+    record = cache_dir("cpu") / ("toolchain-" + hashlib.sha256(probe.encode()).hexdigest()[:16] + ".json")
     if record.exists():
         try:
             data = json.loads(record.read_text())
@@ -112,6 +124,13 @@ def toolchain() -> Toolchain:
     flags = list(BASE_FLAGS)
     if _try_build(cc, flags + ["-march=native"], [], "int f(void) { return 0; }\n"):
         flags.append("-march=native")
+        # GCC's tuning for AVX-512 machines vectorises 256 bits wide; the whole
+        # width runs the math-heavy loops (libmvec's 16-lane expf, erff) a third
+        # faster on a Sapphire Rapids (softmax 4096x1024 fp32, one thread: 3.0
+        # -> 2.2 ms). Without AVX-512 the option changes nothing.
+        if _cpu_has("avx512f") and _try_build(cc, flags + ["-mprefer-vector-width=512"], [],
+                                              "int f(void) { return 0; }\n"):
+            flags.append("-mprefer-vector-width=512")
     libs: list[str] = ["-lm"]
     if _try_build(cc, flags + ["-fopenmp"], libs, "#include <omp.h>\nint f(void) { return omp_get_max_threads(); }\n"):
         flags.append("-fopenmp")

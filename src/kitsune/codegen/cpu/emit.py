@@ -263,7 +263,46 @@ def _expr(v: Value, names: dict, inputs: list[str], var: str = "x", rows: int | 
 #
 # Threads split the rows; in each row one `omp simd` loop per reduction stage
 # accumulates (the variance needs the mean first), recomputing the elementwise
-# values it needs, and a last loop writes the per-element outputs.
+# values it needs, and a last loop writes the per-element outputs. What that
+# last loop would recompute at a cost (softmax's exp) the loop before it keeps
+# in a row-long buffer on the thread's stack instead (`_kept_values`).
+
+# primitives worth a store and a load per element rather than recomputing
+COSTLY = (set(_LIBM) - {"floor", "ceil", "trunc", "round"}) | {"sigmoid", "rsqrt", "erfinv", "truediv"}
+ROW_BUFFER_BYTES = 128 << 10  # per thread, all buffers of one kernel together
+
+
+def _kept_values(outputs: list, available: dict, row: set, R: int) -> list:
+    """The per-element Values of the previous loop (`available`) that the
+    final loop would have to recompute and that are costly to: the first ones
+    the outputs reach that have a costly primitive among their per-element
+    ancestors. Each costs R elements of stack: kept while ROW_BUFFER_BYTES lasts."""
+    costly: dict = {}
+
+    def is_costly(v) -> bool:
+        if v not in costly:
+            costly[v] = v.op in COSTLY or any(is_costly(a) for a in v.args if a not in row)
+        return costly[v]
+
+    kept, seen, budget = [], set(), ROW_BUFFER_BYTES
+
+    def need(v) -> None:
+        nonlocal budget
+        if v in seen or v in row:
+            return
+        seen.add(v)
+        size = R * (8 if COMPUTE[v.dtype] in ("double", "int64_t") else 4)
+        if v in available and is_costly(v) and size <= budget:
+            kept.append(v)
+            budget -= size
+            return
+        for a in v.args:
+            need(a)
+
+    for out in outputs:
+        need(out.value)
+    return kept
+
 
 def _identity(kind: str, dtype: torch.dtype) -> str:
     if kind in ("sum", "any"):
@@ -301,6 +340,22 @@ def _finished(kind: str, dtype: torch.dtype, acc: str, nan: str) -> str:
     return acc
 
 
+def _divide_by_row_value(a: str, b: str, dtype: torch.dtype, reciprocals: set, row_lines: list) -> str:
+    """C text of a / b for a per-element a and a row value b: a times the
+    row's 1 / b (a multiply per element, not a division), within an ulp and
+    a half of a / b, where 1 / b is a normal number (the per-row test; GCC
+    unswitches the loop on it); otherwise, and for b = 0, inf or NaN, a / b
+    itself. The reciprocal and the test go to the row's lines, once per b."""
+    ctype = COMPUTE[dtype]
+    if b not in reciprocals:
+        reciprocals.add(b)
+        limit = 126 if ctype == "float" else 1022
+        row_lines.append(f"const {ctype} {b}_inv = ({ctype})1 / {b};")
+        row_lines.append(f"const bool {b}_inv_ok = fabs{_f(dtype)}({b}) >= 0x1p-{limit} "
+                         f"&& fabs{_f(dtype)}({b}) <= 0x1p{limit};")
+    return f"({b}_inv_ok ? {a} * {b}_inv : {a} / {b})"
+
+
 def _emit_reduction(spec: KernelSpec, fn_name: str) -> str:
     R, rows = spec.reduction, spec.rows
     inputs = [i.name for i in spec.inputs]
@@ -320,8 +375,11 @@ def _emit_reduction(spec: KernelSpec, fn_name: str) -> str:
         for a in v.args:
             emit(a, scope, out, indent)
         name = f"v{next(counter)}"
-        # row values read their inputs at the row's first element
-        text = _expr(v, scope, inputs, var="xrow" if v in row else "x", rows=R)
+        if v.op == "truediv" and v.dtype.is_floating_point and v not in row and v.args[1] in row:
+            text = _divide_by_row_value(scope[v.args[0]], scope[v.args[1]], v.dtype, reciprocals, body)
+        else:
+            # row values read their inputs at the row's first element
+            text = _expr(v, scope, inputs, var="xrow" if v in row else "x", rows=R)
         uses_err |= "kitsune_err" in text
         out.append(f"{indent}const {COMPUTE[v.dtype]} {name} = {text};")
         scope[v] = name
@@ -337,6 +395,8 @@ def _emit_reduction(spec: KernelSpec, fn_name: str) -> str:
     early = [o for o in full_outputs if stage[o.value] == 0] if max_stage else []
     full_outputs = [o for o in full_outputs if o not in early]
     names: dict = {}
+    kept: dict = {}  # Value -> its buffer element, "keptN[r]"
+    reciprocals: set = set()  # row values whose reciprocal the row has computed
 
     def loop_header(clauses: str) -> list[str]:
         err = " reduction(|:kitsune_err)" if uses_err else ""
@@ -366,6 +426,13 @@ def _emit_reduction(spec: KernelSpec, fn_name: str) -> str:
         for out in early if s == 0 else ():
             value = emit(out.value, scope, loop, "  ")
             loop.append("  " + _store_c(out, value, "x", R))
+        if s == max_stage - 1 and full_outputs:
+            available = {v: n for v, n in scope.items() if v not in row}
+            for v in _kept_values(full_outputs, available, row, R):
+                buffer = f"kept{next(counter)}"
+                body.append(f"{COMPUTE[v.dtype]} {buffer}[{R}];")
+                loop.append(f"  {buffer}[r] = {available[v]};")
+                kept[v] = f"{buffer}[r]"
         body += loop_header(clauses) + loop + ["}"]
         for v in targets:
             name = f"v{next(counter)}"
@@ -376,6 +443,7 @@ def _emit_reduction(spec: KernelSpec, fn_name: str) -> str:
                 emit(v, names, body, "")
     if full_outputs:
         scope = {k: n for k, n in names.items() if k in row}
+        scope.update(kept)
         loop = []
         for out in full_outputs:
             value = emit(out.value, scope, loop, "  ")

@@ -9,6 +9,11 @@
   weights: `permute(permute(w, [1, 0]), [1, 0])`, and returns weight
   gradients as `permute(permute(mm))`); every op left in the graph costs host
   time at each call.
+- a reduction over a permuted view reduces the source over the matching
+  dims, when the dims it keeps stay in the source's order (so the result
+  needs no permute): `exp(x).permute(2, 0, 1).sum(0)` is `exp(x).sum(2)`,
+  whose producer then has the reduced shape and fuses with it (the planner
+  groups a reduction with producers of its own iteration space only).
 """
 from __future__ import annotations
 
@@ -59,9 +64,51 @@ def _fold_permutes(gm: fx.GraphModule) -> int:
     return changed
 
 
+_DIM_REDUCTIONS = (aten.sum.dim_IntList, aten.mean.dim, aten.amax.default, aten.amin.default)
+
+
+def _reduce_through_permutes(gm: fx.GraphModule) -> int:
+    changed = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in _DIM_REDUCTIONS or len(node.args) < 2:
+            continue
+        view, dims = node.args[0], node.args[1]
+        if not (isinstance(view, fx.Node) and view.op == "call_function" and view.target is aten.permute.default
+                and isinstance(dims, (list, tuple)) and dims):
+            continue
+        val, source_val = node.meta.get("val"), view.args[0].meta.get("val") if isinstance(view.args[0], fx.Node) \
+            else None
+        if not isinstance(val, torch.Tensor) or not isinstance(source_val, torch.Tensor):
+            continue
+        ndim = len(view.args[1])
+        order = [d % ndim for d in view.args[1]]
+        reduced = {d % ndim for d in dims}
+        kept = [order[i] for i in range(ndim) if i not in reduced]
+        if kept != sorted(kept):
+            continue  # the result would need a permute of its own
+        args = (view.args[0], sorted(order[d] for d in reduced), *node.args[2:])
+        keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        try:
+            new_val = node.target(source_val, *args[1:], **node.kwargs)
+        except Exception:  # noqa: BLE001 - no metadata, no rewrite
+            continue
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(node.target, args, dict(node.kwargs))
+            new.meta = {**node.meta, "val": new_val}
+            if keepdim:  # the size-1 dims move: a view of the contiguous result
+                new_val = new_val.view(val.shape)
+                new = gm.graph.call_function(aten.view.default, (new, list(val.shape)))
+                new.meta = {**node.meta, "val": new_val}
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        changed += 1
+    return changed
+
+
 def simplify(gm: fx.GraphModule) -> int:
     """Rewrite gm in place; returns the number of nodes changed."""
     changed = _fold_permutes(gm)
+    changed += _reduce_through_permutes(gm)
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target is not aten.cat.default:
             continue

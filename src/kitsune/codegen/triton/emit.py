@@ -168,10 +168,11 @@ def _and(*masks: str | None) -> str | None:
 
 
 def _masked(mask: str | None, value: str, identity: str) -> str:
-    """A reduction's operand block, `identity` where the mask is off."""
-    if mask is None:
-        return f"tl.broadcast_to({value}, [XBLOCK, RBLOCK])"
-    return f"tl.where({mask}, {value}, {identity})"
+    """A reduction's operand as a whole [XBLOCK, RBLOCK] block (a row value, or a
+    mask of one per row, would otherwise be summed once instead of R times),
+    `identity` where the mask is off."""
+    block = f"tl.broadcast_to({value}, [XBLOCK, RBLOCK])"
+    return block if mask is None else f"tl.where({mask}, {block}, {identity})"
 
 
 def _is_block(v: Value) -> bool:

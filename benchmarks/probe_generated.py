@@ -40,6 +40,12 @@ RULES = {
     "persistent 8 warps": dict(HEAVY_ELEMENT_OPS=1000),
     "persistent 2 rows": dict(ROW_BLOCK_ELEMENTS=8192),
     "persistent 2 rows 8 warps": dict(ROW_BLOCK_ELEMENTS=8192, HEAVY_ELEMENT_OPS=1000),
+    "split off": dict(SPLIT_MIN_ELEMENTS=1 << 62),
+    "split 32 wide": dict(SPLIT_XBLOCK=32),
+    "split 128 wide": dict(SPLIT_XBLOCK=128),
+    "split 1056 programs": dict(SPLIT_MIN_PROGRAMS=1056),
+    "split 264 programs": dict(SPLIT_MIN_PROGRAMS=264),
+    "split 4 warps": dict(SPLIT_WARPS=4),
 }
 
 
@@ -95,7 +101,10 @@ def main():
         for name in args.cases.split(","):
             fn, fargs, ins, outs = cases[name]
             expected = fn(*fargs)
-            nbytes = common.min_bytes(ins, [expected] if outs else [])
+            if ins is None:  # every argument read once, every output written once
+                nbytes = common.min_bytes(list(fargs), list(expected))
+            else:
+                nbytes = common.min_bytes(ins, [expected] if outs else [])
             torch._dynamo.reset()
             kitsune.reset_fusion_stats()
             compiled = torch.compile(fn, backend="kitsune", dynamic=False)

@@ -12,12 +12,20 @@ import torch.nn.functional as F
 import kitsune
 
 
-@pytest.fixture(params=["cpu", "triton", "triton-looped"])
-def backend(request, monkeypatch):
+@pytest.fixture(params=["cpu", "triton", "triton-looped", "triton-split"])
+def backend(request, monkeypatch, tmp_path):
     name = request.param
+    # a cache of its own, so a test sees the kernels it generated (another variant
+    # may have generated the same source already)
+    monkeypatch.setenv("KITSUNE_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("KITSUNE_BACKEND", name.split("-")[0])
     if name == "triton-looped":  # rows longer than 8 elements walk in chunks of 8
         monkeypatch.setattr(importlib.import_module("kitsune.codegen.triton"), "PERSISTENT_MAX", 8)
+    if name == "triton-split":  # column reductions of any size split in parts of 32 rows
+        emit = importlib.import_module("kitsune.codegen.triton.emit")
+        for constant, value in dict(SPLIT_MIN_ELEMENTS=1, SPLIT_MIN_PROGRAMS=1000, SPLIT_MAX=8, OUTER_TILE=64,
+                                    SPLIT_XBLOCK=16).items():
+            monkeypatch.setattr(emit, constant, value)
     kitsune.reset_fusion_stats()
     yield name
 
@@ -368,6 +376,9 @@ def test_column_reductions_use_the_outer_layout(backend, name, shape):
         torch.testing.assert_close(a, b, equal_nan=True)
     _fused()
     assert len(_outer_kernels()) > before, "no outer-layout kernel was generated"
+    if backend == "triton-split" and shape == (150, 70) and name in ("sum", "mean_keepdim", "amax_nan", "amin"):
+        # one stage of sums/extremes: the rows are split over programs, a finish kernel combines
+        assert any("split in 5 parts of 32" in source and "_finish(" in source for source in _outer_kernels())
 
 
 def test_long_column_sum_is_as_accurate_as_eager(backend):

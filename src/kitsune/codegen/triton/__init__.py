@@ -18,7 +18,7 @@ from kitsune.cache import cache_dir, write_atomic
 from kitsune.codegen.kernel import KernelError, KernelSpec
 import hashlib
 
-from kitsune.codegen.triton.emit import emit_triton, reduction_blocks
+from kitsune.codegen.triton.emit import emit_triton, outer_split, reduction_blocks
 from kitsune.codegen.triton.libm import INTERPRETED
 
 log = logging.getLogger("kitsune")
@@ -45,7 +45,7 @@ def compile_kernel(spec: KernelSpec) -> "TritonKernel":
         except Exception as error:
             raise KernelError(f"generated Triton module {path} does not import: {error}") from error
         sys.modules[module_name] = module
-    return TritonKernel(spec, getattr(module, fn_name), path)
+    return TritonKernel(spec, getattr(module, fn_name), path, getattr(module, f"{fn_name}_finish", None))
 
 
 def _raw_stream(device_index: int) -> int:
@@ -53,9 +53,11 @@ def _raw_stream(device_index: int) -> int:
 
 
 class TritonKernel:
-    """Launches one generated kernel over a spec's iteration space.
+    """Launches one generated kernel over a spec's iteration space (a split
+    reduction: the partial kernel over a 2-d grid, then its finish kernel,
+    with a float32 workspace between them).
 
-    The first call compiles the kernel for the arguments' specialisation
+    The first call compiles each kernel for the arguments' specialisation
     (16-byte alignment of each pointer) and, on CUDA, hands the binary to
     PyTorch's static launcher: that skips Triton's per-signature C launcher
     build (about 0.3 s of a cold compile) and is cheaper per launch. Calls
@@ -63,23 +65,32 @@ class TritonKernel:
     own dispatch, which re-specialises.
     """
 
-    def __init__(self, spec: KernelSpec, fn, path: Path):
+    def __init__(self, spec: KernelSpec, fn, path: Path, finish=None):
         self.spec, self.fn, self.path = spec, fn, path
         numel = spec.numel
-        self.constexprs = {}
-        if spec.reduction:
-            self.xblock, rblock, self.num_warps, _ = reduction_blocks(spec, PERSISTENT_MAX)
-            self.constexprs["RBLOCK"] = rblock
-            self.grid = ((spec.rows + self.xblock - 1) // self.xblock,)
+        self.workspace = 0  # float32 elements between a split reduction's two kernels
+        split = outer_split(spec) if spec.reduction else None
+        if split:
+            self.xblock, rblock, self.num_warps, parts, _ = split
+            blocks = (spec.rows + self.xblock - 1) // self.xblock
+            self.workspace = parts * spec.rows * sum(1 for v in spec.values() if v.op == "reduce")
+            self.launches = [
+                _Launch(spec, fn, (blocks, parts), self.num_warps, dict(XBLOCK=self.xblock, RBLOCK=rblock)),
+                _Launch(spec, finish, (blocks,), 4, dict(XBLOCK=self.xblock, SPLIT_BLOCK=1 << (parts - 1).bit_length())),
+            ]
         else:
-            self.xblock = min(MAX_XBLOCK, max(16, 1 << max(numel - 1, 0).bit_length()))
-            self.grid = ((numel + self.xblock - 1) // self.xblock,)
-            self.num_warps = 4 if self.xblock >= 512 else (2 if self.xblock >= 128 else 1)
-        self._static = None       # PyTorch's static launcher, once compiled
-        self._launch = None       # its C launch call with the fixed arguments bound
-        self._aligned = ()        # inputs that were 16-byte aligned at compile time
-        self._device_index = None
-        self._tried_static = INTERPRETED
+            if spec.reduction:
+                self.xblock, rblock, self.num_warps, _ = reduction_blocks(spec, PERSISTENT_MAX)
+                constexprs = dict(XBLOCK=self.xblock, RBLOCK=rblock)
+                grid = ((spec.rows + self.xblock - 1) // self.xblock,)
+            else:
+                self.xblock = min(MAX_XBLOCK, max(16, 1 << max(numel - 1, 0).bit_length()))
+                grid = ((numel + self.xblock - 1) // self.xblock,)
+                self.num_warps = 4 if self.xblock >= 512 else (2 if self.xblock >= 128 else 1)
+                constexprs = dict(XBLOCK=self.xblock)
+            self.launches = [_Launch(spec, fn, grid, self.num_warps, constexprs)]
+        self.grid = self.launches[0].grid
+        self.constexprs = {k: v for k, v in self.launches[0].constexprs.items() if k != "XBLOCK"}
 
     @property
     def source(self) -> str:
@@ -89,34 +100,55 @@ class TritonKernel:
         if self.spec.numel == 0:
             return
         tensors = (*inputs, *outputs)
+        if self.workspace:
+            tensors += (torch.empty(self.workspace, dtype=torch.float32, device=outputs[0].device),)
+        for launch in self.launches:
+            launch(tensors, len(inputs))
+
+
+class _Launch:
+    """One jit function over one grid: the static launcher where it applies,
+    Triton's own launcher otherwise."""
+
+    def __init__(self, spec: KernelSpec, fn, grid: tuple, num_warps: int, constexprs: dict):
+        self.spec, self.fn, self.grid, self.num_warps, self.constexprs = spec, fn, grid, num_warps, constexprs
+        self._grid3 = (*grid, 1, 1)[:3]
+        self._static = None       # PyTorch's static launcher, once compiled
+        self._launch = None       # its C launch call with the fixed arguments bound
+        self._aligned = ()        # inputs that were 16-byte aligned at compile time
+        self._device_index = None
+        self._tried_static = INTERPRETED
+
+    def __call__(self, tensors: tuple, n_inputs: int) -> None:
+        numel = self.spec.numel
         if not self._tried_static:
             self._tried_static = True
-            self._static = self._static_launcher(tensors)
+            self._static = self._static_launcher(tensors, n_inputs)
             self._launch = self._direct_launch(self._static, len(tensors))  # (C call, bound arguments)
         static = self._static
         # outputs come from PyTorch's allocator (aligned); inputs may be views at any offset
-        if static is not None and not any(inputs[i].data_ptr() & 15 for i in self._aligned):
+        if static is not None and not any(tensors[i].data_ptr() & 15 for i in self._aligned):
             stream = _raw_stream(self._device_index)
             launch = self._launch
             if launch is not None:
                 call, fixed, scratch = launch
-                call(*fixed, (*tensors, self.spec.numel, *scratch), stream)
+                call(*fixed, (*tensors, numel, *scratch), stream)
             else:
-                static.run(self.grid[0], 1, 1, stream, *tensors, self.spec.numel)
+                static.run(*self._grid3, stream, *tensors, numel)
         elif INTERPRETED:
-            self.fn[self.grid](*tensors, self.spec.numel, XBLOCK=self.xblock, **self.constexprs)
+            self.fn[self.grid](*tensors, numel, **self.constexprs)
         else:
-            self.fn[self.grid](*tensors, self.spec.numel, XBLOCK=self.xblock, num_warps=self.num_warps,
-                               **self.constexprs)
+            self.fn[self.grid](*tensors, numel, num_warps=self.num_warps, **self.constexprs)
 
-    def _static_launcher(self, tensors):
+    def _static_launcher(self, tensors, n_inputs: int):
         if self.spec.numel <= 1 or not tensors or tensors[0].device.type != "cuda":
             return None  # Triton makes a constant of an int argument equal to 1
         try:
             from torch._inductor.runtime.static_triton_launcher import StaticallyLaunchedCudaKernel
-            compiled = self.fn.warmup(*tensors, self.spec.numel, grid=self.grid, XBLOCK=self.xblock,
-                                      num_warps=self.num_warps, **self.constexprs)
-            cubin = cache_dir("triton") / f"{self.path.stem}-{compiled.hash[:16]}.cubin"
+            compiled = self.fn.warmup(*tensors, self.spec.numel, grid=self.grid, num_warps=self.num_warps,
+                                      **self.constexprs)
+            path = Path(self.fn.fn.__code__.co_filename)
+            cubin = cache_dir("triton") / f"{path.stem}-{self.fn.fn.__name__}-{compiled.hash[:16]}.cubin"
             if not cubin.exists():
                 write_atomic(cubin, compiled.asm["cubin"])
             compiled._cubin_path = str(cubin)
@@ -127,8 +159,7 @@ class TritonKernel:
         except Exception as error:  # noqa: BLE001 - Triton's own launcher still works
             log.debug("kitsune: %s uses Triton's launcher (static launch unavailable: %s)", self.spec.name, error)
             return None
-        inputs = tensors[:len(tensors) - len(self.spec.outputs)]
-        self._aligned = [i for i, t in enumerate(inputs) if t.data_ptr() % 16 == 0]
+        self._aligned = [i for i, t in enumerate(tensors[:n_inputs]) if t.data_ptr() % 16 == 0]
         self._device_index = tensors[0].device.index
         return static
 
@@ -152,4 +183,4 @@ class TritonKernel:
         except Exception as error:  # noqa: BLE001 - the launcher's own run() still works
             log.debug("kitsune: %s launches through static.run (%s)", self.spec.name, error)
             return None
-        return launch, (function, self.grid[0], 1, 1, num_warps, shared, arg_tys), scratch
+        return launch, (function, *self._grid3, num_warps, shared, arg_tys), scratch

@@ -22,7 +22,7 @@ from kitsune.fusion.steer import apply_patterns
 from kitsune.ir.graph import is_compute, meta
 from kitsune.planner.pointwise import plan_pointwise
 from kitsune.report.stats import GLOBAL_STATS, GraphRecord
-from kitsune.runtime.compiled_graph import build_graph_module
+from kitsune.runtime.compiled_graph import bind_fast_targets, build_graph_module
 from kitsune.runtime.fused_call import FusedGroupCall, group_fallback
 from kitsune.runtime.matmul import align_matmuls
 
@@ -67,8 +67,10 @@ def compile_graph(gm: fx.GraphModule, example_inputs, kind: str = "graph",
     config = config or FusionConfig()
     start = time.perf_counter()
     record = GraphRecord(name=kind, kernels_before=sum(map(is_compute, gm.graph.nodes)), kernels_after=0)
+    compiled_ok = False
     try:
         compiled = _compile(gm, config, record)
+        compiled_ok = True
     except Exception as error:  # noqa: BLE001 - never crash the user's model
         log.warning("kitsune: %s graph runs unfused through PyTorch: %s: %s", kind, type(error).__name__, error)
         record.fallbacks.append((kind, f"{type(error).__name__}: {error}"))
@@ -76,23 +78,28 @@ def compile_graph(gm: fx.GraphModule, example_inputs, kind: str = "graph",
         record.kernel_calls.clear()
         compiled = gm
     record.kernels_after = record.kernels_before - sum(len(nodes) - 1 for _, nodes, _ in record.groups)
+    blocker = None
     if kind == "inference" and config.cuda_graphs:
-        compiled = _with_cuda_graphs(gm, example_inputs, compiled, record)
+        blocker = _cuda_graph_blocker(gm, example_inputs, compiled, record)
+    if compiled_ok and isinstance(compiled, fx.GraphModule):
+        bind_fast_targets(compiled)  # after every analysis that reads its aten targets
+    if kind == "inference" and config.cuda_graphs and blocker is None:
+        from kitsune.runtime.cuda_graphs import CudaGraphRunner
+        record.cuda_graph = True
+        compiled = CudaGraphRunner(compiled, f"{record.name} graph")
     record.compile_seconds = time.perf_counter() - start
     stats.record(record)
     return compiled
 
 
-def _with_cuda_graphs(gm, example_inputs, compiled, record):
-    from kitsune.runtime.cuda_graphs import CudaGraphRunner, cuda_graph_blocker
+def _cuda_graph_blocker(gm, example_inputs, compiled, record) -> str | None:
+    """Why the compiled inference graph is not replayed as a CUDA graph (logged), or None."""
+    from kitsune.runtime.cuda_graphs import cuda_graph_blocker
 
     blocker = cuda_graph_blocker(gm, example_inputs, compiled)
-    if blocker is not None:
-        if any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs):
-            log.info("kitsune: %s graph runs without CUDA graphs: %s", record.name, blocker)
-        return compiled
-    record.cuda_graph = True
-    return CudaGraphRunner(compiled, f"{record.name} graph")
+    if blocker is not None and any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs):
+        log.info("kitsune: %s graph runs without CUDA graphs: %s", record.name, blocker)
+    return blocker
 
 
 def _device_allowed(device: torch.device, config: FusionConfig) -> bool:

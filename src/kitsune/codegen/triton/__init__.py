@@ -48,8 +48,7 @@ def compile_kernel(spec: KernelSpec) -> "TritonKernel":
     return TritonKernel(spec, getattr(module, fn_name), path, getattr(module, f"{fn_name}_finish", None))
 
 
-def _raw_stream(device_index: int) -> int:
-    return torch._C._cuda_getCurrentRawStream(device_index)
+_raw_stream = torch._C._cuda_getCurrentRawStream if hasattr(torch._C, "_cuda_getCurrentRawStream") else None
 
 
 class TritonKernel:
@@ -100,8 +99,10 @@ class TritonKernel:
         if self.spec.numel == 0:
             return
         tensors = (*inputs, *outputs)
-        if self.workspace:
-            tensors += (torch.empty(self.workspace, dtype=torch.float32, device=outputs[0].device),)
+        if not self.workspace:
+            self.launches[0](tensors, len(inputs))
+            return
+        tensors += (torch.empty(self.workspace, dtype=torch.float32, device=outputs[0].device),)
         for launch in self.launches:
             launch(tensors, len(inputs))
 
@@ -126,16 +127,21 @@ class _Launch:
             self._static = self._static_launcher(tensors, n_inputs)
             self._launch = self._direct_launch(self._static, len(tensors))  # (C call, bound arguments)
         static = self._static
-        # outputs come from PyTorch's allocator (aligned); inputs may be views at any offset
-        if static is not None and not any(tensors[i].data_ptr() & 15 for i in self._aligned):
-            stream = _raw_stream(self._device_index)
-            launch = self._launch
-            if launch is not None:
-                call, fixed, scratch = launch
-                call(*fixed, (*tensors, numel, *scratch), stream)
+        if static is not None:
+            # outputs come from PyTorch's allocator (aligned); inputs may be views at any offset
+            for i in self._aligned:
+                if tensors[i].data_ptr() & 15:
+                    break
             else:
-                static.run(*self._grid3, stream, *tensors, numel)
-        elif INTERPRETED:
+                stream = _raw_stream(self._device_index)
+                launch = self._launch
+                if launch is not None:
+                    call, fixed, scratch = launch
+                    call(*fixed, (*tensors, numel, *scratch), stream)
+                else:
+                    static.run(*self._grid3, stream, *tensors, numel)
+                return
+        if INTERPRETED:
             self.fn[self.grid](*tensors, numel, **self.constexprs)
         else:
             self.fn[self.grid](*tensors, numel, num_warps=self.num_warps, **self.constexprs)

@@ -70,6 +70,26 @@ def sass_mix(kernel) -> str:
     return f"{getattr(compiled, 'n_regs', '?')} registers, {total} instructions: " + ", ".join(f"{op} {n}" for op, n in ops.most_common(14))
 
 
+def measure(case, label: str, copy: float):
+    """Compile a case with Kitsune, check it against eager, time its kernels:
+    (report line, (fn, args, eager result, Kitsune result))."""
+    import kitsune
+    fn, fargs, ins, outs = case
+    expected = fn(*fargs)
+    if ins is None:  # every argument read once, every output written once
+        nbytes = common.min_bytes(list(fargs), list(expected))
+    else:
+        nbytes = common.min_bytes(ins, [expected] if outs else [])
+    torch._dynamo.reset()
+    kitsune.reset_fusion_stats()
+    compiled = torch.compile(fn, backend="kitsune", dynamic=False)
+    got = compiled(*fargs)
+    ok = br.check(label, got, expected, torch.bfloat16)
+    busy = common.gpu_busy_ms(lambda: compiled(*fargs), calls=50)
+    share = 100 * common.gb_per_s(nbytes, busy) / copy
+    return f"GPU {busy * 1e3:7.1f} us  {share:5.1f}% of copy  {'ok' if ok else 'WRONG'}", (fn, fargs, expected, got)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--cases", default="softmax,ln_gelu,rmsnorm,cross_entropy")
@@ -77,7 +97,6 @@ def main():
     parser.add_argument("--sass", action="store_true")
     parser.add_argument("--variants", default=None, help="cases to run with each libm variant")
     args = parser.parse_args()
-    import kitsune
     from kitsune.codegen import triton as ktriton
     from kitsune.codegen.triton import emit
     device = torch.device("cuda")
@@ -99,21 +118,8 @@ def main():
         for k, v in {**defaults, **RULES[rule_name]}.items():
             setattr(emit, k, v)
         for name in args.cases.split(","):
-            fn, fargs, ins, outs = cases[name]
-            expected = fn(*fargs)
-            if ins is None:  # every argument read once, every output written once
-                nbytes = common.min_bytes(list(fargs), list(expected))
-            else:
-                nbytes = common.min_bytes(ins, [expected] if outs else [])
-            torch._dynamo.reset()
-            kitsune.reset_fusion_stats()
-            compiled = torch.compile(fn, backend="kitsune", dynamic=False)
-            got = compiled(*fargs)
-            ok = br.check(f"{name}/{rule_name}", got, expected, torch.bfloat16)
-            busy = common.gpu_busy_ms(lambda: compiled(*fargs), calls=50)
-            share = 100 * common.gb_per_s(nbytes, busy) / copy
-            print(f"{name:14s} {rule_name:20s} GPU {busy * 1e3:7.1f} us  {share:5.1f}% of copy  "
-                  f"{'ok' if ok else 'WRONG'}", flush=True)
+            line, _ = measure(cases[name], f"{name}/{rule_name}", copy)
+            print(f"{name:14s} {rule_name:20s} {line}", flush=True)
             if args.sass and rule_name == "default":
                 kernels = [o for o in gc.get_objects() if type(o) is ktriton.TritonKernel
                            and hasattr(o, "_example")]
@@ -167,7 +173,6 @@ VARIANTS = {
 
 
 def run_variants(cases, copy, names):
-    import kitsune
     from kitsune.codegen.triton import libm
     shipped = {k: getattr(libm, k) for v in VARIANTS.values() for k in v}
     for variant, patch in VARIANTS.items():
@@ -176,22 +181,12 @@ def run_variants(cases, copy, names):
         for mod in [m for m in sys.modules if m.startswith("kitsune_generated")]:
             del sys.modules[mod]
         for name in names:
-            fn, fargs, ins, outs = cases[name]
-            expected = fn(*fargs)
-            nbytes = common.min_bytes(ins, [expected] if outs else [])
-            torch._dynamo.reset()
-            kitsune.reset_fusion_stats()
-            compiled = torch.compile(fn, backend="kitsune", dynamic=False)
-            got = compiled(*fargs)
-            ok = br.check(f"{name}/{variant}", got, expected, torch.bfloat16)
+            line, (fn, fargs, expected, got) = measure(cases[name], f"{name}/{variant}", copy)
             exact = fn(*[a.double() if a.is_floating_point() else a for a in fargs])
             err = (got.double() - exact).abs().mean().item()
             err_eager = (expected.double() - exact).abs().mean().item()
             differ = (got != expected).float().mean().item() * 100
-            busy = common.gpu_busy_ms(lambda: compiled(*fargs), calls=50)
-            share = 100 * common.gb_per_s(nbytes, busy) / copy
-            print(f"{name:14s} {variant:22s} GPU {busy * 1e3:7.1f} us  {share:5.1f}% of copy  "
-                  f"{'ok' if ok else 'WRONG'}; mean error vs float64 {err:.3e} (eager {err_eager:.3e}), "
+            print(f"{name:14s} {variant:22s} {line}; mean error vs float64 {err:.3e} (eager {err_eager:.3e}), "
                   f"{differ:.2f}% differ from eager", flush=True)
     for k, v in shipped.items():
         setattr(libm, k, v)

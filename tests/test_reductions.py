@@ -21,10 +21,11 @@ def backend(request, monkeypatch, tmp_path):
     monkeypatch.setenv("KITSUNE_BACKEND", name.split("-")[0])
     if name == "triton-looped":  # rows longer than 8 elements walk in chunks of 8
         monkeypatch.setattr(importlib.import_module("kitsune.codegen.triton"), "PERSISTENT_MAX", 8)
-    if name == "triton-split":  # column reductions of any size split in parts of 32 rows
+    if name == "triton-split":  # column reductions split in parts of 32 rows, short rows in chunks of 8
         emit = importlib.import_module("kitsune.codegen.triton.emit")
         for constant, value in dict(SPLIT_MIN_ELEMENTS=1, SPLIT_MIN_PROGRAMS=1000, SPLIT_MAX=8, OUTER_TILE=64,
-                                    SPLIT_XBLOCK=16).items():
+                                    SPLIT_XBLOCK=16, ROW_SPLIT_MIN_ELEMENTS=1, ROW_SPLIT_MAX=8,
+                                    LOOPED_RBLOCK=8).items():
             monkeypatch.setattr(emit, constant, value)
     kitsune.reset_fusion_stats()
     yield name
@@ -378,7 +379,7 @@ def test_column_reductions_use_the_outer_layout(backend, name, shape):
     assert len(_outer_kernels()) > before, "no outer-layout kernel was generated"
     if backend == "triton-split" and shape == (150, 70) and name in ("sum", "mean_keepdim", "amax_nan", "amin"):
         # one stage of sums/extremes: the rows are split over programs, a finish kernel combines
-        assert any("split in 5 parts of 32" in source and "_finish(" in source for source in _outer_kernels())
+        assert any("split in 3 parts of 64" in source and "_finish(" in source for source in _outer_kernels())
 
 
 def test_long_column_sum_is_as_accurate_as_eager(backend):
@@ -419,6 +420,37 @@ def test_bias_gradient_fuses_in_the_backward(backend):
     torch.testing.assert_close(lin.bias.grad, want[0])
     torch.testing.assert_close(lin.weight.grad, want[1])
     assert len(_outer_kernels()) > before, "the bias gradient did not use an outer-layout kernel"
+
+
+WHOLE = {
+    "mse": lambda a, b: ((a - b) ** 2).mean(),
+    "amax_nan": lambda a, b: (a * b).amax(),
+    "sum_keepdim": lambda a, b: (a + b).sum((0, 1), keepdim=True) * 2,
+    "var_two_stages": lambda a, b: (a + b).var(),
+}
+
+
+@pytest.mark.parametrize("name", sorted(WHOLE))
+def test_whole_tensor_reductions_are_split_on_triton(backend, name):
+    """A reduction of a large tensor to one value: Triton splits it over many
+    programs that write partial results and a finish kernel combines them;
+    the C backend (one thread a row) and reductions that cannot be split (the
+    variance waits for the mean) run through PyTorch, with the reason."""
+    a, b = torch.randn(300, 500), torch.randn(300, 500)
+    if name == "amax_nan":
+        a[7, 9] = math.nan
+    f = WHOLE[name]
+    got = torch.compile(f, backend="kitsune", dynamic=False)(a, b)
+    want = f(a, b)
+    torch.testing.assert_close(got, want, equal_nan=True)
+    stats = kitsune.get_fusion_stats()
+    assert stats["fallbacks"] == []
+    fused = backend != "cpu" and name != "var_two_stages"
+    reduced = any(w in n for g in stats["groups"] for n in g[1] for w in ("mean", "amax", "sum", "var"))
+    assert reduced == fused, stats["groups"]
+    if fused and name == "mse":
+        exact = f(a.double(), b.double())
+        assert abs(got.double() - exact) <= abs(want.double() - exact) * 2 + 1e-6
 
 
 ARG_REDUCTIONS = {

@@ -17,10 +17,11 @@ from torch import fx
 from kitsune.capture.simplify import simplify
 from kitsune.codegen.kernel import KernelError
 from kitsune.codegen.lower import lower_group
+from kitsune.codegen.triton.emit import unsplit_few_rows
 from kitsune.config import FusionConfig
 from kitsune.fusion.steer import apply_patterns
 from kitsune.ir.graph import is_compute, meta
-from kitsune.planner.pointwise import plan_pointwise
+from kitsune.planner.pointwise import Decision, plan_pointwise
 from kitsune.report.stats import GLOBAL_STATS, GraphRecord
 from kitsune.runtime.compiled_graph import bind_fast_targets, build_graph_module
 from kitsune.runtime.fused_call import FusedGroupCall, group_fallback
@@ -126,6 +127,11 @@ def _compile(gm: fx.GraphModule, config: FusionConfig, record: GraphRecord) -> f
         except Exception as error:  # noqa: BLE001
             record.fallbacks.append((group.label(), f"lowering failed: {error}"))
             log.warning("kitsune: cannot lower %s: %s", group.label(), error)
+            continue
+        few_rows = unsplit_few_rows(spec) if backend_for(device) == "triton" else None
+        if few_rows is not None:  # a planned refusal, not a failure
+            plan.decisions.append(Decision(tuple(n.name for n in group.nodes), False, few_rows))
+            log.debug("kitsune: %s graph: not fused: %s: %s", record.name, group.label(), few_rows)
             continue
         call = FusedGroupCall(spec, group_fallback(inputs, outputs, group.nodes),
                               [meta(n) for n in inputs], [meta(n) for n in outputs])

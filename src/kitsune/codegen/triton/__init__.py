@@ -18,7 +18,7 @@ from kitsune.cache import cache_dir, write_atomic
 from kitsune.codegen.kernel import KernelError, KernelSpec
 import hashlib
 
-from kitsune.codegen.triton.emit import emit_triton, outer_split, reduction_blocks
+from kitsune.codegen.triton.emit import emit_triton, reduction_blocks, split_plan
 from kitsune.codegen.triton.libm import INTERPRETED
 
 log = logging.getLogger("kitsune")
@@ -68,7 +68,7 @@ class TritonKernel:
         self.spec, self.fn, self.path = spec, fn, path
         numel = spec.numel
         self.workspace = 0  # float32 elements between a split reduction's two kernels
-        split = outer_split(spec) if spec.reduction else None
+        split = split_plan(spec) if spec.reduction else None
         if split:
             self.xblock, rblock, self.num_warps, parts, _ = split
             blocks = (spec.rows + self.xblock - 1) // self.xblock

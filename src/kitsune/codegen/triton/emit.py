@@ -373,41 +373,72 @@ SPLIT_MIN_PROGRAMS = 528  # four programs per SM of an H100/H200
 SPLIT_MIN_ELEMENTS = 1 << 20
 SPLIT_MAX = 64
 SPLIT_WARPS = 8
+# Row layouts with fewer rows than this are split too (a whole-tensor sum is
+# one row), in up to ROW_SPLIT_MAX parts of LOOPED_RBLOCK-element chunks;
+# unsplittable reductions of fewer than FEW_ROWS long rows run through PyTorch.
+SPLIT_ROWS = 132
+ROW_SPLIT_MAX = 1024
+ROW_SPLIT_MIN_ELEMENTS = 1 << 16
+FEW_ROWS, FEW_ROWS_ELEMENTS = 4, 1 << 16  # the planner's threshold for such reductions
 
 
 def _pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def outer_split(spec: KernelSpec) -> tuple[int, int, int, int, int] | None:
+def split_plan(spec: KernelSpec) -> tuple[int, int, int, int, int] | None:
     """(XBLOCK, RBLOCK, num_warps, SPLIT, CHUNK) when the kernel's reduction is
-    split over SPLIT programs of CHUNK reduced elements each, else None: outer
-    layouts of at least SPLIT_MIN_ELEMENTS with one stage of float sum/max/min
-    reductions and no per-element output that needs them (those would need the
-    combined result in a third pass)."""
+    split over SPLIT programs of CHUNK reduced elements each, else None.
+    Splittable: at least SPLIT_MIN_ELEMENTS, one stage of float sum/max/min
+    reductions and no per-element output that needs them (that would need the
+    combined result in a third pass); split: outer layouts (column sums, see
+    above) and row layouts with fewer rows than SPLIT_ROWS (a whole-tensor
+    sum is one row: SPLIT programs share it instead of one walking it all)."""
     R, rows = spec.reduction, spec.rows
-    if not R or R * rows < SPLIT_MIN_ELEMENTS or not outer_layout(spec):
+    if not R or R * rows <= ROW_SPLIT_MIN_ELEMENTS or not splittable(spec):
         return None
-    stage = reduction_stage(spec)
-    reductions = [v for v in spec.values() if v.op == "reduce"]
-    if not reductions or max(stage[v] for v in reductions) != 1:
+    if outer_layout(spec):
+        if R * rows < SPLIT_MIN_ELEMENTS:
+            return None
+        xblock = min(SPLIT_XBLOCK, _pow2(rows))
+        rblock, most, warps = min(max(32, OUTER_TILE // xblock), _pow2(R)), SPLIT_MAX, SPLIT_WARPS
+    elif rows < SPLIT_ROWS:
+        xblock, rblock, most, warps = 1, min(LOOPED_RBLOCK, _pow2(R)), ROW_SPLIT_MAX, LOOPED_WARPS
+    else:
         return None
-    if any(v.attr not in ("sum", "max", "min") or not compute_dtype(v.dtype).is_floating_point for v in reductions):
-        return None
-    row = row_values(spec)
-    if any(stage[o.value] != 0 and not (o.value in row and is_row_index(o.index, R)) for o in spec.outputs):
-        return None
-    xblock = min(SPLIT_XBLOCK, _pow2(rows))
     blocks = -(-rows // xblock)
     split = 1
-    while blocks * split < SPLIT_MIN_PROGRAMS and split < SPLIT_MAX:
+    while blocks * split < SPLIT_MIN_PROGRAMS and split < most and R >= 2 * split * rblock:
         split *= 2
-    rblock = min(max(32, OUTER_TILE // xblock), _pow2(R))
     chunk = -(-(-(-R // split)) // rblock) * rblock
     split = -(-R // chunk)  # no empty parts
     if split < 2:
         return None
-    return xblock, rblock, SPLIT_WARPS, split, chunk
+    return xblock, rblock, warps, split, chunk
+
+
+def splittable(spec: KernelSpec) -> bool:
+    """One stage of sum/max/min reductions computed in float32 (float16 and
+    bfloat16 included), and no per-element output that needs their result."""
+    stage = reduction_stage(spec)
+    reductions = [v for v in spec.values() if v.op == "reduce"]
+    if not reductions or max(stage[v] for v in reductions) != 1:
+        return False
+    if any(v.attr not in ("sum", "max", "min") or compute_dtype(v.dtype) != torch.float32 for v in reductions):
+        return False  # the workspace holds float32 partials
+    row = row_values(spec)
+    return not any(stage[o.value] != 0 and not (o.value in row and is_row_index(o.index, spec.reduction))
+                   for o in spec.outputs)
+
+
+def unsplit_few_rows(spec: KernelSpec) -> str | None:
+    """Why a reduction over few long rows is not generated (it would walk each
+    row in one program: a whole-tensor variance of 16M elements on one SM),
+    or None."""
+    if spec.reduction and spec.rows < FEW_ROWS and spec.numel > FEW_ROWS_ELEMENTS and split_plan(spec) is None:
+        return (f"{spec.rows} row(s) of {spec.reduction} elements and the reduction cannot be split "
+                f"(several stages, or a per-element output needs it)")
+    return None
 
 
 def reduction_blocks(spec: KernelSpec, persistent_max: int) -> tuple[int, int, int, bool]:
@@ -439,9 +470,9 @@ def reduction_blocks(spec: KernelSpec, persistent_max: int) -> tuple[int, int, i
 def _emit_reduction(spec: KernelSpec, fn_name: str, persistent_max: int) -> str:
     R, rows = spec.reduction, spec.rows
     wide = spec.max_offset() >= 2**31 - 2**16
-    split_plan = outer_split(spec)
-    if split_plan:
-        xblock, rblock, num_warps, split, part_len = split_plan
+    plan = split_plan(spec)
+    if plan:
+        xblock, rblock, num_warps, split, part_len = plan
         persistent = False
     else:
         xblock, rblock, num_warps, persistent = reduction_blocks(spec, persistent_max)

@@ -12,6 +12,7 @@ Cases (rows x cols; bf16 on CUDA, fp32 on the CPU):
     rmsnorm        (x.float() * rsqrt(mean(x.float()^2) + eps)).to(dtype) * w
     cross_entropy  F.cross_entropy(logits, target)                 8192x32000   (CPU 4096x1024)
     bias_grad      d = gelu_backward(g, x); (d, d.sum(0))          16384x4096   (a column reduction)
+    mse_loss       F.mse_loss(x, y): one value from every element      16384x4096   (a whole-tensor reduction)
     block_fwd_bwd  LayerNorm -> Linear -> GELU -> Linear, forward + backward
                    (4096 tokens x 1024 features, 4096 hidden; CPU 512 x 256, 1024)
     gpt2 / bert    whole-model inference, GPT-2 small (8 x 512 tokens) and BERT-base
@@ -91,6 +92,8 @@ def row_cases(device, dtype, big: bool):
         "cross_entropy": (cross_entropy, (logits, target), [logits, target], []),
         # reads the gradient and the activation once, writes the gradient and one row
         "bias_grad": (bias_grad, (x, rand(rows, cols)), None, None),
+        # a whole-tensor reduction (one row of every element): reads both tensors once
+        "mse_loss": (F.mse_loss, (x, w_full := rand(rows, cols)), [x, w_full], []),
     }
 
 

@@ -230,7 +230,7 @@ def _print(name, res, nbytes, copy):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--cases", default="softmax,ln_gelu,rmsnorm,cross_entropy,bias_grad,block_fwd_bwd")
+    parser.add_argument("--cases", default="softmax,ln_gelu,rmsnorm,cross_entropy,bias_grad,mse_loss,block_fwd_bwd")
     parser.add_argument("--backends", default="eager,inductor,kitsune")
     parser.add_argument("--models", action="store_true", help="also GPT-2 small and BERT-base inference")
     parser.add_argument("--repeat", type=int, default=None)

@@ -45,6 +45,8 @@ RULES = {
     "split 128 wide": dict(SPLIT_XBLOCK=128),
     "split 1056 programs": dict(SPLIT_MIN_PROGRAMS=1056),
     "split 264 programs": dict(SPLIT_MIN_PROGRAMS=264),
+    "split 132 programs": dict(SPLIT_MIN_PROGRAMS=132),
+    "split 2112 programs": dict(SPLIT_MIN_PROGRAMS=2112, ROW_SPLIT_MAX=4096),
     "split 4 warps": dict(SPLIT_WARPS=4),
 }
 

@@ -374,10 +374,14 @@ SPLIT_MIN_ELEMENTS = 1 << 20
 SPLIT_MAX = 64
 SPLIT_WARPS = 8
 # Row layouts with fewer rows than this are split too (a whole-tensor sum is
-# one row), in up to ROW_SPLIT_MAX parts of LOOPED_RBLOCK-element chunks;
-# unsplittable reductions of fewer than FEW_ROWS long rows run through PyTorch.
+# one row), into about ROW_SPLIT_PROGRAMS programs of LOOPED_RBLOCK-element
+# chunks: many short programs balance over the SMs (H200, mean of (x - y)^2
+# over 16384x4096 bf16: 512 / 1024 / 4096 parts 70 / 79 / 64 us, the last at
+# the copy rate; benchmarks/probe_generated.py); unsplittable reductions of
+# fewer than FEW_ROWS long rows run through PyTorch.
 SPLIT_ROWS = 132
-ROW_SPLIT_MAX = 1024
+ROW_SPLIT_PROGRAMS = 4096
+ROW_SPLIT_MAX = 4096
 ROW_SPLIT_MIN_ELEMENTS = 1 << 16
 FEW_ROWS, FEW_ROWS_ELEMENTS = 4, 1 << 16  # the planner's threshold for such reductions
 
@@ -402,13 +406,15 @@ def split_plan(spec: KernelSpec) -> tuple[int, int, int, int, int] | None:
             return None
         xblock = min(SPLIT_XBLOCK, _pow2(rows))
         rblock, most, warps = min(max(32, OUTER_TILE // xblock), _pow2(R)), SPLIT_MAX, SPLIT_WARPS
+        programs = SPLIT_MIN_PROGRAMS
     elif rows < SPLIT_ROWS:
         xblock, rblock, most, warps = 1, min(LOOPED_RBLOCK, _pow2(R)), ROW_SPLIT_MAX, LOOPED_WARPS
+        programs = ROW_SPLIT_PROGRAMS
     else:
         return None
     blocks = -(-rows // xblock)
     split = 1
-    while blocks * split < SPLIT_MIN_PROGRAMS and split < most and R >= 2 * split * rblock:
+    while blocks * split < programs and split < most and R >= 2 * split * rblock:
         split *= 2
     chunk = -(-(-(-R // split)) // rblock) * rblock
     split = -(-R // chunk)  # no empty parts

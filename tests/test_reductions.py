@@ -436,21 +436,24 @@ def test_whole_tensor_reductions_are_split_on_triton(backend, name):
     programs that write partial results and a finish kernel combines them;
     the C backend (one thread a row) and reductions that cannot be split (the
     variance waits for the mean) run through PyTorch, with the reason."""
-    a, b = torch.randn(300, 500), torch.randn(300, 500)
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(300, 500, generator=gen), torch.randn(300, 500, generator=gen)
     if name == "amax_nan":
         a[7, 9] = math.nan
     f = WHOLE[name]
     got = torch.compile(f, backend="kitsune", dynamic=False)(a, b)
     want = f(a, b)
-    torch.testing.assert_close(got, want, equal_nan=True)
+    # a sum of 150000 terms rounds by its order (eager's and the split kernel's differ):
+    # within 1e-5 of eager, and no further from float64 than twice eager's error
+    torch.testing.assert_close(got, want, equal_nan=True, rtol=1e-5, atol=1e-5)
+    exact = f(a.double(), b.double())
+    if not exact.isnan().any():
+        assert ((got.double() - exact).abs() <= 2 * (want.double() - exact).abs() + 1e-6 * exact.abs()).all()
     stats = kitsune.get_fusion_stats()
     assert stats["fallbacks"] == []
     fused = backend != "cpu" and name != "var_two_stages"
     reduced = any(w in n for g in stats["groups"] for n in g[1] for w in ("mean", "amax", "sum", "var"))
     assert reduced == fused, stats["groups"]
-    if fused and name == "mse":
-        exact = f(a.double(), b.double())
-        assert abs(got.double() - exact) <= abs(want.double() - exact) * 2 + 1e-6
 
 
 ARG_REDUCTIONS = {

@@ -271,15 +271,6 @@ def _is_relayout(node: fx.Node) -> bool:
     return out.numel() >= 1 << 16 and (not src.is_contiguous() or source is not node.args[0])
 
 
-def _splits_reductions(node: fx.Node) -> bool:
-    """Whether the backend for node's device splits a reduction of few long rows
-    over many programs (Triton does; the C backend would walk each row on one
-    thread). Unsplittable ones are refused after lowering (`emit.unsplit_few_rows`)."""
-    from kitsune.compiler import backend_for
-    val = meta(node)
-    return val is not None and backend_for(val.device) == "triton"
-
-
 def _blocker(node: fx.Node, config: FusionConfig) -> str | None:
     if node.target in REDUCTION_OPS:
         if not config.enable_reduction:
@@ -290,10 +281,9 @@ def _blocker(node: fx.Node, config: FusionConfig) -> str | None:
         shape, dims = node_frame(node)
         if math.prod(shape) == 0:
             return "empty reduction (runs through PyTorch)"
-        rows = math.prod(shape) // math.prod(shape[d] for d in dims)
-        if rows < 4 and math.prod(shape) > 1 << 16 and not _splits_reductions(node):
-            return (f"{rows} row(s) of {math.prod(shape) // rows} elements: split reductions are generated "
-                    f"for the GPU only")
+        # a few long rows (a whole-tensor sum) are split between programs (Triton,
+        # `emit.split_plan`; unsplittable ones are refused after lowering) or
+        # between threads (C, `few_rows`)
         return None
     if not config.enable_elementwise:
         return "elementwise fusion disabled"

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -384,6 +385,21 @@ def test_regression_exp_of_exp_may_differ_by_its_conditioning(kernel_backend):
             return (v2, v1)
         """, [("expand", (2, 4, 5))])
     check_program(program, torch.float32, 0, True)
+
+
+def test_regression_variance_over_one_element_is_nan(kernel_backend):
+    """var(correction=1) of one element is 0 / 0 = NaN in eager; the C backend's
+    compiler fused `x * x - mean` into an FMA, whose rounding error made it
+    tiny / 0 = inf (now built with -ffp-contract=off)."""
+    program = _regression("""\
+        def fn(in0):
+            v1 = in0 * in0
+            v2 = v1.var(0, keepdim=False, correction=1)
+            return (v2,)
+        """, [("row", (1, 5))])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # eager warns about the degrees of freedom
+        check_program(program, torch.float32, 0, True)
 
 
 def test_check_program_smoke(kernel_backend):

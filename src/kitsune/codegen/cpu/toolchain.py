@@ -25,9 +25,14 @@ from kitsune.codegen.kernel import KernelError
 
 log = logging.getLogger("kitsune")
 
-BASE_FLAGS = ["-O3", "-fwrapv", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC", "-std=gnu11"]
-# Bumped when the probe changes, so that records of an older probe are redone.
-PROBE_VERSION = 2
+# -ffp-contract=off: no fused multiply-adds the source did not write, as in
+# eager's own kernels: contracted, `x * x - mean(x * x)` over one element was an
+# FMA's rounding error instead of 0, and a variance with correction 1 over it
+# gave inf instead of eager's 0 / 0 = NaN (found by the random-graph test).
+BASE_FLAGS = ["-O3", "-fwrapv", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off", "-shared", "-fPIC",
+              "-std=gnu11"]
+# Bumped when the probe or the flags change, so that records of an older probe are redone.
+PROBE_VERSION = 3
 
 
 @dataclass(frozen=True)

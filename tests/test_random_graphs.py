@@ -439,7 +439,8 @@ def test_regression_expanded_input_divided_by_its_max(kernel_backend):
 
 
 @pytest.mark.parametrize("reduction", ["v1.sum(0, keepdim=False)", "v1.amax((0, 2), keepdim=True)",
-                                       "v1.mean(0, keepdim=True)", "v1.amin(1, keepdim=False)"])
+                                       "v1.mean(0, keepdim=True)", "v1.amin(1, keepdim=False)",
+                                       "v1.var(0, keepdim=False, correction=0)", "torch.logsumexp(v1, 0)"])
 def test_regression_reduction_over_a_permuted_view_fuses_with_its_producer(kernel_backend, reduction):
     """exp(x).permute(2, 0, 1).sum(0): the reduction's frame was the permuted shape, its
     producer's the source's, so nothing fused; it now reduces the source over dim 2

@@ -64,7 +64,15 @@ def _fold_permutes(gm: fx.GraphModule) -> int:
     return changed
 
 
-_DIM_REDUCTIONS = (aten.sum.dim_IntList, aten.mean.dim, aten.amax.default, aten.amin.default)
+# reductions whose second argument is the list of reduced dims -> the position
+# of their keepdim argument (None: a keyword, or no keepdim at all)
+_DIM_REDUCTIONS = {getattr(getattr(ns, op), overload): keepdim for ns, op, overload, keepdim in (
+    (aten, "sum", "dim_IntList", 2), (aten, "mean", "dim", 2), (aten, "amax", "default", 2),
+    (aten, "amin", "default", 2), (aten, "var", "correction", None), (aten, "std", "correction", None),
+    (aten, "logsumexp", "default", 2), (aten, "any", "dims", 2), (aten, "all", "dims", 2),
+    (torch.ops.prims, "var", "default", None), (torch.ops.prims, "sum", "default", None),
+    (torch.ops.prims, "amax", "default", None), (torch.ops.prims, "amin", "default", None))
+    if hasattr(getattr(ns, op), overload)}
 
 
 def _reduce_through_permutes(gm: fx.GraphModule) -> int:
@@ -87,7 +95,9 @@ def _reduce_through_permutes(gm: fx.GraphModule) -> int:
         if kept != sorted(kept):
             continue  # the result would need a permute of its own
         args = (view.args[0], sorted(order[d] for d in reduced), *node.args[2:])
-        keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        position = _DIM_REDUCTIONS[node.target]
+        keepdim = node.args[position] if position is not None and len(node.args) > position \
+            else node.kwargs.get("keepdim", False)
         try:
             new_val = node.target(source_val, *args[1:], **node.kwargs)
         except Exception:  # noqa: BLE001 - no metadata, no rewrite

@@ -26,6 +26,7 @@ cancellation). NaN/inf positions must match eager exactly.
 from __future__ import annotations
 
 import math
+import os
 import textwrap
 import warnings
 
@@ -37,7 +38,8 @@ from hypothesis import strategies as st
 
 import kitsune
 
-MAX_EXAMPLES = 40
+# 40 fixed examples a backend (tests/conftest.py); KITSUNE_HYPOTHESIS=explore draws 300 fresh ones
+MAX_EXAMPLES = 40 if os.environ.get("KITSUNE_HYPOTHESIS", "fixed") == "fixed" else 300
 
 # --------------------------------------------------------------------------- programs
 # A program is (inputs, steps, outputs):

@@ -455,6 +455,8 @@ def test_whole_tensor_reductions_are_split(backend, name):
     fused = backend == "cpu" or name != "var_two_stages"
     reduced = any(w in n for g in stats["groups"] for n in g[1] for w in ("mean", "amax", "sum", "var"))
     assert reduced == fused, stats["groups"]
+    if fused and backend != "cpu":  # the parts and their finish: two kernels, counted as such
+        assert stats["kernels_after"] == 2, stats
 
 
 ARG_REDUCTIONS = {

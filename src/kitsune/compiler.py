@@ -78,7 +78,10 @@ def compile_graph(gm: fx.GraphModule, example_inputs, kind: str = "graph",
         record.groups.clear()
         record.kernel_calls.clear()
         compiled = gm
-    record.kernels_after = record.kernels_before - sum(len(nodes) - 1 for _, nodes, _ in record.groups)
+    # a split reduction launches two kernels (its parts, then their finish)
+    extra = sum(len(getattr(call.kernel, "launches", ())) - 1 for call in record.kernel_calls.values()
+                if getattr(call.kernel, "launches", None))
+    record.kernels_after = record.kernels_before - sum(len(nodes) - 1 for _, nodes, _ in record.groups) + extra
     blocker = None
     if kind == "inference" and config.cuda_graphs:
         blocker = _cuda_graph_blocker(gm, example_inputs, compiled, record)

@@ -79,15 +79,13 @@ def compile_graph(gm: fx.GraphModule, example_inputs, kind: str = "graph",
         record.kernel_calls.clear()
         compiled = gm
     # a split reduction launches two kernels (its parts, then their finish)
-    extra = sum(len(getattr(call.kernel, "launches", ())) - 1 for call in record.kernel_calls.values()
-                if getattr(call.kernel, "launches", None))
+    extra = sum(len(getattr(call.kernel, "launches", [call.kernel])) - 1 for call in record.kernel_calls.values())
     record.kernels_after = record.kernels_before - sum(len(nodes) - 1 for _, nodes, _ in record.groups) + extra
-    blocker = None
-    if kind == "inference" and config.cuda_graphs:
-        blocker = _cuda_graph_blocker(gm, example_inputs, compiled, record)
+    replay = kind == "inference" and config.cuda_graphs and _cuda_graph_blocker(gm, example_inputs, compiled,
+                                                                                  record) is None
     if compiled_ok and isinstance(compiled, fx.GraphModule):
         bind_fast_targets(compiled)  # after every analysis that reads its aten targets
-    if kind == "inference" and config.cuda_graphs and blocker is None:
+    if replay:
         from kitsune.runtime.cuda_graphs import CudaGraphRunner
         record.cuda_graph = True
         compiled = CudaGraphRunner(compiled, f"{record.name} graph")

@@ -84,8 +84,9 @@ def _reduce_through_permutes(gm: fx.GraphModule) -> int:
         if not (isinstance(view, fx.Node) and view.op == "call_function" and view.target is aten.permute.default
                 and isinstance(dims, (list, tuple)) and dims):
             continue
-        val, source_val = node.meta.get("val"), view.args[0].meta.get("val") if isinstance(view.args[0], fx.Node) \
-            else None
+        source = view.args[0]
+        val = node.meta.get("val")
+        source_val = source.meta.get("val") if isinstance(source, fx.Node) else None
         if not isinstance(val, torch.Tensor) or not isinstance(source_val, torch.Tensor):
             continue
         ndim = len(view.args[1])
@@ -94,7 +95,7 @@ def _reduce_through_permutes(gm: fx.GraphModule) -> int:
         kept = [order[i] for i in range(ndim) if i not in reduced]
         if kept != sorted(kept):
             continue  # the result would need a permute of its own
-        args = (view.args[0], sorted(order[d] for d in reduced), *node.args[2:])
+        args = (source, sorted(order[d] for d in reduced), *node.args[2:])
         position = _DIM_REDUCTIONS[node.target]
         keepdim = node.args[position] if position is not None and len(node.args) > position \
             else node.kwargs.get("keepdim", False)

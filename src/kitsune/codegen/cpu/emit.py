@@ -381,6 +381,28 @@ def _divide_by_row_value(a: str, b: str, dtype: torch.dtype, reciprocals: set, r
     return f"({b}_inv_ok ? {a} * {b}_inv : {a} / {b})"
 
 
+def _tracks_nan(v: Value) -> bool:
+    """A float max/min: NaN is tracked in a flag beside its accumulator."""
+    return v.attr in ("max", "min") and v.dtype.is_floating_point
+
+
+def _accumulator(v: Value, name: str) -> str:
+    """The declaration of reduction v's accumulator `name`, at its identity."""
+    ctype = "int" if v.attr in ("any", "all") else COMPUTE[v.dtype]
+    return f"{ctype} {name} = {_identity(v.attr, v.dtype)};"
+
+
+def _reduction_clauses(targets, accs: dict, flags: dict) -> str:
+    """OpenMP reduction clauses for the accumulators `accs` (and the NaN flags
+    `{flags[v]}_nan` of float max/min)."""
+    clauses = ""
+    for v in targets:
+        clauses += f" reduction({_OMP_REDUCTION[v.attr]}:{accs[v]})"
+        if _tracks_nan(v):
+            clauses += f" reduction(|:{flags[v]}_nan)"
+    return clauses
+
+
 def _blocked_row_pass(targets, accs, inner, clauses, loop, R, uses_err) -> list[str]:
     """One pass over a row split between the threads: blocks of SPLIT_BLOCK
     positions, each reduced by an `omp simd` loop into block accumulators that
@@ -389,13 +411,8 @@ def _blocked_row_pass(targets, accs, inner, clauses, loop, R, uses_err) -> list[
     err = " reduction(|:kitsune_err)" if uses_err else ""
     lines = [f"#pragma omp parallel for schedule(static) num_threads(threads){clauses}{err}",
              f"for (int64_t r0 = 0; r0 < {R}; r0 += {SPLIT_BLOCK}) {{"]
-    inner_clauses = ""
-    for v in targets:
-        ctype = "int" if v.attr in ("any", "all") else COMPUTE[v.dtype]
-        lines.append(f"  {ctype} {inner[v]} = {_identity(v.attr, v.dtype)};")
-        inner_clauses += f" reduction({_OMP_REDUCTION[v.attr]}:{inner[v]})"
-        if v.attr in ("max", "min") and v.dtype.is_floating_point:
-            inner_clauses += f" reduction(|:{accs[v]}_nan)"
+    lines += ["  " + _accumulator(v, inner[v]) for v in targets]
+    inner_clauses = _reduction_clauses(targets, inner, accs)
     lines += [f"  const int64_t r_end = r0 + {SPLIT_BLOCK} < {R} ? r0 + {SPLIT_BLOCK} : {R};",
               f"  #pragma omp simd{inner_clauses}{err}",
               "  for (int64_t r = r0; r < r_end; ++r) {", "    const int64_t x = xrow + r;"]
@@ -469,16 +486,12 @@ def _emit_reduction(spec: KernelSpec, fn_name: str) -> str:
         targets = [v for v in reductions if stage[v] == s + 1]
         loop: list[str] = []
         scope = {k: n for k, n in names.items() if k in row}
-        accs, clauses = {}, ""
+        accs = {v: f"acc{next(counter)}" for v in targets}
         for v in targets:
-            acc = f"acc{next(counter)}"
-            accs[v] = acc
-            ctype = "int" if v.attr in ("any", "all") else COMPUTE[v.dtype]
-            body.append(f"{ctype} {acc} = {_identity(v.attr, v.dtype)};")
-            clauses += f" reduction({_OMP_REDUCTION[v.attr]}:{acc})"
-            if v.attr in ("max", "min") and v.dtype.is_floating_point:
-                body.append(f"int {acc}_nan = 0;")
-                clauses += f" reduction(|:{acc}_nan)"
+            body.append(_accumulator(v, accs[v]))
+            if _tracks_nan(v):
+                body.append(f"int {accs[v]}_nan = 0;")
+        clauses = _reduction_clauses(targets, accs, accs)
         # a row split between threads: each thread sums blocks of SPLIT_BLOCK
         # positions into block accumulators (`_b`), then those into its own
         inner = {v: f"{accs[v]}_b" if split_rows else accs[v] for v in targets}
@@ -645,7 +658,7 @@ def _emit_outer_tiles(spec: KernelSpec, fn_name: str, tile: int) -> tuple[str, i
             ctype = "int" if v.attr in ("any", "all") else COMPUTE[v.dtype]
             body.append(f"{ctype} {acc}[{tile}];")
             init.append(f"  {acc}[j] = {_identity(v.attr, v.dtype)};")
-            if v.attr in ("max", "min") and v.dtype.is_floating_point:
+            if _tracks_nan(v):
                 body.append(f"int {acc}_nan[{tile}];")
                 init.append(f"  {acc}_nan[j] = 0;")
         compensated = set()

@@ -18,7 +18,7 @@ from kitsune.cache import cache_dir, write_atomic
 from kitsune.codegen.kernel import KernelError, KernelSpec
 import hashlib
 
-from kitsune.codegen.triton.emit import emit_triton, reduction_blocks, split_plan
+from kitsune.codegen.triton.emit import emit_triton, pow2, reduction_blocks, split_plan, split_workspace
 from kitsune.codegen.triton.libm import INTERPRETED
 
 log = logging.getLogger("kitsune")
@@ -72,10 +72,10 @@ class TritonKernel:
         if split:
             self.xblock, rblock, self.num_warps, parts, _ = split
             blocks = (spec.rows + self.xblock - 1) // self.xblock
-            self.workspace = parts * spec.rows * sum(1 for v in spec.values() if v.op == "reduce")
+            self.workspace = split_workspace(spec, parts)
             self.launches = [
                 _Launch(spec, fn, (blocks, parts), self.num_warps, dict(XBLOCK=self.xblock, RBLOCK=rblock)),
-                _Launch(spec, finish, (blocks,), 4, dict(XBLOCK=self.xblock, SPLIT_BLOCK=1 << (parts - 1).bit_length())),
+                _Launch(spec, finish, (blocks,), 4, dict(XBLOCK=self.xblock, SPLIT_BLOCK=pow2(parts))),
             ]
         else:
             if spec.reduction:

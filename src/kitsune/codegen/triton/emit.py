@@ -386,41 +386,57 @@ ROW_SPLIT_MIN_ELEMENTS = 1 << 16
 FEW_ROWS, FEW_ROWS_ELEMENTS = 4, 1 << 16  # the planner's threshold for such reductions
 
 
-def _pow2(n: int) -> int:
+def pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
     return 1 << max(n - 1, 0).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def split_plan(spec: KernelSpec) -> tuple[int, int, int, int, int] | None:
     """(XBLOCK, RBLOCK, num_warps, SPLIT, CHUNK) when the kernel's reduction is
     split over SPLIT programs of CHUNK reduced elements each, else None.
-    Splittable: at least SPLIT_MIN_ELEMENTS, one stage of float sum/max/min
-    reductions and no per-element output that needs them (that would need the
-    combined result in a third pass); split: outer layouts (column sums, see
-    above) and row layouts with fewer rows than SPLIT_ROWS (a whole-tensor
-    sum is one row: SPLIT programs share it instead of one walking it all)."""
+    Split: outer layouts of at least SPLIT_MIN_ELEMENTS (column sums, see
+    above) and row layouts of fewer rows than SPLIT_ROWS and more than
+    ROW_SPLIT_MIN_ELEMENTS (a whole-tensor sum is one row: SPLIT programs share
+    it instead of one walking it all), when `splittable`."""
     R, rows = spec.reduction, spec.rows
-    if not R or R * rows <= ROW_SPLIT_MIN_ELEMENTS or not splittable(spec):
+    if not R:
         return None
     if outer_layout(spec):
-        if R * rows < SPLIT_MIN_ELEMENTS:
+        if R * rows < SPLIT_MIN_ELEMENTS or not splittable(spec):
             return None
-        xblock = min(SPLIT_XBLOCK, _pow2(rows))
-        rblock, most, warps = min(max(32, OUTER_TILE // xblock), _pow2(R)), SPLIT_MAX, SPLIT_WARPS
+        xblock = min(SPLIT_XBLOCK, pow2(rows))
+        rblock, most, warps = min(max(32, OUTER_TILE // xblock), pow2(R)), SPLIT_MAX, SPLIT_WARPS
         programs = SPLIT_MIN_PROGRAMS
-    elif rows < SPLIT_ROWS:
-        xblock, rblock, most, warps = 1, min(LOOPED_RBLOCK, _pow2(R)), ROW_SPLIT_MAX, LOOPED_WARPS
+    elif rows < SPLIT_ROWS and R * rows > ROW_SPLIT_MIN_ELEMENTS and splittable(spec):
+        xblock, rblock, most, warps = 1, min(LOOPED_RBLOCK, pow2(R)), ROW_SPLIT_MAX, LOOPED_WARPS
         programs = ROW_SPLIT_PROGRAMS
     else:
         return None
-    blocks = -(-rows // xblock)
+    blocks = _cdiv(rows, xblock)
     split = 1
     while blocks * split < programs and split < most and R >= 2 * split * rblock:
         split *= 2
-    chunk = -(-(-(-R // split)) // rblock) * rblock
-    split = -(-R // chunk)  # no empty parts
+    chunk = _cdiv(_cdiv(R, split), rblock) * rblock  # whole RBLOCK steps a part
+    split = _cdiv(R, chunk)  # no empty parts
     if split < 2:
         return None
     return xblock, rblock, warps, split, chunk
+
+
+def split_workspace(spec: KernelSpec, split: int) -> int:
+    """float32 elements between a split kernel's parts and its finish: one
+    partial result per reduction, part and row (split kernels have one stage,
+    so every reduction is partial)."""
+    return split * spec.rows * sum(1 for v in spec.values() if v.op == "reduce")
+
+
+def _workspace_at(k: int, split: int, rows: int) -> str:
+    """Where reduction k's partial result of `part` for `row` lives in `ws`."""
+    return f"ws + ({k * split} + part) * {rows} + row"
 
 
 def splittable(spec: KernelSpec) -> bool:
@@ -541,36 +557,31 @@ def _emit_reduction(spec: KernelSpec, fn_name: str, persistent_max: int) -> str:
     row_mask = "rowmask" if rows % xblock else None
     masks = {"x": None}  # the per-element mask of the code being emitted; read by emit()
 
+    def set_mask(mask: str | None, indent: str) -> list[str]:
+        """The line defining xmask (none without a mask); emit() reads it from here on."""
+        masks["x"] = None if mask is None else "xmask"
+        return [] if mask is None else [f"{indent}xmask = {mask}"]
+
     def chunk_loops():
-        """Per loop over the row's chunks: (header lines, per-element mask)."""
+        """The header lines of each loop over the row's chunks (emit() then sees its mask)."""
         if split:  # this program's part of the row: CHUNK elements from part * CHUNK
-            mask = _and(row_mask, f"(r < {R})" if R % part_len else None)
-            header = [f"for r0 in range(part * {part_len}, part * {part_len} + {part_len}, RBLOCK):",
+            loops = [(f"part * {part_len}, part * {part_len} + {part_len}",
+                      _and(row_mask, f"(r < {R})" if R % part_len else None), "")]
+        else:
+            full = R - R % rblock
+            loops = [(f"0, {full}", row_mask, "")]
+            if full < R:
+                loops.append((f"{full}, {R}", _and(row_mask, f"(r < {R})"), "  # the last, partial chunk"))
+        for bounds, mask, comment in loops:
+            header = [f"for r0 in range({bounds}, RBLOCK):{comment}",
                       "    r = r0 + tl.arange(0, RBLOCK)[None, :]", "    x = xrow + r"]
-            if mask is not None:
-                header.append(f"    xmask = {mask}")
-            masks["x"] = None if mask is None else "xmask"
-            yield header
-            return
-        tail = R % rblock
-        loops = [(R - tail, row_mask)] + ([(R, _and(row_mask, f"(r < {R})"))] if tail else [])
-        for i, (end, mask) in enumerate(loops):
-            start = 0 if i == 0 else loops[0][0]
-            header = [f"for r0 in range({start}, {end}, RBLOCK):" + ("  # the last, partial chunk" if i else ""),
-                      "    r = r0 + tl.arange(0, RBLOCK)[None, :]", "    x = xrow + r"]
-            if mask is not None:
-                header.append(f"    xmask = {mask}")
-            masks["x"] = None if mask is None else "xmask"
-            yield header
+            yield header + set_mask(mask, "    ")
 
     for v in row_stage_values(0):
         emit(v, names, body, "")
     if persistent:
         body += ["r = tl.arange(0, RBLOCK)[None, :]", "x = xrow + r"]
-        mask = _and(row_mask, f"(r < {R})" if R < rblock else None)
-        if mask is not None:
-            body.append(f"xmask = {mask}")
-            masks["x"] = "xmask"
+        body += set_mask(_and(row_mask, f"(r < {R})" if R < rblock else None), "")
     for s in range(max_stage):
         targets = [v for v in reductions if stage[v] == s + 1]
         if persistent:
@@ -654,13 +665,14 @@ def _emit_reduction(spec: KernelSpec, fn_name: str, persistent_max: int) -> str:
         # partial results to the workspace; the finish kernel combines them per position
         reduced = [v for v in reductions if stage[v] == 1]
         for k, v in enumerate(reduced):
-            body.append(_store_partial(names[v], k, split, rows, row_mask))
+            body.append(f"tl.store({_workspace_at(k, split, rows)}, {names[v]}"
+                        + ("" if row_mask is None else f", {row_mask}") + ")")
         finish_names: dict[Value, str] = {}
-        split_block = _pow2(split)
+        split_block = pow2(split)
         finish.append("part = tl.arange(0, SPLIT_BLOCK)[None, :]")
         for k, v in enumerate(reduced):
             mask = _and(row_mask, f"(part < {split})" if split_block != split else None)
-            load = f"tl.load(ws + ({k * split} + part) * {rows} + row" + (
+            load = f"tl.load({_workspace_at(k, split, rows)}" + (
                 f", {mask}, other={_identity(v.attr, v.dtype)})" if mask else ")")
             name = f"v{next(counter)}"
             finish.append(f"{name} = {_finish(v.attr, load)}")
@@ -687,17 +699,17 @@ def _emit_reduction(spec: KernelSpec, fn_name: str, persistent_max: int) -> str:
     params = ", ".join(inputs + [o.name for o in spec.outputs] + (["ws"] if split else []) + ["numel"])
     pid = "tl.program_id(0).to(tl.int64)" if wide else "tl.program_id(0)"
     header = "\n".join(f"# {line}" for line in (spec.description or spec.name).splitlines())
-    start = [f"    row = ({pid} * XBLOCK + tl.arange(0, XBLOCK))[:, None]",
-             *([f"    rowmask = row < {rows}"] if row_mask else []),
-             f"    xrow = row * {R}"]
-    tail = []
+    rows_of_program = [f"    row = ({pid} * XBLOCK + tl.arange(0, XBLOCK))[:, None]",
+                       *([f"    rowmask = row < {rows}"] if row_mask else []),
+                       f"    xrow = row * {R}"]
+    start, tail = rows_of_program, []
     if split:
-        start.append("    part = tl.program_id(1)")
+        start = rows_of_program + ["    part = tl.program_id(1)"]
         tail = ["",
                 f"# the {split} partial results of each position combined, and what follows from them",
                 "@triton.jit",
                 f"def {fn_name}_finish({params}, XBLOCK: tl.constexpr, SPLIT_BLOCK: tl.constexpr):",
-                *start[:-1], *[f"    {line}" for line in finish]]
+                *rows_of_program, *[f"    {line}" for line in finish]]
     lines = [
         "import triton",
         "import triton.language as tl",
@@ -714,12 +726,6 @@ def _emit_reduction(spec: KernelSpec, fn_name: str, persistent_max: int) -> str:
     ]
     lines += [f"    {line}" for line in body] + tail
     return "\n".join(lines) + "\n"
-
-
-def _store_partial(value: str, k: int, split: int, rows: int, row_mask: str | None) -> str:
-    """A program's partial result of reduction k to the workspace (k, part, row)."""
-    mask = "" if row_mask is None else f", {row_mask}"
-    return f"tl.store(ws + ({k * split} + part) * {rows} + row, {value}{mask})"
 
 
 def _store(out, value: str, var: str, mask: str | None, shape: str, rows: int | None = None) -> str:

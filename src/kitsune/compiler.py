@@ -81,24 +81,25 @@ def compile_graph(gm: fx.GraphModule, example_inputs, kind: str = "graph",
     # a split reduction launches two kernels (its parts, then their finish)
     extra = sum(len(getattr(call.kernel, "launches", [call.kernel])) - 1 for call in record.kernel_calls.values())
     record.kernels_after = record.kernels_before - sum(len(nodes) - 1 for _, nodes, _ in record.groups) + extra
-    replay = kind == "inference" and config.cuda_graphs and _cuda_graph_blocker(gm, example_inputs, compiled,
-                                                                                  record) is None
+    training = kind in ("forward", "backward")
+    replay = (kind == "inference" or training) and config.cuda_graphs and \
+        _cuda_graph_blocker(gm, example_inputs, compiled, record, training) is None
     if compiled_ok and isinstance(compiled, fx.GraphModule):
         bind_fast_targets(compiled)  # after every analysis that reads its aten targets
     if replay:
         from kitsune.runtime.cuda_graphs import CudaGraphRunner
         record.cuda_graph = True
-        compiled = CudaGraphRunner(compiled, f"{record.name} graph")
+        compiled = CudaGraphRunner(compiled, f"{record.name} graph", training=training)
     record.compile_seconds = time.perf_counter() - start
     stats.record(record)
     return compiled
 
 
-def _cuda_graph_blocker(gm, example_inputs, compiled, record) -> str | None:
-    """Why the compiled inference graph is not replayed as a CUDA graph (logged), or None."""
+def _cuda_graph_blocker(gm, example_inputs, compiled, record, training) -> str | None:
+    """Why the compiled graph is not replayed as a CUDA graph (logged), or None."""
     from kitsune.runtime.cuda_graphs import cuda_graph_blocker
 
-    blocker = cuda_graph_blocker(gm, example_inputs, compiled)
+    blocker = cuda_graph_blocker(gm, example_inputs, compiled, training)
     if blocker is not None and any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs):
         log.info("kitsune: %s graph runs without CUDA graphs: %s", record.name, blocker)
     return blocker

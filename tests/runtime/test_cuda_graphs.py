@@ -1,10 +1,11 @@
-"""CUDA graph replay of inference graphs (kitsune.runtime.cuda_graphs).
+"""CUDA graph replay of compiled graphs (kitsune.runtime.cuda_graphs).
 
 The recording itself needs a GPU; without one, a stand-in for
 torch.cuda.CUDAGraph re-runs the function on the recording's own input
-buffers and writes into the recorded outputs, exactly what a replay does,
-so the runner's bookkeeping (which inputs are copied in, fresh outputs,
-moved weights) is tested everywhere."""
+buffers (and, for inputs read in place, on the caller's tensors at the same
+address) and writes into the recorded outputs, exactly what a replay does,
+so the runner's bookkeeping (which inputs are copied in, fresh or in-place
+outputs, moved weights, outputs still alive) is tested everywhere."""
 import contextlib
 
 import pytest
@@ -14,30 +15,58 @@ from torch import fx
 from kitsune.runtime import cuda_graphs
 from kitsune.runtime.cuda_graphs import CudaGraphRunner, cuda_graph_blocker
 
+_current_args = {}  # runner -> the arguments of the call in progress
+
 
 class _Recorder:
-    runner = None  # the CudaGraphRunner being tested
+    runner = None  # the CudaGraphRunner being recorded
 
     def __init__(self):
         self.replays = 0
+        self.runner = _Recorder.runner
 
     def replay(self):
-        runner = _Recorder.runner
+        runner = self.runner
         self.replays += 1
-        for out, new in zip(runner._outputs, runner.fn(*runner._static_inputs)):
-            out.copy_(new)
+        args = _current_args[runner]
+        inputs = [a if isinstance(s, cuda_graphs._InPlace) else s for a, s in zip(args, runner._static_inputs)]
+        outputs = runner._outputs
+        new = runner.fn(*inputs)
+        for out, value in zip(outputs if isinstance(outputs, (list, tuple)) else [outputs],
+                              new if isinstance(new, (list, tuple)) else [new]):
+            if isinstance(out, torch.Tensor):
+                out.copy_(value)
 
 
 @pytest.fixture
 def fake_cuda(monkeypatch):
+    call = CudaGraphRunner.__call__
+    record = CudaGraphRunner._record
+
+    def calling(self, *args):
+        _current_args[self] = args
+        try:
+            return call(self, *args)
+        finally:
+            _current_args.pop(self, None)
+
+    def recording(self, args, copied):
+        _Recorder.runner = self
+        if self not in recorded:
+            recorded.append(self)
+        return record(self, args, copied)
+
+    monkeypatch.setattr(CudaGraphRunner, "__call__", calling)
+    monkeypatch.setattr(CudaGraphRunner, "_record", recording)
     monkeypatch.setattr(torch.cuda, "CUDAGraph", _Recorder)
-    monkeypatch.setattr(torch.cuda, "graph", lambda g: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "graph", lambda g, **kw: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    recorded = []
+    return recorded  # every runner that recorded, in order
 
 
-def _runner(fn):
-    _Recorder.runner = CudaGraphRunner(fn, "test graph")
-    return _Recorder.runner
+def _runner(fn, training=False):
+    return CudaGraphRunner(fn, "test graph", training=training)
 
 
 def test_replay_copies_moving_inputs_reads_weights_in_place_and_returns_fresh_outputs(fake_cuda):
@@ -76,7 +105,7 @@ def test_recording_failure_runs_the_graph_normally(fake_cuda, caplog):
             raise RuntimeError("operation not permitted when stream is capturing")
         return (x + 1,)
 
-    runner = CudaGraphRunner(fn, "test graph")
+    runner = _runner(fn)
     with caplog.at_level("INFO", logger="kitsune"):
         for _ in range(cuda_graphs.WARMUP_CALLS + 2):
             x = torch.randn(3)
@@ -139,3 +168,145 @@ def test_replay_only_where_launch_time_outweighs_copying_outputs():
         return x
     chain = traced(many_small, (64, 64))
     assert replay_cost_blocker(chain, chain) is None
+
+
+def test_training_outputs_are_handed_out_in_place_and_replayed_only_once_free(fake_cuda, caplog):
+    weight = torch.randn(8)
+
+    def fn(x, w):
+        h = x * w
+        return (h.exp(), h.sum(), w, w[:4])  # activation, a loss, an input, a view of a weight
+
+    runner = _runner(fn, training=True)
+    for _ in range(cuda_graphs.WARMUP_CALLS + 1):
+        runner(torch.randn(8), weight)
+    assert runner.graph is not None, runner.disabled
+    losses = []
+    for _ in range(4):
+        x = torch.randn(8)
+        act, loss, w_out, w_view = runner(x, weight)
+        torch.testing.assert_close(act, (x * weight).exp())
+        torch.testing.assert_close(loss, (x * weight).sum())
+        assert w_out is weight and torch.equal(w_view, weight[:4])
+        assert act.data_ptr() == runner._outputs[0].data_ptr()  # in place, not copied
+        losses.append((loss, loss.item()))  # kept: a one-element output is copied out
+        del act
+    assert runner.graph.replays == 5 and runner.live_output_calls == 0
+    for kept, value in losses:
+        assert kept.item() == value
+
+    kept_act = runner(torch.randn(8), weight)[0]  # kept alive across the next call
+    snapshot = kept_act.clone()
+    with caplog.at_level("INFO", logger="kitsune"):
+        x = torch.randn(8)
+        act = runner(x, weight)[0]
+    torch.testing.assert_close(act, (x * weight).exp())
+    assert torch.equal(kept_act, snapshot), "a replay overwrote an output that was still alive"
+    assert runner.graph.replays == 6 and runner.live_output_calls == 1
+    assert "still alive" in caplog.text
+    del kept_act, act
+    runner(torch.randn(8), weight)
+    assert runner.graph.replays == 7
+
+
+def test_inputs_that_stop_moving_are_re_recorded_to_be_read_in_place(fake_cuda):
+    runner = _runner(lambda a, b: (a * b + 1,), training=True)
+    b = torch.randn(16)
+    moving = [torch.randn(16) for _ in range(cuda_graphs.WARMUP_CALLS + 1)]
+    for a in moving:
+        runner(a, b)
+    assert runner._copied == (0,)
+    settled = torch.randn(16)
+    for _ in range(4):
+        out = runner(settled, b)[0]
+        torch.testing.assert_close(out, settled * b + 1)
+    assert runner.rerecords == 1 and runner._copied == ()
+    settled.mul_(2)  # read in place now: the replay sees the new values
+    torch.testing.assert_close(runner(settled, b)[0], settled * b + 1)
+
+
+def _on_cpu_as_if_cuda(monkeypatch):
+    """Let compile_graph wrap CPU graphs in CudaGraphRunner (with the stand-in recorder)."""
+    blocker = cuda_graph_blocker
+
+    def cpu_blocker(gm, example_inputs, compiled=None, training=False):
+        fake = [torch.empty(t.shape, device="meta") if isinstance(t, torch.Tensor) else t for t in example_inputs]
+        reason = blocker(gm, fake, compiled, training)
+        return None if reason is not None and ("CUDA" in reason or " on cpu" in reason) else reason
+    monkeypatch.setattr(cuda_graphs, "cuda_graph_blocker", cpu_blocker)
+
+
+@pytest.mark.parametrize("grads", ["set_to_none", "zeroed", "kept"])
+def test_training_steps_replay_forward_and_backward_and_train_as_eager(fake_cuda, monkeypatch, grads):
+    import copy
+
+    import kitsune
+    from kitsune.report.stats import GLOBAL_STATS
+
+    _on_cpu_as_if_cuda(monkeypatch)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.LayerNorm(32), torch.nn.Linear(32, 64), torch.nn.GELU(),
+                                torch.nn.Linear(64, 32))
+    reference = copy.deepcopy(model)
+    kitsune.reset_fusion_stats()
+    compiled = torch.compile(model, backend="kitsune", dynamic=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for step in range(8):
+        x = torch.randn(16, 32)
+        x.requires_grad_(True)
+        x_ref = x.detach().clone().requires_grad_(True)
+        losses = []
+        kept = [(p.grad, p.grad.clone()) for p in model.parameters() if p.grad is not None] if grads == "kept" else []
+        for m, o, inp in ((compiled, opt, x), (reference, ref_opt, x_ref)):
+            o.zero_grad(set_to_none=grads != "zeroed")
+            loss = m(inp).square().mean()
+            loss.backward()
+            o.step()
+            losses.append(loss.detach())
+        torch.testing.assert_close(*losses)
+        torch.testing.assert_close(x.grad, x_ref.grad)
+        for p, q in zip(model.parameters(), reference.parameters()):
+            torch.testing.assert_close(p, q)
+            torch.testing.assert_close(p.grad, q.grad)
+        for grad, snapshot in kept:
+            assert torch.equal(grad, snapshot), "a replay overwrote a gradient the user kept"
+    assert {r.name for r in GLOBAL_STATS.records() if r.cuda_graph} == {"forward", "backward"}
+    forward, backward = fake_cuda
+    assert forward.training and backward.training
+    assert forward.graph.replays >= 4
+    if grads == "kept":  # while the last replay's gradients are kept, the backward runs normally
+        assert backward.live_output_calls >= 3
+    else:  # zero_grad drops the gradients, or they are added into .grad: every step replays
+        assert backward.graph.replays >= 4 and backward.live_output_calls == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_training_steps_replay_on_gpu():
+    import copy
+
+    import kitsune
+    from kitsune.report.stats import GLOBAL_STATS
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.LayerNorm(256), torch.nn.Linear(256, 1024), torch.nn.GELU(),
+                                torch.nn.Linear(1024, 256)).cuda()
+    reference = copy.deepcopy(model)
+    kitsune.reset_fusion_stats()
+    compiled = torch.compile(model, backend="kitsune", dynamic=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    kept = []
+    for step in range(8):
+        x = torch.randn(64, 256, device="cuda")
+        for m, o in ((compiled, opt), (reference, ref_opt)):
+            o.zero_grad()
+            loss = m(x).square().mean()
+            loss.backward()
+            o.step()
+            kept.append(loss.detach())
+        torch.testing.assert_close(kept[-2], kept[-1])
+        for p, q in zip(model.parameters(), reference.parameters()):
+            torch.testing.assert_close(p.grad, q.grad)
+            torch.testing.assert_close(p, q)
+    assert {r.name for r in GLOBAL_STATS.records() if r.cuda_graph} == {"forward", "backward"}

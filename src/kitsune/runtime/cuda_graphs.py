@@ -1,24 +1,40 @@
-"""Replay a compiled inference graph as one CUDA graph.
+"""Replay a compiled graph as one CUDA graph.
 
-A transformer's forward pass on the GPU is often bound by the host: hundreds
-of kernel launches, each paying Python and driver time. Once a graph's
-kernels are built, `CudaGraphRunner` records the whole graph on its third
-call (two ordinary calls first build and warm every kernel) and replays the
-recording afterwards: one launch for the whole graph.
+A transformer's pass on the GPU is often bound by the host: hundreds of
+kernel launches, each paying Python and driver time. Once a graph's kernels
+are built, `CudaGraphRunner` records the whole graph on its third call (two
+ordinary calls first build and warm every kernel) and replays the recording
+afterwards: one launch for the whole graph.
 
 What stays exactly as eager:
-- inputs: an input that arrives at the same address on every call (a weight)
-  is read in place, so an in-place update of a weight is seen by the next
-  call; an input whose address changes (token ids, activations) is copied
-  into the recording's own buffer before each replay. A call where a weight
-  moved, or where an input has other strides, runs the graph normally.
-- outputs are fresh tensors on every call (copied out of the recording's
-  buffers), so a result kept from one call is never overwritten by the next.
+- inputs: an input that arrives at the same address on every call (a weight,
+  or an activation saved by a replayed forward graph) is read in place, so an
+  in-place update of a weight is seen by the next call; an input whose
+  address changes (token ids, a new batch) is copied into the recording's own
+  buffer before each replay. A call where a weight moved, or where an input
+  has other strides, runs the graph normally. An input that was copied in but
+  then keeps its address (the forward graph started replaying, so the
+  backward's saved activations stopped moving) is re-recorded to be read in
+  place, at most `MAX_RERECORDS` times.
+- outputs of an inference graph are fresh tensors on every call (copied out
+  of the recording's buffers), so a result kept from one call is never
+  overwritten by the next.
+- outputs of a training graph (forward activations saved for the backward,
+  gradients) are handed out in place, as tensors on the recording's own
+  memory: copying them out would cost as much as the launches saved. A
+  replay would overwrite them, so a call replays only when none of them is
+  still alive (their storages' use counts are back to the runner's own);
+  otherwise it runs the graph normally, which is always right. A training
+  loop frees them before the next step (the backward consumes the saved
+  activations; `zero_grad()` drops the gradients), so its steps replay.
+  Outputs of one element (a loss kept for logging) are copied out, so that
+  keeping them does not stop the replays.
 - anything that cannot be recorded (a CPU tensor, a host synchronisation,
-  random numbers) keeps the graph running normally, with the reason logged.
+  random numbers, in-place updates) keeps the graph running normally, with
+  the reason logged.
 
-Only inference graphs are recorded: training graphs save activations for the
-backward pass, which a replayed recording would overwrite.
+A training graph's recording keeps its own memory (its saved activations or
+gradients, and its intermediates) for as long as the compiled model lives.
 """
 from __future__ import annotations
 
@@ -39,9 +55,11 @@ COPY_BYTES_PER_US = 2.0e6
 _RANDOM = ("rand", "bernoulli", "dropout", "normal", "uniform", "multinomial", "randperm", "philox", "seed")
 
 
-def cuda_graph_blocker(gm: fx.GraphModule, example_inputs, compiled=None) -> str | None:
+def cuda_graph_blocker(gm: fx.GraphModule, example_inputs, compiled=None, training: bool = False) -> str | None:
     """Why this graph cannot (or should not) be recorded, or None. `compiled`
-    (the graph that will run) decides whether replaying pays for itself."""
+    (the graph that will run) decides whether replaying pays for itself: an
+    inference graph's outputs are copied out of the recording, a training
+    graph's are not (`CudaGraphRunner`)."""
     tensors = [t for t in example_inputs if isinstance(t, torch.Tensor)]
     if not tensors or any(t.device.type != "cuda" for t in tensors):
         return "inputs not all on a CUDA device"
@@ -61,12 +79,17 @@ def cuda_graph_blocker(gm: fx.GraphModule, example_inputs, compiled=None) -> str
         val = node.meta.get("val")
         if isinstance(val, torch.Tensor) and val.device.type != "cuda":
             return f"{node.name} makes a tensor on {val.device}"
-    return replay_cost_blocker(gm, compiled) if isinstance(compiled, fx.GraphModule) else None
+    if not isinstance(compiled, fx.GraphModule):
+        return None
+    if training:
+        ops = _launches(compiled)
+        return None if ops >= 2 else f"{ops} op(s): nothing to save by replaying"
+    return replay_cost_blocker(gm, compiled)
 
 
 def replay_cost_blocker(gm: fx.GraphModule, compiled: fx.GraphModule) -> str | None:
     """Why replaying would not pay for itself, or None."""
-    ops = sum(n.op == "call_function" and not _is_view(n) for n in compiled.graph.nodes)
+    ops = _launches(compiled)
     out = next(n for n in gm.graph.nodes if n.op == "output")
     out_bytes = sum(v.numel() * v.element_size() for v in _tensors(out.args[0]))
     saved_us, copy_us = ops * HOST_US_PER_OP, out_bytes / COPY_BYTES_PER_US
@@ -74,6 +97,10 @@ def replay_cost_blocker(gm: fx.GraphModule, compiled: fx.GraphModule) -> str | N
         return (f"copying its outputs out of a recording ({out_bytes / 1e6:.0f} MB, ~{copy_us:.0f} us) "
                 f"would cost more than the launch time it saves ({ops} ops, ~{saved_us:.0f} us)")
     return None
+
+
+def _launches(compiled: fx.GraphModule) -> int:
+    return sum(n.op == "call_function" and not _is_view(n) for n in compiled.graph.nodes)
 
 
 def _is_view(node) -> bool:
@@ -92,15 +119,23 @@ def _tensors(args):
 
 
 class CudaGraphRunner:
-    def __init__(self, fn, name: str):
-        self.fn, self.name = fn, name
+    """Runs `fn` normally for `WARMUP_CALLS` calls, then records it and replays.
+    `training`: outputs are handed out in place (see the module docstring)."""
+
+    def __init__(self, fn, name: str, training: bool = False):
+        self.fn, self.name, self.training = fn, name, training
         self.calls = 0
         self.graph = None
         self.disabled: str | None = None
+        self.rerecords = 0
+        self.live_output_calls = 0  # calls run normally because an output was still alive
         self._last_ptrs = None
         self._static_inputs = None  # the recording's inputs
         self._copied = ()           # positions of inputs copied in before each replay
+        self._steady = []           # per copied input: calls in a row it arrived at one address
         self._outputs = None
+        self._handout = None        # training: how each output is handed out
+        self._watch = ()            # training: (storage weak ref, use count when free)
 
     def __call__(self, *args):
         if self.disabled is not None:
@@ -112,20 +147,24 @@ class CudaGraphRunner:
         if self.calls <= WARMUP_CALLS:
             self._last_ptrs = ptrs
             return self.fn(*args)
-        try:
-            return self._record(args, ptrs)
-        except Exception as error:  # noqa: BLE001 - the graph still runs normally
-            self.graph = None
-            self.disable(f"recording failed: {type(error).__name__}: {error}")
-            return self.fn(*args)
+        copied = tuple(i for i, (a, b) in enumerate(zip(ptrs, self._last_ptrs))
+                       if isinstance(args[i], torch.Tensor) and a != b)
+        return self._record_or_run(args, copied)
 
     def disable(self, reason: str) -> None:
         self.disabled = reason
         log.info("kitsune: %s runs without CUDA graphs: %s", self.name, reason)
 
-    def _record(self, args, ptrs):
-        copied = tuple(i for i, (a, b) in enumerate(zip(ptrs, self._last_ptrs))
-                       if isinstance(args[i], torch.Tensor) and a != b)
+    def _record_or_run(self, args, copied):
+        try:
+            self._record(args, copied)
+        except Exception as error:  # noqa: BLE001 - the graph still runs normally
+            self.graph = None
+            self.disable(f"recording failed: {type(error).__name__}: {error}")
+            return self.fn(*args)
+        return self._replay(args)
+
+    def _record(self, args, copied):
         static = list(args)
         for i in copied:
             static[i] = torch.empty_strided(args[i].shape, args[i].stride(), dtype=args[i].dtype,
@@ -134,32 +173,141 @@ class CudaGraphRunner:
         device = next(a.device for a in args if isinstance(a, torch.Tensor))
         torch.cuda.synchronize(device)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread-local: a backward graph is recorded on autograd's device thread
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             outputs = self.fn(*static)
-        self.graph, self._static_inputs, self._copied = graph, static, copied
+        if self.training:
+            self._handout, self._watch = _handout_plan(outputs, static, copied)
+        # Inputs read in place are kept as their address, not as tensors: holding a
+        # backward's saved activations would keep the forward's outputs alive.
+        self._static_inputs = [_InPlace(a) if isinstance(a, torch.Tensor) and i not in copied else a
+                               for i, a in enumerate(static)]
+        self.graph, self._copied = graph, copied
+        self._steady = [0] * len(copied)
+        self._last_ptrs = [a.data_ptr() if isinstance(a, torch.Tensor) else None for a in args]
         self._outputs = outputs
-        self._layouts = [(a.shape, a.stride(), a.dtype) if isinstance(a, torch.Tensor) else None for a in args]
         log.info("kitsune: %s recorded as one CUDA graph (%d of %d inputs copied in per call)",
                  self.name, len(copied), len(args))
-        return self._replay(args)
 
     def _replay(self, args):
         static = self._static_inputs
-        for i, a in enumerate(args):
-            s = static[i]
-            if not isinstance(a, torch.Tensor):
-                if a != s:
+        for a, s in zip(args, static):
+            if isinstance(s, _InPlace):
+                if not isinstance(a, torch.Tensor) or a.data_ptr() != s.ptr or a.stride() != s.stride \
+                        or a.shape != s.shape or a.dtype != s.dtype:
+                    return self.fn(*args)  # a weight moved: run normally
+            elif isinstance(s, torch.Tensor):  # copied in
+                if not isinstance(a, torch.Tensor) or a.shape != s.shape or a.stride() != s.stride() \
+                        or a.dtype != s.dtype:
                     return self.fn(*args)
-                continue
-            if i in self._copied:
-                if a.shape != s.shape or a.stride() != s.stride() or a.dtype != s.dtype:
-                    return self.fn(*args)
-            elif a.data_ptr() != s.data_ptr() or a.stride() != s.stride():
-                return self.fn(*args)  # a weight moved: run normally
+            elif a != s:
+                return self.fn(*args)
+        if self._copied and self._settled(args):
+            return self._rerecord(args)
+        if self.training:
+            for ref, free in self._watch:
+                if _use_count(ref.cdata) != free:
+                    return self._output_alive(args)
         for i in self._copied:
             static[i].copy_(args[i])
         self.graph.replay()
+        if self.training:
+            return _hand_out(self._handout, args)
         return _fresh(self._outputs)
+
+    def _settled(self, args) -> bool:
+        """Whether some input copied in at every replay has now arrived at one address
+        three calls in a row (and may be read in place after a re-recording)."""
+        if self.rerecords >= MAX_RERECORDS:
+            return False
+        settled = False
+        for k, i in enumerate(self._copied):
+            ptr = args[i].data_ptr()
+            self._steady[k] = self._steady[k] + 1 if ptr == self._last_ptrs[i] else 0
+            self._last_ptrs[i] = ptr
+            settled |= self._steady[k] >= 2
+        return settled
+
+    def _rerecord(self, args):
+        if self.training and any(_use_count(ref.cdata) != free for ref, free in self._watch):
+            return self._output_alive(args)  # try again at a later call
+        copied = tuple(i for k, i in enumerate(self._copied) if self._steady[k] < 2)
+        self.rerecords += 1
+        log.info("kitsune: %s re-recorded: %d input(s) stopped moving", self.name, len(self._copied) - len(copied))
+        self.graph = self._outputs = self._handout = None
+        self._watch = ()
+        return self._record_or_run(args, copied)
+
+    def _output_alive(self, args):
+        self.live_output_calls += 1
+        if self.live_output_calls == 1:
+            log.info("kitsune: %s ran without replaying: an output of its last replay is still alive "
+                     "(a replay would overwrite it)", self.name)
+        return self.fn(*args)
+
+
+class _InPlace:
+    """An input the recording reads where it found it: its address and layout."""
+    __slots__ = ("ptr", "shape", "stride", "dtype")
+
+    def __init__(self, t: torch.Tensor):
+        self.ptr, self.shape, self.stride, self.dtype = t.data_ptr(), t.shape, t.stride(), t.dtype
+
+
+# Outputs of at most this many elements are copied out of a training graph's
+# recording (a loss kept for logging must not stop the replays); larger ones are
+# handed out in place.
+COPY_OUT_NUMEL = 1
+MAX_RERECORDS = 2
+
+
+def _use_count(cdata) -> int:
+    return torch._C._storage_Use_Count(cdata)
+
+
+def _handout_plan(outputs, static, copied):
+    """How each output of a training recording is handed out, and which storages
+    must be free before a replay: [(how, what)] with how "arg" (the caller's own
+    input, which the graph returned as is), "copy", "alias" or "value"."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    in_place = {static[i].untyped_storage().data_ptr() for i, a in enumerate(static)
+                if isinstance(a, torch.Tensor) and i not in copied}
+    plan, refs = [], {}
+    for out in (outputs if isinstance(outputs, (list, tuple)) else [outputs]):
+        if not isinstance(out, torch.Tensor):
+            plan.append(("value", out))
+            continue
+        same = next((i for i, a in enumerate(static) if a is out), None)
+        if same is not None:
+            plan.append(("arg", same))
+        elif out.numel() <= COPY_OUT_NUMEL:
+            plan.append(("copy", out))
+        else:
+            plan.append(("alias", out))
+            storage = out.untyped_storage()
+            # a view of a weight read in place is never overwritten by a replay
+            if storage.data_ptr() not in in_place:
+                ref = StorageWeakRef(storage)
+                refs.setdefault(ref.cdata, ref)
+            del storage
+    watch = tuple((ref, _use_count(cdata)) for cdata, ref in refs.items())
+    return (type(outputs) if isinstance(outputs, (list, tuple)) else None, plan), watch
+
+
+def _hand_out(handout, args):
+    kind, plan = handout
+    result = []
+    for how, what in plan:
+        if how == "alias":
+            result.append(what.detach())  # a new tensor on the recording's memory
+        elif how == "copy":
+            result.append(_fresh(what))
+        elif how == "arg":
+            result.append(args[what])
+        else:
+            result.append(what)
+    return result[0] if kind is None else kind(result)
 
 
 def _fresh(outputs):

@@ -210,19 +210,24 @@ def test_training_outputs_are_handed_out_in_place_and_replayed_only_once_free(fa
 
 
 def test_inputs_that_stop_moving_are_re_recorded_to_be_read_in_place(fake_cuda):
-    runner = _runner(lambda a, b: (a * b + 1,), training=True)
-    b = torch.randn(16)
-    moving = [torch.randn(16) for _ in range(cuda_graphs.WARMUP_CALLS + 1)]
-    for a in moving:
-        runner(a, b)
-    assert runner._copied == (0,)
-    settled = torch.randn(16)
-    for _ in range(4):
-        out = runner(settled, b)[0]
-        torch.testing.assert_close(out, settled * b + 1)
-    assert runner.rerecords == 1 and runner._copied == ()
-    settled.mul_(2)  # read in place now: the replay sees the new values
-    torch.testing.assert_close(runner(settled, b)[0], settled * b + 1)
+    """A backward's saved activations move until the forward replays, then stay on
+    the forward recording's memory: the backward is recorded again to read them in
+    place. A tensor made afresh at every call that happens to land at one address
+    (a zero gradient) stays copied in."""
+    forward = _runner(lambda x: (x.exp(),), training=True)
+    backward = _runner(lambda act, grad, fresh: (act * grad + fresh,), training=True)
+    grad = torch.randn(16)
+    fresh = torch.zeros(16)  # same address at every call, but not a recording's memory
+    for step in range(cuda_graphs.WARMUP_CALLS + 5):
+        x = torch.randn(16)
+        (act,) = forward(x)
+        if step < 3:  # moving while the backward records
+            fresh = torch.zeros(16)
+        torch.testing.assert_close(backward(act, grad, fresh)[0], x.exp() * grad + fresh)
+        del act
+    assert forward.replays >= 4 and forward._copied == (0,)
+    assert backward.rerecords == 1 and 0 not in backward._copied  # the activation is read in place
+    assert 2 in backward._copied
 
 
 def _on_cpu_as_if_cuda(monkeypatch):
@@ -274,11 +279,11 @@ def test_training_steps_replay_forward_and_backward_and_train_as_eager(fake_cuda
     assert {r.name for r in GLOBAL_STATS.records() if r.cuda_graph} == {"forward", "backward"}
     forward, backward = fake_cuda
     assert forward.training and backward.training
-    assert forward.graph.replays >= 4
+    assert forward.replays >= 4
     if grads == "kept":  # while the last replay's gradients are kept, the backward runs normally
         assert backward.live_output_calls >= 3
     else:  # zero_grad drops the gradients, or they are added into .grad: every step replays
-        assert backward.graph.replays >= 4 and backward.live_output_calls == 0
+        assert backward.replays >= 4 and backward.live_output_calls == 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -310,3 +315,40 @@ def test_training_steps_replay_on_gpu():
             torch.testing.assert_close(p.grad, q.grad)
             torch.testing.assert_close(p, q)
     assert {r.name for r in GLOBAL_STATS.records() if r.cuda_graph} == {"forward", "backward"}
+
+
+def test_gpt2_training_replays_every_graph_and_matches_eager(fake_cuda, monkeypatch):
+    """GPT-2 compiles to two graphs each way (the loss after a graph break): the
+    backward reads the forward's saved activations in place once the forward
+    replays, and no recording pins another's outputs (a view of an input kept
+    by the loss graph's recording once stopped the model's forward replays)."""
+    import copy
+
+    transformers = pytest.importorskip("transformers")
+    _on_cpu_as_if_cuda(monkeypatch)
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=500, n_positions=64,
+                                     attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0)
+    model = transformers.GPT2LMHeadModel(config)
+    reference = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="kitsune", dynamic=False)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=1e-2)
+    replays = None
+    tokens = torch.randint(0, 500, (2, 32))  # the same batch: the loss graph reads the labels in place
+    for step in range(12):
+        losses = []
+        for m, o in ((compiled, opt), (reference, ref_opt)):
+            o.zero_grad()
+            loss = m(tokens, labels=tokens).loss
+            loss.backward()
+            o.step()
+            losses.append(loss.detach())
+        torch.testing.assert_close(*losses)
+        for p, q in zip(model.parameters(), reference.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5)
+        if step == 8:
+            replays = [r.replays for r in fake_cuda]
+    assert len(fake_cuda) == 4, [r.name for r in fake_cuda]
+    assert all(r.replays - before == 3 for r, before in zip(fake_cuda, replays)), \
+        [(r.name, r.replays, r.rerecords, r.live_output_calls) for r in fake_cuda]

@@ -12,10 +12,12 @@ What stays exactly as eager:
   in-place update of a weight is seen by the next call; an input whose
   address changes (token ids, a new batch) is copied into the recording's own
   buffer before each replay. A call where a weight moved, or where an input
-  has other strides, runs the graph normally. An input that was copied in but
-  then keeps its address (the forward graph started replaying, so the
-  backward's saved activations stopped moving) is re-recorded to be read in
-  place, at most `MAX_RERECORDS` times.
+  has other strides, runs the graph normally. The graph is recorded again
+  (at most `MAX_RERECORDS` times) when an input copied in keeps its address
+  for three calls (the forward graph started replaying, so the backward's
+  saved activations stopped moving: they are then read in place), and, for a
+  training graph, when an input read in place moves (the graph that makes it
+  was recorded again: it is then copied in).
 - outputs of an inference graph are fresh tensors on every call (copied out
   of the recording's buffers), so a result kept from one call is never
   overwritten by the next.
@@ -128,11 +130,13 @@ class CudaGraphRunner:
         self.graph = None
         self.disabled: str | None = None
         self.rerecords = 0
+        self.replays = 0
         self.live_output_calls = 0  # calls run normally because an output was still alive
         self._last_ptrs = None
         self._static_inputs = None  # the recording's inputs
         self._copied = ()           # positions of inputs copied in before each replay
         self._steady = []           # per copied input: calls in a row it arrived at one address
+        self._restless = set()      # inputs that moved after being read in place (a fresh zero gradient)
         self._outputs = None
         self._handout = None        # training: how each output is handed out
         self._watch = ()            # training: (storage weak ref, use count when free)
@@ -176,8 +180,10 @@ class CudaGraphRunner:
         # thread-local: a backward graph is recorded on autograd's device thread
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             outputs = self.fn(*static)
-        if self.training:
-            self._handout, self._watch = _handout_plan(outputs, static, copied)
+        if self.training:  # keeps only what it hands out from the recording's memory
+            self._handout, self._watch, outputs = _handout_plan(outputs, static, copied)
+            for ref, _ in self._watch:
+                _RECORDING_MEMORY[ref.cdata] = ref
         # Inputs read in place are kept as their address, not as tensors: holding a
         # backward's saved activations would keep the forward's outputs alive.
         self._static_inputs = [_InPlace(a) if isinstance(a, torch.Tensor) and i not in copied else a
@@ -191,19 +197,25 @@ class CudaGraphRunner:
 
     def _replay(self, args):
         static = self._static_inputs
-        for a, s in zip(args, static):
+        moved = None
+        for i, (a, s) in enumerate(zip(args, static)):
             if isinstance(s, _InPlace):
-                if not isinstance(a, torch.Tensor) or a.data_ptr() != s.ptr or a.stride() != s.stride \
-                        or a.shape != s.shape or a.dtype != s.dtype:
-                    return self.fn(*args)  # a weight moved: run normally
+                if not isinstance(a, torch.Tensor) or a.stride() != s.stride or a.shape != s.shape \
+                        or a.dtype != s.dtype:
+                    return self.fn(*args)
+                if a.data_ptr() != s.ptr:
+                    moved = (moved or []) + [i]
             elif isinstance(s, torch.Tensor):  # copied in
                 if not isinstance(a, torch.Tensor) or a.shape != s.shape or a.stride() != s.stride() \
                         or a.dtype != s.dtype:
                     return self.fn(*args)
             elif a != s:
                 return self.fn(*args)
-        if self._copied and self._settled(args):
-            return self._rerecord(args)
+        settled = self._settled(args) if self._copied else ()
+        if (settled or (moved and self.training)) and self.rerecords < MAX_RERECORDS:
+            return self._rerecord(args, settled, moved or ())
+        if moved:
+            return self.fn(*args)  # an input read in place moved (another weight): run normally
         if self.training:
             for ref, free in self._watch:
                 if _use_count(ref.cdata) != free:
@@ -211,29 +223,39 @@ class CudaGraphRunner:
         for i in self._copied:
             static[i].copy_(args[i])
         self.graph.replay()
+        self.replays += 1
         if self.training:
             return _hand_out(self._handout, args)
         return _fresh(self._outputs)
 
-    def _settled(self, args) -> bool:
-        """Whether some input copied in at every replay has now arrived at one address
-        three calls in a row (and may be read in place after a re-recording)."""
-        if self.rerecords >= MAX_RERECORDS:
-            return False
-        settled = False
+    def _settled(self, args) -> list:
+        """The inputs copied in at every replay that have now arrived at one address
+        three calls in a row, on the memory of another recording (a replayed forward
+        graph's saved activations), so they may be read in place after a re-recording.
+        A tensor made afresh at every call (a zero gradient) may land at one address
+        for a while too; it is not read in place."""
+        settled = []
         for k, i in enumerate(self._copied):
             ptr = args[i].data_ptr()
             self._steady[k] = self._steady[k] + 1 if ptr == self._last_ptrs[i] else 0
             self._last_ptrs[i] = ptr
-            settled |= self._steady[k] >= 2
+            if self._steady[k] >= 2 and i not in self._restless and _in_a_recording(args[i]):
+                settled.append(i)
         return settled
 
-    def _rerecord(self, args):
+    def _rerecord(self, args, settled, moved):
+        """Records again, reading `settled` inputs in place and copying `moved` ones in
+        (a training graph's inputs read in place move when the graph that makes them
+        is re-recorded)."""
         if self.training and any(_use_count(ref.cdata) != free for ref, free in self._watch):
             return self._output_alive(args)  # try again at a later call
-        copied = tuple(i for k, i in enumerate(self._copied) if self._steady[k] < 2)
+        self._restless.update(moved)  # read in place once and moved: copied in from now on
+        copied = tuple(sorted((set(self._copied) - set(settled)) | set(moved)))
         self.rerecords += 1
-        log.info("kitsune: %s re-recorded: %d input(s) stopped moving", self.name, len(self._copied) - len(copied))
+        log.info("kitsune: %s re-recorded: %d input(s) stopped moving, %d moved", self.name, len(settled),
+                 len(moved))
+        for ref, _ in self._watch:
+            _RECORDING_MEMORY.pop(ref.cdata, None)
         self.graph = self._outputs = self._handout = None
         self._watch = ()
         return self._record_or_run(args, copied)
@@ -258,41 +280,63 @@ class _InPlace:
 # recording (a loss kept for logging must not stop the replays); larger ones are
 # handed out in place.
 COPY_OUT_NUMEL = 1
-MAX_RERECORDS = 2
+MAX_RERECORDS = 4
+
+
+# Storages that training recordings hand out in place (weak references by storage).
+_RECORDING_MEMORY: dict = {}
 
 
 def _use_count(cdata) -> int:
     return torch._C._storage_Use_Count(cdata)
 
 
+def _in_a_recording(t: torch.Tensor) -> bool:
+    from torch.multiprocessing.reductions import StorageWeakRef
+    return StorageWeakRef(t.untyped_storage()).cdata in _RECORDING_MEMORY
+
+
 def _handout_plan(outputs, static, copied):
     """How each output of a training recording is handed out, and which storages
-    must be free before a replay: [(how, what)] with how "arg" (the caller's own
-    input, which the graph returned as is), "copy", "alias" or "value"."""
+    must be free before a replay. Returns ((container type, [(how, what)]), watch,
+    outputs to keep): how is "arg" (the caller's own input, which the graph
+    returned as is), "view" (a view of an input read in place, rebuilt on the
+    caller's tensor: kept as a tensor, it would pin that input's memory, a
+    forward graph's saved activation say, and stop the forward's replays),
+    "copy", "alias" or "value"."""
     from torch.multiprocessing.reductions import StorageWeakRef
 
-    in_place = {static[i].untyped_storage().data_ptr() for i, a in enumerate(static)
-                if isinstance(a, torch.Tensor) and i not in copied}
-    plan, refs = [], {}
+    in_place = {}
+    for i, a in enumerate(static):
+        if isinstance(a, torch.Tensor) and i not in copied:
+            in_place.setdefault(a.untyped_storage().data_ptr(), i)
+    plan, refs, kept = [], {}, []
     for out in (outputs if isinstance(outputs, (list, tuple)) else [outputs]):
+        keep = None
         if not isinstance(out, torch.Tensor):
             plan.append(("value", out))
-            continue
-        same = next((i for i, a in enumerate(static) if a is out), None)
-        if same is not None:
+        elif (same := next((i for i, a in enumerate(static) if a is out), None)) is not None:
             plan.append(("arg", same))
         elif out.numel() <= COPY_OUT_NUMEL:
             plan.append(("copy", out))
+            keep = out
         else:
-            plan.append(("alias", out))
             storage = out.untyped_storage()
-            # a view of a weight read in place is never overwritten by a replay
-            if storage.data_ptr() not in in_place:
-                ref = StorageWeakRef(storage)
-                refs.setdefault(ref.cdata, ref)
+            base = in_place.get(storage.data_ptr())
+            delta, rest = divmod(out.data_ptr() - static[base].data_ptr(), out.element_size()) \
+                if base is not None else (0, 1)
+            if base is not None and static[base].dtype == out.dtype and not rest:
+                plan.append(("view", (base, tuple(out.shape), out.stride(), delta)))
+            else:
+                plan.append(("alias", out))
+                keep = out
+                if base is None:  # on the recording's memory (or a copied input's buffer)
+                    ref = StorageWeakRef(storage)
+                    refs.setdefault(ref.cdata, ref)
             del storage
+        kept.append(keep)
     watch = tuple((ref, _use_count(cdata)) for cdata, ref in refs.items())
-    return (type(outputs) if isinstance(outputs, (list, tuple)) else None, plan), watch
+    return (type(outputs) if isinstance(outputs, (list, tuple)) else None, plan), watch, kept
 
 
 def _hand_out(handout, args):
@@ -301,6 +345,9 @@ def _hand_out(handout, args):
     for how, what in plan:
         if how == "alias":
             result.append(what.detach())  # a new tensor on the recording's memory
+        elif how == "view":
+            i, shape, stride, delta = what
+            result.append(args[i].as_strided(shape, stride, args[i].storage_offset() + delta))
         elif how == "copy":
             result.append(_fresh(what))
         elif how == "arg":

@@ -110,16 +110,18 @@ FLOAT_ERF = r"""
    torch.erf and GELU on contiguous float tensors; at::vec's Vectorized<float>::erf):
    Abramowitz & Stegun 7.1.26, 1 - t * r(t) * exp(-x^2) with t = 1 / (1 + p |x|),
    |error| < 1.5e-7, one expf. glibc's vector erff took half of a GELU
-   backward's time and left eager ahead on GELU. */
-static inline float kitsune_erff(float x) {
+   backward's time and left eager ahead on GELU.
+   kitsune_erff_e takes that exp, e = expf(-(x * x)), from the caller: GELU's
+   backward needs it for its pdf as well (see `_shared_exps`). */
+static inline float kitsune_erff_e(float x, float e) {
   const float t = 1.0f / fmaf(0.3275911f, fabsf(x), 1.0f);
   float r = fmaf(1.061405429f, t, -1.453152027f);
   r = fmaf(r, t, 1.421413741f);
   r = fmaf(r, t, -0.284496736f);
   r = fmaf(r, t, 0.254829592f);
-  const float e = -expf(-(x * x));
-  return copysignf(fmaf(e * t, r, 1.0f), x);
+  return copysignf(fmaf(-e * t, r, 1.0f), x);
 }
+static inline float kitsune_erff(float x) { return kitsune_erff_e(x, expf(-(x * x))); }
 """
 
 
@@ -157,14 +159,30 @@ def emit_kernel(spec: KernelSpec, fn_name: str) -> str:
             return _emit_outer_reduction(spec, fn_name)
         return _emit_reduction(spec, fn_name)
     inputs = [i.name for i in spec.inputs]
+    values = spec.values()
+    shared = _shared_exps(values)
     names: dict[Value, str] = {}
     body: list[str] = []
     uses_err = False
-    for v in spec.values():
+
+    def emit(v: Value) -> None:
+        nonlocal uses_err
+        if v in names:
+            return
+        for a in _operands(v, shared):
+            emit(a)
         names[v] = f"v{len(names)}"
-        text = _expr(v, names, inputs)
+        text = _expr(v, names, inputs, shared=shared)
         uses_err |= "kitsune_err" in text
         body.append(f"const {COMPUTE[v.dtype]} {names[v]} = {text};")
+
+    live = {out.value for out in spec.outputs}  # (a shared exp's own argument is not)
+    for v in reversed(values):
+        if v in live:
+            live.update(_operands(v, shared))
+    for v in values:
+        if v in live:
+            emit(v)
     for out in spec.outputs:
         if out.value.dtype != out.dtype:
             raise KernelError(f"{spec.name}: output {out.name} stores {out.value.dtype} into {out.dtype}")
@@ -203,7 +221,15 @@ def _render(index, var: str, rows: int | None) -> str:
     return render_in_kernel(index, var, rows, floordiv="/")
 
 
-def _expr(v: Value, names: dict, inputs: list[str], var: str = "x", rows: int | None = None) -> str:
+def _expr(v: Value, names: dict, inputs: list[str], var: str = "x", rows: int | None = None,
+          shared: dict | None = None) -> str:
+    """C text of v, its operands named by `names`; `shared`: `_shared_exps`."""
+    if shared and v in shared:
+        # the exp as kitsune_erff(z) computes it (shared[exp] = z); the erf given that exp
+        if v.op == "exp":
+            z = names[shared[v]]
+            return f"expf(-({z} * {z}))"
+        return f"kitsune_erff_e({names[v.args[0]]}, {names[shared[v]]})"
     a = [names[arg] for arg in v.args]
     op, dtype = v.op, v.dtype
     ctype = COMPUTE[dtype]
@@ -281,6 +307,65 @@ def _expr(v: Value, names: dict, inputs: list[str], var: str = "x", rows: int | 
             return f"({out_of_range} ? ({ctype})0 : ({ctype})(({_UNSIGNED[dtype]}){a[0]} << {a[1]}))"
         return f"({a[0]} >> ({out_of_range} ? {bits - 1} : {a[1]}))"
     raise KernelError(f"no C translation for primitive {op!r}")
+
+
+# GELU's backward (PyTorch's decomposition of the erf form) computes per element
+# cdf = (erf(a * M_SQRT1_2) + 1) * 0.5 and pdf = exp(a * a * -0.5) * (1/sqrt(2 pi)):
+# the same exponential twice, since kitsune_erff(z) computes expf(-(z * z)).
+_SQRT1_2 = 0.70710678118654752
+
+
+def _as_float(value) -> float:
+    """A constant as a float kernel sees it (`literal` rounds it to float)."""
+    return torch.tensor(value, dtype=torch.float32).item()
+
+
+def _times_const(v: Value, factor: float) -> Value | None:
+    """a where v is a * c or c * a, c the constant `factor` as a float; else None."""
+    if v.op == "mul":
+        for c, a in (v.args, v.args[::-1]):
+            if c.op == "const" and _as_float(c.attr) == _as_float(factor):
+                return a
+    return None
+
+
+def _shared_exps(values) -> dict:
+    """Which float exps reuse the one an erf computes: for each a with both
+    erf(z), z = a * (1/sqrt 2), and exp(a * a * -0.5) among `values`, the exp
+    maps to z and the erf to the exp (what each is computed from instead, or
+    as well: `_operands`). The exp is then emitted as expf(-(z * z)) and the
+    erf as kitsune_erff_e(z, exp): one expf per element, not two.
+
+    Numerics: the erf is kitsune_erff(z) bit for bit. The exp's argument
+    -(z * z) is eager's (a * a) * -0.5 but for the roundings of 1/sqrt 2, of
+    z and of z * z: within ~5 * 2^-24 relative (4 ulps at most, measured), so
+    the exp is within ~5 * 2^-24 * |argument| relative of eager's. In GELU's
+    a * pdf (pdf = exp * 0.399) that is < 1e-7 absolute, times the incoming
+    gradient (0.2 * max x^3 exp(-x^2 / 2) = 0.23). +-inf and NaN a give the
+    exp eager does (0, NaN)."""
+    erfs: dict = {}  # a -> erf(a * (1/sqrt 2))
+    for v in values:
+        if v.op == "erf" and COMPUTE[v.dtype] == "float":
+            a = _times_const(v.args[0], _SQRT1_2)
+            if a is not None:
+                erfs.setdefault(a, v)
+    shared: dict = {}
+    for v in values:
+        if v.op == "exp" and COMPUTE[v.dtype] == "float":
+            square = _times_const(v.args[0], -0.5)
+            if square is not None and square.op == "mul" and square.args[0] == square.args[1]:
+                erf = erfs.pop(square.args[0], None)  # pop: one exp per erf
+                if erf is not None:
+                    shared[v], shared[erf] = erf.args[0], v
+    return shared
+
+
+def _operands(v: Value, shared: dict) -> tuple:
+    """The Values v is computed from in C: its arguments, but z alone for an
+    exp that `_shared_exps` shares, and its argument and that exp for the erf."""
+    if v not in shared:
+        return v.args
+    return (shared[v],) if v.op == "exp" else v.args + (shared[v],)
 
 
 
@@ -435,6 +520,7 @@ def _emit_reduction(spec: KernelSpec, fn_name: str) -> str:
     split_rows = few_rows(spec)
     inputs = [i.name for i in spec.inputs]
     values = spec.values()
+    shared = _shared_exps(values)
     row = row_values(spec)
     stage = reduction_stage(spec)
     counter = iter(range(10**9))
@@ -447,14 +533,14 @@ def _emit_reduction(spec: KernelSpec, fn_name: str) -> str:
             return scope[v]
         if v.op == "reduce":
             raise KernelError(f"{spec.name}: reduction used before it is computed")
-        for a in v.args:
+        for a in _operands(v, shared):
             emit(a, scope, out, indent)
         name = f"v{next(counter)}"
         if v.op == "truediv" and v.dtype.is_floating_point and v not in row and v.args[1] in row:
             text = _divide_by_row_value(scope[v.args[0]], scope[v.args[1]], v.dtype, reciprocals, body)
         else:
             # row values read their inputs at the row's first element
-            text = _expr(v, scope, inputs, var="xrow" if v in row else "x", rows=R)
+            text = _expr(v, scope, inputs, var="xrow" if v in row else "x", rows=R, shared=shared)
         uses_err |= "kitsune_err" in text
         out.append(f"{indent}const {COMPUTE[v.dtype]} {name} = {text};")
         scope[v] = name
@@ -591,6 +677,7 @@ def _emit_outer_tiles(spec: KernelSpec, fn_name: str, tile: int) -> tuple[str, i
     R, rows = spec.reduction, spec.rows
     inputs = [i.name for i in spec.inputs]
     values = spec.values()
+    shared = _shared_exps(values)
     row = row_values(spec)
     stage = reduction_stage(spec)
     counter = iter(range(10**9))
@@ -605,10 +692,10 @@ def _emit_outer_tiles(spec: KernelSpec, fn_name: str, tile: int) -> tuple[str, i
             return scope[v]
         if v.op == "reduce":
             raise KernelError(f"{spec.name}: reduction used before it is computed")
-        for a in v.args:
+        for a in _operands(v, shared):
             emit(a, scope, out, indent)
         name = f"v{next(counter)}"
-        text = _expr(v, scope, inputs, var="xrow" if v in row else "x", rows=R)
+        text = _expr(v, scope, inputs, var="xrow" if v in row else "x", rows=R, shared=shared)
         uses_err |= "kitsune_err" in text
         if v.op == "const":  # one per kernel, visible to every loop
             body.append(f"const {COMPUTE[v.dtype]} {name} = {text};")

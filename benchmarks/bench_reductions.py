@@ -234,6 +234,7 @@ def main() -> None:
     parser.add_argument("--backends", default="eager,inductor,kitsune")
     parser.add_argument("--models", action="store_true", help="also GPT-2 small and BERT-base inference")
     parser.add_argument("--repeat", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds of the block case")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -273,7 +274,7 @@ def main() -> None:
         elif name == "block_fwd_bwd":
             block, make = block_case(device, dtype, big)
             print(f"{name}: {sum(p.numel() for p in block.parameters())} parameters")
-            res = {}
+            res, steps = {}, {}
             expected = make(block)()
             for backend in backends:
                 common.cold_start()
@@ -286,10 +287,16 @@ def main() -> None:
                 if backend == "kitsune":
                     entry["report"] = kitsune_report()
                 if ok:
-                    entry["timing"] = common.time_ms(step, device, args.repeat or (100 if big else 10)).as_dict()
-                    if device.type == "cuda":
-                        entry["gpu_busy_ms"] = round(common.gpu_busy_ms(step), 5)
+                    steps[backend] = step
                 res[backend] = entry
+            # Interleaved rounds: every backend runs once a round, so the host's
+            # drift (a noisy VM, a busy neighbour) hits them alike.
+            rounds = common.interleaved_rounds(steps, device, args.rounds or (7 if big else 9),
+                                               args.repeat or (50 if big else 10))
+            for backend, timing in rounds.items():
+                res[backend]["timing"] = timing.as_dict()
+                if device.type == "cuda":
+                    res[backend]["gpu_busy_ms"] = round(common.gpu_busy_ms(steps[backend]), 5)
             _print(name, res, None, None)
             results["cases"][name] = res
         else:

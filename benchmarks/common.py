@@ -170,6 +170,28 @@ def time_ms(fn, device: torch.device, repeats: int, warmup_ms: float = 50.0, min
     return _summarise(samples)
 
 
+def interleaved_rounds(fns: dict, device: torch.device, rounds: int, calls: int,
+                       warmup_calls: int = 5) -> dict:
+    """{name: Timing} of the mean time of `calls` calls of each function, taken in
+    `rounds` rounds that run every function once in turn (the median, min and max
+    are over rounds). Interleaving makes slow drift of the machine hit every
+    function alike, where timing one after the other would favour one of them."""
+    for fn in fns.values():
+        for _ in range(warmup_calls):
+            fn()
+    synchronize(device)
+    samples = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            synchronize(device)
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            synchronize(device)
+            samples[name].append((time.perf_counter() - t0) * 1e3 / calls)
+    return {name: _summarise(s) for name, s in samples.items()}
+
+
 def gpu_busy_ms(fn, calls: int = 20) -> float:
     """GPU time per call of `fn()`: the summed durations of every kernel (and
     copy) it ran, from PyTorch's profiler, divided by `calls`. Unlike the wall

@@ -8,7 +8,8 @@ The first steps are checked against eager (loss, and the relative L2 error
 of every gradient after the first step), then steps are timed in
 interleaved rounds (every backend once per round, so drift on the host hits
 them alike); each backend's median over rounds is reported, in ms per step,
-wall time with one synchronisation per round.
+wall time with one synchronisation per round. Each backend's peak memory
+over its first steps (CUDA-graph recordings included) is printed too.
 
 Models: `block` is the issue-3 LayerNorm→Linear→GELU→Linear block (4096
 tokens, d=1024, hidden 4096, bf16); `gpt2` is GPT-2 small from its config
@@ -80,6 +81,9 @@ def main() -> None:
                 loss.backward()
                 opt.step()
                 return loss
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            held = torch.cuda.memory_allocated()
             start = time.perf_counter()
             loss = step()
             torch.cuda.synchronize()
@@ -88,7 +92,10 @@ def main() -> None:
             for _ in range(5):  # warm-up (and the CUDA-graph recording)
                 step()
             steps[backend] = step
-            print(f"{name}/{backend}: first step {compile_s:.1f} s, loss {loss.item():.5f}")
+            torch.cuda.synchronize()
+            peak = (torch.cuda.max_memory_allocated() - held) / 2**20
+            print(f"{name}/{backend}: first step {compile_s:.1f} s, loss {loss.item():.5f}, "
+                  f"peak memory over its first 6 steps {peak:.0f} MiB above the model")
         for backend, g in grads.items():
             if backend == "eager":
                 continue

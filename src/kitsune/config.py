@@ -17,9 +17,10 @@ class FusionConfig:
     min_tensor_size: int = 0          # elements; smaller groups run through PyTorch
     cpu_fusion: bool = True
     gpu_fusion: bool = True
-    # Replay each compiled CUDA inference graph as one CUDA graph after two
-    # warm-up calls (kitsune.runtime.cuda_graphs): removes the host time of
-    # hundreds of launches; inputs, outputs and results stay as in eager.
+    # Replay each compiled CUDA graph (inference, forward and backward) as one
+    # CUDA graph after two warm-up calls (kitsune.runtime.cuda_graphs): removes
+    # the host time of hundreds of launches; inputs, outputs and results stay
+    # as in eager. Training recordings keep one step's activations and gradients.
     cuda_graphs: bool = True
     # Named patterns Kitsune may apply (see kitsune.fusion.patterns): None = every
     # built-in and custom pattern. Generic pointwise fusion is "elementwise_chain".

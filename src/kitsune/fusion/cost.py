@@ -124,8 +124,23 @@ def eager_estimate(units) -> Estimate:
     total = Estimate()
     for unit in units:
         for part in eager_kernels(unit.nodes):
-            total = total + kernel_estimate(part)
+            total = total + kernel_estimate(part) + _cpu_addmm_copy(part)
     return total
+
+
+def _cpu_addmm_copy(part) -> Estimate:
+    """What eager's CPU addmm moves besides its GEMM: it copies the bias into the
+    output, then accumulates into it (beta = 1), so the output is written and
+    read once more. Kitsune captures it as mm + add (`capture.dynamo`)."""
+    first = part[0]
+    if str(first.meta.get("original_aten")) != "aten.addmm.default":
+        return Estimate()
+    out = next((n for n in reversed(part) if tensor_vals(n)), None)
+    vals = tensor_vals(out) if out is not None else []
+    if not vals or vals[0].device.type != "cpu":
+        return Estimate()
+    extra = 2 * nbytes(out)
+    return Estimate(extra / device_model(part).bandwidth, extra, 0, 0)
 
 
 def nodes_estimate(nodes) -> Estimate:

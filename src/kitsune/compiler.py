@@ -89,7 +89,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs, kind: str = "graph",
     if replay:
         from kitsune.runtime.cuda_graphs import CudaGraphRunner
         record.cuda_graph = True
-        compiled = CudaGraphRunner(compiled, f"{record.name} graph", training=training)
+        compiled = CudaGraphRunner(compiled, f"{record.name} graph", training=training,
+                                   copy_out=_user_outputs(gm) if kind == "forward" else ())
     record.compile_seconds = time.perf_counter() - start
     stats.record(record)
     return compiled
@@ -103,6 +104,19 @@ def _cuda_graph_blocker(gm, example_inputs, compiled, record, training) -> str |
     if blocker is not None and any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs):
         log.info("kitsune: %s graph runs without CUDA graphs: %s", record.name, blocker)
     return blocker
+
+
+def _user_outputs(gm: fx.GraphModule) -> range:
+    """Positions of a forward graph's outputs that reach the user (mutated inputs,
+    the model's outputs), as opposed to the activations saved for the backward:
+    AOTAutograd puts them first and records how many (`num_forward_returns`).
+    Empty where that is not known."""
+    from torch._guards import TracingContext
+
+    context = TracingContext.try_get()
+    fw_metadata = getattr(context, "fw_metadata", None) if context is not None else None
+    count = getattr(fw_metadata, "num_forward_returns", None)
+    return range(count) if isinstance(count, int) else range(0)
 
 
 def _device_allowed(device: torch.device, config: FusionConfig) -> bool:

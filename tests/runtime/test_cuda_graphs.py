@@ -352,3 +352,39 @@ def test_gpt2_training_replays_every_graph_and_matches_eager(fake_cuda, monkeypa
     assert len(fake_cuda) == 4, [r.name for r in fake_cuda]
     assert all(r.replays - before == 3 for r, before in zip(fake_cuda, replays)), \
         [(r.name, r.replays, r.rerecords, r.live_output_calls) for r in fake_cuda]
+
+
+def test_a_loop_that_keeps_the_models_output_bound_still_replays(fake_cuda, monkeypatch):
+    """`out = model(x)` keeps the last step's output alive while the model runs
+    again: the model's own outputs are copied out (only the saved activations
+    are handed out in place), so every step replays."""
+    import copy
+
+    _on_cpu_as_if_cuda(monkeypatch)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 32))
+    reference = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="kitsune", dynamic=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    out = ref_out = None
+    kept = []
+    for step in range(8):
+        x = torch.randn(16, 32)
+        for m, o in ((compiled, opt), (reference, ref_opt)):
+            o.zero_grad()
+            result = m(x)
+            result.square().mean().backward()
+            o.step()
+            if m is compiled:
+                out = result
+            else:
+                ref_out = result
+        torch.testing.assert_close(out, ref_out)
+        kept.append((out, out.detach().clone()))
+    for value, snapshot in kept:
+        assert torch.equal(value, snapshot), "a replay overwrote an output the user kept"
+    forward, backward = fake_cuda
+    assert forward.copy_out == {0}  # the model's output; the rest are saved activations
+    assert forward.live_output_calls == 0 and forward.replays >= 5
+    assert backward.live_output_calls == 0 and backward.replays >= 5

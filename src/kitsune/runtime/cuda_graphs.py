@@ -29,8 +29,11 @@ What stays exactly as eager:
   otherwise it runs the graph normally, which is always right. A training
   loop frees them before the next step (the backward consumes the saved
   activations; `zero_grad()` drops the gradients), so its steps replay.
-  Outputs of one element (a loss kept for logging) are copied out, so that
-  keeping them does not stop the replays.
+  A forward graph's own outputs (what the model returns, as opposed to the
+  activations it saves for the backward) are copied out like an inference
+  graph's: a loop that keeps `out = model(x)` bound while it calls the model
+  again would otherwise stop every other replay. So are outputs of one
+  element (a loss kept for logging).
 - anything that cannot be recorded (a CPU tensor, a host synchronisation,
   random numbers, in-place updates) keeps the graph running normally, with
   the reason logged.
@@ -124,8 +127,9 @@ class CudaGraphRunner:
     """Runs `fn` normally for `WARMUP_CALLS` calls, then records it and replays.
     `training`: outputs are handed out in place (see the module docstring)."""
 
-    def __init__(self, fn, name: str, training: bool = False):
+    def __init__(self, fn, name: str, training: bool = False, copy_out=()):
         self.fn, self.name, self.training = fn, name, training
+        self.copy_out = frozenset(copy_out)  # training: outputs copied out all the same (the user's own)
         self.calls = 0
         self.graph = None
         self.disabled: str | None = None
@@ -181,7 +185,7 @@ class CudaGraphRunner:
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             outputs = self.fn(*static)
         if self.training:  # keeps only what it hands out from the recording's memory
-            self._handout, self._watch, outputs = _handout_plan(outputs, static, copied)
+            self._handout, self._watch, outputs = _handout_plan(outputs, static, copied, self.copy_out)
             for ref, _ in self._watch:
                 _RECORDING_MEMORY[ref.cdata] = ref
         # Inputs read in place are kept as their address, not as tensors: holding a
@@ -296,7 +300,7 @@ def _in_a_recording(t: torch.Tensor) -> bool:
     return StorageWeakRef(t.untyped_storage()).cdata in _RECORDING_MEMORY
 
 
-def _handout_plan(outputs, static, copied):
+def _handout_plan(outputs, static, copied, copy_out=frozenset()):
     """How each output of a training recording is handed out, and which storages
     must be free before a replay. Returns ((container type, [(how, what)]), watch,
     outputs to keep): how is "arg" (the caller's own input, which the graph
@@ -311,13 +315,13 @@ def _handout_plan(outputs, static, copied):
         if isinstance(a, torch.Tensor) and i not in copied:
             in_place.setdefault(a.untyped_storage().data_ptr(), i)
     plan, refs, kept = [], {}, []
-    for out in (outputs if isinstance(outputs, (list, tuple)) else [outputs]):
+    for k, out in enumerate(outputs if isinstance(outputs, (list, tuple)) else [outputs]):
         keep = None
         if not isinstance(out, torch.Tensor):
             plan.append(("value", out))
         elif (same := next((i for i, a in enumerate(static) if a is out), None)) is not None:
             plan.append(("arg", same))
-        elif out.numel() <= COPY_OUT_NUMEL:
+        elif out.numel() <= COPY_OUT_NUMEL or k in copy_out:
             plan.append(("copy", out))
             keep = out
         else:

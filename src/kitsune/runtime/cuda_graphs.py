@@ -196,8 +196,12 @@ class CudaGraphRunner:
         self._steady = [0] * len(copied)
         self._last_ptrs = [a.data_ptr() if isinstance(a, torch.Tensor) else None for a in args]
         self._outputs = outputs
-        log.info("kitsune: %s recorded as one CUDA graph (%d of %d inputs copied in per call)",
-                 self.name, len(copied), len(args))
+        out = ""
+        if self.training:
+            plan = self._handout[1]
+            out = f", {sum(how == 'copy' for how, _ in plan)} of {len(plan)} outputs copied out"
+        log.info("kitsune: %s recorded as one CUDA graph (%d of %d inputs copied in per call%s)",
+                 self.name, len(copied), len(args), out)
 
     def _replay(self, args):
         static = self._static_inputs

@@ -388,3 +388,44 @@ def test_a_loop_that_keeps_the_models_output_bound_still_replays(fake_cuda, monk
     assert forward.copy_out == {0}  # the model's output; the rest are saved activations
     assert forward.live_output_calls == 0 and forward.replays >= 5
     assert backward.live_output_calls == 0 and backward.replays >= 5
+
+
+@pytest.mark.parametrize("pattern", ["accumulate", "retain_graph", "eval_between"])
+def test_training_patterns_stay_eager_exact(fake_cuda, monkeypatch, pattern):
+    """Gradient accumulation (two forwards alive before one backward), a second
+    backward through a retained graph, and no_grad evaluation between steps:
+    whatever replays or runs normally, every result is eager's."""
+    import copy
+
+    _on_cpu_as_if_cuda(monkeypatch)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.LayerNorm(32), torch.nn.Linear(32, 64), torch.nn.GELU(),
+                                torch.nn.Linear(64, 32))
+    reference = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="kitsune", dynamic=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.05)
+    for step in range(7):
+        xs = [torch.randn(16, 32) for _ in range(2)]
+        for m, o in ((compiled, opt), (reference, ref_opt)):
+            o.zero_grad()
+            if pattern == "accumulate":
+                losses = [m(x).square().mean() for x in xs]  # both forwards' activations alive
+                sum(losses).backward()
+            elif pattern == "retain_graph":
+                loss = m(xs[0]).square().mean()
+                loss.backward(retain_graph=True)
+                loss.backward()  # the gradients of the first backward are still in .grad
+            else:
+                m(xs[0]).square().mean().backward()
+                with torch.no_grad():
+                    evaluated = m(xs[1])
+                if m is compiled:
+                    got = evaluated
+                else:
+                    torch.testing.assert_close(got, evaluated)
+            o.step()
+        for p, q in zip(model.parameters(), reference.parameters()):
+            torch.testing.assert_close(p.grad, q.grad)
+            torch.testing.assert_close(p, q)
+    assert any(r.replays for r in fake_cuda)

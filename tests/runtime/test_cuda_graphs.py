@@ -76,9 +76,10 @@ def test_replay_copies_moving_inputs_reads_weights_in_place_and_returns_fresh_ou
         return (x * w + 1,)
 
     runner = _runner(fn)
-    results = []
+    results, xs = [], []
     for _ in range(cuda_graphs.WARMUP_CALLS + 3):
         x = torch.randn(4)
+        xs.append(x)  # kept: each at its own address, as moving inputs are
         out = runner(x, weight)
         torch.testing.assert_close(out[0], x * weight + 1)
         results.append((out[0].clone(), out[0]))
@@ -178,9 +179,10 @@ def test_training_outputs_are_handed_out_in_place_and_replayed_only_once_free(fa
         return (h.exp(), h.sum(), w, w[:4])  # activation, a loss, an input, a view of a weight
 
     runner = _runner(fn, training=True)
-    for _ in range(cuda_graphs.WARMUP_CALLS + 1):
-        runner(torch.randn(8), weight)
-    assert runner.graph is not None, runner.disabled
+    warm = [torch.randn(8) for _ in range(cuda_graphs.WARMUP_CALLS + 1)]  # kept: each at its own address
+    for x in warm:
+        runner(x, weight)
+    assert runner.graph is not None and runner._copied == (0,), runner.disabled
     losses = []
     for _ in range(4):
         x = torch.randn(8)
@@ -191,7 +193,7 @@ def test_training_outputs_are_handed_out_in_place_and_replayed_only_once_free(fa
         assert act.data_ptr() == runner._outputs[0].data_ptr()  # in place, not copied
         losses.append((loss, loss.item()))  # kept: a one-element output is copied out
         del act
-    assert runner.graph.replays == 5 and runner.live_output_calls == 0
+    assert runner.replays == 5 and runner.live_output_calls == 0 and runner.rerecords == 0
     for kept, value in losses:
         assert kept.item() == value
 
@@ -202,11 +204,11 @@ def test_training_outputs_are_handed_out_in_place_and_replayed_only_once_free(fa
         act = runner(x, weight)[0]
     torch.testing.assert_close(act, (x * weight).exp())
     assert torch.equal(kept_act, snapshot), "a replay overwrote an output that was still alive"
-    assert runner.graph.replays == 6 and runner.live_output_calls == 1
+    assert runner.replays == 6 and runner.live_output_calls == 1
     assert "still alive" in caplog.text
     del kept_act, act
     runner(torch.randn(8), weight)
-    assert runner.graph.replays == 7
+    assert runner.replays == 7
 
 
 def test_inputs_that_stop_moving_are_re_recorded_to_be_read_in_place(fake_cuda):

@@ -71,16 +71,10 @@ def aot_backend(compile_graph, reductions: bool = True):
             return make_boxed_func(compiled)
         return compile_fn
 
-    aot = aot_autograd(
+    return aot_autograd(
         fw_compiler=compiler("forward"),
         bw_compiler=compiler("backward"),
         inference_compiler=compiler("inference"),
         decompositions=decomposition_table(reductions),
         partition_fn=min_cut_rematerialization_partition,
     )
-
-    def backend(gm, example_inputs, **kwargs):
-        from kitsune.capture.attention import route_attention
-        route_attention(gm)  # before AOTAutograd's fake tensors would pick the math kernel
-        return aot(gm, example_inputs, **kwargs)
-    return backend

@@ -431,3 +431,19 @@ def test_training_patterns_stay_eager_exact(fake_cuda, monkeypatch, pattern):
             torch.testing.assert_close(p.grad, q.grad)
             torch.testing.assert_close(p, q)
     assert any(r.replays for r in fake_cuda)
+
+
+def test_a_freed_runner_forgets_its_recording_memory(fake_cuda):
+    import gc
+
+    runner = _runner(lambda x: (x.exp(),), training=True)
+    xs = [torch.randn(16) for _ in range(cuda_graphs.WARMUP_CALLS + 1)]
+    for x in xs:
+        runner(x)
+    registered = [ref.cdata for ref, _ in runner._watch]
+    assert registered and all(c in cuda_graphs._RECORDING_MEMORY for c in registered)
+    fake_cuda.clear()
+    _Recorder.runner = None  # the stand-in's own reference
+    del runner
+    gc.collect()
+    assert not any(c in cuda_graphs._RECORDING_MEMORY for c in registered)

@@ -44,6 +44,7 @@ gradients, and its intermediates) for as long as the compiled model lives.
 from __future__ import annotations
 
 import logging
+import weakref
 
 import torch
 from torch import fx
@@ -144,6 +145,7 @@ class CudaGraphRunner:
         self._outputs = None
         self._handout = None        # training: how each output is handed out
         self._watch = ()            # training: (storage weak ref, use count when free)
+        self._forget = None         # training: drops the recording's storages from _RECORDING_MEMORY
 
     def __call__(self, *args):
         if self.disabled is not None:
@@ -188,6 +190,8 @@ class CudaGraphRunner:
             self._handout, self._watch, outputs = _handout_plan(outputs, static, copied, self.copy_out)
             for ref, _ in self._watch:
                 _RECORDING_MEMORY[ref.cdata] = ref
+            # forgotten with this recording (re-recorded) or with the runner (model freed)
+            self._forget = weakref.finalize(self, _forget, [ref.cdata for ref, _ in self._watch])
         # Inputs read in place are kept as their address, not as tensors: holding a
         # backward's saved activations would keep the forward's outputs alive.
         self._static_inputs = [_InPlace(a) if isinstance(a, torch.Tensor) and i not in copied else a
@@ -262,8 +266,8 @@ class CudaGraphRunner:
         self.rerecords += 1
         log.info("kitsune: %s re-recorded: %d input(s) stopped moving, %d moved", self.name, len(settled),
                  len(moved))
-        for ref, _ in self._watch:
-            _RECORDING_MEMORY.pop(ref.cdata, None)
+        if self._forget is not None:
+            self._forget()
         self.graph = self._outputs = self._handout = None
         self._watch = ()
         return self._record_or_run(args, copied)
@@ -293,6 +297,11 @@ MAX_RERECORDS = 4
 
 # Storages that training recordings hand out in place (weak references by storage).
 _RECORDING_MEMORY: dict = {}
+
+
+def _forget(cdatas) -> None:
+    for cdata in cdatas:
+        _RECORDING_MEMORY.pop(cdata, None)
 
 
 def _use_count(cdata) -> int:

@@ -447,3 +447,24 @@ def test_a_freed_runner_forgets_its_recording_memory(fake_cuda):
     del runner
     gc.collect()
     assert not any(c in cuda_graphs._RECORDING_MEMORY for c in registered)
+
+
+def test_memory_short_after_recording_lets_the_recording_go(fake_cuda, monkeypatch, caplog):
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 10 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 9 * gib)
+    cuda = torch.device("cuda")
+    assert "3.0 of 80 GiB" in cuda_graphs._memory_short(cuda)  # 2 free + 1 cached < 8 (10 %)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (20 * gib, 80 * gib))
+    assert cuda_graphs._memory_short(cuda) is None
+    assert cuda_graphs._memory_short(torch.device("cpu")) is None
+
+    monkeypatch.setattr(cuda_graphs, "_memory_short", lambda device: "short of memory")
+    runner = _runner(lambda x: (x.exp(),), training=True)
+    with caplog.at_level("INFO", logger="kitsune"):
+        for _ in range(cuda_graphs.WARMUP_CALLS + 3):
+            x = torch.randn(16)
+            torch.testing.assert_close(runner(x)[0], x.exp())
+    assert runner.disabled == "short of memory" and runner.graph is None and runner.replays == 0
+    assert "short of memory" in caplog.text

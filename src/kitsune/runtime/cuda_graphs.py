@@ -168,11 +168,23 @@ class CudaGraphRunner:
     def _record_or_run(self, args, copied):
         try:
             self._record(args, copied)
+            short = _memory_short(next(a.device for a in args if isinstance(a, torch.Tensor)))
         except Exception as error:  # noqa: BLE001 - the graph still runs normally
-            self.graph = None
+            self._drop()
             self.disable(f"recording failed: {type(error).__name__}: {error}")
             return self.fn(*args)
+        if short is not None:  # the recording's memory would be missed by the rest of the step
+            self._drop()
+            self.disable(short)
+            return self.fn(*args)
         return self._replay(args)
+
+    def _drop(self) -> None:
+        """Lets the recording and its memory go."""
+        if self._forget is not None:
+            self._forget()
+        self.graph = self._outputs = self._handout = self._static_inputs = None
+        self._watch = ()
 
     def _record(self, args, copied):
         static = list(args)
@@ -266,10 +278,7 @@ class CudaGraphRunner:
         self.rerecords += 1
         log.info("kitsune: %s re-recorded: %d input(s) stopped moving, %d moved", self.name, len(settled),
                  len(moved))
-        if self._forget is not None:
-            self._forget()
-        self.graph = self._outputs = self._handout = None
-        self._watch = ()
+        self._drop()
         return self._record_or_run(args, copied)
 
     def _output_alive(self, args):
@@ -286,6 +295,26 @@ class _InPlace:
 
     def __init__(self, t: torch.Tensor):
         self.ptr, self.shape, self.stride, self.dtype = t.data_ptr(), t.shape, t.stride(), t.dtype
+
+
+# A recording keeps its memory (its outputs and intermediates) for as long as it
+# lives; where less than this share of the device's memory is left available
+# after recording, the recording is let go and the graph runs normally, so that
+# the rest of a training step (the optimizer, the next forward) finds the memory
+# eager would have had.
+MIN_FREE_SHARE = 0.10
+
+
+def _memory_short(device: torch.device) -> str | None:
+    """Why a recording just made on `device` must be let go for memory, or None."""
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    available = free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if available >= MIN_FREE_SHARE * total:
+        return None
+    return (f"only {available / 2**30:.1f} of {total / 2**30:.0f} GiB of device memory left available after "
+            f"recording (less than {MIN_FREE_SHARE:.0%}): the recording's memory is left to the rest of the step")
 
 
 # Outputs of at most this many elements are copied out of a training graph's

@@ -43,17 +43,19 @@ def decomposition_table(reductions: bool = True) -> dict:
 
 
 def _addmm_on_cpu(bias, mat1, mat2, *, beta=1, alpha=1):
-    """A float CPU `addmm` (a Linear) as `mm` + `add`, so that the bias joins the
-    kernel after it (GELU, a residual add) and its gradient joins the kernel
-    before it. PyTorch's CPU addmm copies the bias into its output before the
-    GEMM accumulates into it: 512x256 @ 256x1024 fp32 on two cores, addmm 738 us,
-    mm + add_ 711 us, mm alone 695 us. Elsewhere (cuBLAS adds a bias in its
-    epilogue), for other scalings, and in low precision (where eager rounds the
-    sum once) addmm stays whole."""
-    if (beta != 1 or alpha != 1 or mat1.device.type != "cpu"
-            or mat1.dtype not in (torch.float32, torch.float64)):
+    """A float CPU `addmm` (a Linear) as PyTorch's own decomposition, `mm` +
+    `add`, so that the bias joins the kernel after it (GELU, a residual add)
+    and its gradient joins the kernel before it. PyTorch's CPU addmm copies the
+    bias into its output before the GEMM accumulates into it: 512x256 @
+    256x1024 fp32 on two cores, addmm 738 us, mm + add_ 711 us, mm alone 695
+    us. Elsewhere (cuBLAS adds a bias in its epilogue) and in low precision
+    (where eager rounds the sum once) addmm stays whole."""
+    if mat1.device.type != "cpu" or mat1.dtype not in (torch.float32, torch.float64):
         return NotImplemented
-    return torch.add(aten.mm.default(mat1, mat2), bias)
+    return _TORCH_ADDMM(bias, mat1, mat2, beta=beta, alpha=alpha)
+
+
+_TORCH_ADDMM = get_decompositions([aten.addmm.default])[aten.addmm.default]
 
 
 def aot_backend(compile_graph, reductions: bool = True):

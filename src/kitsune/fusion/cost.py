@@ -132,12 +132,10 @@ def _cpu_addmm_copy(part) -> Estimate:
     """What eager's CPU addmm moves besides its GEMM: it copies the bias into the
     output, then accumulates into it (beta = 1), so the output is written and
     read once more. Kitsune captures it as mm + add (`capture.dynamo`)."""
-    first = part[0]
-    if str(first.meta.get("original_aten")) != "aten.addmm.default":
+    if str(part[0].meta.get("original_aten")) != "aten.addmm.default":
         return Estimate()
     out = next((n for n in reversed(part) if tensor_vals(n)), None)
-    vals = tensor_vals(out) if out is not None else []
-    if not vals or vals[0].device.type != "cpu":
+    if out is None or tensor_vals(out)[0].device.type != "cpu":
         return Estimate()
     extra = 2 * nbytes(out)
     return Estimate(extra / device_model(part).bandwidth, extra, 0, 0)

@@ -209,11 +209,12 @@ def render_rows(index: Index, R: int, var: str, floordiv: str = "//") -> str:
     for the common cases (a weight read at x % R, a per-row value at x // R)."""
     parts = []
     for t in index.terms:
-        if t.base is None and t.mod is not None and R % (t.div * t.mod) == 0:
+        digit = _row_digit(t, R)
+        if digit == "r":
             s = "r" if t.div == 1 else f"(r {floordiv} {t.div})"
             if t.div * t.mod != R:
                 s = f"{s} % {t.mod}"
-        elif t.base is None and t.div % R == 0:
+        elif digit == "row":
             q = t.div // R
             s = "row" if q == 1 else f"(row {floordiv} {q})"
             if t.mod is not None:
@@ -227,6 +228,24 @@ def render_rows(index: Index, R: int, var: str, floordiv: str = "//") -> str:
     if index.const or not parts:
         parts.append(str(index.const))
     return " + ".join(parts)
+
+
+def _row_digit(t: Term, R: int) -> str | None:
+    """Where x = row * R + r, "r" if the term is a digit of r, "row" if a digit of
+    row, None if it needs x itself (or is not a digit of x)."""
+    if t.base is None and t.mod is not None and R % (t.div * t.mod) == 0:
+        return "r"
+    if t.base is None and t.div % R == 0:
+        return "row"
+    return None
+
+
+def divides_x_in_rows(index: Index, R: int) -> bool:
+    """Whether `render_rows(index, R, ...)` still divides (or takes a modulo of)
+    x itself: a term on x with a division or modulo that is neither a digit of r
+    nor of row."""
+    return any(t.base is None and (t.mod is not None or t.div != 1) and _row_digit(t, R) is None
+               for t in index.terms)
 
 
 def render_in_kernel(index: Index, var: str, rows: int | None, floordiv: str = "//") -> str:

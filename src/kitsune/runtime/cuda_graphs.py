@@ -48,6 +48,7 @@ import weakref
 
 import torch
 from torch import fx
+from torch.multiprocessing.reductions import StorageWeakRef
 
 log = logging.getLogger("kitsune")
 
@@ -221,14 +222,14 @@ class CudaGraphRunner:
 
     def _replay(self, args):
         static = self._static_inputs
-        moved = None
+        moved = []
         for i, (a, s) in enumerate(zip(args, static)):
             if isinstance(s, _InPlace):
                 if not isinstance(a, torch.Tensor) or a.stride() != s.stride or a.shape != s.shape \
                         or a.dtype != s.dtype:
                     return self.fn(*args)
                 if a.data_ptr() != s.ptr:
-                    moved = (moved or []) + [i]
+                    moved.append(i)
             elif isinstance(s, torch.Tensor):  # copied in
                 if not isinstance(a, torch.Tensor) or a.shape != s.shape or a.stride() != s.stride() \
                         or a.dtype != s.dtype:
@@ -237,13 +238,11 @@ class CudaGraphRunner:
                 return self.fn(*args)
         settled = self._settled(args) if self._copied else ()
         if (settled or (moved and self.training)) and self.rerecords < MAX_RERECORDS:
-            return self._rerecord(args, settled, moved or ())
+            return self._rerecord(args, settled, moved)
         if moved:
             return self.fn(*args)  # an input read in place moved (another weight): run normally
-        if self.training:
-            for ref, free in self._watch:
-                if _use_count(ref.cdata) != free:
-                    return self._output_alive(args)
+        if self.training and self._an_output_alive():
+            return self._output_alive(args)
         for i in self._copied:
             static[i].copy_(args[i])
         self.graph.replay()
@@ -271,7 +270,7 @@ class CudaGraphRunner:
         """Records again, reading `settled` inputs in place and copying `moved` ones in
         (a training graph's inputs read in place move when the graph that makes them
         is re-recorded)."""
-        if self.training and any(_use_count(ref.cdata) != free for ref, free in self._watch):
+        if self.training and self._an_output_alive():
             return self._output_alive(args)  # try again at a later call
         self._restless.update(moved)  # read in place once and moved: copied in from now on
         copied = tuple(sorted((set(self._copied) - set(settled)) | set(moved)))
@@ -280,6 +279,10 @@ class CudaGraphRunner:
                  len(moved))
         self._drop()
         return self._record_or_run(args, copied)
+
+    def _an_output_alive(self) -> bool:
+        """Whether a storage handed out by the last replay is still in use."""
+        return any(_use_count(ref.cdata) != free for ref, free in self._watch)
 
     def _output_alive(self, args):
         self.live_output_calls += 1
@@ -338,7 +341,6 @@ def _use_count(cdata) -> int:
 
 
 def _in_a_recording(t: torch.Tensor) -> bool:
-    from torch.multiprocessing.reductions import StorageWeakRef
     return StorageWeakRef(t.untyped_storage()).cdata in _RECORDING_MEMORY
 
 
@@ -350,8 +352,6 @@ def _handout_plan(outputs, static, copied, copy_out=frozenset()):
     caller's tensor: kept as a tensor, it would pin that input's memory, a
     forward graph's saved activation say, and stop the forward's replays),
     "copy", "alias" or "value"."""
-    from torch.multiprocessing.reductions import StorageWeakRef
-
     in_place = {}
     for i, a in enumerate(static):
         if isinstance(a, torch.Tensor) and i not in copied:

@@ -10,6 +10,7 @@ import functools
 from kitsune.capture.dynamo import aot_backend
 from kitsune.compiler import compile_graph
 from kitsune.config import FusionConfig
+from kitsune.report.stats import GLOBAL_STATS
 
 
 def make_backend(config: FusionConfig | None = None):
@@ -21,7 +22,7 @@ def make_backend(config: FusionConfig | None = None):
 
 
 def _compile_with(gm, example_inputs, kind, config):
-    return compile_graph(gm, example_inputs, kind, config=config)
+    return compile_graph(gm, example_inputs, kind, config=config, stats=GLOBAL_STATS)
 
 
 def kitsune_backend(gm, example_inputs, **kwargs):

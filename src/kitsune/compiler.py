@@ -3,13 +3,20 @@
 `compile_graph` is what capture hands every forward/backward graph to. It
 never raises for a graph it cannot improve: the worst case is the graph
 running as captured, through PyTorch, with the reason logged and counted.
+
+The compiler decides nothing: `kitsune.planner.plan_graph` chooses the groups
+and records every decision; the compiler lowers each group, lets the planner
+ask the group's backend (`planner.admit`), builds the kernels, records a
+failed lowering or build in the plan (`FusionPlan.refuse`) and runs the rest.
 """
 from __future__ import annotations
 
-import itertools
+import copy
+import functools
 import logging
 import os
 import time
+from dataclasses import replace
 
 import torch
 from torch import fx
@@ -19,16 +26,16 @@ from kitsune.codegen.kernel import KernelError
 from kitsune.codegen.lower import lower_group
 from kitsune.codegen.triton.emit import unsplit_few_rows
 from kitsune.config import FusionConfig
-from kitsune.fusion.steer import apply_patterns
 from kitsune.ir.graph import is_compute, meta
-from kitsune.planner.pointwise import Decision, plan_pointwise
-from kitsune.report.stats import GLOBAL_STATS, GraphRecord
+from kitsune.planner import FusionPlan, admit, plan_graph
+from kitsune.planner.detect import detect_patterns, needs_detection
+from kitsune.planner.naming import kernel_kind, kernel_name
+from kitsune.record import GraphRecord, default_sink
 from kitsune.runtime.compiled_graph import bind_fast_targets, build_graph_module
 from kitsune.runtime.fused_call import FusedGroupCall, group_fallback
 from kitsune.runtime.matmul import align_matmuls
 
 log = logging.getLogger("kitsune")
-_kernel_ids = itertools.count()
 
 
 def backend_for(device: torch.device) -> str:
@@ -62,10 +69,32 @@ def build_kernels(backend: str, specs: list) -> list:
     return compile_kernels(specs)
 
 
+class _Backend:
+    """Stand-in for `kitsune.codegen.backends.Backend` (integration: replace `_backend`
+    by `kitsune.codegen.backends.backend_for` and drop this class): what the planner
+    asks (`refusal`) and what the compiler calls (`build`) of a code generator."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def refusal(self, spec) -> str | None:
+        return unsplit_few_rows(spec) if self.name == "triton" else None
+
+    def build(self, specs: list) -> list:
+        return build_kernels(self.name, specs)
+
+
+def _backend(device: torch.device) -> _Backend:
+    return _Backend(backend_for(device))
+
+
 def compile_graph(gm: fx.GraphModule, example_inputs, kind: str = "graph",
-                  config: FusionConfig | None = None, stats=GLOBAL_STATS):
-    """Compile one aten graph; returns a callable with gm's calling convention."""
+                  config: FusionConfig | None = None, stats=None):
+    """Compile one aten graph; returns a callable with gm's calling convention.
+    `stats`: where the GraphRecord goes (anything with `.record(record)`; default:
+    the process-wide `kitsune.report.stats.GLOBAL_STATS`)."""
     config = config or FusionConfig()
+    stats = stats if stats is not None else default_sink()
     start = time.perf_counter()
     record = GraphRecord(name=kind, kernels_before=sum(map(is_compute, gm.graph.nodes)), kernels_after=0)
     compiled_ok = False
@@ -119,55 +148,72 @@ def _user_outputs(gm: fx.GraphModule) -> range:
     return range(count) if isinstance(count, int) else range(0)
 
 
-def _device_allowed(device: torch.device, config: FusionConfig) -> bool:
-    return config.gpu_fusion if device.type == "cuda" else config.cpu_fusion
-
-
 def _compile(gm: fx.GraphModule, config: FusionConfig, record: GraphRecord) -> fx.GraphModule:
     simplify(gm)
-    plan = plan_pointwise(gm.graph, config)
-    plan = apply_patterns(gm, plan, config, record)  # named/user patterns; records opportunities
-    record.decisions = plan.decisions
-    lowered = []
-    for group in plan.groups:
-        name = f"kitsune_pointwise_{next(_kernel_ids)}"
-        device = meta(group.nodes[0]).device
-        if not _device_allowed(device, config):
-            record.fallbacks.append((group.label(), f"fusion disabled for {device.type} in FusionConfig"))
-            continue
-        if group.numel < config.min_tensor_size:
-            record.fallbacks.append((group.label(), f"{group.numel} elements < min_tensor_size"))
-            continue
-        try:
-            spec, inputs, outputs = lower_group(group, name)
-        except Exception as error:  # noqa: BLE001
-            record.fallbacks.append((group.label(), f"lowering failed: {error}"))
-            log.warning("kitsune: cannot lower %s: %s", group.label(), error)
-            continue
-        few_rows = unsplit_few_rows(spec) if backend_for(device) == "triton" else None
-        if few_rows is not None:  # a planned refusal, not a failure
-            plan.decisions.append(Decision(tuple(n.name for n in group.nodes), False, few_rows))
-            log.debug("kitsune: %s graph: not fused: %s: %s", record.name, group.label(), few_rows)
-            continue
-        call = FusedGroupCall(spec, group_fallback(inputs, outputs, group.nodes),
-                              [meta(n) for n in inputs], [meta(n) for n in outputs])
-        lowered.append((group, call, inputs, outputs, backend_for(device)))
-
-    for backend in {entry[4] for entry in lowered}:
-        entries = [e for e in lowered if e[4] == backend]
-        for (group, call, *_), kernel in zip(entries, build_kernels(backend, [e[1].spec for e in entries])):
-            if isinstance(kernel, BaseException):
-                reason = str(kernel) if isinstance(kernel, KernelError) else f"{type(kernel).__name__}: {kernel}"
-                call.disable(f"{backend} kernel build failed: {reason}")
-                record.fallbacks.append((group.label(), call.failure))
-            else:
-                call.attach(kernel)
-                record.kernel_calls[call.spec.name] = call  # run-time fallbacks are read from it
-                record.groups.append((call.spec.name, [n.name for n in group.nodes], backend))
-                log.info("kitsune: fused %s into %s (%s)", group.label(), call.spec.name, backend)
+    plan = plan_graph(gm, config, record.name)
+    _record_plan(gm, plan, config, record)
+    lowered = _lower(plan, record)
+    _build(plan, lowered, record)
     calls = {id(g): (g, call, ins, outs) for g, call, ins, outs, _ in lowered if call.kernel is not None}
-    result = build_graph_module(gm, calls) if calls else gm
+    # with nothing fused the runtime still gets its own graph: binding fast targets and
+    # aligning matmuls rewrite it, and the record keeps the graph as planned
+    result = build_graph_module(gm, calls) if calls else fx.GraphModule(gm, copy.deepcopy(gm.graph))
     aligned = align_matmuls(result)
     if aligned:
         log.info("kitsune: %d matmul(s) write padded rows (fast cuBLAS kernels for odd widths)", aligned)
     return result
+
+
+def _record_plan(gm: fx.GraphModule, plan: FusionPlan, config: FusionConfig, record: GraphRecord) -> None:
+    """The plan's decisions and fallbacks (the lists the compiler goes on adding to), and
+    the patterns: detected while planning, or left for the report to detect when asked."""
+    record.decisions, record.fallbacks = plan.decisions, plan.fallbacks
+    if plan.replaced:  # user pattern replacements rewrote the graph
+        record.kernels_before = sum(map(is_compute, gm.graph.nodes))
+    if plan.opportunities is not None:
+        record.graph, record.units, record.opportunities, record.config = gm.graph, plan.units, \
+            plan.opportunities, config
+    elif not needs_detection(config):
+        record.graph, record.config = gm.graph, config
+        record.pending_detection = functools.partial(detect_patterns, gm.graph, config, record.name)
+    # else: the detection the plan needed failed (logged): no patterns to report
+
+
+def _lower(plan: FusionPlan, record: GraphRecord) -> list:
+    """(group, call, inputs, outputs, backend) per group the planner keeps after
+    asking its backend; a failed lowering is recorded in the plan."""
+    lowered, taken = [], set()
+    for group in list(plan.groups):
+        kind = kernel_kind(group)
+        try:
+            spec, inputs, outputs = lower_group(group, f"kitsune_{kind}")
+        except Exception as error:  # noqa: BLE001
+            plan.refuse(group, f"lowering failed: {error}", fallback=True)
+            log.warning("kitsune: cannot lower %s: %s", group.label(), error)
+            continue
+        backend = _backend(meta(group.nodes[0]).device)
+        refusal = admit(plan, group, spec, backend.refusal)
+        if refusal is not None:  # a planned refusal, not a failure
+            log.debug("kitsune: %s graph: not fused: %s: %s", record.name, group.label(), refusal)
+            continue
+        spec = replace(spec, name=kernel_name(kind, spec, taken))
+        call = FusedGroupCall(spec, group_fallback(inputs, outputs, group.nodes),
+                              [meta(n) for n in inputs], [meta(n) for n in outputs])
+        lowered.append((group, call, inputs, outputs, backend))
+    return lowered
+
+
+def _build(plan: FusionPlan, lowered: list, record: GraphRecord) -> None:
+    """Build every backend's kernels; a failed build is recorded in the plan."""
+    for name in dict.fromkeys(entry[4].name for entry in lowered):
+        entries = [e for e in lowered if e[4].name == name]
+        for (group, call, *_), kernel in zip(entries, entries[0][4].build([e[1].spec for e in entries])):
+            if isinstance(kernel, BaseException):
+                reason = str(kernel) if isinstance(kernel, KernelError) else f"{type(kernel).__name__}: {kernel}"
+                call.disable(f"{name} kernel build failed: {reason}")
+                plan.refuse(group, call.failure, fallback=True)
+            else:
+                call.attach(kernel)
+                record.kernel_calls[call.spec.name] = call  # run-time fallbacks are read from it
+                record.groups.append((call.spec.name, [n.name for n in group.nodes], name))
+                log.info("kitsune: fused %s into %s (%s)", group.label(), call.spec.name, name)

@@ -1,21 +1,24 @@
-"""Named patterns acting on the planner's groups (the compiler's one hook into this package).
+"""Named patterns steering the planner's groups.
 
-`apply_patterns(gm, plan, config, record)` runs after the generic planner:
+`steer(gm, plan, config, graph_name)` runs after the generic rules
+(`policy.plan_pointwise`), and only when the plan depends on patterns
+(`detect.needs_detection`):
 
-1. detects every pattern in the graph (`FusionDetector`) and keeps the
-   opportunities, the graph and its units on the `GraphRecord` for stats,
-   `explain()` and the HTML report;
-2. ``FusionConfig.enabled_patterns`` without ``elementwise_chain`` (the
+1. detects every pattern in the graph and keeps the units and opportunities
+   on the plan (the report reads them);
+2. each custom `FusionPattern` with a replacement rewrites the graph (one call
+   instead of the ops it matched); the graph is then planned and detected again;
+3. ``FusionConfig.enabled_patterns`` without ``elementwise_chain`` (the
    generic rule) restricts the groups to the operations of enabled patterns;
-3. each custom `FusionPattern` found in the graph steers grouping: its
+4. each custom `FusionPattern` found in the graph steers grouping: its
    operations are put in one group (together with the groups they were already
    in, or alone when that union is illegal; a user pattern may exceed
    ``max_fusion_size`` by its own operations), or it is refused, with the
-   reason recorded as a planner `Decision` and logged at DEBUG.
+   reason recorded as a `Decision` and logged at DEBUG.
 
-Legality is the planner's own (`can_merge`: iteration space, cycles, size)
-plus a check that the groups still form an acyclic schedule. This function
-never raises: if anything goes wrong the plan is returned unchanged.
+Legality is the planner's own (`legality.can_merge`: iteration space, cycles,
+size; `legality.groups_acyclic`: the groups still order as a DAG). This
+function never raises: if anything goes wrong the plan is returned unchanged.
 """
 from __future__ import annotations
 
@@ -24,38 +27,37 @@ import logging
 
 from torch import fx
 
-from kitsune.fusion.detector import FusionDetector
-from kitsune.fusion.units import UnitGraph, is_kernel
-from kitsune.ir.graph import is_compute, pointwise_blocker, view_root
-from kitsune.planner import pointwise as planner
+from kitsune.ir.graph import is_compute, view_root
+from kitsune.planner.detect import detect_patterns, is_kernel
+from kitsune.planner.legality import can_merge, groups_acyclic
+from kitsune.planner.plan import Decision, FusionGroup
+from kitsune.planner.policy import node_refusal, plan_pointwise
 
 log = logging.getLogger("kitsune")
 
 
-def apply_patterns(gm: fx.GraphModule, plan, config, record):
+def steer(gm: fx.GraphModule, plan, config, graph_name: str):
     try:
-        units = UnitGraph(gm.graph)
-        opportunities = FusionDetector(config=config).detect_units(units, graph_name=record.name)
-        replaced = _apply_replacements(gm, opportunities, config)
+        plan.units, plan.opportunities = detect_patterns(gm.graph, config, graph_name)
+        replaced = _apply_replacements(gm, plan.opportunities, config)
         if replaced:  # the graph changed: plan and detect again
-            plan = planner.plan_pointwise(gm.graph, config)
-            units = UnitGraph(gm.graph)
-            opportunities = FusionDetector(config=config).detect_units(units, graph_name=record.name)
-            opportunities += replaced
-            record.kernels_before = sum(map(is_compute, gm.graph.nodes))
-        record.graph, record.units, record.opportunities, record.config = gm.graph, units, opportunities, config
+            plan = plan_pointwise(gm.graph, config)
+            plan.units, plan.opportunities = detect_patterns(gm.graph, config, graph_name)
+            plan.opportunities += replaced
+            plan.replaced = True
     except Exception as error:  # noqa: BLE001 - reporting must never break compilation
-        log.warning("kitsune: pattern detection failed on the %s graph: %s: %s", record.name,
+        log.warning("kitsune: pattern detection failed on the %s graph: %s: %s", graph_name,
                     type(error).__name__, error)
+        plan.units, plan.opportunities = None, None
         return plan
     try:
         position = {n: i for i, n in enumerate(gm.graph.nodes)}
-        plan = _restrict_to_enabled(plan, opportunities, config, position)
-        for opp in opportunities:
+        plan = _restrict_to_enabled(plan, plan.opportunities, config, position)
+        for opp in plan.opportunities:
             if opp.custom and config.pattern_enabled(opp.pattern):
                 _steer(plan, opp, config, position)
     except Exception as error:  # noqa: BLE001
-        log.warning("kitsune: user patterns not applied to the %s graph: %s: %s", record.name,
+        log.warning("kitsune: user patterns not applied to the %s graph: %s: %s", graph_name,
                     type(error).__name__, error)
     return plan
 
@@ -63,12 +65,12 @@ def apply_patterns(gm: fx.GraphModule, plan, config, record):
 # -- helpers ----------------------------------------------------------------------
 
 def _group(nodes, position):
-    return planner.FusionGroup(sorted(nodes, key=position.__getitem__))
+    return FusionGroup(sorted(nodes, key=position.__getitem__))
 
 
 def _check(nodes, config, position) -> str | None:
     group = _group(nodes, position)
-    return planner.can_merge(group, group, config, position)
+    return can_merge(group, group, config, position)
 
 
 def _components(nodes: set) -> list[set]:
@@ -91,44 +93,6 @@ def _components(nodes: set) -> list[set]:
     return list(comps.values())
 
 
-def _acyclic(graph_nodes, groups) -> bool:
-    """Do the groups (plus every other node alone) still form a DAG?"""
-    owner = {}
-    for i, g in enumerate(groups):
-        for n in g.nodes:
-            owner[n] = ("g", i)
-
-    def unit(n):
-        if n in owner:
-            return owner[n]
-        root = view_root(n)
-        return owner.get(root, n) if root is not n else n
-
-    deps: dict = {}
-    for n in graph_nodes:
-        u = unit(n)
-        deps.setdefault(u, set())
-        for a in n.all_input_nodes:
-            v = unit(a)
-            if v != u:
-                deps[u].add(v)
-    users: dict = {u: [] for u in deps}
-    pending = {u: len(d) for u, d in deps.items()}
-    for u, d in deps.items():
-        for v in d:
-            users.setdefault(v, []).append(u)
-    ready = [u for u, k in pending.items() if k == 0]
-    seen = 0
-    while ready:
-        u = ready.pop()
-        seen += 1
-        for w in users.get(u, []):
-            pending[w] -= 1
-            if pending[w] == 0:
-                ready.append(w)
-    return seen == len(deps)
-
-
 def _replace_decisions(plan, old_groups, new_decisions):
     old = {tuple(n.name for n in g.nodes) for g in old_groups}
     plan.decisions = [d for d in plan.decisions if not (d.fused and tuple(d.nodes) in old)] + new_decisions
@@ -137,8 +101,7 @@ def _replace_decisions(plan, old_groups, new_decisions):
 def _blocker(node, config) -> str | None:
     if not is_compute(node):
         return "runs through PyTorch (no tensor result Kitsune can generate)"
-    check = getattr(planner, "_blocker", None)
-    return check(node, config) if check is not None else pointwise_blocker(node)
+    return node_refusal(node, config)
 
 
 # -- enabled_patterns ---------------------------------------------------------------
@@ -158,7 +121,7 @@ def _restrict_to_enabled(plan, opportunities, config, position):
             continue
         changed.append(group)
         dropped = [n.name for n in group.nodes if n not in keep]
-        decisions.append(planner.Decision(tuple(dropped), False,
+        decisions.append(Decision(tuple(dropped), False,
                                           "not part of an enabled pattern (elementwise_chain is not in "
                                           "FusionConfig.enabled_patterns)"))
         for comp in _components(keep):
@@ -167,15 +130,15 @@ def _restrict_to_enabled(plan, opportunities, config, position):
                 continue
             reason = _check(comp, config, position)
             if reason:
-                decisions.append(planner.Decision(names, False, reason))
+                decisions.append(Decision(names, False, reason))
                 continue
             groups.append(_group(comp, position))
-            decisions.append(planner.Decision(names, True, f"enabled pattern ops: {len(comp)} ops"))
+            decisions.append(Decision(names, True, f"enabled pattern ops: {len(comp)} ops"))
     if not changed:
         return plan
     graph_nodes = sorted(position, key=position.__getitem__)
-    if not _acyclic(graph_nodes, groups):
-        decisions = [planner.Decision(tuple(n.name for g in changed for n in g.nodes), False,
+    if not groups_acyclic(graph_nodes, groups):
+        decisions = [Decision(tuple(n.name for g in changed for n in g.nodes), False,
                                       "restricting to enabled patterns would order kernels in a cycle")]
         groups = [g for g in groups if g in plan.groups]
     plan.groups = sorted(groups, key=lambda g: position[g.nodes[0]])
@@ -187,7 +150,7 @@ def _restrict_to_enabled(plan, opportunities, config, position):
 
 def _refuse(plan, opp, names, reason):
     log.debug("kitsune: pattern %r (%s) refused on %s: %s", opp.pattern, opp.describe(), ", ".join(names), reason)
-    plan.decisions.append(planner.Decision(tuple(names), False, f"pattern {opp.pattern!r}: {reason}"))
+    plan.decisions.append(Decision(tuple(names), False, f"pattern {opp.pattern!r}: {reason}"))
     opp.reason = reason
 
 
@@ -226,11 +189,11 @@ def _steer(plan, opp, config, position) -> None:
     graph_nodes = sorted(position, key=position.__getitem__)
     for new in candidates:
         groups = others + new
-        if _acyclic(graph_nodes, groups):
+        if groups_acyclic(graph_nodes, groups):
             plan.groups = sorted(groups, key=lambda g: position[g.nodes[0]])
             _replace_decisions(plan, touched, [])
             for g in new:
-                plan.decisions.append(planner.Decision(tuple(n.name for n in g.nodes), True,
+                plan.decisions.append(Decision(tuple(n.name for n in g.nodes), True,
                                                        f"pattern {opp.pattern!r} ({opp.describe()})"
                                                        if set(members) <= set(g.nodes) else
                                                        "rest of a group split by a user pattern"))

@@ -1,7 +1,7 @@
 """Turn compile records into what reports show: which opportunities were
 applied and why not, per-group estimates, efficiency, before/after totals.
 
-Everything here reads `GraphRecord`s (kitsune.report.stats) and never
+Everything here reads `GraphRecord`s (kitsune.record) and never
 changes a compiled model.
 """
 from __future__ import annotations

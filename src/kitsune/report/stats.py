@@ -34,53 +34,23 @@ Keys (all graphs compiled into this stats object):
 from __future__ import annotations
 
 import logging
-import threading
-from dataclasses import dataclass, field
+
+from kitsune.record import GraphRecord, RecordSink, install_default_sink  # noqa: F401 - GraphRecord re-exported
 
 log = logging.getLogger("kitsune")
 
 
-@dataclass
-class GraphRecord:
-    name: str
-    kernels_before: int           # ops eager runs as kernels (views are free)
-    kernels_after: int            # the same after fusion
-    groups: list = field(default_factory=list)      # (kernel name, nodes fused, source backend)
-    fallbacks: list = field(default_factory=list)   # (what, reason) that run through PyTorch
-    decisions: list = field(default_factory=list)   # planner Decisions
-    compile_seconds: float = 0.0
-    cuda_graph: bool = False      # replayed as one CUDA graph (kitsune.runtime.cuda_graphs)
-    # Filled by kitsune.fusion.steer (pattern detection) and the FusionEngine:
-    graph: object = None                             # the captured fx.Graph
-    units: object = None                             # kitsune.fusion.units.UnitGraph
-    opportunities: list = field(default_factory=list)  # FusionOpportunity
-    config: object = None
-    kernel_calls: dict = field(default_factory=dict)   # kernel name -> FusedGroupCall (every fused group)
-    measured: dict = field(default_factory=dict)       # kernel name -> {"fused_s", "unfused_s", "speedup"}
-    finalized: bool = False
-
-
-class FusionStats:
-    def __init__(self):
-        self._lock = threading.Lock()
-        self.graphs: list[GraphRecord] = []
-
+class FusionStats(RecordSink):
     def record(self, graph: GraphRecord) -> None:
-        from kitsune.report.analysis import finalize
-        first = not graph.finalized
-        finalize(graph)
-        if first:
-            _log_record(graph)
-        with self._lock:
-            self.graphs.append(graph)
-
-    def reset(self) -> None:
-        with self._lock:
-            self.graphs.clear()
-
-    def records(self) -> list[GraphRecord]:
-        with self._lock:
-            return list(self.graphs)
+        # Opportunities need pattern detection: a record whose detection is still
+        # pending is finalized when the stats are read, unless the log wants it now.
+        if graph.pending_detection is None or log.isEnabledFor(logging.INFO):
+            from kitsune.report.analysis import finalize
+            first = not graph.finalized
+            finalize(graph)
+            if first:
+                _log_record(graph)
+        super().record(graph)
 
     def as_dict(self) -> dict:
         from kitsune.report.analysis import summarize
@@ -176,3 +146,4 @@ def _bytes(n: float) -> str:
 
 
 GLOBAL_STATS = FusionStats()
+install_default_sink(GLOBAL_STATS)  # compile_graph records here when given no sink

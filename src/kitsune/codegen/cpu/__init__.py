@@ -21,6 +21,7 @@ from kitsune.codegen.cpu.emit import FLOAT_ERF, PRELUDE, emit_kernel, math_decla
 from kitsune.codegen.cpu.emit import VECTOR_MATH
 from kitsune.codegen.cpu.toolchain import toolchain
 from kitsune.codegen.kernel import KernelError, KernelSpec
+from kitsune.planner.naming import function_name
 
 log = logging.getLogger("kitsune")
 
@@ -28,7 +29,7 @@ __all__ = ["compile_kernels", "CpuKernel"]
 
 
 def kernel_name(spec: KernelSpec) -> str:
-    return f"kitsune_{spec.structure_key()}"
+    return function_name(spec)
 
 
 def library_source(specs: list[KernelSpec]) -> str:

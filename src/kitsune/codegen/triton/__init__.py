@@ -16,6 +16,7 @@ import torch
 
 from kitsune.cache import cache_dir, write_atomic
 from kitsune.codegen.kernel import KernelError, KernelSpec
+from kitsune.planner.naming import function_name
 import hashlib
 
 from kitsune.codegen.triton.emit import emit_triton, pow2, reduction_blocks, split_plan, split_workspace
@@ -30,7 +31,7 @@ PERSISTENT_MAX = 4096
 
 
 def compile_kernel(spec: KernelSpec) -> "TritonKernel":
-    fn_name = f"kitsune_{spec.structure_key()}"
+    fn_name = function_name(spec)
     source = emit_triton(spec, fn_name, PERSISTENT_MAX)
     path = cache_dir("triton") / f"{fn_name}_{hashlib.sha256(source.encode()).hexdigest()[:8]}.py"
     if not path.exists() or path.read_text() != source:

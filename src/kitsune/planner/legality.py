@@ -1,0 +1,154 @@
+"""Legality: can a set of nodes form one generated kernel?
+
+The questions here have one right answer whatever the policy (as Inductor's
+`can_fuse` is apart from its `score_fusion`); each returns None when the
+answer is yes, else the reason it is no. They follow from node kinds and
+iteration sizes, never from op names:
+
+- a node can be generated at all (`node_blocker`: op kind, dtype, device,
+  static shape, an empty reduction);
+- every member of a group has the group's iteration size (numel), except
+  members whose values never leave the group: those are recomputed per
+  element through broadcasting;
+- a group with reductions has one *frame*: the shape S they reduce and the
+  dims D they reduce over. Its kernel runs over rows (the kept dims of S)
+  and, in each row, over the R reduced elements; every value it writes is
+  either of shape S (one per element) or one per row;
+- a group holds at most `max_fusion_size` user operations;
+- merging never creates a cycle (a path that leaves the group and comes back),
+  and a set of groups must still order as a DAG (`groups_acyclic`).
+"""
+from __future__ import annotations
+
+import math
+
+from torch import fx
+
+from kitsune.config import FusionConfig
+from kitsune.ir.graph import is_view, meta, numel, pointwise_blocker, view_root
+from kitsune.ir.ops import REDUCTION_OPS
+from kitsune.planner.plan import FusionGroup, frame_shapes, frames_of, node_frame
+
+
+def node_blocker(node: fx.Node) -> str | None:
+    """Why `node` cannot be part of any generated kernel, or None."""
+    blocker = pointwise_blocker(node)
+    if blocker or node.target not in REDUCTION_OPS:
+        return blocker
+    shape, _ = node_frame(node)
+    if math.prod(shape) == 0:
+        return "empty reduction (runs through PyTorch)"
+    # a few long rows (a whole-tensor sum) are split between programs or threads
+    # by the backends; those a backend cannot run are refused at admission
+    return None
+
+
+def inside_group(node: fx.Node, members: set) -> bool:
+    """Members, and views whose chain starts at a member (folded into indexing)."""
+    return node in members or (is_view(node) and view_root(node) in members)
+
+
+def has_external_use(node: fx.Node, members: set) -> bool:
+    """Does the value of `node` have to be written to memory?"""
+    for user in node.users:
+        if user in members:
+            continue
+        if is_view(user) and user.args[0] is node:
+            if has_external_use(user, members):
+                return True
+            continue
+        return True
+    return False
+
+
+def group_outputs(group: FusionGroup) -> list[fx.Node]:
+    members = set(group.nodes)
+    return [n for n in group.nodes if has_external_use(n, members)]
+
+
+def creates_cycle(union: set, position: dict) -> bool:
+    """Is there a path from the union that leaves it and comes back?"""
+    last = max(position[n] for n in union)
+    inside, stack = set(union), list(union)
+    while stack:  # views of members are folded into the kernel's indexing
+        n = stack.pop()
+        for u in n.users:
+            if is_view(u) and u.args[0] is n and u not in inside:
+                inside.add(u)
+                stack.append(u)
+    frontier = [u for n in inside for u in n.users if u not in inside]
+    seen = set()
+    while frontier:
+        n = frontier.pop()
+        if n in seen or position.get(n, last + 1) > last:
+            continue
+        seen.add(n)
+        for u in n.users:
+            if u in union:
+                return True
+            frontier.append(u)
+    return False
+
+
+def iteration_space_refusal(union: set, size: int) -> str | None:
+    """Why the members of `union` cannot share one iteration space, or None."""
+    frames = frames_of(union)
+    if len(frames) > 1:
+        return "reductions over different iteration spaces (shape or dims)"
+    if frames:
+        full, kept, keep = frame_shapes(next(iter(frames)))
+        for n in union:
+            if has_external_use(n, union) and tuple(meta(n).shape) not in (full, kept, keep):
+                return (f"{n.name} has shape {tuple(meta(n).shape)}, neither the reduced shape {full} "
+                        f"nor one value per row")
+        return None
+    for n in union:
+        if numel(n) != size and has_external_use(n, union):
+            return f"iteration sizes differ ({numel(n)} vs {size}) and {n.name} is needed outside"
+    return None
+
+
+def can_merge(a: FusionGroup, b: FusionGroup, config: FusionConfig, position: dict) -> str | None:
+    """None if a and b may form one kernel, else the reason they may not."""
+    union = set(a.nodes) | set(b.nodes)
+    ops = len(a.user_ops() | b.user_ops())
+    if ops > config.max_fusion_size:
+        return f"would hold {ops} operations > max_fusion_size={config.max_fusion_size}"
+    reason = iteration_space_refusal(union, max(a.numel, b.numel))
+    if reason:
+        return reason
+    if creates_cycle(union, position):
+        return "a path through an unfused op would form a cycle"
+    return None
+
+
+def groups_acyclic(graph_nodes, groups) -> bool:
+    """Do the groups (plus every other node alone) still form a DAG?"""
+    owner = {n: ("g", i) for i, g in enumerate(groups) for n in g.nodes}
+
+    def unit(n):
+        if n in owner:
+            return owner[n]
+        root = view_root(n)
+        return owner.get(root, n) if root is not n else n
+
+    deps: dict = {}
+    for n in graph_nodes:
+        u = unit(n)
+        deps.setdefault(u, set())
+        deps[u].update(v for v in map(unit, n.all_input_nodes) if v != u)
+    users: dict = {u: [] for u in deps}
+    pending = {u: len(d) for u, d in deps.items()}
+    for u, d in deps.items():
+        for v in d:
+            users.setdefault(v, []).append(u)
+    ready = [u for u, k in pending.items() if k == 0]
+    seen = 0
+    while ready:
+        u = ready.pop()
+        seen += 1
+        for w in users.get(u, []):
+            pending[w] -= 1
+            if pending[w] == 0:
+                ready.append(w)
+    return seen == len(deps)

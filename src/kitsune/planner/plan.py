@@ -1,0 +1,113 @@
+"""The planner's data: fusion groups, the decisions taken about them, and the plan.
+
+A `FusionPlan` is what the planner hands the compiler: the groups to generate
+and, for every fuse-or-not question asked on the way (by legality, by policy,
+by a pattern, by a backend, by a failed lowering), a `Decision` with its
+reason. The compiler executes the plan and never decides anything itself.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+from kitsune.ir.graph import meta, numel, user_op_key
+from kitsune.ir.ops import REDUCTION_OPS, reduction_signature
+
+# Dtype conversions are free in registers: they do not count as user operations.
+FREE_OPS = (torch.ops.aten._to_copy.default, torch.ops.prims.convert_element_type.default)
+
+
+def node_frame(node: fx.Node):
+    """(input shape, reduced dims) of a reduction node, else None."""
+    if node.target not in REDUCTION_OPS:
+        return None
+    dims, _ = reduction_signature(node)
+    return tuple(meta(node.args[0]).shape), tuple(dims)
+
+
+def frames_of(nodes) -> set:
+    return {f for f in map(node_frame, nodes) if f is not None}
+
+
+def frame_shapes(frame) -> tuple[tuple, tuple, tuple]:
+    """(full shape, row shape, row shape with the reduced dims kept as 1)."""
+    shape, dims = frame
+    kept = tuple(s for d, s in enumerate(shape) if d not in dims)
+    keep = tuple(1 if d in dims else s for d, s in enumerate(shape))
+    return shape, kept, keep
+
+
+@dataclass
+class FusionGroup:
+    """Nodes (in graph order) that become one generated kernel."""
+    nodes: list[fx.Node]
+
+    @property
+    def frame(self):
+        frames = frames_of(self.nodes)
+        return next(iter(frames)) if frames else None
+
+    @property
+    def reduction(self) -> int:
+        """Elements reduced per row (0: a pointwise group)."""
+        frame = self.frame
+        return math.prod(frame[0][d] for d in frame[1]) if frame else 0
+
+    @property
+    def numel(self) -> int:
+        frame = self.frame
+        if frame is not None:
+            return math.prod(frame[0])
+        return max(numel(n) for n in self.nodes)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(n.name for n in self.nodes)
+
+    def user_ops(self) -> set:
+        """The user operations the group holds (what max_fusion_size counts)."""
+        return {user_op_key(n) for n in self.nodes if n.target not in FREE_OPS}
+
+    def label(self) -> str:
+        return " → ".join(n.name for n in self.nodes)
+
+
+@dataclass
+class Decision:
+    """One fuse-or-not answer: the nodes (or group labels) it is about, and why."""
+    nodes: tuple[str, ...]
+    fused: bool
+    reason: str
+
+
+@dataclass
+class FusionPlan:
+    groups: list[FusionGroup] = field(default_factory=list)  # groups to generate
+    decisions: list[Decision] = field(default_factory=list)
+    # Pattern detection, when the plan needed it (custom or restricting enabled
+    # patterns): the UnitGraph and the opportunities found. None: not run; the
+    # report runs it on the planned graph when asked (`kitsune.planner.detect`).
+    units: object = None
+    opportunities: list | None = None
+    replaced: bool = False  # user pattern replacements rewrote the graph
+    # Groups formed but not generated because of the configuration or a failure
+    # (device switch, min_tensor_size, lowering or kernel build failed), as
+    # (group label, reason): the stats report them as fallbacks.
+    fallbacks: list = field(default_factory=list)
+
+    def refuse(self, group: FusionGroup, reason: str, fallback: bool = False) -> Decision:
+        """Take `group` out of the plan: it runs through PyTorch, for `reason`.
+
+        Its earlier "fused" decision is replaced by the refusal, so the plan
+        holds one final answer per group."""
+        names = group.names  # in place: the compiler's record holds these lists
+        self.groups[:] = [g for g in self.groups if g is not group]
+        self.decisions[:] = [d for d in self.decisions if not (d.fused and tuple(d.nodes) == names)]
+        decision = Decision(names, False, reason)
+        self.decisions.append(decision)
+        if fallback:
+            self.fallbacks.append((group.label(), reason))
+        return decision

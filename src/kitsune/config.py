@@ -2,6 +2,7 @@
 at construction so that a bad value fails where it is written."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, fields
 
 _SCALAR_TYPES = {"bool": bool, "int": int, "float": (int, float)}
@@ -43,6 +44,8 @@ class FusionConfig:
         if self.min_tensor_size < 0:
             raise ValueError(f"FusionConfig.min_tensor_size must be >= 0, got {self.min_tensor_size}")
         self._check_patterns()
+        if self.enable_matmul:
+            _warn_matmul()
 
     def _check_patterns(self) -> None:
         from kitsune.fusion.patterns import BUILTIN_NAMES, FusionPattern
@@ -82,3 +85,15 @@ class FusionConfig:
 
     def pattern_enabled(self, name: str) -> bool:
         return self.enabled_patterns is None or name in self.enabled_patterns
+
+
+_matmul_warned = False
+
+
+def _warn_matmul() -> None:
+    """enable_matmul=True is accepted for spec 01's API, but no matmul kernel is generated yet."""
+    global _matmul_warned
+    if not _matmul_warned:
+        _matmul_warned = True
+        warnings.warn("FusionConfig.enable_matmul=True: matmul fusion is not generated yet; the matmuls run "
+                      "through PyTorch", UserWarning, stacklevel=4)

@@ -257,10 +257,10 @@ def test_lowering_failure_is_recorded_as_fallback(kernel_backend, monkeypatch, c
 
 
 def test_planner_failure_runs_the_whole_graph_unfused(kernel_backend, monkeypatch, caplog):
-    def plan_pointwise(graph, config):
+    def plan_graph(gm, config, graph_name):
         raise RuntimeError("planner bug")
 
-    monkeypatch.setattr(kitsune.compiler, "plan_pointwise", plan_pointwise)
+    monkeypatch.setattr(kitsune.compiler, "plan_graph", plan_graph)
     x, y = _inputs()
     with caplog.at_level(logging.WARNING, logger="kitsune"):
         out = _compiled()(x, y)

@@ -24,7 +24,7 @@ from kitsune.config import FusionConfig
 from kitsune.planner.detect import needs_detection
 from kitsune.planner.plan import Decision, FusionGroup, FusionPlan
 from kitsune.planner.policy import admit, apply_group_policy, plan_pointwise
-from kitsune.planner.steer import steer
+from kitsune.planner.steer import apply_patterns
 
 __all__ = ["plan_graph", "admit", "Decision", "FusionGroup", "FusionPlan"]
 
@@ -35,6 +35,6 @@ def plan_graph(gm: fx.GraphModule, config: FusionConfig, graph_name: str = "grap
     User patterns with a replacement may rewrite `gm.graph` (`plan.replaced`)."""
     plan = plan_pointwise(gm.graph, config)
     if needs_detection(config):
-        plan = steer(gm, plan, config, graph_name)
+        plan = apply_patterns(gm, plan, config, graph_name)
     apply_group_policy(plan, config)
     return plan

@@ -1,6 +1,6 @@
 """Named patterns steering the planner's groups.
 
-`steer(gm, plan, config, graph_name)` runs after the generic rules
+`apply_patterns(gm, plan, config, graph_name)` runs after the generic rules
 (`policy.plan_pointwise`), and only when the plan depends on patterns
 (`detect.needs_detection`):
 
@@ -36,7 +36,7 @@ from kitsune.planner.policy import node_refusal, plan_pointwise
 log = logging.getLogger("kitsune")
 
 
-def steer(gm: fx.GraphModule, plan, config, graph_name: str):
+def apply_patterns(gm: fx.GraphModule, plan, config, graph_name: str):
     try:
         plan.units, plan.opportunities = detect_patterns(gm.graph, config, graph_name)
         replaced = _apply_replacements(gm, plan.opportunities, config)

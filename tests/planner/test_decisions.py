@@ -58,43 +58,48 @@ def test_backend_refusal_takes_the_group_out_of_the_plan():
     assert plan.fallbacks == []  # a planned refusal, not a failure
 
 
-class _RefusingBackend:
+class _Backend:
+    """A backend as the compiler sees it (kitsune.codegen.backends.Backend)."""
     name = "reference"
 
+    def __init__(self, refusal=None, build_error=None):
+        self._refusal, self._error = refusal, build_error
+
     def refusal(self, spec):
-        return f"{spec.numel} elements: refused by the backend"
+        return self._refusal
 
-    def build(self, specs):  # never reached: every group is refused
-        raise AssertionError("refused groups are not built")
+    def build(self, specs):
+        assert self._refusal is None, "refused groups are not built"
+        return [self._error for _ in specs]
 
 
-def test_compiler_asks_the_backend_and_records_its_refusal(monkeypatch):
-    monkeypatch.setattr(kitsune.compiler, "_backend", lambda device: _RefusingBackend())
+def _compile(monkeypatch, backend, x):
+    monkeypatch.setattr(kitsune.compiler, "_backend", lambda device: backend)
     stats = FusionStats()
-    x = torch.randn(4, 8)
     compiled = compile_graph(_gm(_chain, x), [x], "forward", stats=stats)
     torch.testing.assert_close(compiled(x), _chain(x))
     (record,) = stats.records()
-    assert record.groups == [] and record.fallbacks == []
-    assert _refusals(record)[("mul", "add", "relu")] == "32 elements: refused by the backend"
+    assert record.groups == []
+    return record
+
+
+def test_compiler_asks_the_backend_and_records_its_refusal(monkeypatch):
+    record = _compile(monkeypatch, _Backend(refusal="refused by the backend"), torch.randn(4, 8))
+    assert record.fallbacks == []  # a planned refusal, not a failure
+    assert _refusals(record)[("mul", "add", "relu")] == "refused by the backend"
 
 
 def test_lowering_and_build_failures_are_decisions(monkeypatch):
-    monkeypatch.setenv("KITSUNE_BACKEND", "reference")
     x = torch.randn(4, 8)
-    monkeypatch.setattr(kitsune.compiler, "build_kernels", lambda backend, specs: [RuntimeError("no") for _ in specs])
-    stats = FusionStats()
-    compile_graph(_gm(_chain, x), [x], "forward", stats=stats)
-    (record,) = stats.records()
+    record = _compile(monkeypatch, _Backend(build_error=RuntimeError("no")), x)
     assert _refusals(record) == {("mul", "add", "relu"): "reference kernel build failed: RuntimeError: no"}
+    assert record.fallbacks == [("mul → add → relu", "reference kernel build failed: RuntimeError: no")]
 
     def lower_group(group, name):
         raise NotImplementedError("no index")
 
     monkeypatch.setattr(kitsune.compiler, "lower_group", lower_group)
-    stats = FusionStats()
-    compile_graph(_gm(_chain, x), [x], "forward", stats=stats)
-    (record,) = stats.records()
+    record = _compile(monkeypatch, _Backend(), x)
     assert _refusals(record) == {("mul", "add", "relu"): "lowering failed: no index"}
     assert record.fallbacks == [("mul → add → relu", "lowering failed: no index")]
 

@@ -67,8 +67,11 @@ LAST = {
     ("reductions", "bias_grad"): (0.1595, "H200 2026-12-02e, GPU ms"),
     ("reductions", "mse_loss"): (0.0646, "H200 2026-12-02e probe, GPU ms"),
     ("reductions", "block_fwd_bwd"): (0.3874, "H200 2026-12-02f, GPU ms"),
+    ("reductions", "block_fwd_bwd wall"): (0.6328, "H200 2026-12-02f, wall ms"),
     ("reductions", "gpt2"): (3.4695, "H200 2026-12-02d, GPU ms"),
+    ("reductions", "gpt2 wall"): (3.4855, "H200 2026-12-02d, wall ms"),
     ("reductions", "bert"): (3.5957, "H200 2026-12-02d, GPU ms"),
+    ("reductions", "bert wall"): (3.5935, "H200 2026-12-02d, wall ms"),
     ("training", "block"): (0.863, "H200 2026-12-02c, ms/step"),
     ("training", "gpt2"): (7.110, "H200 2026-12-02c, ms/step"),
     ("pointwise", "add_relu fp32"): (0.268, "H100 2026-11-25, ms"),
@@ -129,7 +132,10 @@ def kitsune_figures(bench: str, payload: dict | None, backend: str = "kitsune") 
     if bench == "reductions":
         for case, res in {**payload.get("cases", {}), **payload.get("models", {})}.items():
             entry = res.get(backend, {})
-            out[case] = entry.get("gpu_busy_ms") or entry.get("timing", {}).get("median_ms")
+            wall = entry.get("timing", {}).get("median_ms")
+            out[case] = entry.get("gpu_busy_ms") or wall
+            if "gpu_busy_ms" in entry and (case == "block_fwd_bwd" or "tokens" in res):  # host-bound: wall too
+                out[f"{case} wall"] = wall
     elif bench == "training":
         for model, res in payload.get("models", {}).items():
             out[model] = res.get(backend, {}).get("timing", {}).get("median_ms")
@@ -147,22 +153,27 @@ def summary(new: dict, base: dict, baseline_src) -> str:
     def cell(value):
         return "n/a" if value is None else f"{value:.4g}"
 
-    lines = ["| benchmark | case | kitsune new | kitsune base | new / base | inductor new | last in RESULTS.md |",
-             "|---|---|---:|---:|---:|---:|---|"]
+    lines = ["| benchmark | case | kitsune new | kitsune base | new / base | eager new / base | inductor new "
+             "| last in RESULTS.md |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
     for bench in STEPS:
         if bench not in new and bench not in base:
             continue
         k_new, k_base = kitsune_figures(bench, new.get(bench)), kitsune_figures(bench, base.get(bench))
         inductor = kitsune_figures(bench, new.get(bench), "inductor")
+        e_new, e_base = kitsune_figures(bench, new.get(bench), "eager"), kitsune_figures(bench, base.get(bench), "eager")
         for case in dict.fromkeys([*k_new, *k_base]):
             a, b = k_new.get(case), k_base.get(case)
             ratio = f"{a / b:.3f}" if a and b else "n/a"
+            ea, eb = e_new.get(case), e_base.get(case)
+            drift = f"{ea / eb:.3f}" if ea and eb else "n/a"
             last = LAST.get((bench, case))
             last_text = f"{last[0]:.4g} ({last[1]})" if last else "n/a"
-            lines.append(f"| {bench} | {case} | {cell(a)} | {cell(b)} | {ratio} | {cell(inductor.get(case))} | "
-                         f"{last_text} |")
+            lines.append(f"| {bench} | {case} | {cell(a)} | {cell(b)} | {ratio} | {drift} | "
+                         f"{cell(inductor.get(case))} | {last_text} |")
     notes = ["", "Units: reductions GPU busy ms on CUDA (wall ms on the CPU); training ms per step; pointwise ms; "
-                 "host us per call (best round). new / base > 1: the new tree is slower."]
+                 "host us per call (best round). new / base > 1: the new tree is slower; eager new / base "
+                 "shows the machine's drift between the two runs (eager's code is the same in both)."]
     for label, runs in (("new", new), ("base", base)):
         for bench, payload in runs.items():
             env = payload.get("environment", {})

@@ -231,7 +231,8 @@ def table(rows: list[dict]) -> str:
         b = {n: row["backends"].get(n, {}) for n in BACKENDS}
         k = b["kitsune"]
         cells = [row["case"] + ("*" if kitsune_problems(row) else ""), row["dtype"], common.format_numel(row["numel"])]
-        cells += [f"{b[n]['timing']['median_ms']:.3f}" if "timing" in b[n] else "FAIL" for n in BACKENDS]
+        cells += [f"{b[n]['timing']['median_ms']:.3f}" if "timing" in b[n] else "FAIL" if b[n] else "n/a"
+                  for n in BACKENDS]
         cells += [f"{k[key]:.2f}x" if key in k else "n/a" for key in ("speedup_vs_eager", "speedup_vs_inductor")]
         cells += [f"{common.format_rate(b[n]['gb_per_s'])} ({100 * b[n]['share_of_copy']:.0f}%)"
                   if "gb_per_s" in b[n] else "n/a" for n in BACKENDS]

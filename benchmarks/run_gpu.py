@@ -57,7 +57,7 @@ STEPS = {
 }
 
 # The last figures in RESULTS.md, Kitsune's, to read the new ones against: (figure, where from).
-# Reductions: GPU busy ms (wall ms for models and the block are in the log); training ms/step;
+# Reductions: GPU busy ms (and wall ms for the host-bound block and models); training ms/step;
 # pointwise median ms; host us per call.
 LAST = {
     ("reductions", "softmax"): (0.0692, "H200 2026-12-02d, GPU ms"),

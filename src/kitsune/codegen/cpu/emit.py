@@ -17,7 +17,7 @@ import math
 import torch
 
 from kitsune.codegen.kernel import KernelError, KernelSpec, is_row_index, outer_layout, reduction_stage, row_values
-from kitsune.ir.index import divides_x_in_rows, render_in_kernel
+from kitsune.ir.index import divides_x_in_rows, render, render_in_kernel
 from kitsune.ir.scalar import Value
 
 # the primitive table, and the type maps and helpers the kernel emitters use too

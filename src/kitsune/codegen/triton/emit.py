@@ -14,7 +14,7 @@ import torch
 
 from kitsune.codegen.kernel import (KernelError, KernelSpec, is_row_index, outer_layout, reaches_only_low_precision,
                                     reduction_stage, row_values)
-from kitsune.ir.index import Index, render_in_kernel
+from kitsune.ir.index import Index, render, render_in_kernel
 from kitsune.ir.scalar import Value
 
 # the primitive table, and the dtype helpers the kernel emitters use too

@@ -12,8 +12,10 @@ nodes that came from one user operation:
   ``getitem`` joins its producer and a decomposed softmax / log_softmax
   (``amax → sub → exp → sum → div|log``) is recognised structurally.
 
-Units know their canonical name, a category (pointwise, activation, matmul,
-...) and which units feed which.
+Units know their canonical name, an `OpCategory` (pointwise, activation,
+matmul, ...) and which units feed which. One aten node has an
+`kitsune.ir.ops.OpKind` (`node_kind`); norm, softmax, attention, loss, ... are
+categories of user operations, never node kinds.
 """
 from __future__ import annotations
 
@@ -22,13 +24,33 @@ import math
 import operator
 import re
 from dataclasses import dataclass, field
+from enum import Enum
 
 import torch
 from torch import fx
 
-from kitsune.fusion import patterns as P
 from kitsune.ir.graph import is_view, user_op_key
 from kitsune.ir.ops import OpKind, op_kind
+from kitsune.planner import vocabulary as V
+
+
+class OpCategory(str, Enum):
+    """What a user operation does, as patterns and reports speak of it."""
+    ATTENTION = "attention"
+    VIEW = "view"              # no kernel: views, getitems
+    ACTIVATION = "activation"
+    QUANT = "quant"
+    MATMUL = "matmul"
+    CONV = "conv"
+    LOSS = "loss"
+    SOFTMAX = "softmax"
+    NORM = "norm"
+    DROPOUT = "dropout"
+    BINARY = "binary"          # pointwise add/sub/mul/div/... (BINARY_OPS)
+    POINTWISE = "pointwise"    # any other pointwise operation
+    REDUCTION = "reduction"
+    OTHER = "other"
+
 
 # -- one node -------------------------------------------------------------------------
 
@@ -80,31 +102,30 @@ def target_name(node: fx.Node) -> str:
     return getattr(target, "__name__", str(target))
 
 
-def node_class(node: fx.Node) -> str:
-    """pointwise | view | reduction | matmul | conv | norm | softmax | other (for one aten node)."""
+_VIEW_NAMES = frozenset({"broadcast_in_dim", "expand", "view", "reshape", "squeeze", "unsqueeze"})
+
+
+def node_kind(node: fx.Node) -> OpKind:
+    """The `OpKind` of one call_function node: the op table's kind, with matmuls,
+    convolutions and reductions the table does not generate recognised by name.
+    Every other node (inputs, outputs) is OPAQUE."""
     if node.op != "call_function":
-        return node.op
+        return OpKind.OPAQUE
     if node.target is operator.getitem or is_view(node):
-        return "view"
+        return OpKind.VIEW
     name = target_name(node)
     kind = op_kind(node.target)
     if kind is OpKind.POINTWISE:
-        return "pointwise"
-    if kind is OpKind.VIEW or name in ("broadcast_in_dim", "expand", "view", "reshape", "squeeze", "unsqueeze"):
-        return "view"
+        return kind
+    if kind is OpKind.VIEW or name in _VIEW_NAMES:
+        return OpKind.VIEW
     if kind is OpKind.REDUCTION or name in REDUCTION_TARGETS:
-        return "reduction"
-    if kind is OpKind.MATMUL or name in MATMUL_TARGETS:
-        return "matmul"
-    if kind is OpKind.CONV or name in CONV_TARGETS:
-        return "conv"
-    if name in P.NORM_OPS:
-        return "norm"
-    if name in P.SOFTMAX_OPS:
-        return "softmax"
-    if name in P.ATTENTION_OPS:
-        return "attention"
-    return "other"
+        return OpKind.REDUCTION
+    if name in MATMUL_TARGETS:
+        return OpKind.MATMUL
+    if name in CONV_TARGETS:
+        return OpKind.CONV
+    return OpKind.OPAQUE
 
 
 def tensor_vals(node) -> list:
@@ -119,7 +140,7 @@ def tensor_vals(node) -> list:
 
 def is_kernel(node: fx.Node) -> bool:
     """Does eager PyTorch launch work for this node (not a view, not getitem)?"""
-    return node.op == "call_function" and node_class(node) != "view" and bool(tensor_vals(node))
+    return node.op == "call_function" and node_kind(node) is not OpKind.VIEW and bool(tensor_vals(node))
 
 
 def nbytes(node) -> int:
@@ -135,7 +156,7 @@ def nbytes(node) -> int:
 def storage_bytes(node) -> int:
     """Bytes actually read when `node` is an input: a view reads at most its base."""
     size = nbytes(node)
-    while isinstance(node, fx.Node) and node.op == "call_function" and node_class(node) == "view" and node.args:
+    while isinstance(node, fx.Node) and node_kind(node) is OpKind.VIEW and node.args:
         base = node.args[0]
         if not isinstance(base, fx.Node):
             break
@@ -181,60 +202,66 @@ class Unit:
         return [n for n in self.nodes if is_kernel(n)]
 
     @functools.cached_property
-    def classes(self) -> set:
-        return {node_class(n) for n in self.kernels}
+    def kinds(self) -> set:
+        """The `OpKind`s of its kernel nodes."""
+        return {node_kind(n) for n in self.kernels}
+
+    def _opaque_named(self, names) -> bool:
+        """Does it hold an opaque node (one the op table does not generate) named in `names`?"""
+        return any(node_kind(n) is OpKind.OPAQUE and target_name(n) in names for n in self.kernels)
 
     @functools.cached_property
-    def category(self) -> str:
-        name, classes = self.name, self.classes
-        if name in P.ATTENTION_OPS:
-            return "attention"
-        if not classes:
-            return "view"
-        if name in P.ACTIVATIONS and classes <= {"pointwise", "other"}:
-            return "activation"
-        if name in P.QUANT_OPS:
-            return "quant"
-        if "matmul" in classes or name in P.MATMUL_OPS:
-            return "matmul"
-        if "conv" in classes or name in P.CONV_OPS:
-            return "conv"
-        if name in ("cross_entropy", "nll_loss") or name in P.LOSS_OPS:
-            return "loss"
-        if name in P.SOFTMAX_OPS or "softmax" in classes:
-            return "softmax"
-        if name in P.NORM_OPS or "norm" in classes:
-            return "norm"
+    def category(self) -> OpCategory:
+        name, kinds = self.name, self.kinds
+        if name in V.ATTENTION_OPS:
+            return OpCategory.ATTENTION
+        if not kinds:
+            return OpCategory.VIEW
+        if name in V.ACTIVATIONS and kinds <= {OpKind.POINTWISE, OpKind.OPAQUE} \
+                and not self._opaque_named(V.NORM_OPS | V.SOFTMAX_OPS | V.ATTENTION_OPS):
+            return OpCategory.ACTIVATION
+        if name in V.QUANT_OPS:
+            return OpCategory.QUANT
+        if OpKind.MATMUL in kinds or name in V.MATMUL_OPS:
+            return OpCategory.MATMUL
+        if OpKind.CONV in kinds or name in V.CONV_OPS:
+            return OpCategory.CONV
+        if name in V.LOSS_OPS:
+            return OpCategory.LOSS
+        if name in V.SOFTMAX_OPS or self._opaque_named(V.SOFTMAX_OPS):
+            return OpCategory.SOFTMAX
+        if name in V.NORM_OPS or self._opaque_named(V.NORM_OPS):
+            return OpCategory.NORM
         if name == "dropout":
-            return "dropout"
-        if classes == {"pointwise"}:
-            return "binary" if name in P.BINARY_OPS else "pointwise"
-        if "reduction" in classes:
-            return "reduction"
-        return "other"
+            return OpCategory.DROPOUT
+        if kinds == {OpKind.POINTWISE}:
+            return OpCategory.BINARY if name in V.BINARY_OPS else OpCategory.POINTWISE
+        if OpKind.REDUCTION in kinds:
+            return OpCategory.REDUCTION
+        return OpCategory.OTHER
 
     @functools.cached_property
     def pointwise(self) -> bool:
-        classes = self.classes
-        return bool(classes) and classes == {"pointwise"}
+        """Are all its kernels pointwise (whatever its category: an activation, a cast, ...)?"""
+        return self.kinds == {OpKind.POINTWISE}
 
     def matches(self, op: str) -> bool:
         """Does this unit answer to the (canonical) pattern op name?"""
         name, category = self.name, self.category
-        if op == name or op == P.canonical_op(name):
+        if op == name or op == V.canonical_op(name):
             return True
         if op == "activation":
-            return category == "activation"
+            return category is OpCategory.ACTIVATION
         if op in ("elementwise", "pointwise"):
             return self.pointwise
         if op == "matmul":
-            return category == "matmul" and name != "linear" or name in ("mm", "bmm", "matmul")
+            return category is OpCategory.MATMUL and name != "linear" or name in ("mm", "bmm", "matmul")
         if op == "linear":
             return name in ("linear", "addmm")
         if op == "conv":
-            return category == "conv"
+            return category is OpCategory.CONV
         if op == "dequantize":
-            return category == "quant" or name in ("dequantize",)
+            return category is OpCategory.QUANT or name in ("dequantize",)
         if op in ("scale", "bias", "mask"):
             return self.pointwise
         return any(target_name(n) == op for n in self.kernels)
@@ -365,7 +392,7 @@ class UnitGraph:
             for src in ins:
                 src.users.append(unit)
 
-    # -- traversal helpers used by the matchers --------------------------------
+    # -- traversal helpers used by the pattern matcher -------------------------
 
     def consumers(self, unit: Unit) -> list[Unit]:
         """Units reading `unit`'s result, looking through view-only units."""
@@ -375,7 +402,7 @@ class UnitGraph:
             if u.index in seen:
                 continue
             seen.add(u.index)
-            if u.category == "view":
+            if u.category is OpCategory.VIEW:
                 stack.extend(u.users)
             else:
                 out.append(u)
@@ -389,7 +416,7 @@ class UnitGraph:
             if u.index in seen:
                 continue
             seen.add(u.index)
-            if u.category == "view":
+            if u.category is OpCategory.VIEW:
                 stack.extend(u.inputs)
             else:
                 out.append(u)
@@ -399,7 +426,7 @@ class UnitGraph:
         """View-only units on the path from a to b (so opportunities hold them too)."""
         found = []
         for v in b.inputs:
-            if v.category == "view" and a in self._view_sources(v):
+            if v.category is OpCategory.VIEW and a in self._view_sources(v):
                 found.append(v)
                 found.extend(self.views_between(a, v))
         return found
@@ -407,5 +434,5 @@ class UnitGraph:
     def _view_sources(self, unit: Unit) -> list[Unit]:
         out = []
         for u in unit.inputs:
-            out.extend(self._view_sources(u) if u.category == "view" else [u])
+            out.extend(self._view_sources(u) if u.category is OpCategory.VIEW else [u])
         return out

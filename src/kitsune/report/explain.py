@@ -7,10 +7,15 @@ where the time goes now; fallbacks.
 """
 from __future__ import annotations
 
-from kitsune.fusion.cost import eager_kernels, kernel_estimate
-from kitsune.fusion.units import is_kernel, node_class
+from kitsune.planner.cost import eager_kernels, kernel_estimate
+from kitsune.ir.ops import OpKind
+from kitsune.planner.units import is_kernel, node_kind
 from kitsune.report.analysis import graph_estimates, summarize
 from kitsune.report.stats import _bytes
+
+
+# where the time goes: nodes Kitsune leaves to PyTorch, by their kind
+_PYTORCH_KINDS = {OpKind.MATMUL: "matmul (PyTorch)", OpKind.CONV: "conv (PyTorch)"}
 
 
 def _time(seconds: float) -> str:
@@ -136,8 +141,7 @@ def explain_records(records, verbose: bool = False, config=None) -> str:
                 if is_kernel(node) and node.name not in fused_names:
                     unit = record.units.unit_of.get(node) if record.units else None
                     label = f"{node.name} ({unit.name})" if unit is not None and unit.name != node.name else node.name
-                    kind = node_class(node)
-                    kind = {"matmul": "matmul (PyTorch)", "conv": "conv (PyTorch)"}.get(kind, "other PyTorch ops")
+                    kind = _PYTORCH_KINDS.get(node_kind(node), "other PyTorch ops")
                     costs.append((kernel_estimate([node]).seconds, record.name, label + " [PyTorch]", kind))
     total = sum(c[0] for c in costs) or 1.0
     by_kind: dict = {}

@@ -16,7 +16,8 @@ import html
 import json
 from pathlib import Path
 
-from kitsune.fusion.units import is_kernel, node_class, tensor_vals
+from kitsune.ir.ops import OpKind
+from kitsune.planner.units import is_kernel, node_kind, tensor_vals
 from kitsune.report.analysis import graph_estimates, summarize
 from kitsune.report.explain import _time, eager_kernel_count
 from kitsune.report.stats import _bytes
@@ -134,7 +135,7 @@ def spec_text(spec) -> str:
 def _visible(node) -> bool:
     if node.op in ("placeholder", "output", "get_attr"):
         return True
-    return node.op == "call_function" and node_class(node) != "view"
+    return node.op == "call_function" and node_kind(node) is not OpKind.VIEW
 
 
 def _source_of(node, visible):
@@ -334,7 +335,7 @@ def render(records, title: str | None = None, config=None) -> str:
     out.append('<div class="cards">' + "".join(f'<div class="card"><b>{_e(v)}</b><span>{_e(k)}</span></div>'
                                               for v, k in cards) + "</div>")
     out.append('<p class="muted">Efficiency: kernels removed / kernels that applying every detected pattern '
-               'would remove. Estimates use a roofline model (kitsune.fusion.cost): eager runs one kernel per '
+               'would remove. Estimates use a roofline model (kitsune.planner.cost): eager runs one kernel per '
                'user operation; a fused kernel reads its inputs once and writes what is used outside.</p>')
 
     # chart

@@ -13,7 +13,7 @@ Keys (all graphs compiled into this stats object):
                       `patterns` and `explain()`: that is what a user can act on.
     bytes_before      estimated memory traffic of eager PyTorch (one kernel per user operation)
     bytes_after       estimated memory traffic with Kitsune's kernels
-    estimated_speedup eager time / Kitsune time under the roofline model (kitsune.fusion.cost)
+    estimated_speedup eager time / Kitsune time under the roofline model (kitsune.planner.cost)
     patterns          {pattern: {"detected", "applied", "partial", "not_applied", "disabled"}}
     fallbacks         (what, reason) for everything that runs through PyTorch after failing
                       at compile time
@@ -52,7 +52,7 @@ class GraphRecord:
     cuda_graph: bool = False      # replayed as one CUDA graph (kitsune.runtime.cuda_graphs)
     # Filled by kitsune.fusion.steer (pattern detection) and the FusionEngine:
     graph: object = None                             # the captured fx.Graph
-    units: object = None                             # kitsune.fusion.units.UnitGraph
+    units: object = None                             # kitsune.planner.units.UnitGraph
     opportunities: list = field(default_factory=list)  # FusionOpportunity
     config: object = None
     kernel_calls: dict = field(default_factory=dict)   # kernel name -> FusedGroupCall (every fused group)

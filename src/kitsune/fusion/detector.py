@@ -18,9 +18,12 @@ from typing import Iterable
 import torch
 from torch import fx
 
-from kitsune.planner.patterns import (BUILTIN_PATTERNS, SUPERSEDED_BY, FusionOpportunity,  # noqa: F401
+from kitsune.planner.patterns import (BUILTIN_PATTERNS, SUPERSEDED_BY, FusionOpportunity,
                                       FusionPattern, detect, pattern_registry)
 from kitsune.planner.units import UnitGraph
+
+__all__ = ["FusionDetector", "FusionOpportunity", "FusionPattern", "BUILTIN_PATTERNS", "SUPERSEDED_BY",
+           "capture_graphs"]
 
 
 class FusionDetector:

@@ -241,6 +241,13 @@ class Shape:
     min_units: int = 1
     disjoint: bool = True
 
+    def __post_init__(self):
+        if not self.steps or not 0 <= self.anchor < len(self.steps):
+            raise ValueError(f"Shape.anchor {self.anchor} is not one of its {len(self.steps)} steps")
+        anchor = self.steps[self.anchor]
+        if self.anchor and not (isinstance(anchor, Step) and not anchor.optional and anchor.repeat == 1):
+            raise ValueError(f"Shape.steps[{self.anchor}] is the anchor: it must be a required single Step")
+
 
 def seq(*steps, **options) -> Shape:
     """A `Shape` from steps; a bare `UnitPat` is a required single step."""

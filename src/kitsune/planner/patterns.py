@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from kitsune.planner.cost import eager_estimate, kernel_estimate
-from kitsune.planner.match import (AnyOf, DequantChain, Operands, PointwiseRegion, Shape, Step, UnitPat,
+from kitsune.planner.match import (DequantChain, Operands, PointwiseRegion, Shape, Step, UnitPat,
                                    match_pattern, opt, seq, unit)
 from kitsune.planner.units import OpCategory, Unit, UnitGraph, is_kernel
 from kitsune.planner.vocabulary import canonical_op, known_ops
@@ -116,18 +116,18 @@ class FusionPattern:
 
 # -- the built-in patterns, as data ---------------------------------------------------
 
-C = OpCategory
 POINTWISE = UnitPat(pointwise=True)
-ACTIVATION = unit(C.ACTIVATION)
-MATMUL = unit(C.MATMUL)
-BIAS_ADD = unit(C.BINARY, names={"add", "sub"})
-SOFTMAX = unit(C.SOFTMAX, names={"softmax", "_softmax", "_safe_softmax"})
-LOG_SOFTMAX = unit(C.SOFTMAX, names={"log_softmax", "_log_softmax"})
+ACTIVATION = unit(OpCategory.ACTIVATION)
+MATMUL = unit(OpCategory.MATMUL)
+BIAS_ADD = unit(OpCategory.BINARY, names={"add", "sub"})
+SOFTMAX = unit(OpCategory.SOFTMAX, names={"softmax", "_softmax", "_safe_softmax"})
+LOG_SOFTMAX = unit(OpCategory.SOFTMAX, names={"log_softmax", "_log_softmax"})
 NLL = unit(names={"nll_loss", "nll_loss_forward", "nll_loss2d_forward", "gather"})
+NLL_REDUCTION = unit(OpCategory.POINTWISE, OpCategory.BINARY, OpCategory.REDUCTION)
 
 _SOFTMAX_WITH_PROLOGUE = Shape((
     Step(POINTWISE, optional=True, repeat=3, sole=True, feeds_only_match=True),  # scale, mask
-    Step(unit(C.SOFTMAX, forward_only=True)),
+    Step(unit(OpCategory.SOFTMAX, forward_only=True)),
     Step(POINTWISE, optional=True, sole=True, reads_only_previous=True),
 ), anchor=1, disjoint=False)
 
@@ -135,10 +135,10 @@ _CROSS_ENTROPY = seq(
     LOG_SOFTMAX | SOFTMAX,
     Step(unit(names={"log"}, pointwise=True), after=SOFTMAX.names),                 # softmax → log
     NLL,
-    opt(unit(C.POINTWISE, C.BINARY, C.REDUCTION), repeat=4, sole=True, after=frozenset({"gather"})),  # nll's reduction
+    opt(NLL_REDUCTION, repeat=4, sole=True, after=frozenset({"gather"})),           # a decomposed nll's reduction
     disjoint=False)
 
-_ATTENTION = seq(MATMUL, opt(POINTWISE, repeat=3), SOFTMAX, opt(unit(C.DROPOUT) | POINTWISE), MATMUL)
+_ATTENTION = seq(MATMUL, opt(POINTWISE, repeat=3), SOFTMAX, opt(unit(OpCategory.DROPOUT) | POINTWISE), MATMUL)
 
 
 def _builtin(name, ops, fusion_type, description, *shapes):
@@ -152,13 +152,13 @@ BUILTIN_PATTERNS: dict[str, FusionPattern] = {p.name: p for p in [
              seq(PointwiseRegion(min_kernels=2))),
     _builtin("binary_activation", ["add", "activation"], "elementwise",
              "tensor-tensor add/sub/mul/div followed by an activation",
-             seq(unit(C.BINARY, operands=Operands.TENSORS), ACTIVATION)),
+             seq(unit(OpCategory.BINARY, operands=Operands.TENSORS), ACTIVATION)),
     _builtin("scalar_activation", ["mul", "activation"], "elementwise",
              "tensor-scalar arithmetic followed by an activation",
-             seq(unit(C.BINARY, operands=Operands.TENSOR_SCALAR), ACTIVATION)),
+             seq(unit(OpCategory.BINARY, operands=Operands.TENSOR_SCALAR), ACTIVATION)),
     _builtin("norm_activation", ["layer_norm", "activation"], "reduction",
              "layer/group/RMS/batch norm followed by an activation",
-             seq(unit(C.NORM), ACTIVATION)),
+             seq(unit(OpCategory.NORM), ACTIVATION)),
     _builtin("softmax", ["elementwise?", "softmax", "elementwise?"], "reduction",
              "softmax or log_softmax with its pointwise prologue (scale, mask) and epilogue",
              _SOFTMAX_WITH_PROLOGUE),
@@ -170,11 +170,11 @@ BUILTIN_PATTERNS: dict[str, FusionPattern] = {p.name: p for p in [
              seq(MATMUL, opt(BIAS_ADD), ACTIVATION)),
     _builtin("conv_bn_activation", ["conv", "batch_norm?", "activation?"], "conv",
              "convolution + batch norm (folded) + activation",
-             seq(unit(C.CONV), opt(unit(C.NORM, names={"batch_norm", "instance_norm"})), opt(ACTIVATION),
-                 min_units=2)),
+             seq(unit(OpCategory.CONV), opt(unit(OpCategory.NORM, names={"batch_norm", "instance_norm"})),
+                 opt(ACTIVATION), min_units=2)),
     _builtin("attention", ["matmul", "elementwise?", "softmax", "matmul"], "attention",
              "matmul -> scale -> optional mask -> softmax -> matmul (or scaled_dot_product_attention)",
-             seq(unit(C.ATTENTION), disjoint=False), _ATTENTION),
+             seq(unit(OpCategory.ATTENTION), disjoint=False), _ATTENTION),
     _builtin("matrix_chain", ["matmul", "matmul"], "matmul",
              "a matmul whose result feeds another matmul",
              seq(MATMUL, MATMUL)),
@@ -196,7 +196,7 @@ SUPERSEDED_BY = {
     "binary_activation": {"linear_activation", "quantized_matmul_activation"},
     "scalar_activation": {"quantized_matmul_activation"},
     "softmax": {"attention", "softmax_cross_entropy"},
-    "quantized_matmul": {"quantized_matmul_activation"},
+    "quantized_matmul": {"quantized_matmul_activation"},  # with an activation it is only the latter
 }
 
 

@@ -80,3 +80,15 @@ def test_one_vocabulary_of_kinds_and_categories():
     # str-Enums: JSON and f-strings show the plain value
     assert json.dumps([OpCategory.MATMUL, OpKind.VIEW]) == '["matmul", "view"]'
     assert f"{OpCategory.ACTIVATION.value}" == "activation" and OpCategory.NORM == "norm"
+
+
+@pytest.mark.parametrize("module", ["units", "cost", "vocabulary", "match", "patterns"])
+def test_planner_modules_import_nothing_from_the_layers_above(module):
+    import ast
+    import importlib
+
+    path = importlib.import_module(f"kitsune.planner.{module}").__file__
+    tree = ast.parse(open(path).read())
+    imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module] + \
+        [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert not [m for m in imported if m.startswith(("kitsune.fusion", "kitsune.report"))]

@@ -52,7 +52,7 @@ class GraphRecord:
     cuda_graph: bool = False      # replayed as one CUDA graph (kitsune.runtime.cuda_graphs)
     # Filled by kitsune.fusion.steer (pattern detection) and the FusionEngine:
     graph: object = None                             # the captured fx.Graph
-    units: object = None                             # kitsune.planner.units.UnitGraph
+    units: object = None                             # kitsune.fusion.units.UnitGraph
     opportunities: list = field(default_factory=list)  # FusionOpportunity
     config: object = None
     kernel_calls: dict = field(default_factory=dict)   # kernel name -> FusedGroupCall (every fused group)

@@ -9,8 +9,10 @@
   reductions, relayout copies, enable and device switches,
   `min_tensor_size`, and `admit`: the backend's own refusals);
 - `steer`: named and user patterns steering the groups, replacements;
-- `detect`: the one door to pattern detection (run only when the plan needs
-  it; the report runs it later on the planned graph);
+- `detect`: pattern detection as the plan uses it (run only when the plan
+  needs it; otherwise the report runs it later on the planned graph);
+- `units`, `vocabulary`, `patterns`, `match`, `cost`: user operations, their
+  names, patterns as data and the one matcher, the roofline estimates;
 - `naming`: kernel names by kind (`kitsune_softmax_…`).
 
 After planning, the compiler lowers each group and asks the backend

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 from kitsune.planner.detect import user_op_name
 from kitsune.planner.plan import FusionGroup
+from kitsune.planner.vocabulary import LOSS_OPS, NORM_OPS, SOFTMAX_OPS, canonical_op
 
-# Kinds named after the user's operation, most specific first
-# (a cross entropy holds a log_softmax, a log_softmax its max and sum).
-NAMED_KINDS = ("cross_entropy", "nll_loss", "log_softmax", "softmax", "layer_norm", "rms_norm", "group_norm",
-               "batch_norm", "instance_norm")
+# Reduction kernels named after the user operation they implement, in the units'
+# vocabulary; a loss holds a softmax, so losses rank first, then softmaxes, then norms.
+NAMED_KINDS = (LOSS_OPS, SOFTMAX_OPS, NORM_OPS)
 _HASH = 8  # hex digits of the structure hash in a name
 
 
@@ -30,14 +30,15 @@ def kernel_kind(group: FusionGroup) -> str:
     if group.frame is None:
         return "pointwise"
     ranked = []
-    for node in group.nodes:
+    for position, node in enumerate(group.nodes):
         try:
             name = user_op_name(node)
         except Exception:  # noqa: BLE001 - a name is never worth a failed compile
             continue
-        base = name.removesuffix("_backward")
-        if base in NAMED_KINDS:
-            ranked.append((NAMED_KINDS.index(base), name != base, name))
+        base = canonical_op(name.removesuffix("_backward"))
+        rank = next((i for i, ops in enumerate(NAMED_KINDS) if base in ops), None)
+        if rank is not None:
+            ranked.append((rank, position, base + name[len(name.removesuffix("_backward")):]))
     return min(ranked)[2] if ranked else "reduction"
 
 

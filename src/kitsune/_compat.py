@@ -20,6 +20,7 @@ registry's public namespace), `triton.jit`, `triton.language`.
 """
 from __future__ import annotations
 
+import importlib
 import logging
 from typing import Any, Callable
 
@@ -294,7 +295,7 @@ def min_cut_partitioner() -> Callable | None:
     default partitioner (`default_partition`: more activations saved, more
     memory), else None (AOTAutograd's own default)."""
     try:
-        from torch._functorch import partitioners
+        partitioners = importlib.import_module("torch._functorch.partitioners")
     except ImportError as error:
         _unavailable("torch._functorch.partitioners", error, "AOTAutograd's default partitioner is used")
         return None
@@ -328,6 +329,18 @@ def _eager_backend(gm: torch.fx.GraphModule, example_inputs) -> Callable:
 
 # --- Triton ----------------------------------------------------------------------
 
+def static_launcher_class() -> type | None:
+    """`torch._inductor.runtime.static_triton_launcher.StaticallyLaunchedCudaKernel`,
+    or None where this PyTorch has none (then kernels launch through Triton's
+    own launcher)."""
+    try:
+        from torch._inductor.runtime.static_triton_launcher import StaticallyLaunchedCudaKernel
+    except ImportError as error:
+        _unavailable("Inductor's static Triton launcher", error, "kernels launch through Triton's launcher")
+        return None
+    return StaticallyLaunchedCudaKernel
+
+
 def static_cuda_launcher(compiled, cubin_path: str):
     """`torch._inductor.runtime.static_triton_launcher.StaticallyLaunchedCudaKernel`
     built for one compiled Triton kernel whose cubin is at `cubin_path` (the
@@ -335,10 +348,11 @@ def static_cuda_launcher(compiled, cubin_path: str):
     skips Triton's per-signature C launcher build (about 0.3 s of a cold
     compile) and costs less per launch. Raises where it is missing or its
     interface changed: the caller then launches through Triton's own launcher."""
-    from torch._inductor.runtime.static_triton_launcher import StaticallyLaunchedCudaKernel
-
+    launcher = static_launcher_class()
+    if launcher is None:
+        raise RuntimeError("this PyTorch has no static Triton launcher")
     compiled._cubin_path = cubin_path
-    return StaticallyLaunchedCudaKernel(compiled)
+    return launcher(compiled)
 
 
 def static_launch_entry(static) -> Callable:

@@ -10,8 +10,7 @@ import functools
 
 import torch
 
-from kitsune._compat import aot_autograd, core_aten_decompositions, get_decompositions, make_boxed_func, \
-    min_cut_partitioner
+from kitsune._compat import core_aten_decompositions, get_decompositions
 
 aten = torch.ops.aten
 
@@ -63,6 +62,9 @@ _TORCH_ADDMM = get_decompositions([aten.addmm.default]).get(aten.addmm.default)
 def aot_backend(compile_graph, reductions: bool = True):
     """A Dynamo backend that hands each forward/backward aten graph to
     `compile_graph(gm, example_inputs, name)` and runs what it returns."""
+    from kitsune._compat import aot_autograd, make_boxed_func, min_cut_partitioner
+    min_cut_rematerialization_partition = min_cut_partitioner()
+
     def compiler(kind):
         def compile_fn(gm, example_inputs):
             compiled = compile_graph(gm, example_inputs, kind)
@@ -76,5 +78,5 @@ def aot_backend(compile_graph, reductions: bool = True):
         bw_compiler=compiler("backward"),
         inference_compiler=compiler("inference"),
         decompositions=decomposition_table(reductions),
-        partition_fn=min_cut_partitioner(),
+        partition_fn=min_cut_rematerialization_partition,
     )

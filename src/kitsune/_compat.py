@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 

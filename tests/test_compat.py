@@ -278,7 +278,9 @@ FORBIDDEN_ATTRIBUTES = {
 # `patterns` drops the reset from FusionDetector's capture and moves
 # `target_name` to planner/units.py (where it must read
 # `isinstance(target, (_compat.OpOverload, _compat.OpOverloadPacket))` and
-# `_compat.op_name(target)`). Delete an entry once its file no longer has the
+# `_compat.op_name(target)`); `measure` moves fusion/profile.py to
+# tuning/measure.py (where it must call `_compat.detect_fake_mode(args)`).
+# Delete an entry once its file no longer has the
 # use: the test fails on a stale entry so that none outlives its reason.
 PENDING = {
     ("fusion/detector.py", "torch._dynamo.reset"),
@@ -286,6 +288,7 @@ PENDING = {
     ("fusion/units.py", "torch._ops.OpOverloadPacket"),
     ("fusion/units.py", "hasattr(…, '_opname')"),
     ("fusion/units.py", "target._opname"),
+    ("fusion/profile.py", "torch._guards.detect_fake_mode"),
 }
 
 

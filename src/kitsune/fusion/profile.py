@@ -152,9 +152,8 @@ def profiled(gm: fx.GraphModule, record, config):
         if state["done"]:
             return gm(*args)
         state["done"] = True
-        from kitsune import _compat
         if any(isinstance(a, torch.Tensor) and a.device.type == "meta" for a in args) or \
-                _compat.detect_fake_mode(args) is not None:
+                torch._guards.detect_fake_mode(args) is not None:
             state["done"] = False
             return gm(*args)
         profiler = _Profiler(gm, record, config, backend_of)

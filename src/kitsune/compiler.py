@@ -111,11 +111,9 @@ def _user_outputs(gm: fx.GraphModule) -> range:
     the model's outputs), as opposed to the activations saved for the backward:
     AOTAutograd puts them first and records how many (`num_forward_returns`).
     Empty where that is not known."""
-    from torch._guards import TracingContext
+    from kitsune import _compat
 
-    context = TracingContext.try_get()
-    fw_metadata = getattr(context, "fw_metadata", None) if context is not None else None
-    count = getattr(fw_metadata, "num_forward_returns", None)
+    count = _compat.forward_output_count()
     return range(count) if isinstance(count, int) else range(0)
 
 

@@ -48,7 +48,7 @@ def compile_kernel(spec: KernelSpec) -> "TritonKernel":
     return TritonKernel(spec, getattr(module, fn_name), path, getattr(module, f"{fn_name}_finish", None))
 
 
-_raw_stream = torch._C._cuda_getCurrentRawStream if hasattr(torch._C, "_cuda_getCurrentRawStream") else None
+from kitsune._compat import raw_cuda_stream as _raw_stream  # noqa: E402
 
 
 class TritonKernel:
@@ -150,15 +150,14 @@ class _Launch:
         if self.spec.numel <= 1 or not tensors or tensors[0].device.type != "cuda":
             return None  # Triton makes a constant of an int argument equal to 1
         try:
-            from torch._inductor.runtime.static_triton_launcher import StaticallyLaunchedCudaKernel
+            from kitsune._compat import static_cuda_launcher
             compiled = self.fn.warmup(*tensors, self.spec.numel, grid=self.grid, num_warps=self.num_warps,
                                       **self.constexprs)
             path = Path(self.fn.fn.__code__.co_filename)
             cubin = cache_dir("triton") / f"{path.stem}-{self.fn.fn.__name__}-{compiled.hash[:16]}.cubin"
             if not cubin.exists():
                 write_atomic(cubin, compiled.asm["cubin"])
-            compiled._cubin_path = str(cubin)
-            static = StaticallyLaunchedCudaKernel(compiled)
+            static = static_cuda_launcher(compiled, str(cubin))
             if len(static.arg_tys) != len(tensors) + 1:
                 raise RuntimeError(f"unexpected kernel signature {static.arg_tys!r}")
             static.load_kernel(tensors[0].device.index or 0)
@@ -184,7 +183,8 @@ class _Launch:
             arg_tys = static.arg_tys + "O" * len(scratch)
             if len(arg_tys) != n_tensors + 1 + len(scratch):
                 return None
-            launch = static.C_impl._launch_kernel
+            from kitsune._compat import static_launch_entry
+            launch = static_launch_entry(static)
             function, num_warps, shared = static.function, static.num_warps, static.shared
         except Exception as error:  # noqa: BLE001 - the launcher's own run() still works
             log.debug("kitsune: %s launches through static.run (%s)", self.spec.name, error)

@@ -283,11 +283,6 @@ FORBIDDEN_ATTRIBUTES = {
 # Delete an entry once its file no longer has the
 # use: the test fails on a stale entry so that none outlives its reason.
 PENDING = {
-    ("fusion/detector.py", "torch._dynamo.reset"),
-    ("fusion/units.py", "torch._ops.OpOverload"),
-    ("fusion/units.py", "torch._ops.OpOverloadPacket"),
-    ("fusion/units.py", "hasattr(…, '_opname')"),
-    ("fusion/units.py", "target._opname"),
     ("fusion/profile.py", "torch._guards.detect_fake_mode"),
 }
 

@@ -16,21 +16,16 @@ import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import torch
-
 from kitsune.ir.index import Index
-from kitsune.ir.scalar import Value
+from kitsune.ir.scalar import Value, opmath_dtype
 
 if TYPE_CHECKING:  # kernel.py re-exports this module's helpers
-    from kitsune.codegen.kernel import KernelOutput, KernelSpec
+    from kitsune.codegen.kernel import KernelSpec
 
-_LOW = (torch.float16, torch.bfloat16)
+__all__ = ["ReductionSchedule", "is_row_index", "opmath_dtype", "outer_layout", "reduction_stage", "row_values"]
 
-
-def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype a value of `dtype` is computed in: float16 and bfloat16 in
-    float32 registers (the numerics contract), every other dtype as itself."""
-    return torch.float32 if dtype in _LOW else dtype
+# opmath_dtype (kitsune.ir.scalar): the dtype a value is computed in, float32 for
+# float16/bfloat16 (the numerics contract); re-exported for the emitters.
 
 
 def is_row_index(index: Index, reduction: int) -> bool:
@@ -130,9 +125,6 @@ class ReductionSchedule:
         """The full outputs stored by the last pass of a looped kernel."""
         return tuple(o for o in self.full_outputs if o not in self.early_outputs)
 
-    def stage_of(self, value: Value) -> int:
-        return self.stage[value]
-
     def reductions_of_stage(self, s: int) -> list:
         """The reductions computed by pass s (1-based)."""
         return [v for v in self.reductions if self.stage[v] == s]
@@ -140,9 +132,6 @@ class ReductionSchedule:
     def row_stage_values(self, s: int) -> list:
         """The row values (reductions excluded) computable once stage s is done."""
         return [v for v in self.values if v in self.row and v.op != "reduce" and self.stage[v] == s]
-
-    def is_row_output(self, out: "KernelOutput") -> bool:
-        return out in self.row_outputs
 
 
 @functools.lru_cache(maxsize=256)

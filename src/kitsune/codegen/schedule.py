@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kitsune.ir.index import Index
-from kitsune.ir.scalar import Value, opmath_dtype
+from kitsune.ir.scalar import opmath_dtype
 
 if TYPE_CHECKING:  # kernel.py re-exports this module's helpers
     from kitsune.codegen.kernel import KernelSpec

@@ -772,7 +772,7 @@ class _OuterReductionEmitter(_CEmitter):
         for v in vs:
             self.emit(v, self.names, loop, "  ")
         if loop:
-            self.body.extend([f"for (int64_t j = 0; j < width; ++j) {{"] + ["  " + p for p in self.position]
+            self.body.extend(["for (int64_t j = 0; j < width; ++j) {"] + ["  " + p for p in self.position]
                              + loop + ["}"])
 
     def element_loop(self, inner: list[str]) -> list[str]:
@@ -874,7 +874,7 @@ class _OuterReductionEmitter(_CEmitter):
             for out in self.schedule.row_outputs:
                 value = self.emit(out.value, self.names, loop, "  ")
                 loop.append("  " + _store_c(out, value, "xrow", self.R))
-            self.body.extend([f"for (int64_t j = 0; j < width; ++j) {{"] + ["  " + p for p in self.position]
+            self.body.extend(["for (int64_t j = 0; j < width; ++j) {"] + ["  " + p for p in self.position]
                              + loop + ["}"])
 
 

@@ -576,6 +576,7 @@ class _ReductionEmitter:
     # -- the kernel's phases ----------------------------------------------------
 
     def source(self, fn_name: str) -> str:
+        """The module defining kernel `fn_name` (and a split kernel's finish)."""
         self.row_stage(0)
         if self.layout.persistent:
             self.body += ["r = tl.arange(0, RBLOCK)[None, :]", "x = xrow + r"]

@@ -1,7 +1,6 @@
 """Reductions fused with their pointwise neighbours, against eager, through the
 Triton (interpreter) and CPU code generators: forward and backward."""
 import glob
-import importlib
 import math
 import os
 
@@ -10,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import kitsune
+from kitsune.tuning.launch import override_launch_choices
 
 
 @pytest.fixture(params=["cpu", "triton", "triton-looped", "triton-split"])
@@ -19,16 +19,15 @@ def backend(request, monkeypatch, tmp_path):
     # may have generated the same source already)
     monkeypatch.setenv("KITSUNE_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("KITSUNE_BACKEND", name.split("-")[0])
+    choices = {}
     if name == "triton-looped":  # rows longer than 8 elements walk in chunks of 8
-        monkeypatch.setattr(importlib.import_module("kitsune.codegen.triton"), "PERSISTENT_MAX", 8)
+        choices = dict(persistent_max=8)
     if name == "triton-split":  # column reductions split in parts of 32 rows, short rows in chunks of 8
-        emit = importlib.import_module("kitsune.codegen.triton.emit")
-        for constant, value in dict(SPLIT_MIN_ELEMENTS=1, SPLIT_MIN_PROGRAMS=1000, SPLIT_MAX=8, OUTER_TILE=64,
-                                    SPLIT_XBLOCK=16, ROW_SPLIT_MIN_ELEMENTS=1, ROW_SPLIT_MAX=8,
-                                    LOOPED_RBLOCK=8).items():
-            monkeypatch.setattr(emit, constant, value)
-    kitsune.reset_fusion_stats()
-    yield name
+        choices = dict(split_min_elements=1, split_min_programs=1000, split_max=8, outer_tile=64,
+                       split_xblock=16, row_split_min_elements=1, row_split_max=8, looped_rblock=8)
+    with override_launch_choices(**choices):
+        kitsune.reset_fusion_stats()
+        yield name
 
 
 def _fused(min_groups=1):

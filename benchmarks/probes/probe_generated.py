@@ -7,7 +7,7 @@
 """Kitsune's generated row kernels on the GPU, one launch rule at a time: each
 case (the four of bench_reductions: scaled softmax, layer_norm+GELU, RMSNorm on
 16384x4096 bf16, cross-entropy on 8192x32000) is compiled with the rule's
-constants patched into `kitsune.codegen.triton.emit`, checked against eager,
+launch choices overridden (`kitsune.tuning.launch`), checked against eager,
 and its kernels' GPU time read from the profiler (the host left out), as a
 share of a device copy. `--sass` also prints each kernel's machine-code
 instruction mix (what the arithmetic costs per element), and `--variants`
@@ -37,7 +37,7 @@ import torch  # noqa: E402
 
 import bench_reductions as br  # noqa: E402
 
-# name -> constants of kitsune.codegen.triton.emit
+# name -> LaunchChoices fields (in capitals) to override
 RULES = {
     "default": {},
     "looped 2048x4": dict(LOOPED_RBLOCK=2048),
@@ -107,11 +107,11 @@ def main():
     args = parser.parse_args()
     from kitsune.codegen import triton as ktriton
     from kitsune.codegen.triton import emit
+    from kitsune.tuning.launch import override_launch_choices
     device = torch.device("cuda")
     copy = common.copy_rate(device, 1 << 28, 20)["gb_per_s"]
     print(f"copy {copy:.0f} GB/s")
     cases = br.row_cases(device, torch.bfloat16, True)
-    defaults = {k: getattr(emit, k) for rule in RULES.values() for k in rule}
     # remember each kernel's first arguments (for the SASS dump)
     original_call = ktriton.TritonKernel.__call__
 
@@ -123,20 +123,20 @@ def main():
     if args.variants:
         run_variants(cases, copy, args.variants.split(","))
     for rule_name in args.rules.split(","):
-        for k, v in {**defaults, **RULES[rule_name]}.items():
-            setattr(emit, k, v)
-        for name in args.cases.split(","):
-            line, _ = measure(cases[name], f"{name}/{rule_name}", copy)
-            print(f"{name:14s} {rule_name:20s} {line}", flush=True)
-            if args.sass and rule_name == "default":
-                kernels = [o for o in gc.get_objects() if type(o) is ktriton.TritonKernel
-                           and hasattr(o, "_example")]
-                for kernel in kernels:
-                    blocks = emit.reduction_blocks(kernel.spec, ktriton.PERSISTENT_MAX) if kernel.spec.reduction \
-                        else None
-                    print(f"    {kernel.spec.name} {blocks}: {sass_mix(kernel)}")
-                for kernel in kernels:
-                    del kernel._example
+        # RULES name LaunchChoices fields in capitals (kitsune.tuning.launch)
+        with override_launch_choices(**{k.lower(): v for k, v in RULES[rule_name].items()}):
+            for name in args.cases.split(","):
+                line, _ = measure(cases[name], f"{name}/{rule_name}", copy)
+                print(f"{name:14s} {rule_name:20s} {line}", flush=True)
+                if args.sass and rule_name == "default":
+                    kernels = [o for o in gc.get_objects() if type(o) is ktriton.TritonKernel
+                               and hasattr(o, "_example")]
+                    for kernel in kernels:
+                        blocks = emit.reduction_blocks(kernel.spec) if kernel.spec.reduction \
+                            else None
+                        print(f"    {kernel.spec.name} {blocks}: {sass_mix(kernel)}")
+                    for kernel in kernels:
+                        del kernel._example
 
 
 

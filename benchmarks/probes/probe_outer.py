@@ -30,7 +30,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 import kitsune  # noqa: E402
-from kitsune.codegen.triton import emit  # noqa: E402
+from kitsune.tuning.launch import override_launch_choices  # noqa: E402
 
 
 def columns(g, x):
@@ -86,15 +86,15 @@ def sweep(copy: float) -> None:
               f"({100 * nbytes / inductor / 1e6 / copy:.0f}% of copy)")
         for tile in (2048, 8192, 32768):
             for warps in (4, 8, 16):
-                emit.OUTER_TILE, emit.OUTER_WARPS = tile, warps
-                torch._dynamo.reset()
-                fn = torch.compile(bias_grad, backend="kitsune", dynamic=False)
-                got = fn(g, x)
-                torch.testing.assert_close(got[0], want[0], rtol=2e-2, atol=2e-2)
-                torch.testing.assert_close(got[1].float(), want[1].float(), rtol=3e-2, atol=0.5)
-                ms = triton.testing.do_bench(lambda: fn(g, x), return_mode="median")
-                print(f"  OUTER_TILE={tile:6d} warps={warps:3d}: {ms:.4f} ms "
-                      f"({100 * nbytes / ms / 1e6 / copy:.0f}% of copy)")
+                with override_launch_choices(outer_tile=tile, outer_warps=warps):
+                    torch._dynamo.reset()
+                    fn = torch.compile(bias_grad, backend="kitsune", dynamic=False)
+                    got = fn(g, x)
+                    torch.testing.assert_close(got[0], want[0], rtol=2e-2, atol=2e-2)
+                    torch.testing.assert_close(got[1].float(), want[1].float(), rtol=3e-2, atol=0.5)
+                    ms = triton.testing.do_bench(lambda: fn(g, x), return_mode="median")
+                    print(f"  OUTER_TILE={tile:6d} warps={warps:3d}: {ms:.4f} ms "
+                          f"({100 * nbytes / ms / 1e6 / copy:.0f}% of copy)")
 
 
 if __name__ == "__main__":
@@ -104,5 +104,4 @@ if __name__ == "__main__":
     print(f"copy rate {copy:.1f} GB/s")
     good = check() if "--no-check" not in sys.argv else True
     sweep(copy)
-    emit.OUTER_TILE, emit.OUTER_WARPS = 8192, None
     print("correctness:", "all ok" if good else "FAILURES above")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import functools
 import logging
-import os
 import time
 from dataclasses import replace
 
@@ -22,9 +21,9 @@ import torch
 from torch import fx
 
 from kitsune.capture.simplify import simplify
+from kitsune.codegen.backends import Backend, backend_for
 from kitsune.codegen.kernel import KernelError
 from kitsune.codegen.lower import lower_group
-from kitsune.codegen.triton.emit import unsplit_few_rows
 from kitsune.config import FusionConfig
 from kitsune.ir.graph import is_compute, meta
 from kitsune.planner import FusionPlan, admit, plan_graph
@@ -38,54 +37,10 @@ from kitsune.runtime.matmul import align_matmuls
 log = logging.getLogger("kitsune")
 
 
-def backend_for(device: torch.device) -> str:
-    """Which code generator serves tensors on `device` ("triton" or "cpu").
-
-    KITSUNE_BACKEND=triton sends CPU tensors to Triton too: with
-    TRITON_INTERPRET=1 that runs the generated Triton kernels on the CPU (tests)."""
-    forced = os.environ.get("KITSUNE_BACKEND", "").lower()
-    if forced == "reference":
-        return "reference"
-    if device.type == "cuda":
-        return "triton"
-    return "triton" if forced == "triton" else "cpu"
-
-
-def build_kernels(backend: str, specs: list) -> list:
-    """Compile `specs` with `backend`; each result is a kernel or the exception it raised."""
-    if backend in ("triton", "reference"):
-        if backend == "triton":
-            from kitsune.codegen.triton import compile_kernel
-        else:
-            from kitsune.codegen.reference import compile_kernel
-        results = []
-        for spec in specs:
-            try:
-                results.append(compile_kernel(spec))
-            except Exception as error:  # noqa: BLE001 - reported per group
-                results.append(error)
-        return results
-    from kitsune.codegen.cpu import compile_kernels
-    return compile_kernels(specs)
-
-
-class _Backend:
-    """Stand-in for `kitsune.codegen.backends.Backend` (integration: replace `_backend`
-    by `kitsune.codegen.backends.backend_for` and drop this class): what the planner
-    asks (`refusal`) and what the compiler calls (`build`) of a code generator."""
-
-    def __init__(self, name: str):
-        self.name = name
-
-    def refusal(self, spec) -> str | None:
-        return unsplit_few_rows(spec) if self.name == "triton" else None
-
-    def build(self, specs: list) -> list:
-        return build_kernels(self.name, specs)
-
-
-def _backend(device: torch.device) -> _Backend:
-    return _Backend(backend_for(device))
+def build_kernels(backend: Backend, specs: list) -> list:
+    """`backend.build(specs)`: a kernel per spec, or the exception that stopped it
+    (one seam for tests that stand in for a code generator)."""
+    return backend.build(specs)
 
 
 def compile_graph(gm: fx.GraphModule, example_inputs, kind: str = "graph",
@@ -140,11 +95,9 @@ def _user_outputs(gm: fx.GraphModule) -> range:
     the model's outputs), as opposed to the activations saved for the backward:
     AOTAutograd puts them first and records how many (`num_forward_returns`).
     Empty where that is not known."""
-    from torch._guards import TracingContext
+    from kitsune import _compat
 
-    context = TracingContext.try_get()
-    fw_metadata = getattr(context, "fw_metadata", None) if context is not None else None
-    count = getattr(fw_metadata, "num_forward_returns", None)
+    count = _compat.forward_output_count()
     return range(count) if isinstance(count, int) else range(0)
 
 
@@ -191,7 +144,7 @@ def _lower(plan: FusionPlan, record: GraphRecord) -> list:
             plan.refuse(group, f"lowering failed: {error}", fallback=True)
             log.warning("kitsune: cannot lower %s: %s", group.label(), error)
             continue
-        backend = _backend(meta(group.nodes[0]).device)
+        backend = backend_for(meta(group.nodes[0]).device)
         refusal = admit(plan, group, spec, backend.refusal)
         if refusal is not None:  # a planned refusal, not a failure
             log.debug("kitsune: %s graph: not fused: %s: %s", record.name, group.label(), refusal)
@@ -207,7 +160,7 @@ def _build(plan: FusionPlan, lowered: list, record: GraphRecord) -> None:
     """Build every backend's kernels; a failed build is recorded in the plan."""
     for name in dict.fromkeys(entry[4].name for entry in lowered):
         entries = [e for e in lowered if e[4].name == name]
-        for (group, call, *_), kernel in zip(entries, entries[0][4].build([e[1].spec for e in entries])):
+        for (group, call, *_), kernel in zip(entries, build_kernels(entries[0][4], [e[1].spec for e in entries])):
             if isinstance(kernel, BaseException):
                 reason = str(kernel) if isinstance(kernel, KernelError) else f"{type(kernel).__name__}: {kernel}"
                 call.disable(f"{name} kernel build failed: {reason}")

@@ -137,7 +137,9 @@ def test_attention_by_hand_with_mask_and_sdpa():
     assert opp.fusion_type == "attention" and opp.estimated_speedup > 1.0
     assert found(gm, "softmax") == []
     gm = graph(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), q, q, q)
-    assert only(gm, "attention").ops[0] == "bmm"
+    # torch 2.13 traces CPU SDPA into bmm/softmax/bmm; torch 2.14 keeps it one op
+    ops = only(gm, "attention").ops
+    assert ops[0] == "bmm" or ops == ("_scaled_dot_product_flash_attention_for_cpu",), ops
 
 
 def test_matrix_chain():

@@ -9,7 +9,8 @@ from __future__ import annotations
 import functools
 
 import torch
-from torch._decomp import core_aten_decompositions, get_decompositions
+
+from kitsune._compat import core_aten_decompositions, get_decompositions
 
 aten = torch.ops.aten
 
@@ -50,20 +51,19 @@ def _addmm_on_cpu(bias, mat1, mat2, *, beta=1, alpha=1):
     256x1024 fp32 on two cores, addmm 738 us, mm + add_ 711 us, mm alone 695
     us. Elsewhere (cuBLAS adds a bias in its epilogue) and in low precision
     (where eager rounds the sum once) addmm stays whole."""
-    if mat1.device.type != "cpu" or mat1.dtype not in (torch.float32, torch.float64):
+    if mat1.device.type != "cpu" or mat1.dtype not in (torch.float32, torch.float64) or _TORCH_ADDMM is None:
         return NotImplemented
     return _TORCH_ADDMM(bias, mat1, mat2, beta=beta, alpha=alpha)
 
 
-_TORCH_ADDMM = get_decompositions([aten.addmm.default])[aten.addmm.default]
+_TORCH_ADDMM = get_decompositions([aten.addmm.default]).get(aten.addmm.default)
 
 
 def aot_backend(compile_graph, reductions: bool = True):
     """A Dynamo backend that hands each forward/backward aten graph to
     `compile_graph(gm, example_inputs, name)` and runs what it returns."""
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
-    from torch._functorch.partitioners import min_cut_rematerialization_partition
+    from kitsune._compat import aot_autograd, make_boxed_func, min_cut_partitioner
+    min_cut_rematerialization_partition = min_cut_partitioner()
 
     def compiler(kind):
         def compile_fn(gm, example_inputs):

@@ -16,6 +16,9 @@ import torch
 from kitsune.ir.index import Index
 from kitsune.ir.scalar import Value, walk
 
+# the reduction analysis lives in codegen/schedule.py; these names stay importable from here
+from kitsune.codegen.schedule import is_row_index, outer_layout, reduction_stage, row_values  # noqa: F401
+
 
 @dataclass(frozen=True)
 class KernelInput:
@@ -96,62 +99,6 @@ def _bound(index: Index, numel: int) -> int:
     return total
 
 
-def is_row_index(index: Index, reduction: int) -> bool:
-    """Does `index` depend on x only through the row x // reduction?"""
-    for t in index.terms:
-        if t.base is None:
-            if t.div % reduction:
-                return False
-        elif not is_row_index(t.base, reduction):
-            return False
-    return True
-
-
-def row_values(spec: KernelSpec) -> set:
-    """The Values of a reduction kernel that are constant along r (one per row)."""
-    rows: set = set()
-    for v in spec.values():
-        if v.op in ("load", "index"):
-            if is_row_index(v.attr[1] if v.op == "load" else v.attr, spec.reduction):
-                rows.add(v)
-        elif v.op in ("const", "reduce") or all(a in rows for a in v.args):
-            rows.add(v)
-    return rows
-
-
-def _contiguous_along(index: Index, reduction: int) -> str | None:
-    """'r' if consecutive positions along the row are adjacent in memory,
-    'row' if consecutive rows are (x = row * R + r), else None."""
-    for t in index.terms:
-        if t.base is None and t.coef == 1:
-            if t.div == 1:
-                return "r"
-            if t.div == reduction:
-                return "row"
-    return None
-
-
-def outer_layout(spec: KernelSpec) -> bool:
-    """Is this an outer (column) reduction: do the kernel's per-element
-    accesses walk memory across rows rather than along them? A bias gradient
-    (a [N, C] tensor summed over N) reads x = c * N + n at n * C + c: rows (the
-    columns c) are adjacent, the reduced positions n are C apart. Such
-    kernels are generated with the loops the other way round (a tile of
-    adjacent rows, reduced together), so that every load is contiguous."""
-    if not spec.reduction:
-        return False
-    rows = row_values(spec)
-    weight = {"r": 0, "row": 0}
-    accesses = [(v.attr[1], v.dtype) for v in spec.values() if v.op == "load" and v not in rows]
-    accesses += [(o.index, o.dtype) for o in spec.outputs
-                 if o.value not in rows or not is_row_index(o.index, spec.reduction)]
-    for index, dtype in accesses:
-        along = _contiguous_along(index, spec.reduction)
-        if along:
-            weight[along] += dtype.itemsize
-    return weight["row"] > weight["r"]
-
-
 # ops through which a relative error of an operand reaches the result at most
 # unchanged in size (as a branch of `where`, not as its condition)
 _WELL_CONDITIONED = {"mul", "truediv", "neg", "abs", "cast", "where", "sqrt", "rsqrt"}
@@ -187,15 +134,6 @@ def reaches_only_low_precision(spec: KernelSpec, value: Value) -> bool:
                 return False
             stack.append(user)
     return any(v in stored for v in seen)
-
-
-def reduction_stage(spec: KernelSpec) -> dict:
-    """Value -> how many reductions lie on its longest path from the loads."""
-    stage: dict = {}
-    for v in spec.values():
-        s = max((stage[a] for a in v.args), default=0)
-        stage[v] = s + 1 if v.op == "reduce" else s
-    return stage
 
 
 class KernelError(RuntimeError):

@@ -107,9 +107,10 @@ class FusedOperations(nn.Module):
 
 
 def _is_aten_graph(gm: fx.GraphModule) -> bool:
+    from kitsune import _compat
     calls = [n for n in gm.graph.nodes if n.op == "call_function"]
     return bool(calls) and all("val" in n.meta for n in calls) and \
-        all(isinstance(n.target, (torch._ops.OpOverload, torch._ops.HigherOrderOperator)) or
+        all(isinstance(n.target, (_compat.OpOverload, _compat.HigherOrderOperator)) or
             getattr(n.target, "__name__", "") == "getitem" for n in calls)
 
 

@@ -29,6 +29,7 @@ from enum import Enum
 import torch
 from torch import fx
 
+from kitsune import _compat
 from kitsune.ir.graph import is_view, user_op_key
 from kitsune.ir.ops import OpKind, op_kind
 from kitsune.planner import vocabulary as V
@@ -97,8 +98,8 @@ def target_name(node: fx.Node) -> str:
     target = node.target
     if target is operator.getitem:
         return "getitem"
-    if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
-        return target._opname if hasattr(target, "_opname") else str(target).split(".")[1]
+    if isinstance(target, (_compat.OpOverload, _compat.OpOverloadPacket)):
+        return _compat.op_name(target)
     return getattr(target, "__name__", str(target))
 
 

@@ -48,7 +48,8 @@ import weakref
 
 import torch
 from torch import fx
-from torch.multiprocessing.reductions import StorageWeakRef
+from kitsune import _compat
+from kitsune._compat import StorageWeakRef
 
 log = logging.getLogger("kitsune")
 
@@ -80,8 +81,7 @@ def cuda_graph_blocker(gm: fx.GraphModule, example_inputs, compiled=None, traini
         name = str(getattr(node.target, "__name__", node.target))
         if any(word in name for word in _RANDOM):
             return f"random numbers ({name})"
-        schema = getattr(node.target, "_schema", None)
-        if schema is not None and schema.is_mutable:
+        if _compat.op_is_mutable(node.target):
             return f"in-place op {name}"
         val = node.meta.get("val")
         if isinstance(val, torch.Tensor) and val.device.type != "cuda":
@@ -89,6 +89,8 @@ def cuda_graph_blocker(gm: fx.GraphModule, example_inputs, compiled=None, traini
     if not isinstance(compiled, fx.GraphModule):
         return None
     if training:
+        if not _compat.training_replay_supported():
+            return "this PyTorch cannot tell when a replay's outputs are free"
         ops = _launches(compiled)
         return None if ops >= 2 else f"{ops} op(s): nothing to save by replaying"
     return replay_cost_blocker(gm, compiled)
@@ -337,7 +339,7 @@ def _forget(cdatas) -> None:
 
 
 def _use_count(cdata) -> int:
-    return torch._C._storage_Use_Count(cdata)
+    return _compat.storage_use_count(cdata)
 
 
 def _in_a_recording(t: torch.Tensor) -> bool:

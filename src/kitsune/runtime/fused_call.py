@@ -25,6 +25,7 @@ import threading
 import torch
 from torch import fx
 
+from kitsune import _compat
 from kitsune.codegen.kernel import KernelSpec
 
 log = logging.getLogger("kitsune")
@@ -37,12 +38,7 @@ def _fast_allocator(device: torch.device):
     call): `torch.empty_strided` less its argument parsing, 9 -> 5 us a tensor
     on the H200 host. It allocates on the current CUDA device, which the caller
     checks. None where this PyTorch has no such helper."""
-    try:
-        from torch._C._dynamo import guards
-        return guards._empty_strided_cuda if device.type == "cuda" else (
-            guards._empty_strided_cpu if device.type == "cpu" else None)
-    except (ImportError, AttributeError):
-        return None
+    return _compat.fast_empty_strided(device)
 
 
 class FusedGroupCall:
@@ -83,7 +79,7 @@ class FusedGroupCall:
             if mismatch is not None:
                 return self._unfused(inputs, mismatch)
         alloc = self._alloc
-        if alloc is not None and (self._cuda_index is None or torch._C._cuda_getDevice() == self._cuda_index):
+        if alloc is not None and (self._cuda_index is None or _compat.current_cuda_device() == self._cuda_index):
             outputs = [alloc(shape, stride, dtype) for shape, stride, dtype in self.output_meta]
         else:
             device = inputs[0].device if inputs else self.device

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from kitsune.cache import cache_dir
+from kitsune.cache import cache_dir, file_lock, write_atomic
 from kitsune.codegen.cpu.emit import FLOAT_ERF, PRELUDE, emit_kernel, math_declarations
 from kitsune.codegen.cpu.emit import VECTOR_MATH
 from kitsune.codegen.cpu.toolchain import toolchain
@@ -52,12 +52,13 @@ def _build(specs: list[KernelSpec]) -> tuple[ctypes.CDLL, Path]:
     directory = cache_dir("cpu")
     so_path = directory / f"kitsune_{digest}.so"
     c_path = directory / f"kitsune_{digest}.c"
-    if not c_path.exists():
-        c_path.write_text(source)  # kept next to the binary for people to read
-    if not so_path.exists():
-        tc.build(source, so_path)
-    else:
-        log.debug("kitsune: reusing cached CPU library %s", so_path)
+    with file_lock(so_path):  # another process building the same library: wait for it, then reuse
+        if not c_path.exists():
+            write_atomic(c_path, source)  # kept next to the binary for people to read
+        if not so_path.exists():
+            tc.build(source, so_path)
+        else:
+            log.debug("kitsune: reusing cached CPU library %s", so_path)
     return ctypes.CDLL(str(so_path)), c_path
 
 

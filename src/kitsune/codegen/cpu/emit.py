@@ -16,17 +16,15 @@ import math
 
 import torch
 
-from kitsune.codegen.kernel import KernelError, KernelSpec, is_row_index, outer_layout, reduction_stage, row_values
+from kitsune.codegen.kernel import KernelError, KernelSpec
+from kitsune.codegen.schedule import ReductionSchedule, outer_layout
 from kitsune.ir.index import divides_x_in_rows, render, render_in_kernel
 from kitsune.ir.scalar import Value
+from kitsune.tuning.launch import LaunchChoices, launch_choices
 
 # the primitive table, and the type maps and helpers the kernel emitters use too
 from kitsune.codegen.cpu.ops import _LIBM, C_OPS, COMPUTE, STORAGE, Context, _f, literal
 
-# Below this many elements a kernel runs on one thread: forking costs more.
-PARALLEL_THRESHOLD = 32768
-FEW_ROWS = 4  # reductions of fewer rows split each row between the threads
-SPLIT_BLOCK = 4096  # in blocks of this many positions
 
 # Functions glibc's libmvec has vector variants of (x86_64, glibc >= 2.35), by
 # arity. `kitsune.codegen.cpu.toolchain` probes which of them link here.
@@ -120,14 +118,16 @@ def math_declarations(names: dict[str, int]) -> str:
     return "\n".join(lines)
 
 
-def emit_kernel(spec: KernelSpec, fn_name: str) -> str:
-    """C source of `int fn_name(inputs..., outputs..., int64_t numel, int threads)`.
+def emit_kernel(spec: KernelSpec, fn_name: str, choices: LaunchChoices | None = None) -> str:
+    """C source of `int fn_name(inputs..., outputs..., int64_t numel, int threads)`,
+    laid out by `choices` (default: the current `launch_choices()`).
 
     Returns 0, or 1 when an integer division by zero happened."""
+    choices = choices or launch_choices()
     if spec.reduction:
-        if outer_layout(spec) and not few_rows(spec):
-            return _emit_outer_reduction(spec, fn_name)
-        return _emit_reduction(spec, fn_name)
+        if outer_layout(spec) and not few_rows(spec, choices):
+            return _emit_outer_reduction(spec, fn_name, choices)
+        return _emit_reduction(spec, fn_name, choices)
     inputs = [i.name for i in spec.inputs]
     values = spec.values()
     shared = _shared_exps(values)
@@ -170,7 +170,7 @@ def emit_kernel(spec: KernelSpec, fn_name: str) -> str:
     header = "\n".join(f"// {line}" for line in (spec.description or spec.name).splitlines())
     lines = [header, f"int {fn_name}({', '.join(params)}) {{", "  int kitsune_err = 0;"]
     parallel = f"#pragma omp parallel for{{}} schedule(static) num_threads(threads) " \
-               f"if(numel >= {PARALLEL_THRESHOLD}){reduction}"
+               f"if(numel >= {choices.cpu_parallel_threshold}){reduction}"
     if R is None:
         lines += ["  " + parallel.format(" simd"), "  for (int64_t x = 0; x < numel; ++x) {"]
         lines += [f"    {line}" for line in body]
@@ -298,14 +298,14 @@ def _operands(v: Value, shared: dict) -> tuple:
 
 # primitives worth a store and a load per element rather than recomputing
 COSTLY = (set(_LIBM) - {"floor", "ceil", "trunc", "round"}) | {"sigmoid", "rsqrt", "erfinv", "truediv"}
-ROW_BUFFER_BYTES = 128 << 10  # per thread, all buffers of one kernel together
 
 
-def _kept_values(outputs: list, available: dict, row: set, R: int) -> list:
+def _kept_values(outputs: list, available: dict, row: set, R: int, budget: int) -> list:
     """The per-element Values of the previous loop (`available`) that the
     final loop would have to recompute and that are costly to: the first ones
     the outputs reach that have a costly primitive among their per-element
-    ancestors. Each costs R elements of stack: kept while ROW_BUFFER_BYTES lasts."""
+    ancestors. Each costs R elements of stack: kept while `budget` bytes last
+    (`LaunchChoices.cpu_row_buffer_bytes`)."""
     costly: dict = {}
 
     def is_costly(v) -> bool:
@@ -313,7 +313,7 @@ def _kept_values(outputs: list, available: dict, row: set, R: int) -> list:
             costly[v] = v.op in COSTLY or any(is_costly(a) for a in v.args if a not in row)
         return costly[v]
 
-    kept, seen, budget = [], set(), ROW_BUFFER_BYTES
+    kept, seen = [], set()
 
     def need(v) -> None:
         nonlocal budget
@@ -407,17 +407,17 @@ def _reduction_clauses(targets, accs: dict, flags: dict) -> str:
     return clauses
 
 
-def _blocked_row_pass(targets, accs, inner, clauses, loop, R, uses_err) -> list[str]:
-    """One pass over a row split between the threads: blocks of SPLIT_BLOCK
+def _blocked_row_pass(targets, accs, inner, clauses, loop, R, uses_err, block: int) -> list[str]:
+    """One pass over a row split between the threads: blocks of `block`
     positions, each reduced by an `omp simd` loop into block accumulators that
     then join the thread's (a 4M-element float sum summed lane by lane erred
     2e-5 against eager; in blocks it is as accurate as eager's cascade)."""
     err = " reduction(|:kitsune_err)" if uses_err else ""
     lines = [f"#pragma omp parallel for schedule(static) num_threads(threads){clauses}{err}",
-             f"for (int64_t r0 = 0; r0 < {R}; r0 += {SPLIT_BLOCK}) {{"]
+             f"for (int64_t r0 = 0; r0 < {R}; r0 += {block}) {{"]
     lines += ["  " + _accumulator(v, inner[v]) for v in targets]
     inner_clauses = _reduction_clauses(targets, inner, accs)
-    lines += [f"  const int64_t r_end = r0 + {SPLIT_BLOCK} < {R} ? r0 + {SPLIT_BLOCK} : {R};",
+    lines += [f"  const int64_t r_end = r0 + {block} < {R} ? r0 + {block} : {R};",
               f"  #pragma omp simd{inner_clauses}{err}",
               "  for (int64_t r = r0; r < r_end; ++r) {", "    const int64_t x = xrow + r;"]
     lines += ["  " + line for line in loop] + ["  }"]
@@ -426,135 +426,176 @@ def _blocked_row_pass(targets, accs, inner, clauses, loop, R, uses_err) -> list[
     return lines + ["}"]
 
 
-def few_rows(spec: KernelSpec) -> bool:
+def few_rows(spec: KernelSpec, choices: LaunchChoices | None = None) -> bool:
     """Fewer rows than threads could share, each long: a whole-tensor sum.
     Its kernel walks the rows one after another and splits each pass over a
     row between the threads (an `omp parallel for simd` with reduction
     clauses) instead of giving each thread whole rows."""
-    return spec.rows < FEW_ROWS and spec.numel > PARALLEL_THRESHOLD
+    c = choices or launch_choices()
+    return spec.rows < c.cpu_few_rows and spec.numel > c.cpu_parallel_threshold
 
 
-def _emit_reduction(spec: KernelSpec, fn_name: str) -> str:
-    R, rows = spec.reduction, spec.rows
-    split_rows = few_rows(spec)
-    inputs = [i.name for i in spec.inputs]
-    values = spec.values()
-    shared = _shared_exps(values)
-    row = row_values(spec)
-    stage = reduction_stage(spec)
-    counter = iter(range(10**9))
-    body: list[str] = []
-    uses_err = False
+class _CEmitter:
+    """What the C reduction emitters share: the spec's analysis (`schedule`),
+    fresh names, the lines emitted so far (`body`), and whether any of them
+    may set the division-by-zero flag (`uses_err`: its OpenMP reduction
+    clause is added to every loop emitted after that)."""
 
-    def emit(v: Value, scope: dict, out: list, indent: str) -> str:
-        nonlocal uses_err
+    def __init__(self, spec: KernelSpec, choices: LaunchChoices):
+        self.spec, self.choices = spec, choices
+        self.R, self.rows = spec.reduction, spec.rows
+        self.schedule = ReductionSchedule.of(spec)
+        self.row = self.schedule.row
+        self.inputs = [i.name for i in spec.inputs]
+        self.shared = _shared_exps(self.schedule.values)
+        self.counter = iter(range(10**9))
+        self.body: list[str] = []
+        self.uses_err = False
+
+    def fresh(self, prefix: str = "v") -> str:
+        return f"{prefix}{next(self.counter)}"
+
+    def expr(self, v: Value, scope: dict) -> str:
+        """C text of v; row values read their inputs at the row's first element."""
+        text = _expr(v, scope, self.inputs, var="xrow" if v in self.row else "x", rows=self.R, shared=self.shared)
+        self.uses_err |= "kitsune_err" in text
+        return text
+
+    def operands(self, v: Value, scope: dict, out: list, indent: str) -> None:
+        """Emit what v is computed from (checking that it is not a reduction yet to come)."""
+        if v.op == "reduce":
+            raise KernelError(f"{self.spec.name}: reduction used before it is computed")
+        for a in _operands(v, self.shared):
+            self.emit(a, scope, out, indent)
+
+    def err_clause(self) -> str:
+        return " reduction(|:kitsune_err)" if self.uses_err else ""
+
+    def function(self, fn_name: str, comment: str, opening: list[str]) -> str:
+        """The C function: header comment, signature, `opening` (the loop over
+        rows or tiles, opened), the body inside it, and the return."""
+        spec = self.spec
+        params = [f"const {STORAGE[i.dtype]} *restrict {i.name}" for i in spec.inputs]
+        params += [f"{STORAGE[o.dtype]} *restrict {o.name}" for o in spec.outputs]
+        params += ["int64_t numel", "int threads"]
+        header = "\n".join(f"// {line}" for line in (spec.description or spec.name).splitlines())
+        lines = [header, comment, f"int {fn_name}({', '.join(params)}) {{", "  int kitsune_err = 0;", *opening]
+        lines += [f"    {line}" for line in self.body]
+        lines += ["  }", "  return kitsune_err;", "}", ""]
+        return "\n".join(lines)
+
+
+def _emit_reduction(spec: KernelSpec, fn_name: str, choices: LaunchChoices) -> str:
+    return _RowReductionEmitter(spec, choices).source(fn_name)
+
+
+class _RowReductionEmitter(_CEmitter):
+    """A reduction kernel whose threads split the rows (or, for few rows, each
+    row's passes): per row, the row values of stage 0, one loop per reduction
+    stage, a last loop for the per-element outputs, the row outputs."""
+
+    def __init__(self, spec: KernelSpec, choices: LaunchChoices):
+        super().__init__(spec, choices)
+        self.split_rows = few_rows(spec, choices)
+        self.names: dict = {}
+        self.kept: dict = {}  # Value -> its buffer element, "keptN[r]"
+        self.reciprocals: set = set()  # row values whose reciprocal the row has computed
+
+    def emit(self, v: Value, scope: dict, out: list, indent: str) -> str:
+        """Name of v in `scope`, emitting it (and what it needs) first."""
         if v in scope:
             return scope[v]
-        if v.op == "reduce":
-            raise KernelError(f"{spec.name}: reduction used before it is computed")
-        for a in _operands(v, shared):
-            emit(a, scope, out, indent)
-        name = f"v{next(counter)}"
-        if v.op == "truediv" and v.dtype.is_floating_point and v not in row and v.args[1] in row:
-            text = _divide_by_row_value(scope[v.args[0]], scope[v.args[1]], v.dtype, reciprocals, body)
+        self.operands(v, scope, out, indent)
+        name = self.fresh()
+        if v.op == "truediv" and v.dtype.is_floating_point and v not in self.row and v.args[1] in self.row:
+            text = _divide_by_row_value(scope[v.args[0]], scope[v.args[1]], v.dtype, self.reciprocals, self.body)
         else:
-            # row values read their inputs at the row's first element
-            text = _expr(v, scope, inputs, var="xrow" if v in row else "x", rows=R, shared=shared)
-        uses_err |= "kitsune_err" in text
+            text = self.expr(v, scope)
         out.append(f"{indent}const {COMPUTE[v.dtype]} {name} = {text};")
         scope[v] = name
         return name
 
-    reductions = [v for v in values if v.op == "reduce"]
-    max_stage = max((stage[v] for v in reductions), default=0)
-    # A row value stored at an index that walks the row too (a broadcast row
-    # value written at full shape) is stored by the element loop.
-    row_outputs = [o for o in spec.outputs if o.value in row and is_row_index(o.index, R)]
-    full_outputs = [o for o in spec.outputs if o not in row_outputs]
-    # per-element outputs that need no reduction are stored by the first pass
-    early = [o for o in full_outputs if stage[o.value] == 0] if max_stage else []
-    full_outputs = [o for o in full_outputs if o not in early]
-    names: dict = {}
-    kept: dict = {}  # Value -> its buffer element, "keptN[r]"
-    reciprocals: set = set()  # row values whose reciprocal the row has computed
-
-    def loop_header(clauses: str) -> list[str]:
-        err = " reduction(|:kitsune_err)" if uses_err else ""
-        pragma = "parallel for simd schedule(static) num_threads(threads)" if split_rows else "simd"
-        return [f"#pragma omp {pragma}{clauses}{err}", f"for (int64_t r = 0; r < {R}; ++r) {{",
+    def loop_header(self, clauses: str) -> list[str]:
+        pragma = "parallel for simd schedule(static) num_threads(threads)" if self.split_rows else "simd"
+        return [f"#pragma omp {pragma}{clauses}{self.err_clause()}", f"for (int64_t r = 0; r < {self.R}; ++r) {{",
                 "  const int64_t x = xrow + r;"]
 
-    for v in values:
-        if v in row and v.op != "reduce" and stage[v] == 0:
-            emit(v, names, body, "")
-    for s in range(max_stage):
-        targets = [v for v in reductions if stage[v] == s + 1]
+    def row_stage(self, s: int) -> None:
+        for v in self.schedule.row_stage_values(s):
+            self.emit(v, self.names, self.body, "")
+
+    def source(self, fn_name: str) -> str:
+        schedule = self.schedule
+        self.row_stage(0)
+        for s in range(schedule.max_stage):
+            self.stage_pass(s, schedule.reductions_of_stage(s + 1))
+            self.row_stage(s + 1)
+        self.store_outputs()
+        rows, R = self.rows, self.R
+        comment = f"// {rows} rows x {R} reduced elements" + (
+            "; each row's passes split between the threads" if self.split_rows else "")
+        opening = [] if self.split_rows else [
+            f"  #pragma omp parallel for schedule(static) num_threads(threads) "
+            f"if(numel >= {self.choices.cpu_parallel_threshold}){self.err_clause()}"]
+        opening += [f"  for (int64_t row = 0; row < {rows}; ++row) {{", f"    const int64_t xrow = row * {R};"]
+        return self.function(fn_name, comment, opening)
+
+    def stage_pass(self, s: int, targets: list) -> None:
+        """One loop over the row accumulating stage s + 1's reductions (and
+        storing the early outputs, and keeping costly values for the last loop)."""
+        R, body = self.R, self.body
         loop: list[str] = []
-        scope = {k: n for k, n in names.items() if k in row}
-        accs = {v: f"acc{next(counter)}" for v in targets}
+        scope = {k: n for k, n in self.names.items() if k in self.row}
+        accs = {v: self.fresh("acc") for v in targets}
         for v in targets:
             body.append(_accumulator(v, accs[v]))
             if _tracks_nan(v):
                 body.append(f"int {accs[v]}_nan = 0;")
         clauses = _reduction_clauses(targets, accs, accs)
-        # a row split between threads: each thread sums blocks of SPLIT_BLOCK
+        # a row split between threads: each thread sums blocks of cpu_split_block
         # positions into block accumulators (`_b`), then those into its own
-        inner = {v: f"{accs[v]}_b" if split_rows else accs[v] for v in targets}
+        inner = {v: f"{accs[v]}_b" if self.split_rows else accs[v] for v in targets}
         for v in targets:
-            arg = emit(v.args[0], scope, loop, "  ")
+            arg = self.emit(v.args[0], scope, loop, "  ")
             loop += ["  " + line for line in _accumulate(v.attr, v.dtype, inner[v], f"{accs[v]}_nan", arg)]
-        for out in early if s == 0 else ():
-            value = emit(out.value, scope, loop, "  ")
+        for out in self.schedule.early_outputs if s == 0 else ():
+            value = self.emit(out.value, scope, loop, "  ")
             loop.append("  " + _store_c(out, value, "x", R))
-        if s == max_stage - 1 and full_outputs:
-            available = {v: n for v, n in scope.items() if v not in row}
-            for v in _kept_values(full_outputs, available, row, R):
-                buffer = f"kept{next(counter)}"
-                body.append(f"{COMPUTE[v.dtype]} {buffer}[{R}];")
-                loop.append(f"  {buffer}[r] = {available[v]};")
-                kept[v] = f"{buffer}[r]"
-        if split_rows:
-            body += _blocked_row_pass(targets, accs, inner, clauses, loop, R, uses_err)
+        if s == self.schedule.max_stage - 1 and self.schedule.late_outputs:
+            self.keep_costly_values(scope, loop)
+        if self.split_rows:
+            body += _blocked_row_pass(targets, accs, inner, clauses, loop, R, self.uses_err,
+                                      self.choices.cpu_split_block)
         else:
-            body += loop_header(clauses) + loop + ["}"]
+            body += self.loop_header(clauses) + loop + ["}"]
         for v in targets:
-            name = f"v{next(counter)}"
+            name = self.fresh()
             body.append(f"const {COMPUTE[v.dtype]} {name} = {_finished(v.attr, v.dtype, accs[v], f'{accs[v]}_nan')};")
-            names[v] = name
-        for v in values:
-            if v in row and v.op != "reduce" and stage[v] == s + 1:
-                emit(v, names, body, "")
-    if full_outputs:
-        scope = {k: n for k, n in names.items() if k in row}
-        scope.update(kept)
-        loop = []
-        for out in full_outputs:
-            value = emit(out.value, scope, loop, "  ")
-            loop.append("  " + _store_c(out, value, "x", R))
-        body += loop_header("") + loop + ["}"]
-    for out in row_outputs:
-        value = emit(out.value, names, body, "")
-        body.append(_store_c(out, value, "xrow", R))
+            self.names[v] = name
 
-    params = [f"const {STORAGE[i.dtype]} *restrict {i.name}" for i in spec.inputs]
-    params += [f"{STORAGE[o.dtype]} *restrict {o.name}" for o in spec.outputs]
-    params += ["int64_t numel", "int threads"]
-    reduction = " reduction(|:kitsune_err)" if uses_err else ""
-    header = "\n".join(f"// {line}" for line in (spec.description or spec.name).splitlines())
-    lines = [
-        header,
-        f"// {rows} rows x {R} reduced elements" + ("; each row's passes split between the threads" if split_rows
-                                                   else ""),
-        f"int {fn_name}({', '.join(params)}) {{",
-        "  int kitsune_err = 0;",
-        *([] if split_rows else [f"  #pragma omp parallel for schedule(static) num_threads(threads) "
-                                 f"if(numel >= {PARALLEL_THRESHOLD}){reduction}"]),
-        f"  for (int64_t row = 0; row < {rows}; ++row) {{",
-        f"    const int64_t xrow = row * {R};",
-    ]
-    lines += [f"    {line}" for line in body]
-    lines += ["  }", "  return kitsune_err;", "}", ""]
-    return "\n".join(lines)
+    def keep_costly_values(self, scope: dict, loop: list) -> None:
+        """Row buffers for the costly values the last loop would recompute (`_kept_values`)."""
+        available = {v: n for v, n in scope.items() if v not in self.row}
+        for v in _kept_values(list(self.schedule.late_outputs), available, self.row, self.R,
+                              self.choices.cpu_row_buffer_bytes):
+            buffer = self.fresh("kept")
+            self.body.append(f"{COMPUTE[v.dtype]} {buffer}[{self.R}];")
+            loop.append(f"  {buffer}[r] = {available[v]};")
+            self.kept[v] = f"{buffer}[r]"
+
+    def store_outputs(self) -> None:
+        """The last loop storing the per-element outputs, then the row outputs."""
+        if self.schedule.late_outputs:
+            scope = {k: n for k, n in self.names.items() if k in self.row}
+            scope.update(self.kept)
+            loop: list[str] = []
+            for out in self.schedule.late_outputs:
+                value = self.emit(out.value, scope, loop, "  ")
+                loop.append("  " + _store_c(out, value, "x", self.R))
+            self.body += self.loop_header("") + loop + ["}"]
+        for out in self.schedule.row_outputs:
+            value = self.emit(out.value, self.names, self.body, "")
+            self.body.append(_store_c(out, value, "xrow", self.R))
 
 
 # -- outer (column) reductions -------------------------------------------------
@@ -565,63 +606,56 @@ def _emit_reduction(spec: KernelSpec, fn_name: str) -> str:
 # tiles, and for each position r along the rows one `omp simd` loop over the
 # tile's rows reads contiguous memory and accumulates into per-row arrays.
 # Row values (the reductions' results and what is computed from them) are
-# arrays over the tile, indexed by j.
-
-OUTER_TILE_MIN, OUTER_TILE_MAX = 64, 1024
-OUTER_STACK_BYTES = 256 << 10
-COMPENSATE_AFTER = 64  # float sums over more positions are Kahan-compensated
+# arrays over the tile, indexed by j. Tile bounds, the stack budget and the
+# compensation threshold: `LaunchChoices.cpu_outer_*`, `cpu_compensate_after`.
 
 
-def outer_tile(rows: int, threads: int) -> int:
+def outer_tile(rows: int, threads: int, choices: LaunchChoices | None = None) -> int:
     """Rows per tile: as wide as an even split over the threads allows (up to
-    OUTER_TILE_MAX), so that each position's read is one long contiguous run:
-    hardware prefetchers stop at page boundaries, and tiles of 64 floats (a
-    quarter of a 4 KiB page per position, pages apart) ran from DRAM at a
-    third of the speed they ran from cache."""
+    `cpu_outer_tile_max`), so that each position's read is one long contiguous
+    run (see `LaunchChoices`)."""
+    c = choices or launch_choices()
     share = -(-rows // max(threads, 1))
-    return max(min(-(-share // 16) * 16, OUTER_TILE_MAX), min(OUTER_TILE_MIN, rows))
+    return max(min(-(-share // 16) * 16, c.cpu_outer_tile_max), min(c.cpu_outer_tile_min, rows))
 
 
-def _emit_outer_reduction(spec: KernelSpec, fn_name: str) -> str:
-    tile = outer_tile(spec.rows, torch.get_num_threads())
+def _emit_outer_reduction(spec: KernelSpec, fn_name: str, choices: LaunchChoices) -> str:
+    tile = outer_tile(spec.rows, torch.get_num_threads(), choices)
     while True:
-        source, arrays = _emit_outer_tiles(spec, fn_name, tile)
+        emitter = _OuterReductionEmitter(spec, choices, tile)
+        source = emitter.source(fn_name)
         # per-row arrays live on the thread's stack: keep them well inside it
-        if arrays * tile * 8 <= OUTER_STACK_BYTES or tile <= OUTER_TILE_MIN:
+        if emitter.arrays() * tile * 8 <= choices.cpu_outer_stack_bytes or tile <= choices.cpu_outer_tile_min:
             return source
         tile //= 2
 
 
-def _emit_outer_tiles(spec: KernelSpec, fn_name: str, tile: int) -> tuple[str, int]:
-    R, rows = spec.reduction, spec.rows
-    inputs = [i.name for i in spec.inputs]
-    values = spec.values()
-    shared = _shared_exps(values)
-    row = row_values(spec)
-    stage = reduction_stage(spec)
-    counter = iter(range(10**9))
-    body: list[str] = []
-    uses_err = False
-    names: dict = {}  # row Value -> "arr[j]"
-    position = ["const int64_t row = row0 + j;", "const int64_t xrow = row * " + str(R) + ";"]
+class _OuterReductionEmitter(_CEmitter):
+    """An outer reduction kernel over tiles of `tile` adjacent rows: per tile,
+    loops over its rows (j) for row values, and per stage a loop over the
+    positions r whose inner `omp simd` loop over j accumulates into per-row
+    arrays; then the per-element and the row outputs."""
 
-    def emit(v: Value, scope: dict, out: list, indent: str) -> str:
-        nonlocal uses_err
+    def __init__(self, spec: KernelSpec, choices: LaunchChoices, tile: int):
+        super().__init__(spec, choices)
+        self.tile = tile
+        self.names: dict = {}  # row Value -> "arr[j]"
+        self.position = ["const int64_t row = row0 + j;", "const int64_t xrow = row * " + str(self.R) + ";"]
+
+    def emit(self, v: Value, scope: dict, out: list, indent: str) -> str:
+        """Name of v in `scope`, emitting it (and what it needs) first: a row
+        value of the tile (`scope is names`) as an array over the tile."""
         if v in scope:
             return scope[v]
-        if v.op == "reduce":
-            raise KernelError(f"{spec.name}: reduction used before it is computed")
-        for a in _operands(v, shared):
-            emit(a, scope, out, indent)
-        name = f"v{next(counter)}"
-        text = _expr(v, scope, inputs, var="xrow" if v in row else "x", rows=R, shared=shared)
-        uses_err |= "kitsune_err" in text
+        self.operands(v, scope, out, indent)
+        name = self.fresh()
+        text = self.expr(v, scope)
         if v.op == "const":  # one per kernel, visible to every loop
-            body.append(f"const {COMPUTE[v.dtype]} {name} = {text};")
-            names[v] = scope[v] = name
+            self.body.append(f"const {COMPUTE[v.dtype]} {name} = {text};")
+            self.names[v] = scope[v] = name
             return name
-        if v in row and scope is names:
-            body.append(f"{COMPUTE[v.dtype]} {name}[{tile}];")
+        if v in self.row and scope is self.names:
+            self.body.append(f"{COMPUTE[v.dtype]} {name}[{self.tile}];")
             out.append(f"{indent}{name}[j] = {text};")
             name = f"{name}[j]"
         else:
@@ -629,117 +663,115 @@ def _emit_outer_tiles(spec: KernelSpec, fn_name: str, tile: int) -> tuple[str, i
         scope[v] = name
         return name
 
-    def row_loop(vs) -> None:
+    def row_loop(self, vs) -> None:
         loop: list[str] = []
         for v in vs:
-            emit(v, names, loop, "  ")
+            self.emit(v, self.names, loop, "  ")
         if loop:
-            body.extend([f"for (int64_t j = 0; j < width; ++j) {{"] + ["  " + p for p in position] + loop + ["}"])
+            self.body.extend(["for (int64_t j = 0; j < width; ++j) {"] + ["  " + p for p in self.position]
+                             + loop + ["}"])
 
-    def element_loop(inner: list[str]) -> list[str]:
-        err = " reduction(|:kitsune_err)" if uses_err else ""
-        loop = ["  " + p for p in position] + ["  const int64_t x = xrow + r;"] + inner
-        loop = [f"#pragma omp simd{err}", "for (int64_t j = 0; j < width; ++j) {"] + loop + ["}"]
-        return [f"for (int64_t r = 0; r < {R}; ++r) {{"] + ["  " + p for p in loop] + ["}"]
+    def element_loop(self, inner: list[str]) -> list[str]:
+        loop = ["  " + p for p in self.position] + ["  const int64_t x = xrow + r;"] + inner
+        loop = [f"#pragma omp simd{self.err_clause()}", "for (int64_t j = 0; j < width; ++j) {"] + loop + ["}"]
+        return [f"for (int64_t r = 0; r < {self.R}; ++r) {{"] + ["  " + p for p in loop] + ["}"]
 
-    reductions = [v for v in values if v.op == "reduce"]
-    max_stage = max((stage[v] for v in reductions), default=0)
-    row_outputs = [o for o in spec.outputs if o.value in row and is_row_index(o.index, R)]
-    full_outputs = [o for o in spec.outputs if o not in row_outputs]
-    # per-element outputs that need no reduction are stored by the first pass
-    # (a gradient written out next to its bias gradient is computed once)
-    early = [o for o in full_outputs if stage[o.value] == 0] if max_stage else []
-    full_outputs = [o for o in full_outputs if o not in early]
+    def arrays(self) -> int:
+        """How many arrays over the tile the kernel declares (on the thread's stack)."""
+        return sum(line.endswith(f"[{self.tile}];") for line in self.body)
 
-    row_loop([v for v in values if v in row and v.op != "reduce" and stage[v] == 0])
-    for s in range(max_stage):
-        targets = [v for v in reductions if stage[v] == s + 1]
-        scope = dict(names)
+    def source(self, fn_name: str) -> str:
+        schedule, rows, tile = self.schedule, self.rows, self.tile
+        self.row_loop(schedule.row_stage_values(0))
+        for s in range(schedule.max_stage):
+            self.stage_pass(s, schedule.reductions_of_stage(s + 1))
+            self.row_loop(schedule.row_stage_values(s + 1))
+        self.store_outputs()
+        comment = f"// {rows} rows x {self.R} reduced elements, outer layout: tiles of {tile} adjacent rows"
+        opening = [
+            f"  #pragma omp parallel for schedule(static) num_threads(threads) "
+            f"if(numel >= {self.choices.cpu_parallel_threshold}){self.err_clause()}",
+            f"  for (int64_t t = 0; t < {-(-rows // tile)}; ++t) {{",
+            f"    const int64_t row0 = t * {tile};",
+            f"    const int64_t width = row0 + {tile} <= {rows} ? {tile} : {rows} - row0;",
+        ]
+        return self.function(fn_name, comment, opening)
+
+    def stage_pass(self, s: int, targets: list) -> None:
+        """Stage s + 1's reductions: accumulators over the tile, the pass over
+        the positions (storing the early outputs), and the finished values."""
+        scope = dict(self.names)
         loop: list[str] = []
         init: list[str] = []
-        accs = {}
-        for v in targets:
-            acc = f"acc{next(counter)}"
-            accs[v] = acc
-            ctype = "int" if v.attr in ("any", "all") else COMPUTE[v.dtype]
-            body.append(f"{ctype} {acc}[{tile}];")
-            init.append(f"  {acc}[j] = {_identity(v.attr, v.dtype)};")
-            if _tracks_nan(v):
-                body.append(f"int {acc}_nan[{tile}];")
-                init.append(f"  {acc}_nan[j] = 0;")
+        accs = {v: self.declare_accumulator(v, init) for v in targets}
         compensated = set()
         for v in targets:
-            arg = emit(v.args[0], scope, loop, "    ")
-            acc = f"{accs[v]}[j]"
-            if v.attr == "sum" and v.dtype.is_floating_point and R > COMPENSATE_AFTER:
-                # A column walked one position at a time would lose bits
-                # (summed in order, 4096 floats erred twice as much as eager's
-                # cascade): Kahan-compensated, with the plain sum kept for
-                # inf/NaN (where the compensation itself turns into NaN).
+            arg = self.emit(v.args[0], scope, loop, "    ")
+            if v.attr == "sum" and v.dtype.is_floating_point and self.R > self.choices.cpu_compensate_after:
                 compensated.add(v)
-                ctype = COMPUTE[v.dtype]
-                body.append(f"{ctype} {accs[v]}_c[{tile}], {accs[v]}_plain[{tile}];")
-                init.append(f"  {accs[v]}_c[j] = {accs[v]}_plain[j] = {literal(0, v.dtype)};")
-                loop += [f"    {accs[v]}_plain[j] += {arg};",
-                         f"    const {ctype} {accs[v]}_y = {arg} - {accs[v]}_c[j];",
-                         f"    const {ctype} {accs[v]}_t = {acc} + {accs[v]}_y;",
-                         f"    {accs[v]}_c[j] = ({accs[v]}_t - {acc}) - {accs[v]}_y;",
-                         f"    {acc} = {accs[v]}_t;"]
+                loop += self.compensated_step(v, accs[v], arg, init)
             else:
-                loop += ["    " + line for line in _accumulate(v.attr, v.dtype, acc, f"{accs[v]}_nan[j]", arg)]
-        for out in early if s == 0 else ():
-            value = emit(out.value, scope, loop, "    ")
-            loop.append("    " + _store_c(out, value, "x", R))
-        body += ["for (int64_t j = 0; j < width; ++j) {"] + init + ["}"]
-        body += element_loop(loop)
+                loop += ["    " + line for line in _accumulate(v.attr, v.dtype, f"{accs[v]}[j]",
+                                                                f"{accs[v]}_nan[j]", arg)]
+        for out in self.schedule.early_outputs if s == 0 else ():
+            value = self.emit(out.value, scope, loop, "    ")
+            loop.append("    " + _store_c(out, value, "x", self.R))
+        self.body += ["for (int64_t j = 0; j < width; ++j) {"] + init + ["}"]
+        self.body += self.element_loop(loop)
         finish = []
         for v in targets:
-            acc = f"{accs[v]}[j]"
-            name = f"v{next(counter)}"
+            acc, name = f"{accs[v]}[j]", self.fresh()
             if v in compensated:
                 plain = f"{accs[v]}_plain[j]"
                 text = f"{plain} - {plain} == 0 ? {acc} - {accs[v]}_c[j] : {plain}"  # finite: compensated
             else:
                 text = _finished(v.attr, v.dtype, acc, f"{accs[v]}_nan[j]")
-            body.append(f"{COMPUTE[v.dtype]} {name}[{tile}];")
+            self.body.append(f"{COMPUTE[v.dtype]} {name}[{self.tile}];")
             finish.append(f"  {name}[j] = {text};")
-            names[v] = f"{name}[j]"
-        body += ["for (int64_t j = 0; j < width; ++j) {"] + finish + ["}"]
-        row_loop([v for v in values if v in row and v.op != "reduce" and stage[v] == s + 1])
-    if full_outputs:
-        scope = dict(names)
-        loop = []
-        for out in full_outputs:
-            value = emit(out.value, scope, loop, "    ")
-            loop.append("    " + _store_c(out, value, "x", R))
-        body += element_loop(loop)
-    if row_outputs:
-        loop = []
-        for out in row_outputs:
-            value = emit(out.value, names, loop, "  ")
-            loop.append("  " + _store_c(out, value, "xrow", R))
-        body.extend([f"for (int64_t j = 0; j < width; ++j) {{"] + ["  " + p for p in position] + loop + ["}"])
+            self.names[v] = f"{name}[j]"
+        self.body += ["for (int64_t j = 0; j < width; ++j) {"] + finish + ["}"]
 
-    params = [f"const {STORAGE[i.dtype]} *restrict {i.name}" for i in spec.inputs]
-    params += [f"{STORAGE[o.dtype]} *restrict {o.name}" for o in spec.outputs]
-    params += ["int64_t numel", "int threads"]
-    reduction = " reduction(|:kitsune_err)" if uses_err else ""
-    header = "\n".join(f"// {line}" for line in (spec.description or spec.name).splitlines())
-    tiles = -(-rows // tile)
-    lines = [
-        header,
-        f"// {rows} rows x {R} reduced elements, outer layout: tiles of {tile} adjacent rows",
-        f"int {fn_name}({', '.join(params)}) {{",
-        "  int kitsune_err = 0;",
-        f"  #pragma omp parallel for schedule(static) num_threads(threads) if(numel >= {PARALLEL_THRESHOLD})"
-        f"{reduction}",
-        f"  for (int64_t t = 0; t < {tiles}; ++t) {{",
-        f"    const int64_t row0 = t * {tile};",
-        f"    const int64_t width = row0 + {tile} <= {rows} ? {tile} : {rows} - row0;",
-    ]
-    lines += [f"    {line}" for line in body]
-    lines += ["  }", "  return kitsune_err;", "}", ""]
-    return "\n".join(lines), sum(line.endswith(f"[{tile}];") for line in body)
+    def declare_accumulator(self, v: Value, init: list) -> str:
+        """Declare reduction v's per-row accumulator (and NaN flag); `init` sets them."""
+        acc = self.fresh("acc")
+        ctype = "int" if v.attr in ("any", "all") else COMPUTE[v.dtype]
+        self.body.append(f"{ctype} {acc}[{self.tile}];")
+        init.append(f"  {acc}[j] = {_identity(v.attr, v.dtype)};")
+        if _tracks_nan(v):
+            self.body.append(f"int {acc}_nan[{self.tile}];")
+            init.append(f"  {acc}_nan[j] = 0;")
+        return acc
+
+    def compensated_step(self, v: Value, acc: str, arg: str, init: list) -> list[str]:
+        """A column walked one position at a time would lose bits (summed in
+        order, 4096 floats erred twice as much as eager's cascade):
+        Kahan-compensated, with the plain sum kept for inf/NaN (where the
+        compensation itself turns into NaN)."""
+        ctype, tile = COMPUTE[v.dtype], self.tile
+        self.body.append(f"{ctype} {acc}_c[{tile}], {acc}_plain[{tile}];")
+        init.append(f"  {acc}_c[j] = {acc}_plain[j] = {literal(0, v.dtype)};")
+        return [f"    {acc}_plain[j] += {arg};",
+                f"    const {ctype} {acc}_y = {arg} - {acc}_c[j];",
+                f"    const {ctype} {acc}_t = {acc}[j] + {acc}_y;",
+                f"    {acc}_c[j] = ({acc}_t - {acc}[j]) - {acc}_y;",
+                f"    {acc}[j] = {acc}_t;"]
+
+    def store_outputs(self) -> None:
+        """The pass storing the per-element outputs, then a loop over the tile's rows for the row outputs."""
+        if self.schedule.late_outputs:
+            scope = dict(self.names)
+            loop: list[str] = []
+            for out in self.schedule.late_outputs:
+                value = self.emit(out.value, scope, loop, "    ")
+                loop.append("    " + _store_c(out, value, "x", self.R))
+            self.body += self.element_loop(loop)
+        if self.schedule.row_outputs:
+            loop = []
+            for out in self.schedule.row_outputs:
+                value = self.emit(out.value, self.names, loop, "  ")
+                loop.append("  " + _store_c(out, value, "xrow", self.R))
+            self.body.extend(["for (int64_t j = 0; j < width; ++j) {"] + ["  " + p for p in self.position]
+                             + loop + ["}"])
 
 
 def _store_c(out, value: str, var: str, rows: int | None = None) -> str:

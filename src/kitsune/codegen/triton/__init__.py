@@ -19,20 +19,19 @@ from kitsune.codegen.kernel import KernelError, KernelSpec
 from kitsune.planner.naming import function_name
 import hashlib
 
-from kitsune.codegen.triton.emit import emit_triton, pow2, reduction_blocks, split_plan, split_workspace
+from kitsune.codegen.triton.emit import ReductionLayout, emit_triton, pow2, split_workspace
 from kitsune.codegen.triton.libm import INTERPRETED
+from kitsune.tuning.launch import LaunchChoices, launch_choices
 
 log = logging.getLogger("kitsune")
 
-MAX_XBLOCK = 1024
-# Rows of up to this many elements (rounded up to a power of two) are reduced
-# in registers in one block; longer rows are walked in chunks.
-PERSISTENT_MAX = 4096
-
 
 def compile_kernel(spec: KernelSpec) -> "TritonKernel":
+    """The kernel of `spec`, generated and launched by the current launch
+    choices (`kitsune.tuning.launch`): the source and the grid from one read."""
+    choices = launch_choices()
     fn_name = function_name(spec)
-    source = emit_triton(spec, fn_name, PERSISTENT_MAX)
+    source = emit_triton(spec, fn_name, choices)
     path = cache_dir("triton") / f"{fn_name}_{hashlib.sha256(source.encode()).hexdigest()[:8]}.py"
     if not path.exists() or path.read_text() != source:
         write_atomic(path, source.encode())
@@ -46,10 +45,10 @@ def compile_kernel(spec: KernelSpec) -> "TritonKernel":
         except Exception as error:
             raise KernelError(f"generated Triton module {path} does not import: {error}") from error
         sys.modules[module_name] = module
-    return TritonKernel(spec, getattr(module, fn_name), path, getattr(module, f"{fn_name}_finish", None))
+    return TritonKernel(spec, getattr(module, fn_name), path, getattr(module, f"{fn_name}_finish", None), choices)
 
 
-_raw_stream = torch._C._cuda_getCurrentRawStream if hasattr(torch._C, "_cuda_getCurrentRawStream") else None
+from kitsune._compat import raw_cuda_stream as _raw_stream  # noqa: E402
 
 
 class TritonKernel:
@@ -65,13 +64,16 @@ class TritonKernel:
     own dispatch, which re-specialises.
     """
 
-    def __init__(self, spec: KernelSpec, fn, path: Path, finish=None):
+    def __init__(self, spec: KernelSpec, fn, path: Path, finish=None, choices: LaunchChoices | None = None):
+        """`choices`: the launch choices the source was generated with (default:
+        the current ones); the grid, warps and block sizes follow from them."""
         self.spec, self.fn, self.path = spec, fn, path
+        choices = choices or launch_choices()
         numel = spec.numel
         self.workspace = 0  # float32 elements between a split reduction's two kernels
-        split = split_plan(spec) if spec.reduction else None
-        if split:
-            self.xblock, rblock, self.num_warps, parts, _ = split
+        layout = ReductionLayout.of(spec, choices) if spec.reduction else None
+        if layout is not None and layout.split:
+            self.xblock, rblock, self.num_warps, parts = layout.xblock, layout.rblock, layout.num_warps, layout.split
             blocks = (spec.rows + self.xblock - 1) // self.xblock
             self.workspace = split_workspace(spec, parts)
             self.launches = [
@@ -79,12 +81,12 @@ class TritonKernel:
                 _Launch(spec, finish, (blocks,), 4, dict(XBLOCK=self.xblock, SPLIT_BLOCK=pow2(parts))),
             ]
         else:
-            if spec.reduction:
-                self.xblock, rblock, self.num_warps, _ = reduction_blocks(spec, PERSISTENT_MAX)
+            if layout is not None:
+                self.xblock, rblock, self.num_warps = layout.xblock, layout.rblock, layout.num_warps
                 constexprs = dict(XBLOCK=self.xblock, RBLOCK=rblock)
                 grid = ((spec.rows + self.xblock - 1) // self.xblock,)
             else:
-                self.xblock = min(MAX_XBLOCK, max(16, 1 << max(numel - 1, 0).bit_length()))
+                self.xblock = min(choices.max_xblock, max(16, 1 << max(numel - 1, 0).bit_length()))
                 grid = ((numel + self.xblock - 1) // self.xblock,)
                 self.num_warps = 4 if self.xblock >= 512 else (2 if self.xblock >= 128 else 1)
                 constexprs = dict(XBLOCK=self.xblock)
@@ -151,15 +153,14 @@ class _Launch:
         if self.spec.numel <= 1 or not tensors or tensors[0].device.type != "cuda":
             return None  # Triton makes a constant of an int argument equal to 1
         try:
-            from torch._inductor.runtime.static_triton_launcher import StaticallyLaunchedCudaKernel
+            from kitsune._compat import static_cuda_launcher
             compiled = self.fn.warmup(*tensors, self.spec.numel, grid=self.grid, num_warps=self.num_warps,
                                       **self.constexprs)
             path = Path(self.fn.fn.__code__.co_filename)
             cubin = cache_dir("triton") / f"{path.stem}-{self.fn.fn.__name__}-{compiled.hash[:16]}.cubin"
             if not cubin.exists():
                 write_atomic(cubin, compiled.asm["cubin"])
-            compiled._cubin_path = str(cubin)
-            static = StaticallyLaunchedCudaKernel(compiled)
+            static = static_cuda_launcher(compiled, str(cubin))
             if len(static.arg_tys) != len(tensors) + 1:
                 raise RuntimeError(f"unexpected kernel signature {static.arg_tys!r}")
             static.load_kernel(tensors[0].device.index or 0)
@@ -185,7 +186,8 @@ class _Launch:
             arg_tys = static.arg_tys + "O" * len(scratch)
             if len(arg_tys) != n_tensors + 1 + len(scratch):
                 return None
-            launch = static.C_impl._launch_kernel
+            from kitsune._compat import static_launch_entry
+            launch = static_launch_entry(static)
             function, num_warps, shared = static.function, static.num_warps, static.shared
         except Exception as error:  # noqa: BLE001 - the launcher's own run() still works
             log.debug("kitsune: %s launches through static.run (%s)", self.spec.name, error)

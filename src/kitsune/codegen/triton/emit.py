@@ -9,11 +9,13 @@ live in float32 registers (the numerics contract) and are rounded only by
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from kitsune.codegen.kernel import (KernelError, KernelSpec, is_row_index, outer_layout, reaches_only_low_precision,
-                                    reduction_stage, row_values)
+from kitsune.codegen.kernel import KernelError, KernelSpec, reaches_only_low_precision
+from kitsune.codegen.schedule import ReductionSchedule, opmath_dtype, outer_layout
+from kitsune.tuning.launch import LaunchChoices, launch_choices
 from kitsune.ir.index import Index, render, render_in_kernel
 from kitsune.ir.scalar import Value
 
@@ -74,10 +76,12 @@ def _live(spec: KernelSpec, replaced: dict[Value, Value]) -> set:
     return live
 
 
-def emit_triton(spec: KernelSpec, fn_name: str, persistent_max: int = 4096) -> str:
-    """Source of a module defining the @triton.jit kernel `fn_name`."""
+def emit_triton(spec: KernelSpec, fn_name: str, choices: LaunchChoices | None = None) -> str:
+    """Source of a module defining the @triton.jit kernel `fn_name` (and for a
+    split reduction `fn_name`_finish), laid out by `choices` (default: the
+    current `launch_choices()`)."""
     if spec.reduction:
-        return _emit_reduction(spec, fn_name, persistent_max)
+        return _emit_reduction(spec, fn_name, choices or launch_choices())
     wide = spec.max_offset() >= 2**31 - 2**16
     names: dict[Value, str] = {}
     inputs = [i.name for i in spec.inputs]
@@ -223,63 +227,18 @@ def _online_softmax_sums(reductions, row) -> dict:
     return pairs
 
 
-# Outer (column) reductions: a program reduces RBLOCK positions of XBLOCK
-# adjacent rows per step, so each load reads XBLOCK contiguous elements of one
-# position; XBLOCK shrinks (down to 16) until there are enough programs to fill
-# the GPU (a bias gradient has only as many rows as features), and RBLOCK
-# grows so that a step holds OUTER_TILE elements: the loop is latency-bound
-# (on an H200, a 16384x4096 bias gradient took 1.31 / 0.77 / 0.42 ms with
-# 16 / 32 / 64 positions a step, whatever the number of programs).
-OUTER_TILE = 8192
-OUTER_PROGRAMS = 264
-OUTER_WARPS = None  # None: by the step's size
-# float32 sums whose lanes each add more than this many values are compensated
-COMPENSATE_STEPS = 64
-# Row kernels: a row longer than PERSISTENT_MAX is walked in chunks of
-# LOOPED_RBLOCK with 4 warps (H200, 8192x32000 bf16 cross-entropy: 0.156 ms
-# in chunks of 4096, 0.184 in chunks of 2048; 8 warps were slower in every
-# chunk size). A persistent block of 4096 elements or more gets 8 warps,
-# unless each element takes more than HEAVY_ELEMENT_OPS operations: then 4,
-# which leaves each thread more independent work (16384x4096 bf16:
-# softmax 0.072 ms with 8 warps, 0.079 with 4; layer_norm+GELU 0.083 with 4,
-# 0.090 with 8; benchmarks/probe_rows.py and bench_reductions.py).
-LOOPED_RBLOCK = 4096
-LOOPED_WARPS = 4
-# rows of fewer elements share a program, up to this many elements a block
-ROW_BLOCK_ELEMENTS = 1024
-HEAVY_ELEMENT_OPS = 12
+# -- launch layout of reduction kernels ------------------------------------------
+#
+# The block sizes, warps and split decisions below read their thresholds from
+# `kitsune.tuning.launch.LaunchChoices` (where the measurements behind each
+# are recorded). `TritonKernel` computes its grid from the same functions.
 
 
 def element_ops(spec: KernelSpec) -> int:
     """Operations a row kernel does per element (loads, arithmetic, casts):
     the values that vary along the row."""
-    row = row_values(spec)
+    row = ReductionSchedule.of(spec).row
     return sum(1 for v in spec.values() if v not in row and v.op not in ("const", "index"))
-
-
-# Split outer reductions: a column reduction over few output positions (a bias
-# gradient: 4096 positions, 16384 tokens) reads SPLIT_XBLOCK adjacent
-# positions of each row (128 contiguous bytes of bf16) and splits the reduced
-# dimension over SPLIT programs, which write partial results to a float32
-# workspace; a second, small kernel combines each position's partials and
-# computes the epilogue. Unsplit, filling the GPU took tiles 16 positions wide:
-# 32 bytes a row, half of each DRAM burst, and the kernel ran at 57 % of copy.
-SPLIT_XBLOCK = 64
-SPLIT_MIN_PROGRAMS = 528  # four programs per SM of an H100/H200
-SPLIT_MIN_ELEMENTS = 1 << 20
-SPLIT_MAX = 64
-SPLIT_WARPS = 8
-# Row layouts with fewer rows than this are split too (a whole-tensor sum is
-# one row), into about ROW_SPLIT_PROGRAMS programs of LOOPED_RBLOCK-element
-# chunks: many short programs balance over the SMs (H200, mean of (x - y)^2
-# over 16384x4096 bf16: 512 / 1024 / 4096 parts 70 / 79 / 64 us, the last at
-# the copy rate; benchmarks/probe_generated.py); unsplittable reductions of
-# fewer than FEW_ROWS long rows run through PyTorch.
-SPLIT_ROWS = 132
-ROW_SPLIT_PROGRAMS = 4096
-ROW_SPLIT_MAX = 4096
-ROW_SPLIT_MIN_ELEMENTS = 1 << 16
-FEW_ROWS, FEW_ROWS_ELEMENTS = 4, 1 << 16  # the planner's threshold for such reductions
 
 
 def pow2(n: int) -> int:
@@ -291,25 +250,26 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def split_plan(spec: KernelSpec) -> tuple[int, int, int, int, int] | None:
+def split_plan(spec: KernelSpec, choices: LaunchChoices | None = None) -> tuple[int, int, int, int, int] | None:
     """(XBLOCK, RBLOCK, num_warps, SPLIT, CHUNK) when the kernel's reduction is
     split over SPLIT programs of CHUNK reduced elements each, else None.
-    Split: outer layouts of at least SPLIT_MIN_ELEMENTS (column sums, see
-    above) and row layouts of fewer rows than SPLIT_ROWS and more than
-    ROW_SPLIT_MIN_ELEMENTS (a whole-tensor sum is one row: SPLIT programs share
-    it instead of one walking it all), when `splittable`."""
+    Split: outer layouts of at least `split_min_elements` (column sums) and row
+    layouts of fewer rows than `split_rows` and more than
+    `row_split_min_elements` (a whole-tensor sum is one row: SPLIT programs
+    share it instead of one walking it all), when `splittable`."""
+    c = choices or launch_choices()
     R, rows = spec.reduction, spec.rows
     if not R:
         return None
     if outer_layout(spec):
-        if R * rows < SPLIT_MIN_ELEMENTS or not splittable(spec):
+        if R * rows < c.split_min_elements or not splittable(spec):
             return None
-        xblock = min(SPLIT_XBLOCK, pow2(rows))
-        rblock, most, warps = min(max(32, OUTER_TILE // xblock), pow2(R)), SPLIT_MAX, SPLIT_WARPS
-        programs = SPLIT_MIN_PROGRAMS
-    elif rows < SPLIT_ROWS and R * rows > ROW_SPLIT_MIN_ELEMENTS and splittable(spec):
-        xblock, rblock, most, warps = 1, min(LOOPED_RBLOCK, pow2(R)), ROW_SPLIT_MAX, LOOPED_WARPS
-        programs = ROW_SPLIT_PROGRAMS
+        xblock = min(c.split_xblock, pow2(rows))
+        rblock, most, warps = min(max(32, c.outer_tile // xblock), pow2(R)), c.split_max, c.split_warps
+        programs = c.split_min_programs
+    elif rows < c.split_rows and R * rows > c.row_split_min_elements and splittable(spec):
+        xblock, rblock, most, warps = 1, min(c.looped_rblock, pow2(R)), c.row_split_max, c.looped_warps
+        programs = c.row_split_programs
     else:
         return None
     blocks = _cdiv(rows, xblock)
@@ -338,290 +298,367 @@ def _workspace_at(k: int, split: int, rows: int) -> str:
 def splittable(spec: KernelSpec) -> bool:
     """One stage of sum/max/min reductions computed in float32 (float16 and
     bfloat16 included), and no per-element output that needs their result."""
-    stage = reduction_stage(spec)
-    reductions = [v for v in spec.values() if v.op == "reduce"]
-    if not reductions or max(stage[v] for v in reductions) != 1:
+    schedule = ReductionSchedule.of(spec)
+    if not schedule.reductions or schedule.max_stage != 1:
         return False
-    if any(v.attr not in ("sum", "max", "min") or compute_dtype(v.dtype) != torch.float32 for v in reductions):
+    if any(v.attr not in ("sum", "max", "min") or opmath_dtype(v.dtype) != torch.float32
+           for v in schedule.reductions):
         return False  # the workspace holds float32 partials
-    row = row_values(spec)
-    return not any(stage[o.value] != 0 and not (o.value in row and is_row_index(o.index, spec.reduction))
-                   for o in spec.outputs)
+    return not any(schedule.stage[o.value] != 0 for o in schedule.full_outputs)
 
 
-def unsplit_few_rows(spec: KernelSpec) -> str | None:
+def unsplit_few_rows(spec: KernelSpec, choices: LaunchChoices | None = None) -> str | None:
     """Why a reduction over few long rows is not generated (it would walk each
     row in one program: a whole-tensor variance of 16M elements on one SM),
-    or None."""
-    if spec.reduction and spec.rows < FEW_ROWS and spec.numel > FEW_ROWS_ELEMENTS and split_plan(spec) is None:
+    or None. The Triton backend's `refusal` (codegen/backends.py)."""
+    c = choices or launch_choices()
+    if spec.reduction and spec.rows < c.few_rows and spec.numel > c.few_rows_elements \
+            and split_plan(spec, c) is None:
         return (f"{spec.rows} row(s) of {spec.reduction} elements and the reduction cannot be split "
                 f"(several stages, or a per-element output needs it)")
     return None
 
 
-def reduction_blocks(spec: KernelSpec, persistent_max: int) -> tuple[int, int, int, bool]:
-    """(XBLOCK, RBLOCK, num_warps, persistent) for a reduction kernel."""
+def _warps_for(work: int) -> int:
+    """Warps for a block of `work` elements."""
+    return 8 if work >= 4096 else 4 if work >= 1024 else 2 if work >= 256 else 1
+
+
+def reduction_blocks(spec: KernelSpec, choices: LaunchChoices | None = None) -> tuple[int, int, int, bool]:
+    """(XBLOCK, RBLOCK, num_warps, persistent) for an unsplit reduction kernel."""
+    c = choices or launch_choices()
     R, rows = spec.reduction, spec.rows
     rblock = 1 << max(R - 1, 0).bit_length()
     if outer_layout(spec):
         xblock = 128
-        while xblock > 16 and -(-rows // xblock) < OUTER_PROGRAMS:
+        while xblock > 16 and -(-rows // xblock) < c.outer_programs:
             xblock //= 2
         xblock = min(xblock, 1 << max(rows - 1, 0).bit_length())
-        step = min(rblock, max(32, OUTER_TILE // xblock), persistent_max)
-        work = xblock * step
-        num_warps = OUTER_WARPS or (8 if work >= 4096 else 4 if work >= 1024 else 2 if work >= 256 else 1)
+        step = min(rblock, max(32, c.outer_tile // xblock), c.persistent_max)
+        num_warps = c.outer_warps or _warps_for(xblock * step)
         return xblock, step, num_warps, step >= rblock
-    persistent = rblock <= persistent_max
+    persistent = rblock <= c.persistent_max
     if not persistent:
-        rblock = min(rblock, LOOPED_RBLOCK, persistent_max)
-    xblock = max(1, min(ROW_BLOCK_ELEMENTS // rblock, 1 << max(rows - 1, 0).bit_length(), 64))
-    work = xblock * rblock
-    num_warps = 8 if work >= 4096 else 4 if work >= 1024 else 2 if work >= 256 else 1
+        rblock = min(rblock, c.looped_rblock, c.persistent_max)
+    xblock = max(1, min(c.row_block_elements // rblock, 1 << max(rows - 1, 0).bit_length(), 64))
+    num_warps = _warps_for(xblock * rblock)
     if not persistent:
-        num_warps = min(num_warps, LOOPED_WARPS)
-    elif num_warps == 8 and element_ops(spec) > HEAVY_ELEMENT_OPS:
+        num_warps = min(num_warps, c.looped_warps)
+    elif num_warps == 8 and element_ops(spec) > c.heavy_element_ops:
         num_warps = 4
     return xblock, rblock, num_warps, persistent
 
 
-def _emit_reduction(spec: KernelSpec, fn_name: str, persistent_max: int) -> str:
-    R, rows = spec.reduction, spec.rows
-    wide = spec.max_offset() >= 2**31 - 2**16
-    plan = split_plan(spec)
-    if plan:
-        xblock, rblock, num_warps, split, part_len = plan
-        persistent = False
-    else:
-        xblock, rblock, num_warps, persistent = reduction_blocks(spec, persistent_max)
-        split = part_len = None
-    inputs = [i.name for i in spec.inputs]
-    values = spec.values()
-    row = row_values(spec)
-    stage = reduction_stage(spec)
-    names: dict[Value, str] = {}
-    counter = iter(range(10**9))
-    body: list[str] = []
+@dataclass(frozen=True)
+class ReductionLayout:
+    """How a reduction kernel is laid out over programs: XBLOCK rows a
+    program, RBLOCK elements a step, its warps, whether a row fits one block,
+    and for a split kernel the number of parts and their length."""
 
-    def emit(v: Value, scope: dict, out: list, indent: str) -> str:
+    xblock: int
+    rblock: int
+    num_warps: int
+    persistent: bool
+    split: int | None = None
+    part_len: int | None = None
+
+    @staticmethod
+    def of(spec: KernelSpec, choices: LaunchChoices | None = None) -> "ReductionLayout":
+        c = choices or launch_choices()
+        plan = split_plan(spec, c)
+        if plan:
+            xblock, rblock, num_warps, split, part_len = plan
+            return ReductionLayout(xblock, rblock, num_warps, False, split, part_len)
+        return ReductionLayout(*reduction_blocks(spec, c))
+
+
+def _emit_reduction(spec: KernelSpec, fn_name: str, choices: LaunchChoices) -> str:
+    return _ReductionEmitter(spec, choices).source(fn_name)
+
+
+class _ReductionEmitter:
+    """Generates one reduction kernel (and a split kernel's finish kernel).
+
+    `emit` names a Value in a scope, emitting the lines it needs first; the
+    other methods emit one phase of the kernel each, in order: row values of
+    stage 0, each reduction stage (in registers, or as loops over the row's
+    chunks with accumulators), a split kernel's partial results and finish,
+    the stores, and the function header."""
+
+    def __init__(self, spec: KernelSpec, choices: LaunchChoices):
+        self.spec, self.choices = spec, choices
+        self.R, self.rows = spec.reduction, spec.rows
+        self.schedule = ReductionSchedule.of(spec)
+        self.layout = ReductionLayout.of(spec, choices)
+        self.inputs = [i.name for i in spec.inputs]
+        self.names: dict[Value, str] = {}
+        self.counter = iter(range(10**9))
+        self.body: list[str] = []
+        self.finish_lines: list[str] = []  # the finish kernel's body (split kernels)
+        self.along_row = Index.var().mod(self.R)
+        self.sums = one_plus_erf_sums(spec)
+        self.gelus = gelu_products(spec, self.sums)
+        persistent = self.layout.persistent
+        self.online = {} if persistent else _online_softmax_sums(self.schedule.reductions, self.schedule.row)
+        # a looped kernel stores the per-element outputs that need no reduction in
+        # its first pass (a gradient written next to its bias gradient is read,
+        # computed and written once)
+        self.early = [] if persistent else list(self.schedule.early_outputs)
+        late = self.schedule.full_outputs if persistent else self.schedule.late_outputs
+        self.full_outputs, self.row_outputs = list(late), list(self.schedule.row_outputs)
+        # Masks only where the shape needs them: rows that fill the last program
+        # need no row mask, and a looped row is walked in full chunks without a
+        # mask, then in its last, partial chunk with one (the compare, the and and
+        # the select per element were a tenth of a cross-entropy's instructions).
+        self.row_mask = "rowmask" if self.rows % self.layout.xblock else None
+        self.xmask = None  # the per-element mask of the code being emitted; read by emit()
+
+    def fresh(self, prefix: str = "v") -> str:
+        return f"{prefix}{next(self.counter)}"
+
+    def emit(self, v: Value, scope: dict, out: list, indent: str) -> str:
         """Name of v in `scope`, emitting it (and what it needs) first."""
         if v in scope:
             return scope[v]
         if v.op == "reduce":
-            raise KernelError(f"{spec.name}: reduction used before it is computed")
-        position = v.op == "cast" and v.args[0].op == "index" and v.args[0].attr == along_row
+            raise KernelError(f"{self.spec.name}: reduction used before it is computed")
+        position = v.op == "cast" and v.args[0].op == "index" and v.args[0].attr == self.along_row
         if position and v.dtype == torch.int32:
             text = "r"  # the position along the row is the loop's own int32 offset
-        elif v in gelus:
-            text = f"gelu_erf({emit(gelus[v], scope, out, indent)})"
-        elif v in sums:
-            text = f"one_plus_erf({emit(sums[v], scope, out, indent)})"
+        elif v in self.gelus:
+            text = f"gelu_erf({self.emit(self.gelus[v], scope, out, indent)})"
+        elif v in self.sums:
+            text = f"one_plus_erf({self.emit(self.sums[v], scope, out, indent)})"
         else:
             for a in v.args:
-                emit(a, scope, out, indent)
-            is_row = v in row
-            text = _expr(v, scope, inputs, var="xrow" if is_row else "x", mask=row_mask if is_row else masks["x"],
-                         rows=R)
-        name = f"v{next(counter)}"
+                self.emit(a, scope, out, indent)
+            is_row = v in self.schedule.row
+            text = _expr(v, scope, self.inputs, var="xrow" if is_row else "x",
+                         mask=self.row_mask if is_row else self.xmask, rows=self.R)
+        name = self.fresh()
         out.append(f"{indent}{name} = {text}")
         scope[v] = name
         return name
 
-    along_row = Index.var().mod(R)
-    sums = one_plus_erf_sums(spec)
-    gelus = gelu_products(spec, sums)
-    reductions = [v for v in values if v.op == "reduce"]
-    max_stage = max((stage[v] for v in reductions), default=0)
-    online = {} if persistent else _online_softmax_sums(reductions, row)
-    # A row value stored at an index that walks the row too (a broadcast row
-    # value written at full shape) is stored by the element loop.
-    row_outputs = [o for o in spec.outputs if o.value in row and is_row_index(o.index, R)]
-    full_outputs = [o for o in spec.outputs if o not in row_outputs]
-    # a looped kernel stores the per-element outputs that need no reduction in
-    # its first pass (a gradient written next to its bias gradient is read,
-    # computed and written once)
-    early = [o for o in full_outputs if stage[o.value] == 0] if max_stage and not persistent else []
-    full_outputs = [o for o in full_outputs if o not in early]
-
-    def row_stage_values(s):
-        return [v for v in values if v in row and v.op != "reduce" and stage[v] == s]
-
-    # Masks only where the shape needs them: rows that fill the last program
-    # need no row mask, and a looped row is walked in full chunks without a
-    # mask, then in its last, partial chunk with one (the compare, the and and
-    # the select per element were a tenth of a cross-entropy's instructions).
-    row_mask = "rowmask" if rows % xblock else None
-    masks = {"x": None}  # the per-element mask of the code being emitted; read by emit()
-
-    def set_mask(mask: str | None, indent: str) -> list[str]:
+    def set_mask(self, mask: str | None, indent: str) -> list[str]:
         """The line defining xmask (none without a mask); emit() reads it from here on."""
-        masks["x"] = None if mask is None else "xmask"
+        self.xmask = None if mask is None else "xmask"
         return [] if mask is None else [f"{indent}xmask = {mask}"]
 
-    def chunk_loops():
+    def chunk_loops(self):
         """The header lines of each loop over the row's chunks (emit() then sees its mask)."""
-        if split:  # this program's part of the row: CHUNK elements from part * CHUNK
+        R, rblock, part_len = self.R, self.layout.rblock, self.layout.part_len
+        if self.layout.split:  # this program's part of the row: CHUNK elements from part * CHUNK
             loops = [(f"part * {part_len}, part * {part_len} + {part_len}",
-                      _and(row_mask, f"(r < {R})" if R % part_len else None), "")]
+                      _and(self.row_mask, f"(r < {R})" if R % part_len else None), "")]
         else:
             full = R - R % rblock
-            loops = [(f"0, {full}", row_mask, "")]
+            loops = [(f"0, {full}", self.row_mask, "")]
             if full < R:
-                loops.append((f"{full}, {R}", _and(row_mask, f"(r < {R})"), "  # the last, partial chunk"))
+                loops.append((f"{full}, {R}", _and(self.row_mask, f"(r < {R})"), "  # the last, partial chunk"))
         for bounds, mask, comment in loops:
             header = [f"for r0 in range({bounds}, RBLOCK):{comment}",
                       "    r = r0 + tl.arange(0, RBLOCK)[None, :]", "    x = xrow + r"]
-            yield header + set_mask(mask, "    ")
+            yield header + self.set_mask(mask, "    ")
 
-    for v in row_stage_values(0):
-        emit(v, names, body, "")
-    if persistent:
-        body += ["r = tl.arange(0, RBLOCK)[None, :]", "x = xrow + r"]
-        body += set_mask(_and(row_mask, f"(r < {R})" if R < rblock else None), "")
-    for s in range(max_stage):
-        targets = [v for v in reductions if stage[v] == s + 1]
-        if persistent:
+    def row_scope(self) -> dict:
+        """The names of the row values computed so far (what a chunk loop may reuse)."""
+        return {k: n for k, n in self.names.items() if k in self.schedule.row}
+
+    def row_stage(self, s: int) -> None:
+        for v in self.schedule.row_stage_values(s):
+            self.emit(v, self.names, self.body, "")
+
+    # -- the kernel's phases ----------------------------------------------------
+
+    def source(self, fn_name: str) -> str:
+        """The module defining kernel `fn_name` (and a split kernel's finish)."""
+        self.row_stage(0)
+        if self.layout.persistent:
+            self.body += ["r = tl.arange(0, RBLOCK)[None, :]", "x = xrow + r"]
+            self.body += self.set_mask(_and(self.row_mask, f"(r < {self.R})" if self.R < self.layout.rblock
+                                            else None), "")
+        for s in range(self.schedule.max_stage):
+            targets = self.schedule.reductions_of_stage(s + 1)
+            if self.layout.persistent:
+                self.persistent_stage(targets)
+            else:
+                self.looped_stage(s, [v for v in targets if v not in self.names])  # online sums are done already
+            if self.layout.split:
+                break  # the partial results are stored below; the finish kernel does the rest
+            self.row_stage(s + 1)
+        if self.layout.split:
+            self.split_partials()
+        self.store_outputs()
+        return self.module(fn_name)
+
+    def persistent_stage(self, targets: list) -> None:
+        """A stage's reductions of a row held in one block."""
+        for v in targets:
+            arg = self.emit(v.args[0], self.names, self.body, "")
+            block = _masked(self.xmask, arg, _identity(v.attr, v.dtype))
+            name = self.fresh()
+            self.body.append(f"{name} = {_finish(v.attr, block)}")
+            self.names[v] = name
+
+    def looped_stage(self, s: int, targets: list) -> None:
+        """A stage's reductions as accumulators over the row's chunks."""
+        if not targets:
+            return
+        pairs = [(m, total) for total, m in self.online.items() if m in targets]
+        paired = dict(pairs)
+        accs = self.init_accumulators(targets, pairs)
+        steps = self.layout.part_len or self.R
+        compensated = [v for v in targets if v.attr == "sum" and v.dtype == torch.float32 and v not in paired
+                       and steps > self.choices.compensate_steps * self.layout.rblock]
+        for v in compensated:
+            self.body.append(f"{accs[v]}_c = tl.zeros([XBLOCK, RBLOCK], tl.float32)")
+            self.body.append(f"{accs[v]}_plain = tl.zeros([XBLOCK, RBLOCK], tl.float32)")
+        for header in self.chunk_loops():
+            self.body += header
+            scope = self.row_scope()
             for v in targets:
-                arg = emit(v.args[0], names, body, "")
-                block = _masked(masks["x"], arg, _identity(v.attr, v.dtype))
-                name = f"v{next(counter)}"
-                body.append(f"{name} = {_finish(v.attr, block)}")
-                names[v] = name
-        else:
-            targets = [v for v in targets if v not in names]  # online sums are done already
-            pairs = [(m, total) for total, m in online.items() if m in targets]
-            if not targets:
-                for v in row_stage_values(s + 1):
-                    emit(v, names, body, "")
-                continue
-            accs = {}
-            paired = {m: total for m, total in pairs}
-            for v in targets:
-                accs[v] = f"acc{next(counter)}"
-                width = "1" if v in paired else "RBLOCK"  # online maxima are kept per row
-                body.append(f"{accs[v]} = tl.full([XBLOCK, {width}], {_identity(v.attr, v.dtype)}, "
-                            f"{TL_DTYPE[compute_dtype(v.dtype)]})")
-            for _, total in pairs:
-                accs[total] = f"acc{next(counter)}"
-                body.append(f"{accs[total]} = tl.zeros([XBLOCK, 1], tl.float32)")
-            compensated = {v for v in targets if v.attr == "sum" and v.dtype == torch.float32 and v not in paired
-                           and (part_len or R) > COMPENSATE_STEPS * rblock}
-            for v in compensated:
-                body.append(f"{accs[v]}_c = tl.zeros([XBLOCK, RBLOCK], tl.float32)")
-                body.append(f"{accs[v]}_plain = tl.zeros([XBLOCK, RBLOCK], tl.float32)")
-            for header in chunk_loops():
-                body += header
-                scope = {k: n for k, n in names.items() if k in row}
-                for v in targets:
-                    arg = emit(v.args[0], scope, body, "    ")
-                    block = _masked(masks["x"], arg, _identity(v.attr, v.dtype))
-                    if v in paired:
-                        # online softmax: the row's running maximum grows chunk by
-                        # chunk and the running sum is rescaled to it (one exp per element)
-                        m_new, chunk, total = f"m{next(counter)}", f"c{next(counter)}", accs[paired[v]]
-                        body += [f"    {chunk} = {block}",
-                                 f"    {m_new} = max_nan({accs[v]}, {_finish('max', chunk)})",
-                                 f"    {total} = {total} * online_scale({accs[v]}, {m_new}) + "
-                                 f"tl.sum(online_scale({chunk}, {m_new}), 1)[:, None]",
-                                 f"    {accs[v]} = {m_new}"]
-                    elif v in compensated:
-                        # Kahan-compensated: an outer kernel adds R / RBLOCK values
-                        # to each lane in order (16384 floats erred 3.6 times as much
-                        # as eager); the plain sum is kept for inf/NaN
-                        acc, blk, y, t = accs[v], f"b{next(counter)}", f"y{next(counter)}", f"t{next(counter)}"
-                        body += [f"    {blk} = {block}", f"    {acc}_plain = {acc}_plain + {blk}",
-                                 f"    {y} = {blk} - {acc}_c", f"    {t} = {acc} + {y}",
-                                 f"    {acc}_c = ({t} - {acc}) - {y}", f"    {acc} = {t}"]
-                    else:
-                        body.append(f"    {accs[v]} = {_combine(v.attr, accs[v], block)}")
-                for out in early if s == 0 else ():
-                    value = emit(out.value, scope, body, "    ")
-                    body.append("    " + _store(out, value, "x", masks["x"], "[XBLOCK, RBLOCK]", R))
-            for v in targets:
+                arg = self.emit(v.args[0], scope, self.body, "    ")
+                block = _masked(self.xmask, arg, _identity(v.attr, v.dtype))
                 if v in paired:
-                    names[v] = accs[v]
-                    continue
-                name = f"v{next(counter)}"
-                if v in compensated:
-                    acc = accs[v]
-                    body += [f"{acc}_total = tl.sum({acc}_plain, 1)[:, None]",
-                             f"{name} = tl.where({acc}_total - {acc}_total == 0, "
-                             f"tl.sum({acc} - {acc}_c, 1)[:, None], {acc}_total)"]
+                    self.body += self.online_step(accs[v], accs[paired[v]], block)
+                elif v in compensated:
+                    self.body += self.compensated_step(accs[v], block)
                 else:
-                    body.append(f"{name} = {_finish(v.attr, accs[v])}")
-                names[v] = name
-            for m, total in pairs:
-                names[total] = accs[total]
-        if split:
-            break  # the partial results are stored below; the finish kernel does the rest
-        for v in row_stage_values(s + 1):
-            emit(v, names, body, "")
-    finish: list[str] = []
-    if split:
-        # partial results to the workspace; the finish kernel combines them per position
-        reduced = [v for v in reductions if stage[v] == 1]
+                    self.body.append(f"    {accs[v]} = {_combine(v.attr, accs[v], block)}")
+            for out in self.early if s == 0 else ():
+                value = self.emit(out.value, scope, self.body, "    ")
+                self.body.append("    " + _store(out, value, "x", self.xmask, "[XBLOCK, RBLOCK]", self.R))
+        self.finish_accumulators(targets, accs, paired, compensated)
+        for _, total in pairs:
+            self.names[total] = accs[total]
+
+    def init_accumulators(self, targets: list, pairs: list) -> dict:
+        """{reduction: accumulator name}, each declared at its identity."""
+        accs = {}
+        paired = dict(pairs)
+        for v in targets:
+            accs[v] = self.fresh("acc")
+            width = "1" if v in paired else "RBLOCK"  # online maxima are kept per row
+            self.body.append(f"{accs[v]} = tl.full([XBLOCK, {width}], {_identity(v.attr, v.dtype)}, "
+                             f"{TL_DTYPE[opmath_dtype(v.dtype)]})")
+        for _, total in pairs:
+            accs[total] = self.fresh("acc")
+            self.body.append(f"{accs[total]} = tl.zeros([XBLOCK, 1], tl.float32)")
+        return accs
+
+    def online_step(self, maximum: str, total: str, block: str) -> list[str]:
+        """online softmax: the row's running maximum grows chunk by chunk and
+        the running sum is rescaled to it (one exp per element)"""
+        m_new, chunk = self.fresh("m"), self.fresh("c")
+        return [f"    {chunk} = {block}",
+                f"    {m_new} = max_nan({maximum}, {_finish('max', chunk)})",
+                f"    {total} = {total} * online_scale({maximum}, {m_new}) + "
+                f"tl.sum(online_scale({chunk}, {m_new}), 1)[:, None]",
+                f"    {maximum} = {m_new}"]
+
+    def compensated_step(self, acc: str, block: str) -> list[str]:
+        """Kahan-compensated: an outer kernel adds R / RBLOCK values to each
+        lane in order (16384 floats erred 3.6 times as much as eager); the
+        plain sum is kept for inf/NaN"""
+        blk, y, t = self.fresh("b"), self.fresh("y"), self.fresh("t")
+        return [f"    {blk} = {block}", f"    {acc}_plain = {acc}_plain + {blk}",
+                f"    {y} = {blk} - {acc}_c", f"    {t} = {acc} + {y}",
+                f"    {acc}_c = ({t} - {acc}) - {y}", f"    {acc} = {t}"]
+
+    def finish_accumulators(self, targets: list, accs: dict, paired: dict, compensated: list) -> None:
+        """Each reduction's row value from its accumulator."""
+        for v in targets:
+            if v in paired:
+                self.names[v] = accs[v]
+                continue
+            name = self.fresh()
+            if v in compensated:
+                acc = accs[v]
+                self.body += [f"{acc}_total = tl.sum({acc}_plain, 1)[:, None]",
+                              f"{name} = tl.where({acc}_total - {acc}_total == 0, "
+                              f"tl.sum({acc} - {acc}_c, 1)[:, None], {acc}_total)"]
+            else:
+                self.body.append(f"{name} = {_finish(v.attr, accs[v])}")
+            self.names[v] = name
+
+    def split_partials(self) -> None:
+        """Partial results to the workspace; the finish kernel combines them per
+        position and stores the row outputs."""
+        split, rows, row_mask = self.layout.split, self.rows, self.row_mask
+        reduced = self.schedule.reductions_of_stage(1)
         for k, v in enumerate(reduced):
-            body.append(f"tl.store({_workspace_at(k, split, rows)}, {names[v]}"
-                        + ("" if row_mask is None else f", {row_mask}") + ")")
-        finish_names: dict[Value, str] = {}
-        split_block = pow2(split)
+            self.body.append(f"tl.store({_workspace_at(k, split, rows)}, {self.names[v]}"
+                             + ("" if row_mask is None else f", {row_mask}") + ")")
+        finish, finish_names = self.finish_lines, {}
         finish.append("part = tl.arange(0, SPLIT_BLOCK)[None, :]")
         for k, v in enumerate(reduced):
-            mask = _and(row_mask, f"(part < {split})" if split_block != split else None)
+            mask = _and(row_mask, f"(part < {split})" if pow2(split) != split else None)
             load = f"tl.load({_workspace_at(k, split, rows)}" + (
                 f", {mask}, other={_identity(v.attr, v.dtype)})" if mask else ")")
-            name = f"v{next(counter)}"
+            name = self.fresh()
             finish.append(f"{name} = {_finish(v.attr, load)}")
             finish_names[v] = name
-        for out in row_outputs:
-            value = emit(out.value, finish_names, finish, "")
-            finish.append(_store(out, value, "xrow", row_mask, "[XBLOCK, 1]", R))
-        full_outputs, row_outputs = [], []
-    if full_outputs and persistent:
-        for out in full_outputs:
-            value = emit(out.value, names, body, "")
-            body.append(_store(out, value, "x", masks["x"], "[XBLOCK, RBLOCK]", R))
-    elif full_outputs:
-        for header in chunk_loops():
-            body += header
-            scope = {k: n for k, n in names.items() if k in row}
-            for out in full_outputs:
-                value = emit(out.value, scope, body, "    ")
-                body.append("    " + _store(out, value, "x", masks["x"], "[XBLOCK, RBLOCK]", R))
-    for out in row_outputs:
-        value = emit(out.value, names, body, "")
-        body.append(_store(out, value, "xrow", row_mask, "[XBLOCK, 1]", R))
+        for out in self.row_outputs:
+            value = self.emit(out.value, finish_names, finish, "")
+            finish.append(_store(out, value, "xrow", row_mask, "[XBLOCK, 1]", self.R))
+        self.full_outputs, self.row_outputs = [], []
 
-    params = ", ".join(inputs + [o.name for o in spec.outputs] + (["ws"] if split else []) + ["numel"])
-    pid = "tl.program_id(0).to(tl.int64)" if wide else "tl.program_id(0)"
-    header = "\n".join(f"# {line}" for line in (spec.description or spec.name).splitlines())
-    rows_of_program = [f"    row = ({pid} * XBLOCK + tl.arange(0, XBLOCK))[:, None]",
-                       *([f"    rowmask = row < {rows}"] if row_mask else []),
-                       f"    xrow = row * {R}"]
-    start, tail = rows_of_program, []
-    if split:
-        start = rows_of_program + ["    part = tl.program_id(1)"]
-        tail = ["",
-                f"# the {split} partial results of each position combined, and what follows from them",
-                "@triton.jit",
-                f"def {fn_name}_finish({params}, XBLOCK: tl.constexpr, SPLIT_BLOCK: tl.constexpr):",
-                *rows_of_program, *[f"    {line}" for line in finish]]
-    lines = [
-        "import triton",
-        "import triton.language as tl",
-        "from kitsune.codegen.triton.libm import gelu_erf, libm, one_plus_erf, round_bf16, max_nan, min_nan, "
-        "mul_combine, online_scale",
-        "",
-        header,
-        f"# {rows} rows x {R} reduced elements; XBLOCK={xblock} RBLOCK={rblock} num_warps={num_warps} "
-        f"{'persistent' if persistent else 'looped'}{', outer layout' if outer_layout(spec) else ''}"
-        f"{f', split in {split} parts of {part_len}' if split else ''}",
-        "@triton.jit",
-        f"def {fn_name}({params}, XBLOCK: tl.constexpr, RBLOCK: tl.constexpr):",
-        *start,
-    ]
-    lines += [f"    {line}" for line in body] + tail
-    return "\n".join(lines) + "\n"
+    def store_outputs(self) -> None:
+        """The per-element outputs (in the block, or in a last pass over the
+        chunks), then the row outputs."""
+        if self.full_outputs and self.layout.persistent:
+            for out in self.full_outputs:
+                value = self.emit(out.value, self.names, self.body, "")
+                self.body.append(_store(out, value, "x", self.xmask, "[XBLOCK, RBLOCK]", self.R))
+        elif self.full_outputs:
+            for header in self.chunk_loops():
+                self.body += header
+                scope = self.row_scope()
+                for out in self.full_outputs:
+                    value = self.emit(out.value, scope, self.body, "    ")
+                    self.body.append("    " + _store(out, value, "x", self.xmask, "[XBLOCK, RBLOCK]", self.R))
+        for out in self.row_outputs:
+            value = self.emit(out.value, self.names, self.body, "")
+            self.body.append(_store(out, value, "xrow", self.row_mask, "[XBLOCK, 1]", self.R))
+
+    def module(self, fn_name: str) -> str:
+        """The module: imports, the kernel's signature and row setup, its body,
+        and a split kernel's finish kernel."""
+        spec, R, rows, layout = self.spec, self.R, self.rows, self.layout
+        split = layout.split
+        wide = spec.max_offset() >= 2**31 - 2**16
+        params = ", ".join(self.inputs + [o.name for o in spec.outputs] + (["ws"] if split else []) + ["numel"])
+        pid = "tl.program_id(0).to(tl.int64)" if wide else "tl.program_id(0)"
+        comment = "\n".join(f"# {line}" for line in (spec.description or spec.name).splitlines())
+        rows_of_program = [f"    row = ({pid} * XBLOCK + tl.arange(0, XBLOCK))[:, None]",
+                           *([f"    rowmask = row < {rows}"] if self.row_mask else []),
+                           f"    xrow = row * {R}"]
+        start, tail = rows_of_program, []
+        if split:
+            start = rows_of_program + ["    part = tl.program_id(1)"]
+            tail = ["",
+                    f"# the {split} partial results of each position combined, and what follows from them",
+                    "@triton.jit",
+                    f"def {fn_name}_finish({params}, XBLOCK: tl.constexpr, SPLIT_BLOCK: tl.constexpr):",
+                    *rows_of_program, *[f"    {line}" for line in self.finish_lines]]
+        lines = [
+            "import triton",
+            "import triton.language as tl",
+            "from kitsune.codegen.triton.libm import gelu_erf, libm, one_plus_erf, round_bf16, max_nan, min_nan, "
+            "mul_combine, online_scale",
+            "",
+            comment,
+            f"# {rows} rows x {R} reduced elements; XBLOCK={layout.xblock} RBLOCK={layout.rblock} "
+            f"num_warps={layout.num_warps} "
+            f"{'persistent' if layout.persistent else 'looped'}{', outer layout' if self.schedule.outer else ''}"
+            f"{f', split in {split} parts of {layout.part_len}' if split else ''}",
+            "@triton.jit",
+            f"def {fn_name}({params}, XBLOCK: tl.constexpr, RBLOCK: tl.constexpr):",
+            *start,
+        ]
+        lines += [f"    {line}" for line in self.body] + tail
+        return "\n".join(lines) + "\n"
 
 
 def _store(out, value: str, var: str, mask: str | None, shape: str, rows: int | None = None) -> str:

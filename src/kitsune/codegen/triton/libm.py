@@ -26,7 +26,8 @@ else:
     import triton
     import torch
     import triton.language as tl
-    from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
+    from kitsune._compat import triton_interpreter_types
+    InterpreterBuilder, TensorHandle = triton_interpreter_types() or (None, None)
 
     def _data(x):
         if isinstance(x, tl.tensor):
@@ -90,7 +91,7 @@ else:
     # (float32 for `x != 0` on floats), so splatting a scalar comparison to a
     # block makes floats, and `&` with a block of bools then fails in numpy.
     # A GPU has no such problem: give comparisons the int1 type they have there.
-    for _name in dir(InterpreterBuilder):
+    for _name in dir(InterpreterBuilder) if InterpreterBuilder is not None else ():
         if _name.startswith(("create_icmp", "create_fcmp")):
             setattr(InterpreterBuilder, _name, _bool_result(getattr(InterpreterBuilder, _name)))
 

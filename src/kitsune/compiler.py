@@ -26,6 +26,7 @@ from kitsune.report.stats import GLOBAL_STATS, GraphRecord
 from kitsune.runtime.compiled_graph import bind_fast_targets, build_graph_module
 from kitsune.runtime.fused_call import FusedGroupCall, group_fallback
 from kitsune.runtime.matmul import align_matmuls
+from kitsune.tuning.measure import measured
 
 log = logging.getLogger("kitsune")
 _kernel_ids = itertools.count()
@@ -63,8 +64,9 @@ def build_kernels(backend: str, specs: list) -> list:
 
 
 def compile_graph(gm: fx.GraphModule, example_inputs, kind: str = "graph",
-                  config: FusionConfig | None = None, stats=GLOBAL_STATS):
-    """Compile one aten graph; returns a callable with gm's calling convention."""
+                  config: FusionConfig | None = None, stats=GLOBAL_STATS, profile: bool = False):
+    """Compile one aten graph; returns a callable with gm's calling convention.
+    `profile`: measure fused kernels (kitsune.tuning.measure.measuring)."""
     config = config or FusionConfig()
     start = time.perf_counter()
     record = GraphRecord(name=kind, kernels_before=sum(map(is_compute, gm.graph.nodes)), kernels_after=0)
@@ -86,6 +88,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs, kind: str = "graph",
         _cuda_graph_blocker(gm, example_inputs, compiled, record, training) is None
     if compiled_ok and isinstance(compiled, fx.GraphModule):
         bind_fast_targets(compiled)  # after every analysis that reads its aten targets
+    # measured on the first real call, before a CUDA-graph runner records the graph
+    compiled = measured(compiled, gm, record, config, profile)
     if replay:
         from kitsune.runtime.cuda_graphs import CudaGraphRunner
         record.cuda_graph = True

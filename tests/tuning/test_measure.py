@@ -1,4 +1,4 @@
-"""FusionEngine(profile=True): measured fuse-or-not decisions, cached on disk."""
+"""Measured fuse-or-not decisions (kitsune.tuning.measure), cached on disk."""
 import io
 import json
 import os
@@ -94,9 +94,9 @@ def test_a_config_asking_for_min_fusion_benefit_measures_without_profile(monkeyp
 
 def _fixed_times(monkeypatch, fused_s, unfused_s):
     """Every fused kernel takes fused_s, its unfused ops unfused_s."""
-    from kitsune.fusion import profile
+    from kitsune.tuning import measure
     from kitsune.runtime.fused_call import FusedGroupCall
-    monkeypatch.setattr(profile, "_time", lambda fn, args, device: fused_s if isinstance(fn, FusedGroupCall)
+    monkeypatch.setattr(measure, "_time", lambda fn, args, device: fused_s if isinstance(fn, FusedGroupCall)
                         else unfused_s)
 
 

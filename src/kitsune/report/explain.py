@@ -61,7 +61,7 @@ def explain_records(records, verbose: bool = False, config=None) -> str:
         kept = sum(1 for _, k in timed if k)
         lines.append(f"Measured on first inputs ({len(timed)} kernels: {kept} kept, {len(timed) - kept} run "
                      f"unfused below min_fusion_benefit): unfused {_time(before)} → now {_time(now)} "
-                     f"({before / now:.2f}x)" if now > 0 else "")
+                     f"({before / now:.2f}x){_measure_notes([m for m, _ in timed])}" if now > 0 else "")
     lines.append(f"Efficiency: {summary['efficiency']:.0%} of the kernel reduction that the detected "
                  f"patterns allow")
     if config is not None and not (config.enable_elementwise or config.enable_reduction):
@@ -156,3 +156,14 @@ def explain_records(records, verbose: bool = False, config=None) -> str:
         for graph, what, why in fallbacks[: None if verbose else 10]:
             lines.append(f"  {graph:<9} {_ops(str(what).split(' → '), 4)}: {why}")
     return "\n".join(lines)
+
+
+def _measure_notes(measured: list) -> str:
+    """How many measurements were undecided or read from the cache, and against which baseline."""
+    counts: dict = {}
+    for m in measured:
+        for note in ("undecided" if m.get("decision") == "undecided" else None,
+                     "cached" if m.get("cached") else None, f"baseline {m.get('baseline', 'decomposed ops')}"):
+            if note:
+                counts[note] = counts.get(note, 0) + 1
+    return "".join(f"; {n} {note}" for note, n in counts.items())

@@ -82,38 +82,44 @@ def user_op_baselines(aten_gm: fx.GraphModule, compiled: fx.GraphModule, record,
 
 class _Context:
     """What every group's baseline of one graph reads: the Dynamo graph, and the
-    aten compute nodes of each user op."""
+    aten compute nodes of each user op. A user op is named by its Dynamo node's own
+    ``source_fn_stack`` entry, which its aten nodes carry (Dynamo's node names differ:
+    `h = self.ln(x)` is node "h", source "layer_norm")."""
 
     def __init__(self, aten_gm, compiled, dynamo_gm):
         self.dynamo_gm = dynamo_gm
-        self.dynamo_nodes = {n.name: n for n in dynamo_gm.graph.nodes}
-        self.by_source: dict[str, set] = {}
+        self.user_op: dict = {}  # source name -> Dynamo node (None where two nodes share it)
+        for node in dynamo_gm.graph.nodes:
+            if source(node) is not None:
+                self.user_op[source(node)] = None if source(node) in self.user_op else node
+        self.by_source: dict[str, set] = {}  # source name -> its aten compute nodes
         for node in aten_gm.graph.nodes:
             if is_compute(node) and source(node) is not None:
                 self.by_source.setdefault(source(node), set()).add(node.name)
         self._source_of = {name: unit for unit, names in self.by_source.items() for name in names}
         aten_inputs = [n for n in compiled.graph.nodes if n.op == "placeholder"]
         dynamo_inputs = [n for n in dynamo_gm.graph.nodes if n.op == "placeholder"]
-        self.input_index = {}  # Dynamo placeholder -> position of the same graph input
-        if len(aten_inputs) == len(dynamo_inputs):
-            self.input_index = {d: k for k, (a, d) in enumerate(zip(aten_inputs, dynamo_inputs))
-                                if _same_value(a.meta.get("val"), d.meta.get("example_value"))}
+        # Dynamo placeholder -> position of the same graph input. AOTAutograd puts the
+        # parameters it lifts (a Dynamo graph that reads them with get_attr) first.
+        lifted = len(aten_inputs) - len(dynamo_inputs)
+        self.input_index = {d: k + lifted for k, d in enumerate(dynamo_inputs) if lifted >= 0 and
+                            _same_value(aten_inputs[k + lifted].meta.get("val"), d.meta.get("example_value"))}
 
     def baseline(self, members: set, args) -> UserOps:
         units = self._units(members)
         needed, sources = set(units), {}
         frontier = list(units)
         while frontier:
-            for e in self.dynamo_nodes[frontier.pop()].all_input_nodes:
-                if e.name in needed or e in sources:
+            for e in frontier.pop().all_input_nodes:
+                if e in needed or e in sources:
                     continue
                 where = self._find(e, args)
                 if where is not None:
                     sources[e] = where
                 elif e.op == "get_attr" or self._free(e, len(needed) - len(units)):
-                    needed.add(e.name)  # a parameter, or a view/size op of no kernel: free in eager
+                    needed.add(e)  # a parameter, or a view/size op of no kernel: free in eager
                     if e.op != "get_attr":
-                        frontier.append(e.name)
+                        frontier.append(e)
                 else:
                     raise _NoBaseline(f"input {e.name} of the user ops is not among the group's inputs")
         return UserOps(self._graph(needed, units, sources), list(sources.values()))
@@ -121,26 +127,27 @@ class _Context:
     def _free(self, e: fx.Node, extra: int) -> bool:
         """Whether `e` may join the baseline beside the user ops: a call with no
         aten kernel of its own (a view, a size), within MAX_EXTRA_NODES."""
-        return e.op in ("call_function", "call_method") and not self.by_source.get(e.name) and \
+        return e.op in ("call_function", "call_method") and not self.by_source.get(source(e)) and \
             extra < MAX_EXTRA_NODES
 
     def _units(self, members: set) -> set:
-        """The user ops (Dynamo node names) of a group, each wholly inside it."""
+        """The user ops (Dynamo nodes) of a group, each wholly inside it."""
         if not members:
             raise _NoBaseline("the group's nodes are unknown")
-        units = set()
+        names = set()
         for name in members:
-            unit = self._source_of.get(name)
-            if unit is None:
+            if self._source_of.get(name) is None:
                 raise _NoBaseline(f"{name} comes from no user op")
-            units.add(unit)
-        for unit in units:
-            node = self.dynamo_nodes.get(unit)
+            names.add(self._source_of[name])
+        units = set()
+        for name in names:
+            node = self.user_op.get(name)
             if node is None or node.op not in ("call_function", "call_method"):
-                raise _NoBaseline(f"user op {unit} is not a function call of the Dynamo graph")
-            outside = self.by_source.get(unit, set()) - members
+                raise _NoBaseline(f"user op {name} is not one function call of the Dynamo graph")
+            outside = self.by_source[name] - members
             if outside:
-                raise _NoBaseline(f"user op {unit} is split: {', '.join(sorted(outside))} outside the group")
+                raise _NoBaseline(f"user op {name} is split: {', '.join(sorted(outside))} outside the group")
+            units.add(node)
         return units
 
     def _find(self, e: fx.Node, args):
@@ -149,9 +156,9 @@ class _Context:
             if e not in self.input_index:
                 raise _NoBaseline(f"graph input {e.name} does not match the aten graph's inputs")
             return ("input", self.input_index[e])
-        want = e.meta.get("example_value")
-        found = [i for i, a in enumerate(args) if isinstance(a, fx.Node) and source(a) == e.name
-                 and _same_value(a.meta.get("val"), want)]
+        want, name = e.meta.get("example_value"), source(e)
+        found = [i for i, a in enumerate(args) if isinstance(a, fx.Node) and name is not None
+                 and source(a) == name and _same_value(a.meta.get("val"), want)]
         if len(found) > 1:
             raise _NoBaseline(f"input {e.name} of the user ops matches several group inputs")
         return ("arg", found[0]) if found else None
@@ -160,11 +167,11 @@ class _Context:
         graph = fx.Graph()
         env = {e: graph.placeholder(f"in{i}") for i, e in enumerate(sources)}
         for node in self.dynamo_gm.graph.nodes:
-            if node.name in needed:
+            if node in needed:
                 if _in_place(node):
                     raise _NoBaseline(f"user op {node.name} is in place")
                 env[node] = graph.node_copy(node, lambda n: env[n])
-        graph.output(tuple(env[self.dynamo_nodes[u]] for u in sorted(units)))
+        graph.output(tuple(env[n] for n in self.dynamo_gm.graph.nodes if n in units))
         return fx.GraphModule(self.dynamo_gm, graph)
 
 

@@ -116,6 +116,9 @@ def _outside_dispatch_modes():
 
 
 def _fake(args) -> bool:
+    """Inputs that cannot be timed: fake or meta tensors, or a CUDA graph being recorded."""
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return True
     return any(isinstance(a, torch.Tensor) and a.device.type == "meta" for a in args) or \
         torch._guards.detect_fake_mode(args) is not None
 
@@ -171,7 +174,7 @@ class _Measurer(fx.Interpreter):
         if why:
             m["baseline_why"] = why
         self.record.measured[name] = m
-        apply(self.record, call, m, threshold)
+        apply_decision(self.record, call, m, threshold)
 
     def _baseline(self, call, args):
         """(unfused callable, its arguments, baseline kind, why not the user's ops)."""
@@ -186,7 +189,7 @@ class _Measurer(fx.Interpreter):
         return call.fallback, args, DECOMPOSED_OPS, user or "no user ops recorded for the group"
 
 
-def apply(record, call: FusedGroupCall, m: dict, threshold: float) -> None:
+def apply_decision(record, call: FusedGroupCall, m: dict, threshold: float) -> None:
     """Acts on measurement `m` of `call`'s kernel: switches it off (recorded as a
     decision, not a failure) when it says "unfused"; logs each decision at INFO."""
     name = call.spec.name
@@ -235,11 +238,11 @@ def measure_pair(fused, fused_args, unfused, unfused_args, device, threshold: fl
     while True:
         f, u = [], []
         for i in range(ROUND_SAMPLES):  # alternate which side goes first: drift hits both
-            for side in ((0, 1) if i % 2 == 0 else (1, 0)):
-                if side == 0:
-                    f.append(_time(fused, fused_args, device))
-                else:
-                    u.append(_time(unfused, unfused_args, device))
+            if i % 2:
+                u.append(_time(unfused, unfused_args, device))
+            f.append(_time(fused, fused_args, device))
+            if not i % 2:
+                u.append(_time(unfused, unfused_args, device))
         rounds.append([statistics.median(f), statistics.median(u)])
         if len(rounds) < MIN_ROUNDS:
             continue

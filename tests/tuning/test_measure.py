@@ -10,7 +10,10 @@ import textwrap
 import pytest
 import torch
 
+import kitsune
+from kitsune.backend import make_backend
 from kitsune.fusion import FusionConfig, FusionEngine
+from kitsune.tuning import measure
 
 
 def f(a):
@@ -95,7 +98,6 @@ def test_a_config_asking_for_min_fusion_benefit_measures_without_profile(monkeyp
 
 def _fixed_times(monkeypatch, fused_s, unfused_s):
     """Every fused kernel takes fused_s, its unfused ops unfused_s."""
-    from kitsune.tuning import measure
     from kitsune.runtime.fused_call import FusedGroupCall
     monkeypatch.setattr(measure, "_time", lambda fn, args, device: fused_s if isinstance(fn, FusedGroupCall)
                         else unfused_s)
@@ -173,9 +175,6 @@ def test_profiling_many_groups_shows_progress_on_a_terminal(monkeypatch, tmp_pat
 
 # -- every entry point, the user's ops as the baseline, rounds, the cache -------------------------
 
-import kitsune  # noqa: E402
-from kitsune.backend import make_backend  # noqa: E402
-from kitsune.tuning import measure  # noqa: E402
 
 
 class _Norm(torch.nn.Module):

@@ -2,8 +2,9 @@
 
     python3 benchmarks/bench_pointwise.py                        # CUDA, 64M elements
     python3 benchmarks/bench_pointwise.py --device cpu           # CPU, 16M elements
-    python3 benchmarks/bench_pointwise.py --device cpu --numel 1000000 --repeat 5   # smoke test
+    python3 benchmarks/bench_pointwise.py --device cpu --quick   # does it run? (64K elements, 5 calls)
     python3 benchmarks/bench_pointwise.py --cases add_relu --dtypes bf16 --json out.json
+    python3 benchmarks/bench_pointwise.py --backends eager,kitsune   # Kitsune alone (baseline runs)
 
 Cases (1-D tensors of `numel` random normal elements):
 
@@ -51,11 +52,15 @@ Method (helpers in benchmarks/common.py):
   compile, and its warnings are captured while it runs: a case where Kitsune
   fused nothing or fell back to PyTorch gets a loud WARNING line, so a "fast"
   number that is really eager PyTorch cannot go unnoticed.
+
+Output: the markdown table printed last (median ms per backend, Kitsune's
+speed-up over each, GB/s with its share of the copy rate, cold compile
+seconds) and, with `--json PATH`, every number above per case, backend and
+dtype, with the environment (device, torch, triton, kitsune source).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import warnings
@@ -71,9 +76,10 @@ import torch.nn.functional as F  # noqa: E402
 
 import kitsune  # noqa: E402
 
-BACKENDS = ("eager", "inductor", "kitsune")
+BACKENDS = common.BACKENDS
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DEFAULT_NUMEL = {"cuda": 64 << 20, "cpu": 16 << 20}
+QUICK_NUMEL = 1 << 16
 COPY_BYTES = 256 << 20  # per side, at least; large enough to leave every cache behind
 
 
@@ -92,37 +98,17 @@ def chain(x, y):
 CASES = {"add_relu": (add_relu, 2), "mul_relu": (mul_relu, 1), "chain": (chain, 2)}
 
 
-class WarningCollector(logging.Handler):
-    """Collects the warnings Kitsune logs (fallbacks at compile and at run time)."""
-
-    def __init__(self):
-        super().__init__(level=logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
-def ensure_kitsune_backend() -> None:
-    """`backend="kitsune"` is found through the package's entry point once it is
-    pip-installed; register it by hand when kitsune is only importable (PYTHONPATH=src)."""
-    from torch._dynamo import list_backends, register_backend
-    if "kitsune" not in list_backends(exclude_tags=()):
-        from kitsune.backend import kitsune_backend
-        register_backend(kitsune_backend, name="kitsune")
-
-
 def random_inputs(n_inputs: int, numel: int, dtype, device) -> list[torch.Tensor]:
     return [torch.randn(numel, dtype=dtype, device=device) for _ in range(n_inputs)]
 
 
-def prewarm(device: torch.device) -> None:
+def prewarm(device: torch.device, backends) -> None:
     """Pay the one-time costs of both compilers on an unrelated function, then forget it."""
     def unrelated(x):
         return torch.tanh(x) * 3.0 + 1.0
 
     x = torch.randn(4096, device=device)
-    for backend in ("inductor", "kitsune"):
+    for backend in backends:
         common.cold_start()
         try:
             torch.compile(unrelated, backend=backend, dynamic=False)(x)
@@ -132,7 +118,7 @@ def prewarm(device: torch.device) -> None:
     kitsune.reset_fusion_stats()
 
 
-def run_backend(backend: str, fn, inputs, expected, ref64, device, repeats, kitsune_log: WarningCollector) -> dict:
+def run_backend(backend: str, fn, inputs, expected, ref64, device, repeats, kitsune_log: common.WarningCollector) -> dict:
     """Cold compile, check, then time one compiled backend."""
     result: dict = dict(status="ok")
     common.cold_start()
@@ -146,10 +132,7 @@ def run_backend(backend: str, fn, inputs, expected, ref64, device, repeats, kits
         return dict(status="FAIL", error=f"compile/run: {type(error).__name__}: {error}")
 
     if backend == "kitsune":
-        stats = kitsune.get_fusion_stats()
-        result["fusion"] = dict(num_fused=stats["num_fused"], kernels_before=stats["kernels_before"],
-                                kernels_after=stats["kernels_after"], groups=stats["groups"],
-                                fallbacks=[list(f) for f in stats["fallbacks"]])
+        result["fusion"] = common.kitsune_report()
 
     problem = common.check_output(out, expected, ref64)
     if problem is None:  # again on fresh random inputs: the same function on any input
@@ -168,8 +151,8 @@ def run_backend(backend: str, fn, inputs, expected, ref64, device, repeats, kits
     return result
 
 
-def run_case(name: str, dtype_name: str, numel: int, device, repeat: int | None,
-             kitsune_log: WarningCollector) -> dict:
+def run_case(name: str, dtype_name: str, numel: int, device, repeat: int | None, backends,
+             kitsune_log: common.WarningCollector) -> dict:
     fn, n_inputs = CASES[name]
     dtype = DTYPES[dtype_name]
     torch.manual_seed(0)
@@ -181,34 +164,39 @@ def run_case(name: str, dtype_name: str, numel: int, device, repeat: int | None,
     row = dict(case=name, dtype=dtype_name, numel=numel, min_bytes=nbytes, repeats=repeats,
                cache_resident=common.fits_in_cache(device, nbytes), backends={})
 
-    eager = dict(status="ok", rel_error_vs_fp64=common.relative_error(expected, ref64))
-    eager["timing"] = common.time_ms(lambda: fn(*inputs), device, repeats).as_dict()
-    row["backends"]["eager"] = eager
-    for backend in ("inductor", "kitsune"):
-        row["backends"][backend] = run_backend(backend, fn, inputs, expected, ref64, device, repeats, kitsune_log)
+    if "eager" in backends:
+        eager = dict(status="ok", rel_error_vs_fp64=common.relative_error(expected, ref64))
+        eager["timing"] = common.time_ms(lambda: fn(*inputs), device, repeats).as_dict()
+        row["backends"]["eager"] = eager
+    for backend in backends:
+        if backend != "eager":
+            row["backends"][backend] = run_backend(backend, fn, inputs, expected, ref64, device, repeats,
+                                                   kitsune_log)
 
     for result in row["backends"].values():
         if "timing" in result:
             ms = result["timing"]["median_ms"]
             result["gb_per_s"] = common.gb_per_s(nbytes, ms)
-    k = row["backends"]["kitsune"]
+    k = row["backends"].get("kitsune", {})
     if "timing" in k:
         for other in ("eager", "inductor"):
-            if "timing" in row["backends"][other]:
+            if "timing" in row["backends"].get(other, {}):
                 k[f"speedup_vs_{other}"] = row["backends"][other]["timing"]["median_ms"] / k["timing"]["median_ms"]
     return row
 
 
 def kitsune_problems(row: dict) -> list[str]:
     """Why this row's Kitsune number may not be Kitsune's own kernels."""
+    if "kitsune" not in row["backends"]:
+        return []
     k = row["backends"]["kitsune"]
     fusion = k.get("fusion")
     if fusion is None:
         return [k.get("error", "no fusion report")]
     problems = []
-    if fusion["num_fused"] == 0:
+    if fusion["num_fused"] == 0:  # None: this kitsune does not report it
         problems.append("num_fused == 0: nothing ran as a Kitsune kernel")
-    problems += [f"fallback: {what}: {why}" for what, why in fusion["fallbacks"]]
+    problems += [f"fallback: " + (": ".join(map(str, f)) if isinstance(f, list) else str(f)) for f in fusion["fallbacks"]]
     problems += [f"logged: {message}" for message in fusion.get("warnings", [])]
     return problems
 
@@ -223,7 +211,7 @@ def print_case(row: dict) -> None:
         else:
             parts.append(f"{backend} FAIL")
     print(f"{row['case']:>8} {row['dtype']} x{row['repeats']}: " + "; ".join(parts))
-    fusion = row["backends"]["kitsune"].get("fusion")
+    fusion = row["backends"].get("kitsune", {}).get("fusion")
     if fusion:
         print(f"         kitsune: num_fused={fusion['num_fused']} kernels {fusion['kernels_before']} -> "
               f"{fusion['kernels_after']}, fallbacks={len(fusion['fallbacks'])}")
@@ -240,10 +228,11 @@ def table(rows: list[dict]) -> str:
                "inductor compile s", "kitsune compile s"]
     lines = []
     for row in rows:
-        b = row["backends"]
+        b = {n: row["backends"].get(n, {}) for n in BACKENDS}
         k = b["kitsune"]
         cells = [row["case"] + ("*" if kitsune_problems(row) else ""), row["dtype"], common.format_numel(row["numel"])]
-        cells += [f"{b[n]['timing']['median_ms']:.3f}" if "timing" in b[n] else "FAIL" for n in BACKENDS]
+        cells += [f"{b[n]['timing']['median_ms']:.3f}" if "timing" in b[n] else "FAIL" if b[n] else "n/a"
+                  for n in BACKENDS]
         cells += [f"{k[key]:.2f}x" if key in k else "n/a" for key in ("speedup_vs_eager", "speedup_vs_inductor")]
         cells += [f"{common.format_rate(b[n]['gb_per_s'])} ({100 * b[n]['share_of_copy']:.0f}%)"
                   if "gb_per_s" in b[n] else "n/a" for n in BACKENDS]
@@ -254,29 +243,29 @@ def table(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--numel", type=int, help="elements per tensor (default 64M on CUDA, 16M on the CPU)")
+    common.add_standard_arguments(parser)
+    parser.add_argument("--numel", type=int, help="elements per tensor (default 64M on CUDA, 16M on the CPU, "
+                                                  "64K with --quick)")
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     parser.add_argument("--repeat", type=int, help="timed calls per measurement (default: by device and size)")
-    parser.add_argument("--json", metavar="PATH", help="write every number to this JSON file")
     parser.add_argument("--fresh-pages", action="store_true",
                         help="keep glibc's default of returning large freed blocks to the OS, so that every "
                              "call on the CPU page-faults its output in anew (default: reuse freed memory)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda but torch.cuda.is_available() is False")
-    numel = args.numel or DEFAULT_NUMEL[device.type]
+    common.check_device(device)
+    backends = common.parse_backends(args.backends)
+    numel = args.numel or (QUICK_NUMEL if args.quick else DEFAULT_NUMEL[device.type])
+    repeat = args.repeat or (5 if args.quick else None)
     common.disable_compile_caches()
-    ensure_kitsune_backend()
+    common.ensure_kitsune_backend()
     warnings.filterwarnings("ignore", message="dynamo_pgo force disabled")  # expected: caches are off
-    kitsune_log = WarningCollector()
+    kitsune_log = common.WarningCollector()
     logging.getLogger("kitsune").addHandler(kitsune_log)
 
     env = common.environment(device)
-    env["kitsune"] = kitsune.__version__
     print(f"# Pointwise fusion: eager vs Inductor vs Kitsune — {env['date']}")
     print(f"device: {env['device_name']} ({env['device']})   torch {env['torch']}   triton {env['triton']}   "
           f"kitsune {env['kitsune']}   python {env['python']}")
@@ -287,18 +276,18 @@ def main(argv=None) -> int:
                  if env["malloc_reuse"] else "glibc default (outputs page-fault in every call)"))
 
     # The copy ceiling, measured before and after the cases: their difference shows the drift/noise.
-    copy_bytes = max(COPY_BYTES, numel * 4)
-    copy_repeats = max(20, args.repeat or common.default_repeats(device, 2 * copy_bytes))
+    copy_bytes = numel * 4 if args.quick else max(COPY_BYTES, numel * 4)
+    copy_repeats = repeat or max(20, common.default_repeats(device, 2 * copy_bytes))
     copies = [common.copy_rate(device, copy_bytes, copy_repeats)]
     print(f"device copy rate: {copies[0]['gb_per_s']:.1f} GB/s (dst.copy_(src), {copy_bytes >> 20} MiB "
           f"per side, read + write counted)")
-    print("pre-warming both compilers on an unrelated function ...")
-    prewarm(device)
+    print("pre-warming the compilers on an unrelated function ...")
+    prewarm(device, [b for b in backends if b != "eager"])
 
     rows = []
     for case in args.cases:
         for dtype_name in args.dtypes:
-            row = run_case(case, dtype_name, numel, device, args.repeat, kitsune_log)
+            row = run_case(case, dtype_name, numel, device, repeat, backends, kitsune_log)
             print_case(row)
             rows.append(row)
 
@@ -310,14 +299,14 @@ def main(argv=None) -> int:
                 result["share_of_copy"] = result["gb_per_s"] / copy_gbs
 
     # kitsune.get_fusion_stats() is reset before each Kitsune compile: each row holds its case's report
-    reports = [r["backends"]["kitsune"].get("fusion", {}) for r in rows]
+    reports = [r["backends"].get("kitsune", {}).get("fusion") or {} for r in rows]
     problems = [r for r in rows if kitsune_problems(r)]
     print()
     print(f"device copy rate: {copies[0]['gb_per_s']:.1f} GB/s before the cases, {copies[1]['gb_per_s']:.1f} GB/s "
           f"after; shares use {copy_gbs:.1f} GB/s")
-    print(f"kitsune fusion stats, all cases: num_fused={sum(f.get('num_fused', 0) for f in reports)}, "
-          f"kernels {sum(f.get('kernels_before', 0) for f in reports)} eager -> "
-          f"{sum(f.get('kernels_after', 0) for f in reports)}, "
+    print(f"kitsune fusion stats, all cases: num_fused={sum(f.get('num_fused') or 0 for f in reports)}, "
+          f"kernels {sum(f.get('kernels_before') or 0 for f in reports)} eager -> "
+          f"{sum(f.get('kernels_after') or 0 for f in reports)}, "
           f"fallbacks={sum(len(f.get('fallbacks', [])) for f in reports)}")
     if problems:
         print("!" * 100)
@@ -335,11 +324,8 @@ def main(argv=None) -> int:
     print()
     print(table(rows))
 
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(environment=env, copy=dict(runs=copies, gb_per_s=copy_gbs), numel=numel, rows=rows),
-                      f, indent=2, default=str)
-        print(f"\nwrote {args.json}")
+    common.write_json(args.json, dict(benchmark="pointwise", environment=env,
+                                      copy=dict(runs=copies, gb_per_s=copy_gbs), numel=numel, rows=rows))
     return 0
 
 

@@ -18,14 +18,27 @@ The method (see each benchmark's docstring for its command line):
   after `cold_start()`: Dynamo reset, in-memory caches cleared, and fresh,
   empty on-disk cache directories for Inductor, Triton and Kitsune.
 
+* Backends run side by side in one process (eager, Inductor, Kitsune), each
+  checked against eager before it is timed. Where a benchmark's calls are
+  short enough for the host to matter, its backends are timed in
+  `interleaved_rounds` (every backend once a round), so drift of the machine
+  hits them alike; the median round is the figure.
+* Every maintained benchmark takes `--device`, `--backends`, `--json PATH`
+  and `--quick` (`add_standard_arguments`), writes everything it measured to
+  the JSON file with `environment()` (device, versions, date, and the kitsune
+  package it imported) and prints a short markdown table last.
+
 Only the standard library and torch are imported at module level, so a
 benchmark can call `use_private_caches()` before it imports kitsune.
 """
 from __future__ import annotations
 
+import argparse
 import atexit
 import datetime
 import itertools
+import json
+import logging
 import os
 import platform
 import shutil
@@ -340,9 +353,12 @@ def environment(device: torch.device) -> dict:
     else:
         name = _cpu_name()
         extra = dict(threads=torch.get_num_threads(), cpus=os.cpu_count())
+    kitsune = sys.modules.get("kitsune")
     return dict(device=str(device), device_name=name, torch=torch.__version__, triton=triton_version,
                 python=platform.python_version(), host=platform.node(),
-                date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"), **extra)
+                date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                kitsune=getattr(kitsune, "__version__", None), kitsune_file=getattr(kitsune, "__file__", None),
+                argv=sys.argv[1:], **extra)
 
 
 def _cpu_name() -> str:
@@ -381,3 +397,79 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
     rule = "|" + "|".join("-" * (w + 1) + ":" if i > 0 else "-" * (w + 2)
                           for i, w in enumerate(widths)) + "|"
     return "\n".join([line(headers), rule, *(line(r) for r in rows)])
+
+
+
+# --------------------------------------------------------------------------- command line and output
+
+BACKENDS = ("eager", "inductor", "kitsune")
+
+
+def add_standard_arguments(parser: argparse.ArgumentParser, backends=BACKENDS) -> None:
+    """--device, --backends, --json and --quick, the same in every maintained benchmark."""
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--backends", default=",".join(backends),
+                        help=f"comma-separated, any of {','.join(BACKENDS)} (default: %(default)s)")
+    parser.add_argument("--json", metavar="PATH", help="write every number measured to this JSON file")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes and few repeats: checks that the benchmark runs (on the CPU in seconds); "
+                             "its numbers mean nothing")
+
+
+def parse_backends(text: str) -> list[str]:
+    names = [name for name in text.split(",") if name]
+    unknown = [name for name in names if name not in BACKENDS]
+    if unknown or not names:
+        raise SystemExit(f"--backends: unknown backend(s) {unknown}; choose from {','.join(BACKENDS)}")
+    return names
+
+
+def check_device(device: torch.device) -> None:
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but torch.cuda.is_available() is False")
+
+
+def write_json(path, payload: dict) -> None:
+    """Write a benchmark's results (non-JSON values as strings)."""
+    if not path:
+        return
+    Path(path).write_text(json.dumps(payload, indent=1, default=str))
+    print(f"wrote {path}")
+
+
+def ensure_kitsune_backend() -> None:
+    """`backend="kitsune"` is found through the package's entry point once it is
+    pip-installed; register it by hand when kitsune is only importable (PYTHONPATH=src)."""
+    from torch._dynamo import list_backends, register_backend
+    if "kitsune" not in list_backends(exclude_tags=()):
+        from kitsune.backend import kitsune_backend
+        register_backend(kitsune_backend, name="kitsune")
+
+
+class WarningCollector(logging.Handler):
+    """Collects the warnings Kitsune logs (fallbacks at compile and at run time), so a
+    benchmark can say when a "Kitsune" time is really PyTorch's."""
+
+    def __init__(self):
+        super().__init__(level=logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def kitsune_report() -> dict:
+    """The parts of `kitsune.get_fusion_stats()` a benchmark keeps (missing keys are None,
+    so an older or newer kitsune still reports what it has)."""
+    import kitsune
+    stats = kitsune.get_fusion_stats()
+    return dict(num_fused=stats.get("num_fused"), kernels_before=stats.get("kernels_before"),
+                kernels_after=stats.get("kernels_after"),
+                fallbacks=[list(f) if isinstance(f, (list, tuple)) else f for f in stats.get("fallbacks") or []])
+
+
+def speedup_cell(other_ms: float | None, kitsune_ms: float | None) -> str:
+    """other time / Kitsune time as "1.23x" (> 1: Kitsune faster), or n/a."""
+    if not other_ms or not kitsune_ms:
+        return "n/a"
+    return f"{other_ms / kitsune_ms:.2f}x"

@@ -22,7 +22,7 @@ class FusionConfig:
     # the host time of hundreds of launches; inputs, outputs and results stay
     # as in eager. Training recordings keep one step's activations and gradients.
     cuda_graphs: bool = True
-    # Named patterns Kitsune may apply (see kitsune.fusion.patterns): None = every
+    # Named patterns Kitsune may apply (see kitsune.planner.patterns): None = every
     # built-in and custom pattern. Generic pointwise fusion is "elementwise_chain".
     enabled_patterns: frozenset | None = None
     # User FusionPatterns (kitsune.fusion.FusionPattern) that steer grouping.
@@ -45,7 +45,7 @@ class FusionConfig:
         self._check_patterns()
 
     def _check_patterns(self) -> None:
-        from kitsune.fusion.patterns import BUILTIN_NAMES, FusionPattern
+        from kitsune.planner.patterns import BUILTIN_NAMES, FusionPattern
 
         custom = self.custom_patterns
         if isinstance(custom, FusionPattern) or not isinstance(custom, (list, tuple)):

@@ -15,7 +15,9 @@ from kitsune.ir.scalar import walk
 
 _OPMATH = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 
-_TORCH = {
+# The primitives evaluated elementwise by one PyTorch function of their
+# operands (the reference's table, as TRITON_OPS and C_OPS are the backends').
+TORCH_OPS = {
     "add": torch.add, "sub": torch.sub, "mul": torch.mul, "truediv": torch.div,
     "truncdiv": lambda a, b: torch.div(a, b, rounding_mode="trunc"), "fmod": torch.fmod,
     "neg": torch.neg, "abs": torch.abs, "maximum": torch.maximum, "minimum": torch.minimum,
@@ -29,6 +31,17 @@ _TORCH = {
     "bitwise_or": torch.bitwise_or, "bitwise_xor": torch.bitwise_xor,
     "bitwise_not": lambda a: torch.logical_not(a) if a.dtype == torch.bool else torch.bitwise_not(a),
     "lshift": torch.bitwise_left_shift, "rshift": torch.bitwise_right_shift,
+}
+
+# The primitives `run_reference` evaluates itself, not through TORCH_OPS, and
+# why: each needs more than its operands' values.
+SPECIAL_PRIMITIVES = {
+    "load": "reads an input at the index its attr gives, over the whole iteration space",
+    "load_at": "reads an input at a per-row position, 0 outside the row",
+    "const": "a tensor of the attr's value",
+    "index": "the attr's index expression evaluated at every x",
+    "reduce": "reduces over r: the flat values reshaped to (rows, R)",
+    "cast": "rounds through the target dtype before its compute dtype",
 }
 
 
@@ -82,7 +95,7 @@ def run_reference(spec: KernelSpec, inputs, outputs) -> None:
         elif v.op == "cast":
             values[v] = values[v.args[0]].to(v.dtype).to(dtype)
         else:
-            values[v] = _TORCH[v.op](*(values[a] for a in v.args)).to(dtype)
+            values[v] = TORCH_OPS[v.op](*(values[a] for a in v.args)).to(dtype)
     for out, tensor in zip(spec.outputs, outputs):
         if spec.numel == 0:
             continue

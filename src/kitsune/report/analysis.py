@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import logging
 
-from kitsune.fusion.cost import Estimate, eager_estimate, eager_kernels, kernel_estimate, nodes_estimate
-from kitsune.fusion.units import is_kernel
+from kitsune.planner.cost import Estimate, eager_estimate, eager_kernels, kernel_estimate, nodes_estimate
+from kitsune.planner.units import is_kernel
 
 log = logging.getLogger("kitsune")
 

@@ -7,10 +7,15 @@ where the time goes now; fallbacks.
 """
 from __future__ import annotations
 
-from kitsune.fusion.cost import eager_kernels, kernel_estimate
-from kitsune.fusion.units import is_kernel, node_class
+from kitsune.planner.cost import eager_kernels, kernel_estimate
+from kitsune.ir.ops import OpKind
+from kitsune.planner.units import is_kernel, node_kind
 from kitsune.report.analysis import graph_estimates, summarize
 from kitsune.report.stats import _bytes
+
+
+# where the time goes: nodes Kitsune leaves to PyTorch, by their kind
+_PYTORCH_KINDS = {OpKind.MATMUL: "matmul (PyTorch)", OpKind.CONV: "conv (PyTorch)"}
 
 
 def _time(seconds: float) -> str:
@@ -39,47 +44,75 @@ def explain_records(records, verbose: bool = False, config=None) -> str:
         return ("Kitsune: nothing compiled yet. torch.compile compiles on the first call: "
                 "run the fused model or function once, then explain() again.")
     summary = summarize(records)
-    lines = []
+    lines = _summary_lines(records, summary, config)
+    lines += _pattern_lines(summary)
+    lines += _fused_kernel_lines(summary["groups"], verbose)
+    lines += _missed_lines(records, verbose)
+    lines += _time_lines(records)
+    lines += _fallback_lines(records, verbose)
+    return "\n".join(lines)
+
+
+def _summary_lines(records, summary, config) -> list[str]:
+    """Graphs, kernel counts, estimated and measured gain, efficiency."""
     names = ", ".join(r.name for r in records)
     compile_s = sum(r.compile_seconds for r in records)
-    lines.append(f"Kitsune fusion report: {len(records)} graph(s) ({names}), compiled in {compile_s:.2f} s")
+    lines = [f"Kitsune fusion report: {len(records)} graph(s) ({names}), compiled in {compile_s:.2f} s"]
     eager = sum(eager_kernel_count(r) for r in records)
     captured = sum(r.kernels_before for r in records)
     after = sum(r.kernels_after for r in records)
     fused = sum(len(r.groups) for r in records)
     lines.append(f"Kernels: eager PyTorch ≈ {eager} | captured aten ops {captured} | Kitsune {after} "
                  f"({fused} fused kernel{'s' if fused != 1 else ''})")
-    measured = [m for r in records for m in r.measured.values() if m]
     lines.append(f"Estimated gain (roofline model): {summary['estimated_speedup']:.2f}x, "
                  f"{_time(summary['seconds_before'])} → {_time(summary['seconds_after'])}; memory traffic "
                  f"{_bytes(summary['bytes_before'])} → {_bytes(summary['bytes_after'])}")
-    if measured:
-        # a group below min_fusion_benefit runs unfused: its time now is its unfused time
-        timed = [(m, name in {g[0] for g in r.groups}) for r in records for name, m in r.measured.items() if m]
-        before = sum(m["unfused_s"] for m, _ in timed)
-        now = sum(m["fused_s"] if kept else m["unfused_s"] for m, kept in timed)
-        kept = sum(1 for _, k in timed if k)
-        lines.append(f"Measured on first inputs ({len(timed)} kernels: {kept} kept, {len(timed) - kept} run "
-                     f"unfused below min_fusion_benefit): unfused {_time(before)} → now {_time(now)} "
-                     f"({before / now:.2f}x){_measure_notes([m for m, _ in timed])}" if now > 0 else "")
+    if any(m for r in records for m in r.measured.values()):
+        lines.append(_measured_line(records))
     lines.append(f"Efficiency: {summary['efficiency']:.0%} of the kernel reduction that the detected "
                  f"patterns allow")
     if config is not None and not (config.enable_elementwise or config.enable_reduction):
         lines.append("Fusion is disabled (enable_fusion=False or all enable_* off): patterns are only detected.")
+    return lines
 
-    # -- patterns -----------------------------------------------------------------
-    lines.append("")
-    lines.append("Patterns            detected  applied  partial  not applied  disabled")
+
+def _measured_line(records) -> str:
+    # a group below min_fusion_benefit runs unfused: its time now is its unfused time
+    timed = [(m, name in {g[0] for g in r.groups}) for r in records for name, m in r.measured.items() if m]
+    before = sum(m["unfused_s"] for m, _ in timed)
+    now = sum(m["fused_s"] if kept else m["unfused_s"] for m, kept in timed)
+    kept = sum(1 for _, k in timed if k)
+    if now <= 0:
+        return ""
+    return (f"Measured on first inputs ({len(timed)} kernels: {kept} kept, {len(timed) - kept} run "
+            f"unfused below min_fusion_benefit): unfused {_time(before)} → now {_time(now)} "
+            f"({before / now:.2f}x){_measure_notes([m for m, _ in timed])}")
+
+
+def _measure_notes(measured: list) -> str:
+    """How many measurements were undecided or read from the cache, and against which baseline."""
+    counts: dict = {}
+    for m in measured:
+        for note in ("undecided" if m.get("decision") == "undecided" else None,
+                     "cached" if m.get("cached") else None, f"baseline {m.get('baseline', 'decomposed ops')}"):
+            if note:
+                counts[note] = counts.get(note, 0) + 1
+    return "".join(f"; {n} {note}" for note, n in counts.items())
+
+
+def _pattern_lines(summary) -> list[str]:
+    lines = ["", "Patterns            detected  applied  partial  not applied  disabled"]
     for name, c in sorted(summary["patterns"].items(), key=lambda kv: -kv[1]["detected"]):
         lines.append(f"  {name:<18}{c['detected']:>8}{c['applied']:>9}{c['partial']:>9}{c['not_applied']:>13}"
                      f"{c['disabled']:>10}")
     if not summary["patterns"]:
         lines.append("  (no pattern found)")
+    return lines
 
-    # -- fused kernels (identical ones counted once: a transformer repeats its layers) -----
-    lines.append("")
-    lines.append("Fused kernels (operations → one kernel; estimated time eager → fused):")
-    groups = summary["groups"]
+
+def _fused_kernel_lines(groups, verbose: bool) -> list[str]:
+    """Fused kernels, identical ones counted once (a transformer repeats its layers), biggest gain first."""
+    lines = ["", "Fused kernels (operations → one kernel; estimated time eager → fused):"]
     kinds: dict = {}
     for g in groups:
         key = (g["graph"], tuple(g["ops"]), len(g["nodes"]), tuple(g["patterns"]))
@@ -101,8 +134,11 @@ def explain_records(records, verbose: bool = False, config=None) -> str:
         lines.append(f"  … {len(ordered) - 10} more kinds (explain(verbose=True) lists all)")
     if not groups:
         lines.append("  (none)")
+    return lines
 
-    # -- opportunities not applied (identical ones counted once) ------------------------
+
+def _missed_lines(records, verbose: bool) -> list[str]:
+    """Opportunities not applied, identical ones counted once, the costliest first."""
     missed: dict = {}
     for record in records:
         for opp in record.opportunities:
@@ -111,8 +147,7 @@ def explain_records(records, verbose: bool = False, config=None) -> str:
             why = opp.reason.split(": ", 1)[1] if ": " in opp.reason and opp.reason.split(": ", 1)[0] in \
                 opp.nodes else opp.reason
             missed.setdefault((record.name, opp.pattern, opp.status, opp.ops, why), []).append(opp)
-    lines.append("")
-    lines.append("Not fused (pattern: operations: why):")
+    lines = ["", "Not fused (pattern: operations: why):"]
     ranked = sorted(missed.items(), key=lambda kv: -sum(o.eager_seconds - o.fused_seconds for o in kv[1]))
     for (graph, pattern, status, ops, why), opps in ranked if verbose else ranked[:10]:
         count = f"{len(opps)}× " if len(opps) > 1 else ""
@@ -123,47 +158,45 @@ def explain_records(records, verbose: bool = False, config=None) -> str:
         lines.append(f"  … {len(ranked) - 10} more (explain(verbose=True) lists all)")
     if not missed:
         lines.append("  (every detected opportunity was applied)")
+    return lines
 
-    # -- where the time goes ---------------------------------------------------------
+
+def _time_costs(record) -> list[tuple]:
+    """(estimated seconds, graph, label, kind) of each fused kernel and each node left to PyTorch."""
     costs = []
-    for record in records:
-        est = graph_estimates(record)
-        for g in est["groups"]:
-            costs.append((g["fused_seconds"], record.name, f"{g['kernel']} ({_ops(g['ops'], 3)})", "fused kernels"))
-        if record.graph is not None:
-            fused_names = {n for _, names, _ in record.groups for n in names}
-            for node in record.graph.nodes:
-                if is_kernel(node) and node.name not in fused_names:
-                    unit = record.units.unit_of.get(node) if record.units else None
-                    label = f"{node.name} ({unit.name})" if unit is not None and unit.name != node.name else node.name
-                    kind = node_class(node)
-                    kind = {"matmul": "matmul (PyTorch)", "conv": "conv (PyTorch)"}.get(kind, "other PyTorch ops")
-                    costs.append((kernel_estimate([node]).seconds, record.name, label + " [PyTorch]", kind))
+    for g in graph_estimates(record)["groups"]:
+        costs.append((g["fused_seconds"], record.name, f"{g['kernel']} ({_ops(g['ops'], 3)})", "fused kernels"))
+    if record.graph is None:
+        return costs
+    fused_names = {n for _, names, _ in record.groups for n in names}
+    for node in record.graph.nodes:
+        if is_kernel(node) and node.name not in fused_names:
+            unit = record.units.unit_of.get(node) if record.units else None
+            label = f"{node.name} ({unit.name})" if unit is not None and unit.name != node.name else node.name
+            kind = _PYTORCH_KINDS.get(node_kind(node), "other PyTorch ops")
+            costs.append((kernel_estimate([node]).seconds, record.name, label + " [PyTorch]", kind))
+    return costs
+
+
+def _time_lines(records) -> list[str]:
+    """Where the time goes now: shares by kind, then the six costliest kernels."""
+    costs = [c for record in records for c in _time_costs(record)]
     total = sum(c[0] for c in costs) or 1.0
     by_kind: dict = {}
     for seconds, _, _, kind in costs:
         by_kind[kind] = by_kind.get(kind, 0.0) + seconds
-    lines.append("")
-    lines.append("Where the time goes now (estimated): " + ", ".join(
-        f"{kind} {seconds / total:.0%}" for kind, seconds in sorted(by_kind.items(), key=lambda kv: -kv[1])))
+    lines = ["", "Where the time goes now (estimated): " + ", ".join(
+        f"{kind} {seconds / total:.0%}" for kind, seconds in sorted(by_kind.items(), key=lambda kv: -kv[1]))]
     for seconds, graph, label, _ in sorted(costs, reverse=True)[:6]:
         lines.append(f"  {seconds / total:6.1%}  {_time(seconds):>10}  {graph:<9} {label}")
+    return lines
 
+
+def _fallback_lines(records, verbose: bool) -> list[str]:
     fallbacks = [(r.name, what, why) for r in records for what, why in r.fallbacks]
-    if fallbacks:
-        lines.append("")
-        lines.append("Fallbacks (run through PyTorch):")
-        for graph, what, why in fallbacks[: None if verbose else 10]:
-            lines.append(f"  {graph:<9} {_ops(str(what).split(' → '), 4)}: {why}")
-    return "\n".join(lines)
-
-
-def _measure_notes(measured: list) -> str:
-    """How many measurements were undecided or read from the cache, and against which baseline."""
-    counts: dict = {}
-    for m in measured:
-        for note in ("undecided" if m.get("decision") == "undecided" else None,
-                     "cached" if m.get("cached") else None, f"baseline {m.get('baseline', 'decomposed ops')}"):
-            if note:
-                counts[note] = counts.get(note, 0) + 1
-    return "".join(f"; {n} {note}" for note, n in counts.items())
+    if not fallbacks:
+        return []
+    lines = ["", "Fallbacks (run through PyTorch):"]
+    for graph, what, why in fallbacks[: None if verbose else 10]:
+        lines.append(f"  {graph:<9} {_ops(str(what).split(' → '), 4)}: {why}")
+    return lines

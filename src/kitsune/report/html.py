@@ -16,7 +16,8 @@ import html
 import json
 from pathlib import Path
 
-from kitsune.fusion.units import is_kernel, node_class, tensor_vals
+from kitsune.ir.ops import OpKind
+from kitsune.planner.units import is_kernel, node_kind, tensor_vals
 from kitsune.report.analysis import graph_estimates, summarize
 from kitsune.report.explain import _time, eager_kernel_count
 from kitsune.report.stats import _bytes
@@ -134,7 +135,7 @@ def spec_text(spec) -> str:
 def _visible(node) -> bool:
     if node.op in ("placeholder", "output", "get_attr"):
         return True
-    return node.op == "call_function" and node_class(node) != "view"
+    return node.op == "call_function" and node_kind(node) is not OpKind.VIEW
 
 
 def _source_of(node, visible):
@@ -303,16 +304,7 @@ def time_chart(rows) -> str:
 
 def render(records, title: str | None = None, config=None) -> str:
     records = list(records)
-    summary = summarize(records)
     title = title or "Kitsune fusion report"
-    colors, group_ids = {}, {}
-    for r in records:
-        for kernel, _, _ in r.groups:
-            colors[kernel] = PALETTE[len(colors) % len(PALETTE)]
-            group_ids[kernel] = f"g{len(group_ids)}"
-    eager = sum(eager_kernel_count(r) for r in records)
-    captured = sum(r.kernels_before for r in records)
-    after = sum(r.kernels_after for r in records)
     out = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{_e(title)}</title>"
            f"<style>{CSS}</style><script>{JS}</script></head><body>"
            f"<header><h1>{_e(title)}</h1><p>{len(records)} graph(s): "
@@ -321,6 +313,35 @@ def render(records, title: str | None = None, config=None) -> str:
         out.append("<p>Nothing compiled yet: run the fused model once (torch.compile compiles on the first "
                    "call), then write the report.</p></main></body></html>")
         return "".join(out)
+    summary = summarize(records)
+    colors, group_ids = _group_colors(records)
+    out += _summary_cards(records, summary)
+    out.append("<h2>Time before / after</h2>" + time_chart(_time_rows(records)))
+    out += _patterns_table(summary)
+    out += _graph_sections(records, colors, group_ids)
+    out += _groups_table(records, colors, group_ids)
+    out += _opportunities_table(records)
+    out += _fallbacks_table(records)
+    data = {"stats": {k: v for k, v in summary.items() if k != "groups"}}
+    out.append(f'<script type="application/json" id="kitsune-data">{_e(json.dumps(data, default=str))}</script>')
+    out.append("</main></body></html>")
+    return "".join(out)
+
+
+def _group_colors(records) -> tuple[dict, dict]:
+    """kernel name -> its colour, and -> the id of its row in the groups table."""
+    colors, group_ids = {}, {}
+    for r in records:
+        for kernel, _, _ in r.groups:
+            colors[kernel] = PALETTE[len(colors) % len(PALETTE)]
+            group_ids[kernel] = f"g{len(group_ids)}"
+    return colors, group_ids
+
+
+def _summary_cards(records, summary) -> list[str]:
+    eager = sum(eager_kernel_count(r) for r in records)
+    captured = sum(r.kernels_before for r in records)
+    after = sum(r.kernels_after for r in records)
     measured = [m for r in records for m in r.measured.values() if m]
     cards = [(eager, "eager PyTorch kernels (est.)"), (captured, "captured aten ops"), (after, "Kitsune kernels"),
              (sum(len(r.groups) for r in records), "fused kernels"),
@@ -331,13 +352,15 @@ def render(records, title: str | None = None, config=None) -> str:
         before = sum(m["unfused_s"] for m in measured)
         now = sum(m["fused_s"] for m in measured)
         cards.append((f"{before / now:.2f}x" if now else "n/a", f"measured, {len(measured)} kernels"))
-    out.append('<div class="cards">' + "".join(f'<div class="card"><b>{_e(v)}</b><span>{_e(k)}</span></div>'
-                                              for v, k in cards) + "</div>")
-    out.append('<p class="muted">Efficiency: kernels removed / kernels that applying every detected pattern '
-               'would remove. Estimates use a roofline model (kitsune.fusion.cost): eager runs one kernel per '
-               'user operation; a fused kernel reads its inputs once and writes what is used outside.</p>')
+    return ['<div class="cards">' + "".join(f'<div class="card"><b>{_e(v)}</b><span>{_e(k)}</span></div>'
+                                            for v, k in cards) + "</div>",
+            '<p class="muted">Efficiency: kernels removed / kernels that applying every detected pattern '
+            'would remove. Estimates use a roofline model (kitsune.planner.cost): eager runs one kernel per '
+            'user operation; a fused kernel reads its inputs once and writes what is used outside.</p>']
 
-    # chart
+
+def _time_rows(records) -> list[tuple]:
+    """The before/after chart's rows: each graph estimated, then each graph's measured kernels."""
     rows = []
     for r in records:
         est = graph_estimates(r)
@@ -347,17 +370,21 @@ def render(records, title: str | None = None, config=None) -> str:
         if ms:
             rows.append((f"{r.name} fused kernels", sum(m["unfused_s"] for m in ms), sum(m["fused_s"] for m in ms),
                          "measured: fused kernels vs their unfused ops"))
-    out.append("<h2>Time before / after</h2>" + time_chart(rows))
+    return rows
 
-    # patterns
-    out.append("<h2>Patterns</h2><table><tr><th>pattern</th><th>detected</th><th>applied</th><th>partial</th>"
-               "<th>not applied</th><th>disabled</th></tr>")
+
+def _patterns_table(summary) -> list[str]:
+    out = ["<h2>Patterns</h2><table><tr><th>pattern</th><th>detected</th><th>applied</th><th>partial</th>"
+           "<th>not applied</th><th>disabled</th></tr>"]
     for name, c in sorted(summary["patterns"].items(), key=lambda kv: -kv[1]["detected"]):
         out.append(f"<tr><td>{_e(name)}</td><td>{c['detected']}</td><td>{c['applied']}</td><td>{c['partial']}</td>"
                    f"<td>{c['not_applied']}</td><td>{c['disabled']}</td></tr>")
     out.append("</table>")
+    return out
 
-    # graphs
+
+def _graph_sections(records, colors, group_ids) -> list[str]:
+    out = []
     for gid, r in enumerate(records):
         out.append(f"<h2>Graph: {_e(r.name)}</h2>")
         if r.graph is None:
@@ -366,36 +393,43 @@ def render(records, title: str | None = None, config=None) -> str:
         out.append('<p class="legend">Each coloured box is one fused kernel (click it for its source); dark grey '
                    'nodes run through PyTorch; light grey are inputs/outputs. Views are folded into the edges.</p>')
         out.append(f'<div class="graphbox">{graph_svg(r, gid, colors, group_ids)}</div>')
-    # groups
+    return out
+
+
+def _groups_table(records, colors, group_ids) -> list[str]:
     many = sum(len(r.groups) for r in records) > 40
-    out.append(f"<h2>Fused groups</h2><details{'' if many else ' open'}><summary>{sum(len(r.groups) for r in records)} "
-               "fused kernels</summary><table><tr><th></th><th>kernel</th><th>graph</th><th>backend</th>"
-               "<th>operations</th><th>nodes</th><th>patterns</th><th>est. eager → fused</th><th>measured</th>"
-               "<th>source</th></tr>")
-    for r in records:
+    out = [f"<h2>Fused groups</h2><details{'' if many else ' open'}><summary>{sum(len(r.groups) for r in records)} "
+           "fused kernels</summary><table><tr><th></th><th>kernel</th><th>graph</th><th>backend</th>"
+           "<th>operations</th><th>nodes</th><th>patterns</th><th>est. eager → fused</th><th>measured</th>"
+           "<th>source</th></tr>"]
+    for gid, r in enumerate(records):
         details = {g["kernel"]: g for g in graph_estimates(r)["groups"]}
         for kernel, names, backend in r.groups:
-            g = details.get(kernel, {})
-            call = r.kernel_calls.get(kernel)
-            source = kernel_source(call) if call is not None else "(source not kept: compile through FusionEngine)"
-            m = g.get("measured")
-            meas = f"{m['speedup']:.2f}x ({_time(m['unfused_s'])} → {_time(m['fused_s'])})" if m else "—"
-            failure = getattr(call, "failure", None) if call is not None and call.kernel is None else None
-            status = f'<br><span class="not-applied">fell back: {_e(failure)}</span>' if failure else ""
-            out.append(
-                f'<tr id="row-{group_ids[kernel]}"><td><span class="swatch" style="background:{colors[kernel]}">'
-                f'</span></td><td><a href="#" onclick="showNode(\'n{records.index(r)}-{_e(names[0])}\');'
-                f'return false">{_e(kernel)}</a>{status}</td><td>{_e(r.name)}</td><td>{_e(backend)}</td>'
-                f'<td>{_e(" → ".join(g.get("ops", [])))}</td><td>{_e(", ".join(names))}</td>'
-                f'<td>{_e(", ".join(g.get("patterns", [])))}</td>'
-                f'<td>{_time(g.get("unfused_seconds", 0))} → {_time(g.get("fused_seconds", 0))}</td>'
-                f'<td>{meas}</td><td><details><summary>show source</summary><pre>{_e(source)}</pre>'
-                f'</details></td></tr>')
+            out.append(_group_row(r, gid, kernel, names, backend, details.get(kernel, {}), colors, group_ids))
     out.append("</table></details>")
+    return out
 
-    # opportunities
-    out.append("<h2>Opportunities</h2><table><tr><th>graph</th><th>pattern</th><th>operations</th><th>status</th>"
-               "<th>reason</th><th>kernels</th><th>est. speed-up</th><th>bytes saved (est.)</th></tr>")
+
+def _group_row(r, gid: int, kernel, names, backend, g: dict, colors, group_ids) -> str:
+    call = r.kernel_calls.get(kernel)
+    source = kernel_source(call) if call is not None else "(source not kept: compile through FusionEngine)"
+    m = g.get("measured")
+    meas = f"{m['speedup']:.2f}x ({_time(m['unfused_s'])} → {_time(m['fused_s'])})" if m else "—"
+    failure = getattr(call, "failure", None) if call is not None and call.kernel is None else None
+    status = f'<br><span class="not-applied">fell back: {_e(failure)}</span>' if failure else ""
+    return (f'<tr id="row-{group_ids[kernel]}"><td><span class="swatch" style="background:{colors[kernel]}">'
+            f'</span></td><td><a href="#" onclick="showNode(\'n{gid}-{_e(names[0])}\');'
+            f'return false">{_e(kernel)}</a>{status}</td><td>{_e(r.name)}</td><td>{_e(backend)}</td>'
+            f'<td>{_e(" → ".join(g.get("ops", [])))}</td><td>{_e(", ".join(names))}</td>'
+            f'<td>{_e(", ".join(g.get("patterns", [])))}</td>'
+            f'<td>{_time(g.get("unfused_seconds", 0))} → {_time(g.get("fused_seconds", 0))}</td>'
+            f'<td>{meas}</td><td><details><summary>show source</summary><pre>{_e(source)}</pre>'
+            f'</details></td></tr>')
+
+
+def _opportunities_table(records) -> list[str]:
+    out = ["<h2>Opportunities</h2><table><tr><th>graph</th><th>pattern</th><th>operations</th><th>status</th>"
+           "<th>reason</th><th>kernels</th><th>est. speed-up</th><th>bytes saved (est.)</th></tr>"]
     for r in records:
         for o in r.opportunities:
             cls = o.status.replace(" ", "-")
@@ -404,17 +438,17 @@ def render(records, title: str | None = None, config=None) -> str:
                        f"<td>{_e(', '.join(o.kernels))}</td><td>{o.estimated_speedup:.2f}x</td>"
                        f"<td>{_e(_bytes(o.bytes_saved))}</td></tr>")
     out.append("</table>")
+    return out
 
+
+def _fallbacks_table(records) -> list[str]:
     fallbacks = [(r.name, w, why) for r in records for w, why in r.fallbacks]
-    if fallbacks:
-        out.append("<h2>Fallbacks</h2><table><tr><th>graph</th><th>what</th><th>reason</th></tr>")
-        out += [f"<tr><td>{_e(g)}</td><td>{_e(w)}</td><td>{_e(why)}</td></tr>" for g, w, why in fallbacks]
-        out.append("</table>")
-
-    data = {"stats": {k: v for k, v in summary.items() if k != "groups"}}
-    out.append(f'<script type="application/json" id="kitsune-data">{_e(json.dumps(data, default=str))}</script>')
-    out.append("</main></body></html>")
-    return "".join(out)
+    if not fallbacks:
+        return []
+    out = ["<h2>Fallbacks</h2><table><tr><th>graph</th><th>what</th><th>reason</th></tr>"]
+    out += [f"<tr><td>{_e(g)}</td><td>{_e(w)}</td><td>{_e(why)}</td></tr>" for g, w, why in fallbacks]
+    out.append("</table>")
+    return out
 
 
 def write_report(records, path, title: str | None = None, config=None) -> Path:

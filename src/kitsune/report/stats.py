@@ -13,7 +13,7 @@ Keys (all graphs compiled into this stats object):
                       `patterns` and `explain()`: that is what a user can act on.
     bytes_before      estimated memory traffic of eager PyTorch (one kernel per user operation)
     bytes_after       estimated memory traffic with Kitsune's kernels
-    estimated_speedup eager time / Kitsune time under the roofline model (kitsune.fusion.cost)
+    estimated_speedup eager time / Kitsune time under the roofline model (kitsune.planner.cost)
     patterns          {pattern: {"detected", "applied", "partial", "not_applied", "disabled"}}
     fallbacks         (what, reason) for everything that runs through PyTorch after failing
                       at compile time

@@ -20,29 +20,13 @@ from kitsune.codegen.kernel import KernelError, KernelSpec, is_row_index, outer_
 from kitsune.ir.index import divides_x_in_rows, render, render_in_kernel
 from kitsune.ir.scalar import Value
 
-STORAGE = {
-    torch.float16: "_Float16", torch.bfloat16: "uint16_t", torch.float32: "float", torch.float64: "double",
-    torch.int32: "int32_t", torch.int64: "int64_t", torch.bool: "bool",
-}
-COMPUTE = {
-    torch.float16: "float", torch.bfloat16: "float", torch.float32: "float", torch.float64: "double",
-    torch.int32: "int32_t", torch.int64: "int64_t", torch.bool: "bool",
-}
-_BITS = {torch.int32: 32, torch.int64: 64}
-_UNSIGNED = {torch.int32: "uint32_t", torch.int64: "uint64_t"}
+# the primitive table, and the type maps and helpers the kernel emitters use too
+from kitsune.codegen.cpu.ops import _LIBM, C_OPS, COMPUTE, STORAGE, Context, _f, literal
 
 # Below this many elements a kernel runs on one thread: forking costs more.
 PARALLEL_THRESHOLD = 32768
 FEW_ROWS = 4  # reductions of fewer rows split each row between the threads
 SPLIT_BLOCK = 4096  # in blocks of this many positions
-
-# C math function (double name; the float one adds "f") per primitive.
-_LIBM = {"exp": "exp", "exp2": "exp2", "expm1": "expm1", "log": "log", "log1p": "log1p", "log2": "log2",
-         "sqrt": "sqrt", "tanh": "tanh", "erf": "erf", "erfc": "erfc", "sin": "sin", "cos": "cos",
-         "atan2": "atan2", "hypot": "hypot", "pow": "pow", "floor": "floor", "ceil": "ceil",
-         "trunc": "trunc", "round": "nearbyint", "fmod": "fmod"}
-_BINARY = {"add": "+", "sub": "-", "mul": "*", "truediv": "/", "eq": "==", "ne": "!=", "lt": "<",
-           "le": "<=", "gt": ">", "ge": ">=", "bitwise_and": "&", "bitwise_or": "|", "bitwise_xor": "^"}
 
 # Functions glibc's libmvec has vector variants of (x86_64, glibc >= 2.35), by
 # arity. `kitsune.codegen.cpu.toolchain` probes which of them link here.
@@ -136,20 +120,6 @@ def math_declarations(names: dict[str, int]) -> str:
     return "\n".join(lines)
 
 
-def literal(value, dtype: torch.dtype) -> str:
-    ctype = COMPUTE[dtype]
-    if dtype == torch.bool:
-        return "true" if value else "false"
-    if dtype.is_floating_point:
-        if math.isnan(value):
-            return f"(({ctype})NAN)"
-        if math.isinf(value):
-            return f"(({ctype})INFINITY)" if value > 0 else f"(-({ctype})INFINITY)"
-        return f"(({ctype}){float(value).hex()})"  # exact; the cast rounds like torch.full
-    bits = _BITS[dtype]
-    return f"(({ctype})UINT{bits}_C({int(value) & ((1 << bits) - 1):#x}))"
-
-
 def emit_kernel(spec: KernelSpec, fn_name: str) -> str:
     """C source of `int fn_name(inputs..., outputs..., int64_t numel, int threads)`.
 
@@ -234,11 +204,6 @@ def _inner_period(spec: KernelSpec, values) -> int | None:
     return None
 
 
-def _f(dtype: torch.dtype) -> str:
-    """C math suffix for the compute type."""
-    return "" if dtype == torch.float64 else "f"
-
-
 def _render(index, var: str, rows: int | None) -> str:
     """C text of an index; in a row kernel (rows = R) digits of x within a row
     read the loop's r and digits above it read row: no division per element."""
@@ -247,90 +212,20 @@ def _render(index, var: str, rows: int | None) -> str:
 
 def _expr(v: Value, names: dict, inputs: list[str], var: str = "x", rows: int | None = None,
           shared: dict | None = None) -> str:
-    """C text of v, its operands named by `names`; `shared`: `_shared_exps`."""
+    """C text of v, its operands named by `names`: its primitive's entry in
+    `C_OPS`, with `var` as the index variable and `rows` the row length of a
+    row loop; `shared`: `_shared_exps`."""
     if shared and v in shared:
         # the exp as kitsune_erff(z) computes it (shared[exp] = z); the erf given that exp
         if v.op == "exp":
             z = names[shared[v]]
             return f"expf(-({z} * {z}))"
         return f"kitsune_erff_e({names[v.args[0]]}, {names[shared[v]]})"
-    a = [names[arg] for arg in v.args]
-    op, dtype = v.op, v.dtype
-    ctype = COMPUTE[dtype]
-    if op == "load":
-        slot, index = v.attr
-        ref = f"{inputs[slot]}[{_render(index, var, rows)}]"
-        if dtype == torch.bfloat16:
-            return f"kitsune_bf16_to_f32({ref})"
-        return f"(float){ref}" if dtype == torch.float16 else ref
-    if op == "load_at":
-        # one read per row at x = xrow + position (a gather); 0 outside the row
-        slot, index = v.attr
-        ref = f"{inputs[slot]}[{render(index, f'(xrow + {a[0]})', floordiv='/')}]"
-        if dtype == torch.bfloat16:
-            ref = f"kitsune_bf16_to_f32({ref})"
-        elif dtype == torch.float16:
-            ref = f"(float){ref}"
-        return f"(({a[0]} >= 0 && {a[0]} < {rows}) ? ({ctype}){ref} : ({ctype})0)"
-    if op == "const":
-        return literal(v.attr, dtype)
-    if op == "index":
-        return f"(int64_t)({_render(v.attr, var, rows)})"
-    if op == "cast":
-        if dtype == torch.bool:
-            return f"({a[0]} != 0)"
-        if dtype == torch.bfloat16:
-            return f"kitsune_round_bf16((float){a[0]})"
-        if dtype == torch.float16:
-            return f"(float)(_Float16)(float){a[0]}"
-        return f"({ctype}){a[0]}"
-    if op in _BINARY:
-        if dtype == torch.bool and op in ("bitwise_and", "bitwise_or", "bitwise_xor"):
-            return f"(bool)({a[0]} {_BINARY[op]} {a[1]})"
-        return f"({a[0]} {_BINARY[op]} {a[1]})"
-    if op in ("truncdiv", "fmod") and not dtype.is_floating_point:
-        # C traps on x / 0 and INT_MIN / -1; eager raises on the first, and
-        # the second wraps to INT_MIN (quotient) / 0 (remainder).
-        quotient = f"(-{a[0]})" if op == "truncdiv" else f"({ctype})0"
-        c_op = "/" if op == "truncdiv" else "%"
-        return (f"({a[1]} == 0 ? (kitsune_err = 1, ({ctype})0) : {a[1]} == -1 ? {quotient} "
-                f": ({a[0]} {c_op} {a[1]}))")
-    if op == "neg":
-        return f"(-{a[0]})"
-    if op == "abs":
-        return f"fabs{_f(dtype)}({a[0]})" if dtype.is_floating_point else f"({a[0]} < 0 ? -{a[0]} : {a[0]})"
-    if op in ("maximum", "minimum"):
-        cmp = ">" if op == "maximum" else "<"
-        if dtype.is_floating_point:
-            return f"((({a[0]} {cmp} {a[1]}) | ({a[0]} != {a[0]})) ? {a[0]} : {a[1]})"
-        return f"({a[0]} {cmp} {a[1]} ? {a[0]} : {a[1]})"
-    if op == "sigmoid":
-        return f"(({ctype})1 / (({ctype})1 + exp{_f(dtype)}(-{a[0]})))"
-    if op == "rsqrt":
-        return f"(({ctype})1 / sqrt{_f(dtype)}({a[0]}))"
-    if op == "erfinv":
-        return f"kitsune_erfinv{_f(dtype)}({a[0]})"
-    if op == "erf" and ctype == "float":
-        return f"kitsune_erff({a[0]})"
-    if op in _LIBM:
-        if not dtype.is_floating_point:
-            raise KernelError(f"{op} on {dtype} has no C translation")
-        return f"{_LIBM[op]}{_f(dtype)}({', '.join(a)})"
-    if op == "isnan":
-        return f"({a[0]} != {a[0]})"
-    if op == "where":
-        return f"({a[0]} ? {a[1]} : {a[2]})"
-    if op == "bitwise_not":
-        return f"(!{a[0]})" if dtype == torch.bool else f"(~{a[0]})"
-    if op in ("lshift", "rshift"):
-        bits = _BITS.get(dtype)
-        if bits is None:
-            raise KernelError(f"shift of {dtype} is not supported")
-        out_of_range = f"({a[1]} < 0 || {a[1]} >= {bits})"
-        if op == "lshift":
-            return f"({out_of_range} ? ({ctype})0 : ({ctype})(({_UNSIGNED[dtype]}){a[0]} << {a[1]}))"
-        return f"({a[0]} >> ({out_of_range} ? {bits - 1} : {a[1]}))"
-    raise KernelError(f"no C translation for primitive {op!r}")
+    operands = [names[arg] for arg in v.args]
+    renderer = C_OPS.get(v.op)
+    if renderer is None:
+        raise KernelError(f"no C translation for primitive {v.op!r}")
+    return renderer(v, operands, Context(inputs, var, rows))
 
 
 # GELU's backward (PyTorch's decomposition of the erf form) computes per element

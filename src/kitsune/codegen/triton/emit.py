@@ -1,9 +1,10 @@
 """KernelSpec -> Triton source text.
 
 One program instance handles XBLOCK consecutive iterations of the flat
-variable `x`. Every scalar primitive of `kitsune.ir.scalar` maps to one line
-here; float16/bfloat16 values live in float32 registers (the numerics
-contract) and are rounded only by `cast` and by the final store.
+variable `x`. Every scalar primitive of `kitsune.ir.scalar` is rendered by
+its entry in `kitsune.codegen.triton.ops.TRITON_OPS`; float16/bfloat16 values
+live in float32 registers (the numerics contract) and are rounded only by
+`cast` and by the final store.
 """
 from __future__ import annotations
 
@@ -16,47 +17,8 @@ from kitsune.codegen.kernel import (KernelError, KernelSpec, is_row_index, outer
 from kitsune.ir.index import Index, render, render_in_kernel
 from kitsune.ir.scalar import Value
 
-TL_DTYPE = {
-    torch.float16: "tl.float16", torch.bfloat16: "tl.bfloat16", torch.float32: "tl.float32",
-    torch.float64: "tl.float64", torch.int32: "tl.int32", torch.int64: "tl.int64", torch.bool: "tl.int1",
-}
-_LOW = (torch.float16, torch.bfloat16)
-_BITS = {torch.int32: 32, torch.int64: 64}
-
-_BINARY = {"add": "+", "sub": "-", "mul": "*", "eq": "==", "ne": "!=", "lt": "<", "le": "<=",
-           "gt": ">", "ge": ">=", "bitwise_and": "&", "bitwise_or": "|", "bitwise_xor": "^"}
-_LIBM = {"exp": "exp", "exp2": "exp2", "expm1": "expm1", "log": "log", "log1p": "log1p", "log2": "log2",
-         "sqrt": "sqrt", "rsqrt": "rsqrt", "tanh": "tanh", "erf": "erf", "erfc": "erfc", "erfinv": "erfinv",
-         "sin": "sin", "cos": "cos", "atan2": "atan2", "hypot": "hypot", "pow": "pow", "floor": "floor",
-         "ceil": "ceil", "trunc": "trunc", "round": "rint"}
-
-# float32 functions Triton computes with the GPU's fast hardware paths (as
-# Inductor does); libdevice serves everything else and all of float64.
-_FAST = {"exp", "exp2"}
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in _LOW else dtype
-
-
-def literal(value, dtype: torch.dtype) -> str:
-    """A constant of `dtype`'s compute type as a Triton expression."""
-    cdt = compute_dtype(dtype)
-    if cdt == torch.bool:
-        return f"tl.full([], {int(bool(value))}, tl.int1)"
-    if cdt.is_floating_point:
-        if math.isnan(value):
-            text = 'float("nan")'
-        elif math.isinf(value):
-            text = 'float("inf")' if value > 0 else 'float("-inf")'
-        elif value == 0 and math.copysign(1.0, value) < 0:
-            # Triton makes every constant equal to 0 a +0.0: -0.0 is the sign bit alone
-            bits, int_type = (-2**31, "tl.int32") if cdt == torch.float32 else (-2**63, "tl.int64")
-            return f"tl.full([], {bits}, {int_type}).to({TL_DTYPE[cdt]}, bitcast=True)"
-        else:
-            text = repr(float(value))
-        return f"tl.full([], {text}, {TL_DTYPE[cdt]})"
-    return f"tl.full([], {int(value)}, {TL_DTYPE[cdt]})"
+# the primitive table, and the dtype helpers the kernel emitters use too
+from kitsune.codegen.triton.ops import TL_DTYPE, TRITON_OPS, Context, compute_dtype, literal
 
 
 def one_plus_erf_sums(spec: KernelSpec) -> dict[Value, Value]:
@@ -195,80 +157,14 @@ def _render(index: Index, var: str, rows: int | None) -> str:
 
 def _expr(v: Value, names: dict, inputs: list[str], var: str = "x", mask: str = "xmask",
           rows: int | None = None) -> str:
-    a = [names[arg] for arg in v.args]
-    op, dtype = v.op, v.dtype
-    cdt = compute_dtype(dtype)
-    if op == "load":
-        slot, index = v.attr
-        ptr, idx = inputs[slot], _render(index, var, rows)
-        text = f"tl.load({ptr} + ({idx}))" if index.is_const or mask is None else f"tl.load({ptr} + ({idx}), {mask})"
-        if dtype == torch.bool:
-            return f"({text} != 0)"
-        return f"{text}.to(tl.float32)" if dtype in _LOW else text
-    if op == "load_at":
-        # one read per row at x = xrow + position (a gather); nothing is read
-        # where the position is outside the row
-        slot, index = v.attr
-        at = f"(xrow + {a[0]})"
-        inside = f"({a[0]} >= 0) & ({a[0]} < {rows})"
-        text = f"tl.load({inputs[slot]} + ({render(index, at)}), {_and(mask, inside)}, other=0)"
-        if dtype == torch.bool:
-            return f"({text} != 0)"
-        return f"{text}.to(tl.float32)" if dtype in _LOW else text
-    if op == "const":
-        return literal(v.attr, dtype)
-    if op == "index":
-        return f"({_render(v.attr, var, rows)}).to(tl.int64)"
-    if op == "cast":
-        src = v.args[0].dtype
-        if dtype == torch.bool:
-            return f"({a[0]} != 0)"
-        if dtype == torch.bfloat16:
-            return f"round_bf16({a[0]}.to(tl.float32))"
-        if dtype == torch.float16:
-            return f"{a[0]}.to(tl.float16).to(tl.float32)"
-        if src == torch.bool:
-            return f"{a[0]}.to({TL_DTYPE[dtype]})"
-        return f"{a[0]}.to({TL_DTYPE[dtype]})"
-    if op in _BINARY:
-        return f"{a[0]} {_BINARY[op]} {a[1]}"
-    if op == "truediv":
-        return f"libm.div_rn({a[0]}, {a[1]})" if cdt == torch.float32 else f"{a[0]} / {a[1]}"
-    if op == "truncdiv":
-        return f"{a[0]} // {a[1]}"
-    if op == "fmod":
-        return f"libm.fmod({a[0]}, {a[1]})" if cdt.is_floating_point else f"{a[0]} % {a[1]}"
-    if op == "neg":
-        # Triton's unary minus is 0 - x, which gives +0.0 for x = +0.0; eager gives -0.0
-        return f"({a[0]} * -1.0)" if cdt.is_floating_point else f"-{a[0]}"
-    if op == "abs":
-        return f"tl.abs({a[0]})"
-    if op in ("maximum", "minimum"):
-        cmp = ">" if op == "maximum" else "<"
-        if cdt.is_floating_point:
-            return f"tl.where(({a[0]} {cmp} {a[1]}) | ({a[0]} != {a[0]}), {a[0]}, {a[1]})"
-        return f"tl.where({a[0]} {cmp} {a[1]}, {a[0]}, {a[1]})"
-    if op == "sigmoid":
-        return f"tl.sigmoid({a[0]})" if cdt == torch.float32 else f"1.0 / (1.0 + libm.exp(-{a[0]}))"
-    if op in _FAST and cdt == torch.float32:
-        return f"tl.{op}({a[0]})"
-    if op in _LIBM:
-        return f"libm.{_LIBM[op]}({', '.join(a)})"
-    if op == "isnan":
-        return f"{a[0]} != {a[0]}"
-    if op == "where":
-        return f"tl.where({a[0]}, {a[1]}, {a[2]})"
-    if op == "bitwise_not":
-        return f"{a[0]} == 0" if dtype == torch.bool else f"~{a[0]}"
-    if op in ("lshift", "rshift"):
-        bits = _BITS.get(dtype)
-        if bits is None:
-            raise KernelError(f"shift of {dtype} is not supported")
-        out_of_range = f"(({a[1]} < 0) | ({a[1]} >= {bits}))"
-        if op == "lshift":
-            return f"tl.where({out_of_range}, 0, {a[0]} << tl.where({out_of_range}, 0, {a[1]}))"
-        return f"{a[0]} >> tl.where({out_of_range}, {bits - 1}, {a[1]})"
-    raise KernelError(f"no Triton translation for primitive {op!r}")
+    """Triton text of v, its operands named by `names`: its primitive's entry
+    in `TRITON_OPS`, rendered with `var` as the index variable, `mask` on its
+    loads and `rows` the row length of a row kernel."""
+    operands = [names[arg] for arg in v.args]
+    renderer = TRITON_OPS.get(v.op)
+    if renderer is None:
+        raise KernelError(f"no Triton translation for primitive {v.op!r}")
+    return renderer(v, operands, Context(inputs, var, mask, rows))
 
 
 # -- reduction kernels --------------------------------------------------------

@@ -1,3 +1,9 @@
+# Unmaintained probe: the GPU time of Kitsune's generated row kernels (softmax, layer_norm+GELU,
+# RMSNorm, cross-entropy, bias gradient, MSE) under other launch-rule constants and libm variants,
+# with their SASS instruction mix. Run on an H200, 2026-12-02 (second to fourth sessions); results in
+# benchmarks/results/probe_generated*_h200_2026-12-02c.log, probe_split_h200_2026-12-02c.log,
+# probe_mse*_h200_2026-12-02e.log and RESULTS.md (2026-12-02 H200 sessions). It patches launch
+# constants by hand; the maintained numbers come from bench_reductions.py.
 """Kitsune's generated row kernels on the GPU, one launch rule at a time: each
 case (the four of bench_reductions: scaled softmax, layer_norm+GELU, RMSNorm on
 16384x4096 bf16, cross-entropy on 8192x32000) is compiled with the rule's
@@ -8,8 +14,8 @@ instruction mix (what the arithmetic costs per element), and `--variants`
 runs cases with other versions of libm's helpers (GELU's fit, bf16 rounding),
 with their error against float64 next to eager's.
 
-    python3 benchmarks/probe_generated.py [--sass] [--cases ln_gelu,cross_entropy] [--rules default]
-    python3 benchmarks/probe_generated.py --variants ln_gelu,softmax --rules default --cases ln_gelu
+    python3 benchmarks/probes/probe_generated.py [--sass] [--cases ln_gelu,cross_entropy] [--rules default]
+    python3 benchmarks/probes/probe_generated.py --variants ln_gelu,softmax --rules default --cases ln_gelu
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ import re
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/
 
 import common  # noqa: E402
 

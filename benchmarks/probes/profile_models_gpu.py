@@ -1,12 +1,16 @@
+# Unmaintained probe: PyTorch-profiler tables of GPT-2 small and BERT-base inference (top CUDA
+# kernels) for eager, Inductor and Kitsune. Run on an H200, 2026-12-02; result in
+# benchmarks/results/models_profile_h200_2026-12-02.log and RESULTS.md (second session). The
+# maintained figures come from bench_reductions.py --models.
 """Where GPT-2 small and BERT-base inference spend GPU time (CUDA only): the top
 kernels of eager / Inductor / Kitsune, as in bench_reductions.py --models.
 
-    python3 benchmarks/profile_models_gpu.py [gpt2,bert] [eager,inductor,kitsune]
+    python3 benchmarks/probes/profile_models_gpu.py [gpt2,bert] [eager,inductor,kitsune]
 """
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/
 
 import common  # noqa: E402
 

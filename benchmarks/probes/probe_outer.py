@@ -1,7 +1,12 @@
+# Unmaintained probe: correctness of outer (column) reductions on odd shapes, and a sweep of the
+# outer-kernel launch constants for the bias-gradient case. Run on an H200, 2026-12-02; results in
+# benchmarks/results/probe_outer_h200_2026-12-02{,_tile}.log and RESULTS.md ("Reductions, column
+# reductions, blocks and models on an H200"). The maintained bias-gradient figure is
+# bench_reductions.py's bias_grad case.
 """Outer (column) reductions on the GPU: correctness on odd shapes, then a sweep
 of the launch rule's two constants for the bias-gradient case.
 
-    python3 benchmarks/probe_outer.py            # CUDA only
+    python3 benchmarks/probes/probe_outer.py            # CUDA only
 
 Correctness: (h, h.sum(0), h.amax(0), h.var(0), softmax(h, 0)) with
 h = g * sigmoid(x), fp32 and bf16, shapes whose rows do not fill the last
@@ -15,7 +20,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/
 
 import common  # noqa: E402
 

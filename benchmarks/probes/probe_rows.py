@@ -1,8 +1,12 @@
+# Unmaintained probe: hand-written variants of the layer_norm+GELU and cross-entropy row kernels
+# (erf approximations, warps, chunk sizes, target load) to find what bounds them. Run on an H200,
+# 2026-12-02; result in benchmarks/results/probe_rows_h200_2026-12-02.log and RESULTS.md ("Row
+# kernels, gathers and host path on an H200", second session).
 """Row-kernel variants for the two GPU cases below the copy-rate target
 (layer_norm+GELU and cross-entropy), written by hand in the shape Kitsune
 generates, each checked against eager and timed, to find what bounds them.
 
-    python3 benchmarks/probe_rows.py            # CUDA only
+    python3 benchmarks/probes/probe_rows.py            # CUDA only
 
 layer_norm+GELU on 16384x4096 bf16: the generated structure with XBLOCK rows a
 program and num_warps warps; the erf from libdevice, a cheaper erf (two
@@ -19,7 +23,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/
 
 import common  # noqa: E402
 

@@ -1,11 +1,16 @@
+# Unmaintained probe: PyTorch-profiler tables of the LayerNorm->Linear->GELU->Linear block's
+# fwd+bwd (top CUDA kernels; --host: top host-side ops of a tiny block) for eager, Inductor and
+# Kitsune. Run on an H200, 2026-12-02; results in benchmarks/results/block_profile_h200_2026-12-02{,c}.log,
+# block_host_profile_h200_2026-12-02.log and RESULTS.md (2026-12-02 H200 sessions). The maintained
+# figures (wall and GPU-busy time) come from bench_reductions.py --cases block_fwd_bwd.
 """Where the LayerNorm->Linear->GELU->Linear block's fwd+bwd spends GPU time (CUDA only):
 top CUDA kernels, eager / inductor / kitsune.
 
-    python3 benchmarks/profile_block_gpu.py
-    python3 benchmarks/profile_block_gpu.py --host   # a tiny block: top host-side ops and CUDA API calls
+    python3 benchmarks/probes/profile_block_gpu.py
+    python3 benchmarks/probes/profile_block_gpu.py --host   # a tiny block: top host-side ops and CUDA API calls
 """
 import sys, torch
-sys.path.insert(0, __import__("os").path.dirname(__file__))
+sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.dirname(__file__)))
 from bench_reductions import block_case
 import kitsune
 host = "--host" in sys.argv

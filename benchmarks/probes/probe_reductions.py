@@ -1,8 +1,11 @@
+# Unmaintained probe: the first slice of issue 3's reductions (softmax, layer_norm+GELU, RMSNorm,
+# cross-entropy) timed with triton.testing.do_bench, warm compiles. Run on an H100, 2026-11-25;
+# result in RESULTS.md ("Reductions (issue 3, first slice)"). Superseded by bench_reductions.py.
 """Quick probe of fused reductions on a GPU (issue 3 cases): eager, Inductor and
 Kitsune medians with triton.testing.do_bench, share of the measured copy rate
 (one read + one write; cross-entropy: the logits read once), first-call
 seconds. Not the full issue-3 benchmark: Inductor's compile times here are not
-cold.  Run: python3 benchmarks/probe_reductions.py
+cold.  Run: python3 benchmarks/probes/probe_reductions.py
 """
 import os, tempfile
 os.environ.setdefault("KITSUNE_CACHE_DIR", tempfile.mkdtemp())

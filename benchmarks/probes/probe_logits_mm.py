@@ -1,8 +1,12 @@
+# Unmaintained probe: the language-model head's matmul with GPT-2's odd vocabulary (50257), which
+# cuBLAS call gets the fast kernel and what layout Inductor returns. Run on an H200, 2026-12-02;
+# result in benchmarks/results/probe_logits_mm_h200_2026-12-02.log and RESULTS.md ("Row kernels,
+# gathers and host path on an H200", second session).
 """The language-model head's matmul with an odd vocabulary (GPT-2: 50257) on
 the GPU: which way of calling cuBLAS gets its fast kernel, what each costs,
 and what layout Inductor returns.
 
-    python3 benchmarks/probe_logits_mm.py      # CUDA only
+    python3 benchmarks/probes/probe_logits_mm.py      # CUDA only
 """
 import torch
 import triton

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 from torch import fx
 
-from kitsune.fusion.units import is_kernel, nbytes, node_class, storage_bytes, target_name, tensor_vals
+from kitsune.ir.ops import OpKind
+from kitsune.planner.units import is_kernel, nbytes, node_kind, storage_bytes, target_name, tensor_vals
 
 
 @dataclass(frozen=True)
@@ -51,15 +52,15 @@ def node_flops(node: fx.Node) -> float:
     if not vals:
         return 0.0
     out = vals[0]
-    cls = node_class(node)
+    kind = node_kind(node)
     try:
-        if cls == "matmul":
+        if kind is OpKind.MATMUL:
             name = target_name(node)
             mats = [a for a in node.args if isinstance(a, fx.Node) and tensor_vals(a)]
             first = mats[1] if name in ("addmm", "baddbmm", "addbmm", "addmv") and len(mats) > 1 else mats[0]
             k = int(tensor_vals(first)[0].shape[-1])
             return 2.0 * out.numel() * k
-        if cls == "conv":
+        if kind is OpKind.CONV:
             weight = tensor_vals(node.args[1])[0]
             per_output = weight.numel() // max(int(weight.shape[0]), 1)
             return 2.0 * out.numel() * per_output

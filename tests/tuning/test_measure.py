@@ -13,6 +13,7 @@ import torch
 import kitsune
 from kitsune.backend import make_backend
 from kitsune.fusion import FusionConfig, FusionEngine
+from kitsune.runtime.fused_call import FusedGroupCall
 from kitsune.tuning import measure
 
 
@@ -98,7 +99,6 @@ def test_a_config_asking_for_min_fusion_benefit_measures_without_profile(monkeyp
 
 def _fixed_times(monkeypatch, fused_s, unfused_s):
     """Every fused kernel takes fused_s, its unfused ops unfused_s."""
-    from kitsune.runtime.fused_call import FusedGroupCall
     monkeypatch.setattr(measure, "_time", lambda fn, args, device: fused_s if isinstance(fn, FusedGroupCall)
                         else unfused_s)
 
@@ -241,7 +241,7 @@ def test_a_layer_norm_is_measured_against_the_users_layer_norm(monkeypatch, tmp_
     ((_, _, m),) = _measured(engine.records)
     assert m["baseline"] == "user ops" and "baseline_why" not in m
     ((unfused, args, fused, fused_args),) = seen
-    assert not isinstance(unfused, measure.FusedGroupCall) and unfused is not fused.fallback
+    assert not isinstance(unfused, FusedGroupCall) and unfused is not fused.fallback
     # the baseline is F.layer_norm itself (no decomposition), fed the right weight and bias
     targets = [n.target for n in unfused.graph.nodes if n.op == "call_function"]
     assert targets == [torch.nn.functional.layer_norm, operator.mul]
@@ -269,7 +269,7 @@ def test_a_noisy_measurement_is_undecided_keeps_the_fusion_and_is_not_cached(mon
     unfused_calls = []
 
     def noisy(fn, args, device):  # the unfused ops take 1 ms in one round, 3 ms in the next
-        if isinstance(fn, measure.FusedGroupCall):
+        if isinstance(fn, FusedGroupCall):
             return 1e-3
         unfused_calls.append(1)
         return 3e-3 if (len(unfused_calls) - 1) // measure.ROUND_SAMPLES % 2 else 1e-3
@@ -364,7 +364,7 @@ def test_a_cuda_graph_runner_records_what_the_measurement_decided(monkeypatch, t
             if self.calls == cuda_graphs.WARMUP_CALLS + 1:  # what CudaGraphRunner records
                 graph = self.fn.__wrapped__
                 self.recorded = [n.target.kernel for n in graph.graph.nodes
-                                 if isinstance(n.target, measure.FusedGroupCall)]
+                                 if isinstance(n.target, FusedGroupCall)]
             return self.fn(*args)
 
     monkeypatch.setattr(cuda_graphs, "CudaGraphRunner", Runner)

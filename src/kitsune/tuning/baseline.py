@@ -28,11 +28,16 @@ import torch
 from torch import fx
 
 from kitsune.ir.graph import is_compute
-from kitsune.runtime.fused_call import FusedGroupCall
 
 log = logging.getLogger("kitsune")
 
 USER_OPS, DECOMPOSED_OPS = "user ops", "decomposed ops"
+
+
+def is_group_call(target) -> bool:
+    """A fused group's call in a compiled graph (kitsune.runtime.fused_call.FusedGroupCall).
+    Tuning comes before runtime in the pipeline, so it knows the call by what it has."""
+    return hasattr(target, "spec") and hasattr(target, "fallback") and hasattr(target, "kernel")
 # Views and size queries pulled into a baseline beside its user ops (free in eager), at most.
 MAX_EXTRA_NODES = 16
 
@@ -60,7 +65,7 @@ def source(node: fx.Node) -> str | None:
 
 def user_op_baselines(aten_gm: fx.GraphModule, compiled: fx.GraphModule, record, dynamo_gm) -> dict:
     """kernel name -> `UserOps`, or the reason (a str) why its decomposed ops are the baseline."""
-    calls = [n for n in compiled.graph.nodes if n.op == "call_function" and isinstance(n.target, FusedGroupCall)]
+    calls = [n for n in compiled.graph.nodes if n.op == "call_function" and is_group_call(n.target)]
     if record.name not in ("forward", "inference"):
         why = f"a {record.name} graph has no user ops to compare with"
         return {n.target.spec.name: why for n in calls}

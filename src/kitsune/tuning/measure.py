@@ -46,8 +46,7 @@ from torch import fx
 from kitsune.cache import cache_dir, write_atomic
 from kitsune.capture.dynamo import user_graph
 from kitsune.config import FusionConfig
-from kitsune.runtime.fused_call import FusedGroupCall
-from kitsune.tuning.baseline import DECOMPOSED_OPS, USER_OPS, UserOps, user_op_baselines
+from kitsune.tuning.baseline import DECOMPOSED_OPS, USER_OPS, UserOps, is_group_call, user_op_baselines
 
 log = logging.getLogger("kitsune")
 
@@ -75,7 +74,7 @@ def measured(compiled, aten_gm: fx.GraphModule, record, config: FusionConfig, pr
     each of them. Call it before wrapping the result in a CUDA-graph runner."""
     if not measuring(config, profile) or not isinstance(compiled, fx.GraphModule):
         return compiled
-    calls = [n.target for n in compiled.graph.nodes if isinstance(n.target, FusedGroupCall)]
+    calls = [n.target for n in compiled.graph.nodes if is_group_call(n.target)]
     if not any(call.kernel is not None for call in calls):
         return compiled
     try:
@@ -130,7 +129,7 @@ class _Measurer(fx.Interpreter):
         super().__init__(gm)
         self.record, self.config, self.baselines = record, config, baselines
         self.backend_of = {name: backend for name, _, backend in record.groups}
-        self.total = sum(1 for n in gm.graph.nodes if isinstance(n.target, FusedGroupCall))
+        self.total = sum(1 for n in gm.graph.nodes if is_group_call(n.target))
         self.done = 0
         self.graph_inputs = ()
 
@@ -139,7 +138,7 @@ class _Measurer(fx.Interpreter):
         return super().run(*args)
 
     def call_function(self, target, args, kwargs):
-        if isinstance(target, FusedGroupCall):
+        if is_group_call(target):
             self.done += 1  # every group counts, so that the progress line ends at total/total
             if target.kernel is not None:
                 try:
@@ -157,7 +156,7 @@ class _Measurer(fx.Interpreter):
                 print(f"\rkitsune: timing fused kernels {self.done}/{self.total}", end="", file=sys.stderr,
                       flush=True)
 
-    def _decide(self, call: FusedGroupCall, args) -> None:
+    def _decide(self, call, args) -> None:
         name, threshold = call.spec.name, self.config.min_fusion_benefit
         unfused, unfused_args, baseline, why = self._baseline(call, args)
         device = args[0].device if args else call.device
@@ -189,7 +188,7 @@ class _Measurer(fx.Interpreter):
         return call.fallback, args, DECOMPOSED_OPS, user or "no user ops recorded for the group"
 
 
-def apply_decision(record, call: FusedGroupCall, m: dict, threshold: float) -> None:
+def apply_decision(record, call, m: dict, threshold: float) -> None:
     """Acts on measurement `m` of `call`'s kernel: switches it off (recorded as a
     decision, not a failure) when it says "unfused"; logs each decision at INFO."""
     name = call.spec.name
@@ -299,7 +298,7 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu{torch.get_num_threads()}"
 
 
-def decision_key(call: FusedGroupCall, inputs, backend: str, baseline: str = DECOMPOSED_OPS) -> str:
+def decision_key(call, inputs, backend: str, baseline: str = DECOMPOSED_OPS) -> str:
     import kitsune
     device = inputs[0].device if inputs else call.device
     text = "\n".join([stable_spec_text(call.spec), repr([(tuple(t.shape), tuple(t.stride()), str(t.dtype))

@@ -21,7 +21,6 @@ are the baseline, and the measurement says so and why.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -29,17 +28,15 @@ from torch import fx
 
 from kitsune.ir.graph import is_compute
 
-log = logging.getLogger("kitsune")
-
 USER_OPS, DECOMPOSED_OPS = "user ops", "decomposed ops"
+# Views and size queries pulled into a baseline beside its user ops (free in eager), at most.
+MAX_EXTRA_NODES = 16
 
 
 def is_group_call(target) -> bool:
     """A fused group's call in a compiled graph (kitsune.runtime.fused_call.FusedGroupCall).
     Tuning comes before runtime in the pipeline, so it knows the call by what it has."""
     return hasattr(target, "spec") and hasattr(target, "fallback") and hasattr(target, "kernel")
-# Views and size queries pulled into a baseline beside its user ops (free in eager), at most.
-MAX_EXTRA_NODES = 16
 
 
 @dataclass
@@ -58,7 +55,8 @@ class _NoBaseline(Exception):
 
 
 def source(node: fx.Node) -> str | None:
-    """The name of the Dynamo node an aten node comes from, or None."""
+    """The user op a node comes from (a Dynamo node's own ``source_fn_stack`` entry,
+    which AOTAutograd copies onto the aten nodes it decomposes into), or None."""
     stack = node.meta.get("source_fn_stack")
     return stack[-1][0] if stack else None
 

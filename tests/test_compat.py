@@ -65,6 +65,20 @@ def test_detect_fake_mode():
     assert _compat.detect_fake_mode([fake]) is mode
 
 
+def test_disable_dispatch_modes():
+    from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode
+
+    class Counting(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Counting():
+        assert _get_current_dispatch_mode() is not None
+        with _compat.disable_dispatch_modes():
+            assert _get_current_dispatch_mode() is None
+            torch.ones(2) + 1
+
+
 def test_decompositions():
     core = _compat.core_aten_decompositions()
     assert len(core) > 100 and all(isinstance(op, _compat.OpOverload) for op in core)
@@ -211,6 +225,12 @@ def test_fake_mode_fallback(monkeypatch):
     assert _compat.forward_output_count() is None
 
 
+def test_dispatch_mode_fallback(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils._python_dispatch", None)
+    with _compat.disable_dispatch_modes():
+        assert (torch.ones(2) + 1).sum().item() == 4
+
+
 def test_forward_output_count_without_metadata(monkeypatch):
     from torch._guards import TracingContext
     monkeypatch.setattr(TracingContext, "try_get", staticmethod(lambda: object()))
@@ -282,9 +302,7 @@ FORBIDDEN_ATTRIBUTES = {
 # tuning/measure.py (where it must call `_compat.detect_fake_mode(args)`).
 # Delete an entry once its file no longer has the
 # use: the test fails on a stale entry so that none outlives its reason.
-PENDING = {
-    ("fusion/profile.py", "torch._guards.detect_fake_mode"),
-}
+PENDING: set = set()
 
 
 def _dotted(node) -> str | None:

@@ -20,6 +20,8 @@ registry's public namespace), `triton.jit`, `triton.language`.
 """
 from __future__ import annotations
 
+import contextlib
+
 import importlib
 import logging
 from typing import Callable
@@ -213,6 +215,21 @@ def detect_fake_mode(args):
         _unavailable("torch._guards.detect_fake_mode", error, "fake tensors are recognised by type name")
         return next((a for a in args if type(a).__name__ == "FakeTensor"), None)
     return detect(args)
+
+
+def disable_dispatch_modes():
+    """`torch.utils._python_dispatch._disable_current_modes()`: a context in
+    which no TorchDispatchMode is active. AOTAutograd runs a graph's first call
+    under a mode of its own (torch 2.13), which sends every op through Python;
+    Kitsune's measurements time the ops as the user's program runs them. Without
+    it, a null context: measurements on a first call then include that mode."""
+    try:
+        from torch.utils._python_dispatch import _disable_current_modes
+    except ImportError as error:
+        _unavailable("torch.utils._python_dispatch._disable_current_modes", error,
+                     "a first-call measurement may include a dispatch mode's overhead")
+        return contextlib.nullcontext()
+    return _disable_current_modes()
 
 
 def forward_output_count() -> int | None:

@@ -33,6 +33,7 @@ from kitsune.record import GraphRecord, default_sink
 from kitsune.runtime.compiled_graph import bind_fast_targets, build_graph_module
 from kitsune.runtime.fused_call import FusedGroupCall, group_fallback
 from kitsune.runtime.matmul import align_matmuls
+from kitsune.tuning.measure import measured
 
 log = logging.getLogger("kitsune")
 
@@ -44,10 +45,11 @@ def build_kernels(backend: Backend, specs: list) -> list:
 
 
 def compile_graph(gm: fx.GraphModule, example_inputs, kind: str = "graph",
-                  config: FusionConfig | None = None, stats=None):
+                  config: FusionConfig | None = None, stats=None, profile: bool = False):
     """Compile one aten graph; returns a callable with gm's calling convention.
     `stats`: where the GraphRecord goes (anything with `.record(record)`; default:
-    the process-wide `kitsune.report.stats.GLOBAL_STATS`)."""
+    the process-wide `kitsune.report.stats.GLOBAL_STATS`).
+    `profile`: measure fused kernels (kitsune.tuning.measure.measuring)."""
     config = config or FusionConfig()
     stats = stats if stats is not None else default_sink()
     start = time.perf_counter()
@@ -70,6 +72,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs, kind: str = "graph",
         _cuda_graph_blocker(gm, example_inputs, compiled, record, training) is None
     if compiled_ok and isinstance(compiled, fx.GraphModule):
         bind_fast_targets(compiled)  # after every analysis that reads its aten targets
+    # measured on the first real call, before a CUDA-graph runner records the graph
+    compiled = measured(compiled, gm, record, config, profile)
     if replay:
         from kitsune.runtime.cuda_graphs import CudaGraphRunner
         record.cuda_graph = True

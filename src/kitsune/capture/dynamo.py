@@ -6,6 +6,7 @@ work is recomputed in the backward rather than saved.
 """
 from __future__ import annotations
 
+import contextvars
 import functools
 
 import torch
@@ -13,6 +14,16 @@ import torch
 from kitsune._compat import core_aten_decompositions, get_decompositions
 
 aten = torch.ops.aten
+
+# The graph Dynamo handed the backend (the user's torch-level ops: F.layer_norm,
+# torch.softmax), set while AOTAutograd compiles it: a measured decision times a
+# fused group against these ops as the user wrote them (kitsune.tuning.measure).
+_USER_GRAPH: contextvars.ContextVar = contextvars.ContextVar("kitsune_user_graph", default=None)
+
+
+def user_graph():
+    """The Dynamo graph whose aten graphs are being compiled now, or None."""
+    return _USER_GRAPH.get()
 
 
 @functools.lru_cache(maxsize=2)
@@ -73,10 +84,18 @@ def aot_backend(compile_graph, reductions: bool = True):
             return make_boxed_func(compiled)
         return compile_fn
 
-    return aot_autograd(
+    aot = aot_autograd(
         fw_compiler=compiler("forward"),
         bw_compiler=compiler("backward"),
         inference_compiler=compiler("inference"),
         decompositions=decomposition_table(reductions),
         partition_fn=min_cut_rematerialization_partition,
     )
+
+    def backend(gm, example_inputs, **kwargs):
+        token = _USER_GRAPH.set(gm)
+        try:
+            return aot(gm, example_inputs, **kwargs)
+        finally:
+            _USER_GRAPH.reset(token)
+    return backend

@@ -35,6 +35,7 @@ from torch import fx, nn
 from kitsune.config import FusionConfig
 from kitsune.fusion.patterns import BUILTIN_PATTERNS, FusionPattern
 from kitsune.report.stats import GLOBAL_STATS, FusionStats, TeeStats
+from kitsune.tuning.measure import measuring
 
 log = logging.getLogger("kitsune")
 
@@ -122,10 +123,11 @@ class FusionEngine:
                      PyTorch) but still detects patterns: `explain()` then says what
                      would fuse.
       config:        a FusionConfig (default FusionConfig()).
-      profile:       time each fused kernel against its unfused ops on the first real
-                     inputs; stats and reports then show measured speed-ups. A config
+      profile:       time each fused kernel against the user's unfused ops on the first
+                     real inputs; stats and reports then show measured speed-ups. A config
                      that sets min_fusion_benefit to other than its default asks for
-                     measured decisions, so it turns profiling on too.
+                     measured decisions, so it turns profiling on too, on every entry
+                     point (kitsune.tuning.measure.measuring).
     """
 
     def __init__(self, enable_fusion: bool = True, config: FusionConfig | None = None, profile: bool = False):
@@ -138,8 +140,7 @@ class FusionEngine:
         if not isinstance(config, FusionConfig):
             raise TypeError(f"FusionEngine config must be a kitsune.fusion.FusionConfig, got {type(config).__name__}")
         self.enable_fusion = enable_fusion
-        default_benefit = FusionConfig.__dataclass_fields__["min_fusion_benefit"].default
-        self.profile = profile or config.min_fusion_benefit != default_benefit
+        self.profile = measuring(config, profile)
         self._config = config
         self._stats = FusionStats()
 
@@ -209,15 +210,13 @@ class FusionEngine:
         from kitsune.runtime.fused_call import FusedGroupCall
 
         tee = TeeStats(self._stats, GLOBAL_STATS)
-        compiled = compile_graph(gm, example_inputs, kind, config=config, stats=tee)
+        compiled = compile_graph(gm, example_inputs, kind, config=config, stats=tee, profile=self.profile)
         record = tee.last
-        if record is not None and isinstance(compiled, fx.GraphModule):
-            for node in compiled.graph.nodes:
+        graph = getattr(compiled, "__wrapped__", compiled)  # kitsune.tuning.measure.measured wraps it
+        if record is not None and isinstance(graph, fx.GraphModule):
+            for node in graph.graph.nodes:
                 if node.op == "call_function" and isinstance(node.target, FusedGroupCall):
                     record.kernel_calls[node.target.spec.name] = node.target
-            if self.profile and record.kernel_calls:
-                from kitsune.fusion.profile import profiled
-                compiled = profiled(compiled, record, config)
         return compiled
 
     def detect(self, target, *example_inputs):

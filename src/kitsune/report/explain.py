@@ -86,7 +86,18 @@ def _measured_line(records) -> str:
         return ""
     return (f"Measured on first inputs ({len(timed)} kernels: {kept} kept, {len(timed) - kept} run "
             f"unfused below min_fusion_benefit): unfused {_time(before)} → now {_time(now)} "
-            f"({before / now:.2f}x)")
+            f"({before / now:.2f}x){_measure_notes([m for m, _ in timed])}")
+
+
+def _measure_notes(measured: list) -> str:
+    """How many measurements were undecided or read from the cache, and against which baseline."""
+    counts: dict = {}
+    for m in measured:
+        for note in ("undecided" if m.get("decision") == "undecided" else None,
+                     "cached" if m.get("cached") else None, f"baseline {m.get('baseline', 'decomposed ops')}"):
+            if note:
+                counts[note] = counts.get(note, 0) + 1
+    return "".join(f"; {n} {note}" for note, n in counts.items())
 
 
 def _pattern_lines(summary) -> list[str]:

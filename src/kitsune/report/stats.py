@@ -29,7 +29,10 @@ Keys (all graphs compiled into this stats object):
                       measured (the timing dict) and measured_speedup (None unless profiled)
     measured          one dict per group a profiling engine timed, kept or run unfused:
                       kernel, graph, fused_s, unfused_s, speedup (unfused_s / fused_s), kept
-                      (False when below min_fusion_benefit), cached (decision read from disk)
+                      (False when below min_fusion_benefit), cached (decision read from disk),
+                      decision ("fused", "unfused", or "undecided": kept), spread (of the
+                      speed-ups of its last rounds), baseline ("user ops" or "decomposed ops"),
+                      device and when it was measured (kitsune.tuning.measure)
 """
 from __future__ import annotations
 
@@ -79,14 +82,16 @@ class FusionStats(RecordSink):
 
 def measured_groups(records) -> list:
     """One dict per fused group timed by a profiling engine (kept or not): kernel, graph,
-    fused_s, unfused_s, speedup (unfused_s / fused_s), kept, cached."""
+    fused_s, unfused_s, speedup (unfused_s / fused_s), kept, cached, decision, spread,
+    baseline, device, when."""
     out = []
     for record in records:
         kept = {name for name, _, _ in record.groups}
         for name, m in list(record.measured.items()):
             out.append({"kernel": name, "graph": record.name, "fused_s": m.get("fused_s"),
                         "unfused_s": m.get("unfused_s"), "speedup": m.get("speedup"), "kept": name in kept,
-                        "cached": bool(m.get("cached"))})
+                        "cached": bool(m.get("cached")),
+                        **{k: m.get(k) for k in ("decision", "spread", "baseline", "device", "when")}})
     return out
 
 

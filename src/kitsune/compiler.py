@@ -25,13 +25,13 @@ from kitsune.codegen.backends import Backend, backend_for
 from kitsune.codegen.kernel import KernelError
 from kitsune.codegen.lower import lower_group
 from kitsune.config import FusionConfig
-from kitsune.ir.graph import is_compute, meta
+from kitsune.ir.graph import group_fallback, is_compute, meta
 from kitsune.planner import FusionPlan, admit, plan_graph
 from kitsune.planner.detect import detect_patterns, needs_detection
 from kitsune.planner.naming import kernel_kind, kernel_name
 from kitsune.record import GraphRecord, default_sink
 from kitsune.runtime.compiled_graph import bind_fast_targets, build_graph_module
-from kitsune.runtime.fused_call import FusedGroupCall, group_fallback
+from kitsune.runtime.fused_call import FusedGroupCall
 from kitsune.runtime.matmul import align_matmuls
 from kitsune.tuning.measure import measured
 

@@ -32,3 +32,18 @@ def test_pipeline_imports_no_api_or_report(part):
         upward = {m for m in _imports(path) if m.startswith(("kitsune.fusion", "kitsune.report"))}
         assert not upward, f"{path.relative_to(SRC)} imports {sorted(upward)}"
 
+
+
+# The order imports follow inside the pipeline: a stage imports only stages before it
+# (and the shared leaves: config, cache, _compat). tuning/ comes before codegen/: the
+# code generators read their launch choices from it, and its measurements know a fused
+# call by what it has, not by importing runtime/.
+ORDER = ["capture", "ir", "planner", "tuning", "codegen", "runtime"]
+
+
+@pytest.mark.parametrize("stage", ORDER)
+def test_pipeline_imports_go_down_only(stage):
+    later = tuple(f"kitsune.{s}" for s in ORDER[ORDER.index(stage) + 1:])
+    for path in sorted((SRC / stage).rglob("*.py")):
+        upward = {m for m in _imports(path) if later and m.startswith(later)}
+        assert not upward, f"{path.relative_to(SRC)} imports later stages {sorted(upward)}"

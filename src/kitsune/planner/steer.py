@@ -250,7 +250,7 @@ class ReplacementCall:
 
 def _apply_replacements(gm: fx.GraphModule, opportunities, config) -> list:
     """Rewrite the graph: each match of a pattern with a replacement becomes one call."""
-    from kitsune.runtime.fused_call import group_fallback
+    from kitsune.ir.graph import group_fallback
 
     done = []
     for opp in opportunities:

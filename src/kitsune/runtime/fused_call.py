@@ -132,21 +132,3 @@ class FusedGroupCall:
             log.debug("kitsune: %s: %s; running unfused", self.spec.name, reason)
             return reason
         return None
-
-
-def group_fallback(inputs: list[fx.Node], outputs: list[fx.Node], members: list[fx.Node]) -> fx.GraphModule:
-    """A GraphModule running the group's original ops: the unfused path."""
-    graph = fx.Graph()
-    env = {n: graph.placeholder(f"in{i}") for i, n in enumerate(inputs)}
-    needed = set(members)
-    for node in members:  # views of members that members read
-        for a in node.all_input_nodes:
-            chain = a
-            while chain not in env and chain not in needed and chain.op == "call_function" and chain.all_input_nodes:
-                needed.add(chain)
-                chain = chain.args[0]
-    for node in members[0].graph.nodes:
-        if node in needed and node not in env:
-            env[node] = graph.node_copy(node, lambda n: env[n])
-    graph.output(tuple(env[n] for n in outputs))
-    return fx.GraphModule(torch.nn.Module(), graph)

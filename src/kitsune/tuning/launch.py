@@ -69,7 +69,7 @@ class LaunchChoices:
     # element takes more than heavy_element_ops operations: then 4, which
     # leaves each thread more independent work (16384x4096 bf16: softmax
     # 0.072 ms with 8 warps, 0.079 with 4; layer_norm+GELU 0.083 with 4, 0.090
-    # with 8; benchmarks/probe_rows.py and bench_reductions.py).
+    # with 8; benchmarks/probes/probe_rows.py and bench_reductions.py).
     heavy_element_ops: int = _choice(12, _THRESHOLD)
 
     # -- Triton: outer (column) reductions ------------------------------------
@@ -109,7 +109,7 @@ class LaunchChoices:
     # a row) of looped_rblock-element chunks: many short programs balance over
     # the SMs (H200, mean of (x - y)^2 over 16384x4096 bf16: 512 / 1024 / 4096
     # parts 70 / 79 / 64 us, the last at the copy rate;
-    # benchmarks/probe_generated.py).
+    # benchmarks/probes/probe_generated.py).
     split_rows: int = _choice(132, _THRESHOLD)
     row_split_programs: int = _choice(4096, _COUNT)
     row_split_max: int = _choice(4096, _COUNT)

@@ -159,7 +159,7 @@ def gelu_erf(y):
     (y < -5.54), eager returns 0 and this the tiny true value (float64's);
     NaN at -inf and inf at +inf as eager. layer_norm+GELU on 16384x4096 bf16
     on an H200: 122 us with libdevice erf, 81 with one_plus_erf, 75.8 with a
-    degree-6 gelu_erf and its range test (benchmarks/probe_generated.py)."""
+    degree-6 gelu_erf and its range test (benchmarks/probes/probe_generated.py)."""
     t = tl.abs(y)
     q = -1.8354097163764478e-06
     q = q * t + 6.161118539177576e-05

@@ -288,6 +288,22 @@ class Unit:
         return f"Unit({self.name}: {[n.name for n in self.nodes]})"
 
 
+def _through_views(start: list, step) -> list[Unit]:
+    """The non-view units reached from `start` by `step` (users or inputs),
+    walking through view-only units, breadth first."""
+    out, stack, seen = [], list(start), set()
+    while stack:
+        u = stack.pop(0)
+        if u.index in seen:
+            continue
+        seen.add(u.index)
+        if u.category is OpCategory.VIEW:
+            stack.extend(step(u))
+        else:
+            out.append(u)
+    return out
+
+
 class UnitGraph:
     """The user operations of one fx graph, in graph order."""
 
@@ -397,31 +413,11 @@ class UnitGraph:
 
     def consumers(self, unit: Unit) -> list[Unit]:
         """Units reading `unit`'s result, looking through view-only units."""
-        out, stack, seen = [], list(unit.users), set()
-        while stack:
-            u = stack.pop(0)
-            if u.index in seen:
-                continue
-            seen.add(u.index)
-            if u.category is OpCategory.VIEW:
-                stack.extend(u.users)
-            else:
-                out.append(u)
-        return out
+        return _through_views(unit.users, lambda u: u.users)
 
     def producers(self, unit: Unit) -> list[Unit]:
         """Units whose results `unit` reads, looking through view-only units."""
-        out, stack, seen = [], list(unit.inputs), set()
-        while stack:
-            u = stack.pop(0)
-            if u.index in seen:
-                continue
-            seen.add(u.index)
-            if u.category is OpCategory.VIEW:
-                stack.extend(u.inputs)
-            else:
-                out.append(u)
-        return out
+        return _through_views(unit.inputs, lambda u: u.inputs)
 
     def views_between(self, a: Unit, b: Unit) -> list[Unit]:
         """View-only units on the path from a to b (so opportunities hold them too)."""

@@ -115,6 +115,38 @@ def test_any_all(backend):
     _fused()
 
 
+@pytest.mark.parametrize("dims", [-1, 0, (0, 1)])
+def test_bool_amax_amin_with_pointwise_neighbours(backend, dims):
+    # max of bools is any and min is all; their identities are False and True
+    def f(b, c):
+        return (b.amax(dims) | c.amin(dims)).logical_not(), (b & c).amin(dims) ^ b.amax(dims)
+
+    for _ in range(3):
+        b, c = torch.rand(6, 13) > 0.5, torch.rand(6, 13) > 0.1
+        torch._dynamo.reset()
+        outs = torch.compile(f, backend="kitsune")(b, c)
+        for got, want in zip(outs, f(b, c)):
+            torch.testing.assert_close(got, want)
+    _fused()
+
+
+@pytest.mark.parametrize("dim", [0, -1])
+def test_zero_dim_tensor_reduced_over_its_dim(backend, dim):
+    # a 0-dim tensor's dim 0 (or -1) is the tensor itself
+    def f(x):
+        return x.sum(dim, keepdim=True) * 2, (x * 3).amax(dim) - 1, (x + 1).mean(dim, keepdim=False)
+
+    for value in (1.5, -0.0, math.nan, math.inf):
+        x = torch.tensor(value)
+        torch._dynamo.reset()
+        outs = torch.compile(f, backend="kitsune")(x)
+        for got, want in zip(outs, f(x)):
+            torch.testing.assert_close(got, want, equal_nan=True)
+            assert got.shape == want.shape and got.dtype == want.dtype
+    stats = kitsune.get_fusion_stats()
+    assert stats["fallbacks"] == [], stats["fallbacks"]
+
+
 def test_non_contiguous_and_transposed_inputs(backend):
     def f(x, y):
         return torch.softmax(x.t() * 2 + y, -1)

@@ -404,7 +404,7 @@ def reduction_signature(node) -> tuple[list[int], bool]:
         dims = args[0] if args else node.kwargs.get("dim", [])
         dims = [dims] if isinstance(dims, int) else list(dims or [])
         keepdim = bool(args[1]) if len(args) > 1 else keepdim
-    if not dims:
+    if not dims or ndim == 0:  # a 0-dim tensor's dim 0 (or -1) is the tensor itself: one element
         dims = list(range(ndim))
     return sorted({d + ndim if d < 0 else d for d in dims}), keepdim
 

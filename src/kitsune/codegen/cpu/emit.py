@@ -340,6 +340,8 @@ def _identity(kind: str, dtype: torch.dtype) -> str:
         return literal(1, dtype) if kind == "prod" else "1"
     if dtype.is_floating_point:
         return literal(-math.inf if kind == "max" else math.inf, dtype)
+    if dtype == torch.bool:  # max of bools is any, min is all
+        return literal(kind == "min", dtype)
     info = torch.iinfo(dtype)
     return literal(info.min if kind == "max" else info.max, dtype)
 

@@ -189,6 +189,8 @@ def _identity(kind: str, dtype: torch.dtype) -> str:
         return literal(_IDENTITY[kind], dtype)
     if cdt.is_floating_point:
         return literal(-math.inf if kind == "max" else math.inf, dtype)
+    if cdt == torch.bool:  # max of bools is any, min is all
+        return literal(kind == "min", dtype)
     info = torch.iinfo(cdt)
     return literal(info.min if kind == "max" else info.max, dtype)
 

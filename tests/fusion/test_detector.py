@@ -8,7 +8,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from kitsune.capture.dynamo import decomposition_table
 from kitsune.fusion import BUILTIN_PATTERNS, FusionDetector, FusionPattern
-from kitsune.fusion.units import UnitGraph
+from kitsune.planner.units import UnitGraph
 
 
 def graph(fn, *inputs, decompose=False, mode="fake"):

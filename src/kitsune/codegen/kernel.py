@@ -70,10 +70,16 @@ class KernelSpec:
         return max(bounds)
 
     def structure_key(self) -> str:
-        """Hash of everything that changes the generated code."""
-        text = repr((self.numel, self.reduction, self.inputs, [(o.name, o.dtype, o.index) for o in self.outputs],
-                     _structure(self.values())))
-        return hashlib.sha256(text.encode()).hexdigest()[:24]
+        """Hash of everything that changes the generated code (the name does not).
+        Kept on the spec: naming, the source's function name and the CPU library
+        all ask for it, and it walks every Value."""
+        key = self.__dict__.get("_structure_key")
+        if key is None:
+            text = repr((self.numel, self.reduction, self.inputs,
+                         [(o.name, o.dtype, o.index) for o in self.outputs], _structure(self.values())))
+            key = hashlib.sha256(text.encode()).hexdigest()[:24]
+            object.__setattr__(self, "_structure_key", key)  # a cache, not a field: equality ignores it
+        return key
 
 
 def _structure(values) -> list:

@@ -26,6 +26,8 @@ from kitsune.codegen.kernel import KernelError
 from kitsune.codegen.lower import lower_group
 from kitsune.config import FusionConfig
 from kitsune.ir.graph import group_fallback, is_compute, meta
+from kitsune.ir.ops import NotFusible
+from kitsune.ir.sizes import hints_from
 from kitsune.planner import FusionPlan, admit, plan_graph
 from kitsune.planner.detect import detect_patterns, needs_detection
 from kitsune.planner.naming import kernel_kind, kernel_name
@@ -56,10 +58,12 @@ def compile_graph(gm: fx.GraphModule, example_inputs, kind: str = "graph",
     record = GraphRecord(name=kind, kernels_before=sum(map(is_compute, gm.graph.nodes)), kernels_after=0)
     compiled_ok = False
     try:
-        compiled = _compile(gm, config, record)
+        with hints_from(example_inputs):
+            compiled = _compile(gm, config, record)
         compiled_ok = True
     except Exception as error:  # noqa: BLE001 - never crash the user's model
-        log.warning("kitsune: %s graph runs unfused through PyTorch: %s: %s", kind, type(error).__name__, error)
+        log.warning("kitsune: %s graph runs unfused through PyTorch: %s: %s", kind, type(error).__name__, error,
+                    exc_info=log.isEnabledFor(logging.DEBUG))
         record.fallbacks.append((kind, f"{type(error).__name__}: {error}"))
         record.groups.clear()
         record.kernel_calls.clear()
@@ -154,8 +158,13 @@ def _lower(plan: FusionPlan, record: GraphRecord) -> list:
             log.debug("kitsune: %s graph: not fused: %s: %s", record.name, group.label(), refusal)
             continue
         spec = replace(spec, name=kernel_name(kind, spec, taken))
-        call = FusedGroupCall(spec, group_fallback(inputs, outputs, group.nodes),
-                              [meta(n) for n in inputs], [meta(n) for n in outputs])
+        try:
+            call = FusedGroupCall(spec, group_fallback(inputs, outputs, group.nodes),
+                                  [meta(n) for n in inputs], [meta(n) for n in outputs])
+        except NotFusible as error:  # symbolic sizes the call cannot read from its inputs
+            plan.refuse(group, str(error))
+            log.info("kitsune: %s graph: not fused: %s: %s", record.name, group.label(), error)
+            continue
         lowered.append((group, call, inputs, outputs, backend))
     return lowered
 

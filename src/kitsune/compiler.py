@@ -23,11 +23,11 @@ from torch import fx
 from kitsune.capture.simplify import simplify
 from kitsune.codegen.backends import Backend, backend_for
 from kitsune.codegen.kernel import KernelError
-from kitsune.codegen.lower import lower_group
+from kitsune.codegen.lower import lower_group, spec_size_exprs
 from kitsune.config import FusionConfig
-from kitsune.ir.graph import group_fallback, is_compute, meta
+from kitsune.ir.graph import group_fallback, is_compute, meta, size_inputs
 from kitsune.ir.ops import NotFusible
-from kitsune.ir.sizes import hints_from
+from kitsune.sizes import free_symbols, hints_from
 from kitsune.planner import FusionPlan, admit, plan_graph
 from kitsune.planner.detect import detect_patterns, needs_detection
 from kitsune.planner.naming import kernel_kind, kernel_name
@@ -159,8 +159,10 @@ def _lower(plan: FusionPlan, record: GraphRecord) -> list:
             continue
         spec = replace(spec, name=kernel_name(kind, spec, taken))
         try:
+            # symbolic sizes the call reads from the graph (after its tensors)
+            inputs = inputs + size_inputs(group.nodes, inputs, free_symbols(*spec_size_exprs(spec)))
             call = FusedGroupCall(spec, group_fallback(inputs, outputs, group.nodes),
-                                  [meta(n) for n in inputs], [meta(n) for n in outputs])
+                                  [n.meta.get("val") for n in inputs], [meta(n) for n in outputs])
         except NotFusible as error:  # symbolic sizes the call cannot read from its inputs
             plan.refuse(group, str(error))
             log.info("kitsune: %s graph: not fused: %s: %s", record.name, group.label(), error)

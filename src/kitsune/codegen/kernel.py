@@ -15,7 +15,7 @@ import torch
 
 from kitsune.ir.index import Index, Term
 from kitsune.ir.scalar import Value, walk
-from kitsune.ir.sizes import as_size, evaluate, hint, is_symbolic
+from kitsune.sizes import as_size, evaluate, hint, is_symbolic
 
 # the reduction analysis lives in codegen/schedule.py; these names stay importable from here
 from kitsune.codegen.schedule import is_row_index, outer_layout, reduction_stage, row_values  # noqa: F401
@@ -54,7 +54,7 @@ class KernelSpec:
     # Values collapse r. 0 for pointwise kernels.
     reduction: int = 0
     # Symbolic sizes (dynamic shapes): the names of the symbols that numel,
-    # reduction and the indices are expressions of (sympy, `kitsune.ir.sizes`),
+    # reduction and the indices are expressions of (sympy, `kitsune.sizes`),
     # each an integer argument of the kernel after numel, in this order.
     sizes: tuple[str, ...] = ()
 

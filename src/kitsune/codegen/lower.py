@@ -19,7 +19,7 @@ from kitsune.ir.graph import is_view, meta, view_root
 from kitsune.ir.index import Index, delinearize, linearize, strided, within
 from kitsune.ir.ops import POINTWISE_OPS, REDUCTION_OPS, NotFusible, aten, op_name, prims, reduction_signature
 from kitsune.ir.scalar import Value, call, cast, const, coordinate, load, load_at, reduce, where
-from kitsune.ir.sizes import (as_size, free_symbols, hint, is_symbolic, known, product, renderable, shape_of,
+from kitsune.sizes import (as_size, free_symbols, hint, is_symbolic, known, product, renderable, shape_of,
                               strides_of)
 from kitsune.planner.pointwise import FusionGroup, group_outputs
 

@@ -14,7 +14,7 @@ from torch import fx
 
 from kitsune.ir.ops import POINTWISE_OPS, REDUCTION_OPS, VIEW_OPS, NotFusible, OpKind, op_kind, op_name
 from kitsune.ir.scalar import SUPPORTED_DTYPES
-from kitsune.ir.sizes import as_size, numel_of, renderable, shape_of, strides_of
+from kitsune.sizes import as_size, numel_of, renderable, shape_of, strides_of
 
 
 def meta(node) -> torch.Tensor | None:
@@ -122,6 +122,33 @@ def group_fallback(inputs: list[fx.Node], outputs: list[fx.Node], members: list[
             env[node] = graph.node_copy(node, lambda n: env[n])
     graph.output(tuple(env[n] for n in outputs))
     return fx.GraphModule(torch.nn.Module(), graph)
+
+
+def size_inputs(members: list[fx.Node], inputs: list[fx.Node], symbols: set) -> list[fx.Node]:
+    """The graph's symbolic-size nodes (SymInt placeholders, `sym_size` results) a
+    group's call must also take: those its ops read (a view's target shape) and
+    those of `symbols` that are no dimension of a tensor input. Empty for static
+    shapes."""
+    found: dict[fx.Node, None] = {}
+    seen = set(inputs)
+    stack = list(members)
+    while stack:  # the members and the view chains they read through
+        node = stack.pop()
+        for a in node.all_input_nodes:
+            if isinstance(a.meta.get("val"), torch.SymInt):
+                found[a] = None
+            elif a not in seen and is_view(a):
+                seen.add(a)
+                stack.append(a)
+    dims = {s for n in inputs if meta(n) is not None for s in shape_of(meta(n))}
+    missing = {s for s in symbols if s not in dims}
+    if missing:
+        for node in members[0].graph.nodes:
+            val = node.meta.get("val")
+            if isinstance(val, torch.SymInt) and as_size(val) in missing:
+                found[node] = None
+                missing.discard(as_size(val))
+    return list(found)
 
 
 def _size_of_input(graph: fx.Graph, size: fx.Node, inputs: list[fx.Node], env: dict) -> fx.Node:

@@ -9,7 +9,7 @@ access collapses to plain `x` and the backends can emit vector loads.
 
 All values are non-negative (torch strides and offsets are), so C and Python
 floor division agree. Coefficients, divisors and moduli are ints, or sympy
-expressions of a graph's symbolic sizes (`kitsune.ir.sizes`): a
+expressions of a graph's symbolic sizes (`kitsune.sizes`): a
 simplification that needs a fact about them (a divisibility, a bound) is made
 only where the fact holds for every size.
 """
@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from kitsune.ir.sizes import as_size, divides, known, size_key, size_text
+from kitsune.sizes import as_size, divides, known, size_key, size_text
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from kitsune.ir.scalar import Value, call, cast, const, opmath_dtype, where
-from kitsune.ir.sizes import shape_of
+from kitsune.sizes import shape_of
 
 aten = torch.ops.aten
 prims = torch.ops.prims

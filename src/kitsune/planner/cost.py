@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from torch import fx
 
 from kitsune.ir.ops import OpKind
-from kitsune.ir.sizes import hint, numel_of, shape_of
+from kitsune.sizes import hint, numel_of, shape_of
 from kitsune.planner.units import is_kernel, nbytes, node_kind, storage_bytes, target_name, tensor_vals
 
 

@@ -26,7 +26,7 @@ from torch import fx
 
 from kitsune.config import FusionConfig
 from kitsune.ir.graph import is_view, meta, numel, pointwise_blocker, view_root
-from kitsune.ir.sizes import hint, shape_of
+from kitsune.sizes import hint, shape_of
 from kitsune.ir.ops import REDUCTION_OPS
 from kitsune.planner.plan import FusionGroup, frame_shapes, frames_of, node_frame
 

@@ -26,7 +26,7 @@ from typing import Iterable
 import torch
 from torch import fx
 
-from kitsune.ir.sizes import known, numel_of
+from kitsune.sizes import known, numel_of
 from kitsune.planner.units import OpCategory, Unit, UnitGraph, tensor_vals
 
 

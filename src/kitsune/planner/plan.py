@@ -14,7 +14,7 @@ import torch
 from torch import fx
 
 from kitsune.ir.graph import meta, numel, user_op_key
-from kitsune.ir.sizes import hint, product, shape_of
+from kitsune.sizes import hint, product, shape_of
 from kitsune.ir.ops import REDUCTION_OPS, reduction_signature
 
 # Dtype conversions are free in registers: they do not count as user operations.

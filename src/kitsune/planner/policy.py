@@ -25,7 +25,7 @@ from torch import fx
 from kitsune.config import FusionConfig
 from kitsune.ir.graph import is_compute, meta, tensor_inputs, view_root
 from kitsune.ir.ops import REDUCTION_OPS
-from kitsune.ir.sizes import hint, is_dense, numel_of, product, shape_of
+from kitsune.sizes import hint, is_dense, numel_of, product, shape_of
 from kitsune.planner.legality import can_merge, group_outputs, node_blocker
 from kitsune.planner.plan import Decision, FusionGroup, FusionPlan, frame_shapes
 

@@ -32,7 +32,7 @@ from torch import fx
 from kitsune import _compat
 from kitsune.ir.graph import is_view, user_op_key
 from kitsune.ir.ops import OpKind, op_kind
-from kitsune.ir.sizes import hint, numel_of
+from kitsune.sizes import hint, numel_of
 from kitsune.planner import vocabulary as V
 
 

@@ -29,7 +29,7 @@ from kitsune import _compat
 from kitsune.codegen.kernel import INDEX_LIMIT, KernelSpec
 from kitsune.codegen.lower import spec_size_exprs
 from kitsune.ir.ops import NotFusible
-from kitsune.ir.sizes import compile_sizes, free_symbols, shape_of, strides_of
+from kitsune.sizes import as_size, compile_sizes, free_symbols, shape_of, strides_of
 
 log = logging.getLogger("kitsune")
 _DEBUG = os.environ.get("KITSUNE_DEBUG", "") not in ("", "0")
@@ -52,11 +52,13 @@ class FusedGroupCall:
         self.failure: str | None = None
         self.runtime_failure: str | None = None  # why the kernel was switched off at run time
         self.runtime_fallbacks: dict[str, int] = {}  # reason -> calls that ran the original ops
+        # the call's arguments: the kernel's tensors, then symbolic sizes (ints) it reads
+        self.n_tensors = sum(isinstance(v, torch.Tensor) for v in inputs)
         self.sizes = SymbolicSizes.of(spec, inputs, outputs)  # None for static shapes
         if self.sizes is None:
-            self.input_strides = [tuple(v.stride()) for v in inputs]
-            self.input_shapes = [tuple(v.shape) for v in inputs]
-            self.output_meta = tuple((tuple(v.shape), tuple(v.stride()), v.dtype) for v in outputs)
+            self.input_strides = [strides_of(v) for v in inputs]
+            self.input_shapes = [shape_of(v) for v in inputs]
+            self.output_meta = tuple((shape_of(v), strides_of(v), v.dtype) for v in outputs)
         self.device = outputs[0].device
         self._alloc = _fast_allocator(self.device)
         self._cuda_index = (self.device.index if self.device.index is not None else torch.cuda.current_device()) \
@@ -116,7 +118,7 @@ class FusedGroupCall:
         outputs = [torch.empty_strided(shape, stride, dtype=dtype, device=device)
                    for shape, stride, dtype in sizes.outputs(values)]
         try:
-            kernel(inputs, outputs, sizes.kernel_args(values))
+            kernel(inputs[:self.n_tensors], outputs, sizes.kernel_args(values))
         except Exception as error:  # noqa: BLE001 - whatever broke, eager semantics decide
             result = self.fallback(*inputs)
             self.disable(f"kernel launch failed: {type(error).__name__}: {error}", at_run_time=True)
@@ -173,7 +175,8 @@ class SymbolicSizes:
     def __init__(self, spec: KernelSpec, names: tuple, sources: list, inputs: list, outputs: list):
         self.names, self.sources = names, sources
         self._kernel_args = tuple(names.index(n) for n in spec.sizes)
-        self._input_layout = compile_sizes(tuple((shape_of(v), strides_of(v)) for v in inputs), names)
+        tensors = [v for v in inputs if isinstance(v, torch.Tensor)]
+        self._input_layout = compile_sizes(tuple((shape_of(v), strides_of(v)) for v in tensors), names)
         self._output_layout = compile_sizes(tuple((shape_of(v), strides_of(v)) for v in outputs), names)
         self._dtypes = [v.dtype for v in outputs]
         # the largest offset a narrow (32-bit) kernel may compute
@@ -184,22 +187,24 @@ class SymbolicSizes:
         """None for static shapes; raises NotFusible where a symbol is no input's size."""
         exprs = [*spec_size_exprs(spec)]
         for v in (*inputs, *outputs):
-            exprs += [*shape_of(v), *strides_of(v)]
+            exprs += [*shape_of(v), *strides_of(v)] if isinstance(v, torch.Tensor) else [as_size(v)]
         symbols = free_symbols(*exprs)
         if not symbols:
             return None
         names = tuple(sorted(s.name for s in symbols))
         sources = []
         for name in names:
-            found = next(((i, d) for i, v in enumerate(inputs) for d, size in enumerate(shape_of(v))
-                          if getattr(size, "name", None) == name), None)
+            found = next(((i, d) for i, v in enumerate(inputs) if isinstance(v, torch.Tensor)
+                          for d, size in enumerate(shape_of(v)) if getattr(size, "name", None) == name), None)
+            found = found or next(((i, None) for i, v in enumerate(inputs) if isinstance(v, torch.SymInt)
+                                   and getattr(as_size(v), "name", None) == name), None)
             if found is None:
                 raise NotFusible(f"symbolic size {name} is not the size of any input of the group")
             sources.append(found)
         return SymbolicSizes(spec, names, sources, inputs, outputs)
 
     def read(self, inputs) -> tuple:
-        return tuple(inputs[i].shape[d] for i, d in self.sources)
+        return tuple(inputs[i] if d is None else inputs[i].shape[d] for i, d in self.sources)
 
     def kernel_args(self, values: tuple) -> tuple:
         return tuple(values[k] for k in self._kernel_args)

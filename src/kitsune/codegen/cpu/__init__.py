@@ -21,7 +21,7 @@ from kitsune.codegen.cpu.emit import FLOAT_ERF, PRELUDE, emit_kernel, math_decla
 from kitsune.codegen.cpu.emit import VECTOR_MATH
 from kitsune.codegen.cpu.toolchain import toolchain
 from kitsune.codegen.kernel import KernelError, KernelSpec
-from kitsune.ir.sizes import compile_sizes
+from kitsune.sizes import compile_sizes
 from kitsune.planner.naming import function_name
 
 log = logging.getLogger("kitsune")

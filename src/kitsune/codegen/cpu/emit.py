@@ -20,7 +20,7 @@ from kitsune.codegen.kernel import KernelError, KernelSpec
 from kitsune.codegen.schedule import ReductionSchedule, outer_layout
 from kitsune.ir.index import divides_x_in_rows, render, render_in_kernel
 from kitsune.ir.scalar import Value
-from kitsune.ir.sizes import as_size, divides, hint, is_symbolic, size_text
+from kitsune.sizes import as_size, divides, hint, is_symbolic, size_text
 from kitsune.tuning.launch import LaunchChoices, launch_choices
 
 # the primitive table, and the type maps and helpers the kernel emitters use too

@@ -21,7 +21,7 @@ import hashlib
 
 from kitsune.codegen.triton.emit import ReductionLayout, emit_triton, pow2, split_workspace
 from kitsune.codegen.triton.libm import INTERPRETED
-from kitsune.ir.sizes import compile_sizes, hint
+from kitsune.sizes import compile_sizes, hint
 from kitsune.tuning.launch import LaunchChoices, launch_choices
 
 log = logging.getLogger("kitsune")

@@ -18,7 +18,7 @@ from kitsune.codegen.schedule import ReductionSchedule, opmath_dtype, outer_layo
 from kitsune.tuning.launch import LaunchChoices, launch_choices
 from kitsune.ir.index import Index, render, render_in_kernel
 from kitsune.ir.scalar import Value
-from kitsune.ir.sizes import hint, is_symbolic, size_text
+from kitsune.sizes import hint, is_symbolic, size_text
 
 # the primitive table, and the dtype helpers the kernel emitters use too
 from kitsune.codegen.triton.ops import TL_DTYPE, TRITON_OPS, Context, compute_dtype, literal

@@ -6,7 +6,7 @@
     fast = engine.fuse(model)              # nn.Module, function, or fx.GraphModule
     fast(x).sum().backward()               # compiles on the first call (forward and backward)
     engine.get_fusion_stats()              # num_fused, efficiency, kernels, patterns, fallbacks, ...
-    engine.explain()                       # what fused into what, what did not and why
+    print(engine.explain())                # what fused into what, what did not and why
     engine.report("report.html")           # the graph with its fusion groups, kernel sources, times
 
     # A list of operations (spec 01 `engine.fuse(operations)`, spec 04 `['matmul', 'relu']`):
@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import sys
 from pathlib import Path
 
 import torch
@@ -249,14 +248,19 @@ class FusionEngine:
         return self._stats.records()
 
     def explanation(self, verbose: bool = False) -> str:
-        """The text `explain()` prints."""
-        from kitsune.report.explain import explain_records
-        return explain_records(self.records, verbose=verbose, config=self.effective_config())
+        """The text of `explain()` (kept for callers of earlier versions)."""
+        return self.explain(verbose=verbose)
 
-    def explain(self, file=None, verbose: bool = False) -> None:
-        """Print what fused into what, what did not and why, patterns fired and estimated
-        (or, with profile=True, measured) gains. `file` defaults to stdout."""
-        print(self.explanation(verbose=verbose), file=file if file is not None else sys.stdout)
+    def explain(self, file=None, verbose: bool = False) -> str:
+        """What fused into what, what did not and why, patterns fired and estimated
+        (or, with profile=True, measured) gains: returned as text, so
+        ``print(engine.explain())`` prints it once (an interactive session shows
+        it as text too). With `file` (a text stream) it is also written there."""
+        from kitsune.report.explain import Explanation, explain_records
+        text = Explanation(explain_records(self.records, verbose=verbose, config=self.effective_config()))
+        if file is not None:
+            print(text, file=file)
+        return text
 
     def report(self, path="kitsune-report.html", title: str | None = None) -> Path:
         """Write one self-contained HTML file (no network needed) with the captured graphs,

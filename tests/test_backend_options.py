@@ -118,3 +118,19 @@ def test_optimize_checks_at_once_and_takes_mode_and_options_together(seen_config
                           options={"max_fusion_size": 2}))
     (config,) = seen_configs
     assert (config.measure, config.cuda_graphs, config.max_fusion_size, config.min_tensor_size) == (True, False, 2, 3)
+
+
+def test_fusion_engine_takes_mode_and_options(monkeypatch):
+    from kitsune.fusion import FusionEngine
+
+    engine = FusionEngine(config=FusionConfig(min_tensor_size=5))
+    seen = []
+    real = engine._compile_graph
+    monkeypatch.setattr(engine, "_compile_graph", lambda gm, inputs, kind, config: seen.append(config) or
+                        real(gm, inputs, kind, config))
+    with pytest.raises(ValueError, match="'bogus'"):
+        engine.fuse(model, options={"bogus": 1})  # raised here, before any call
+    _run(engine.fuse(model, options={"max_fusion_size": 2}))
+    _run(engine.fuse(model, mode="max-autotune-no-cudagraphs"))
+    assert [(c.max_fusion_size, c.min_tensor_size, c.measure, c.cuda_graphs) for c in seen] == \
+        [(2, 5, False, True), (8, 5, True, False)]

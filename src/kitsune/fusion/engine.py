@@ -176,11 +176,19 @@ class FusionEngine:
     # -- compiling ---------------------------------------------------------------------
 
     def backend(self):
-        """A torch.compile backend that compiles with this engine (and records into it)."""
+        """A torch.compile backend that compiles with this engine (and records into it).
+        torch.compile's `mode`/`options` apply over the engine's config (kitsune.backend)."""
+        from kitsune.backend import apply_compile_options
         from kitsune.capture.dynamo import aot_backend
-        config = self.effective_config()
-        return aot_backend(functools.partial(self._compile_graph, config=config),
-                           reductions=config.enable_reduction)
+        base = self.effective_config()
+
+        def backend(gm, example_inputs, mode=None, options=None, **kwargs):
+            config = apply_compile_options(base, mode, options)
+            compiler = aot_backend(functools.partial(self._compile_graph, config=config),
+                                   reductions=config.enable_reduction)
+            return compiler(gm, example_inputs, **kwargs)
+        backend.__name__ = "kitsune"
+        return backend
 
     def fuse(self, target, **compile_kwargs):
         """Fuse `target`:
@@ -192,13 +200,19 @@ class FusionEngine:
           any other GraphModule is compiled like a module.
         - a list of operations: see the module docstring; returns a compiled
           `FusedOperations` module.
+
+        `compile_kwargs` go to torch.compile; its `mode` and `options` apply over the
+        engine's config as in kitsune.backend, checked here (ValueError/TypeError).
         """
+        from kitsune.backend import apply_compile_options
+        config = apply_compile_options(self.effective_config(), compile_kwargs.get("mode"),
+                                       compile_kwargs.get("options"))
         if isinstance(target, (list, tuple)):
             module = FusedOperations(target)
             compiled = torch.compile(module, backend=self.backend(), **compile_kwargs)
             return compiled
         if isinstance(target, fx.GraphModule) and _is_aten_graph(target):
-            return self._compile_graph(target, [], "graph", self.effective_config())
+            return self._compile_graph(target, [], "graph", config)
         if isinstance(target, nn.Module) or callable(target):
             return torch.compile(target, backend=self.backend(), **compile_kwargs)
         raise TypeError(f"fuse() takes an nn.Module, a function, an fx.GraphModule or a list of operations, "

@@ -77,10 +77,15 @@ def make_backend(config: FusionConfig | None = None):
     of the `torch.compile` call it is given to, applied over `config`)."""
     if config is not None and not isinstance(config, FusionConfig):
         raise TypeError(f"config must be a FusionConfig, got {type(config).__name__}")
+    return options_backend(config, _compile_with)
 
+
+def options_backend(config: FusionConfig | None, compile_fn):
+    """A Dynamo backend that reads torch.compile's `mode`/`options`, applies them over
+    `config` and hands each aten graph to `compile_fn(gm, example_inputs, kind, config=...)`."""
     def backend(gm, example_inputs, mode=None, options=None, **kwargs):
         used = apply_compile_options(config, mode, options)
-        compiler = aot_backend(functools.partial(_compile_with, config=used), reductions=used.enable_reduction)
+        compiler = aot_backend(functools.partial(compile_fn, config=used), reductions=used.enable_reduction)
         return compiler(gm, example_inputs, **kwargs)
     backend.__name__ = "kitsune"
     return backend

@@ -23,7 +23,6 @@ arguments are kept as buffers of the returned module (they follow ``.to()``).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 from pathlib import Path
 
@@ -178,17 +177,8 @@ class FusionEngine:
     def backend(self):
         """A torch.compile backend that compiles with this engine (and records into it).
         torch.compile's `mode`/`options` apply over the engine's config (kitsune.backend)."""
-        from kitsune.backend import apply_compile_options
-        from kitsune.capture.dynamo import aot_backend
-        base = self.effective_config()
-
-        def backend(gm, example_inputs, mode=None, options=None, **kwargs):
-            config = apply_compile_options(base, mode, options)
-            compiler = aot_backend(functools.partial(self._compile_graph, config=config),
-                                   reductions=config.enable_reduction)
-            return compiler(gm, example_inputs, **kwargs)
-        backend.__name__ = "kitsune"
-        return backend
+        from kitsune.backend import options_backend
+        return options_backend(self.effective_config(), self._compile_graph)
 
     def fuse(self, target, **compile_kwargs):
         """Fuse `target`:

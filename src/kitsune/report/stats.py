@@ -8,9 +8,11 @@ Keys (all graphs compiled into this stats object):
     kernels_after     the same after fusion
     efficiency        kernels removed / kernels removable, in [0, 1]: "removable" is what
                       applying every detected pattern opportunity would remove (each connected
-                      region of overlapping opportunities becoming one kernel); 1.0 when nothing
-                      is removable. The opportunities it is missing, with reasons, are in
-                      `patterns` and `explain()`: that is what a user can act on.
+                      region of overlapping opportunities becoming one kernel); 1.0 when graphs
+                      were compiled and nothing in them is removable; 0.0 while no graph has
+                      been compiled (`graphs` is 0, and explain() says nothing was compiled).
+                      The opportunities it is missing, with reasons, are in `patterns` and
+                      `explain()`: that is what a user can act on.
     bytes_before      estimated memory traffic of eager PyTorch (one kernel per user operation)
     bytes_after       estimated memory traffic with Kitsune's kernels
     estimated_speedup eager time / Kitsune time under the roofline model (kitsune.planner.cost)
@@ -66,7 +68,8 @@ class FusionStats(RecordSink):
             "num_fused": sum(len(g.groups) for g in graphs),
             "kernels_before": before,
             "kernels_after": after,
-            "efficiency": summary["efficiency"],
+            # nothing compiled has removed nothing: 0.0, not the 100 % of "nothing removable"
+            "efficiency": summary["efficiency"] if graphs else 0.0,
             "bytes_before": summary["bytes_before"],
             "bytes_after": summary["bytes_after"],
             "estimated_speedup": summary["estimated_speedup"],

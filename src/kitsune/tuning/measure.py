@@ -1,6 +1,7 @@
 """Measured fuse-or-not decisions (`FusionConfig.min_fusion_benefit`).
 
 When measurement is on — the one rule is `measuring()`: `FusionEngine(profile=True)`,
+a config with `measure=True` (what `torch.compile(..., mode="max-autotune")` sets),
 or a config whose `min_fusion_benefit` is not its default, on every entry point
 (`torch.compile(m, backend=make_backend(config))`, `kitsune.optimize(m, config)`,
 `FusionEngine`) — `measured()` wraps a compiled graph so that its first call
@@ -63,9 +64,10 @@ PROGRESS_MIN_GROUPS = 8
 
 def measuring(config: FusionConfig, profile: bool = False) -> bool:
     """Whether compiled graphs measure their fused kernels: asked for by
-    `FusionEngine(profile=True)`, or by a config whose min_fusion_benefit is
-    not the default (a threshold is a request to measure against it)."""
-    return profile or config.min_fusion_benefit != DEFAULT_BENEFIT
+    `FusionEngine(profile=True)`, by `FusionConfig(measure=True)` (mode
+    "max-autotune"), or by a config whose min_fusion_benefit is not the
+    default (a threshold is a request to measure against it)."""
+    return profile or config.measure or config.min_fusion_benefit != DEFAULT_BENEFIT
 
 
 def measured(compiled, aten_gm: fx.GraphModule, record, config: FusionConfig, profile: bool = False):

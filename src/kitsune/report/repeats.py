@@ -1,0 +1,190 @@
+"""Repetition in compile records, so that the HTML report shows a model's
+repeated layers once: GPT-2's twelve identical blocks produce twelve copies of
+each kernel, of each pattern opportunity and of each reason not to fuse.
+
+- `kernel_classes`: the fused groups of all records, grouped by kernel
+  structure (`KernelSpec.structure_key()`, else the op names and shapes).
+- `tandem_repeats`: runs of an identical block in a sequence (the drawn graph).
+- `reason_template`: a reason with its node names replaced by their ops, so
+  that "add_7: mm is opaque" and "add_19: mm is opaque" count as one reason.
+- `plain_number`: a size or an estimate as a Python number, also when it is
+  symbolic (SymInt/SymFloat, sympy), without adding a shape guard.
+
+Nothing here changes a record; everything tolerates missing pieces.
+"""
+from __future__ import annotations
+
+import numbers
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from kitsune.planner.units import tensor_vals
+
+
+def plain_number(value):
+    """`value` as an int or float, or None when it has no concrete value.
+
+    Symbolic sizes give the size seen when the graph was compiled (their hint):
+    reading a hint adds no guard, unlike int() or float() on a SymInt."""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        node = getattr(value, "node", None)
+        hint = getattr(node, "hint", None) if node is not None else None
+        return None if hint is None or hint is value else plain_number(hint)
+    if type(value).__module__.startswith("sympy"):
+        if not getattr(value, "is_number", False):
+            return None
+        return int(value) if getattr(value, "is_Integer", False) else float(value)
+    if isinstance(value, numbers.Number):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+# -- kernels of the same structure -------------------------------------------------
+
+@dataclass(frozen=True)
+class KernelInstance:
+    record: object
+    graph_index: int     # which record, for node ids in the drawing
+    kernel: str
+    names: tuple         # the graph nodes it fuses
+    backend: str
+
+
+@dataclass
+class KernelClass:
+    """Kernels that generate the same code up to their name (same ops, shapes, dtypes)."""
+    key: tuple
+    status: str                                   # "fused" or "fallback"
+    instances: list = field(default_factory=list)
+
+    @property
+    def first(self) -> KernelInstance:
+        return self.instances[0]
+
+
+def kernel_status(record, kernel) -> tuple[str, str | None]:
+    """("fused", None), or ("fallback", why) for a kernel that runs its ops through PyTorch."""
+    call = record.kernel_calls.get(kernel)
+    if call is not None and getattr(call, "kernel", 1) is None and getattr(call, "failure", None):
+        return "fallback", call.failure
+    return "fused", None
+
+
+def structure_of(record, kernel, names) -> tuple:
+    """What makes two kernels the same: the spec's structure hash when the record kept
+    the kernel's call, else its nodes' op names and output shapes."""
+    call = record.kernel_calls.get(kernel)
+    spec = getattr(call, "spec", None)
+    if spec is not None and hasattr(spec, "structure_key"):
+        try:
+            return ("spec", spec.structure_key())
+        except Exception:  # noqa: BLE001 - fall back to the ops below
+            pass
+    nodes = {n.name: n for n in record.graph.nodes} if record.graph is not None else {}
+    return ("ops",) + tuple(node_signature(nodes[n]) if n in nodes else n for n in names)
+
+
+def node_signature(node) -> tuple:
+    """A node's op, shapes and dtypes: equal for the same node of two identical layers."""
+    target = node.target if node.op == "call_function" else node.op
+    name = getattr(target, "__name__", None) or str(target)
+    vals = tuple((tuple(str(s) for s in v.shape), str(v.dtype)) for v in tensor_vals(node))
+    return (node.op, name, vals)
+
+
+def kernel_classes(records) -> list[KernelClass]:
+    """Every fused group of `records`, grouped by graph name, status and structure,
+    in order of first appearance."""
+    classes: dict = {}
+    for index, record in enumerate(records):
+        for kernel, names, backend in record.groups:
+            status, _ = kernel_status(record, kernel)
+            key = (record.name, str(backend), status, structure_of(record, kernel, names))
+            cls = classes.setdefault(key, KernelClass(key, status))
+            cls.instances.append(KernelInstance(record, index, kernel, tuple(names), str(backend)))
+    return list(classes.values())
+
+
+# -- repeated blocks in a sequence ----------------------------------------------------
+
+def tandem_repeats(items, min_period: int = 4, max_items: int = 6000) -> list[tuple[int, int, int]]:
+    """Non-overlapping runs of one block repeated back to back in `items` (hashable):
+    [(start, period, count)], count >= 2, sorted by start. Greedy: the run that saves
+    the most items when drawn once is taken first, then the rest on either side."""
+    items = list(items)
+    if len(items) > max_items:  # O(n^2) below: a huge graph is drawn as it is
+        return []
+    found: list = []
+    _find_repeats(items, 0, len(items), min_period, found)
+    return sorted(found)
+
+
+def _find_repeats(items, lo: int, hi: int, min_period: int, found: list) -> None:
+    best = _best_repeat(items, lo, hi, min_period)
+    if best is None:
+        return
+    start, period, count = best
+    found.append(best)
+    _find_repeats(items, lo, start, min_period, found)
+    _find_repeats(items, start + period * count, hi, min_period, found)
+
+
+def _best_repeat(items, lo: int, hi: int, min_period: int):
+    """The (start, period, count) in items[lo:hi] that hides the most items (period * (count - 1))."""
+    best, saved = None, 0
+    for period in range(min_period, (hi - lo) // 2 + 1):
+        run = 0  # how many positions i-run..i-1 satisfy items[j] == items[j + period]
+        for i in range(lo, hi - period + 1):
+            if i < hi - period and items[i] == items[i + period]:
+                run += 1
+                continue
+            count = run // period + 1
+            if count >= 2 and period * (count - 1) > saved:
+                best, saved = (i - run, period, count), period * (count - 1)
+            run = 0
+    return best
+
+
+# -- reasons with node names --------------------------------------------------------
+
+_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def reason_template(reason, node_ops: dict) -> str:
+    """`reason` with each node name in it replaced by ‹its op›: the same reason of
+    twelve layers reads the same. node_ops: node name -> op name."""
+    text = str(reason)
+    if not node_ops:
+        return text
+    return _WORD.sub(lambda m: f"‹{node_ops[m.group(0)]}›" if m.group(0) in node_ops else m.group(0), text)
+
+
+def node_ops(record) -> dict:
+    """node name -> the name of what it runs (aten op, or placeholder/output)."""
+    if record.graph is None:
+        return {}
+    ops = {}
+    for node in record.graph.nodes:
+        target = node.target if node.op == "call_function" else node.op
+        name = getattr(target, "__name__", None) or str(target)
+        ops[node.name] = name.replace(".default", "")
+    return ops
+
+
+def aggregate(items, key) -> list[tuple[object, list]]:
+    """[(key, [items with that key])], keys in order of first appearance."""
+    groups: dict = {}
+    for item in items:
+        groups.setdefault(key(item), []).append(item)
+    return list(groups.items())

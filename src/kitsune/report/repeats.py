@@ -6,7 +6,7 @@ each kernel, of each pattern opportunity and of each reason not to fuse.
   structure (`KernelSpec.structure_key()`, else the op names and shapes).
 - `tandem_repeats`: runs of an identical block in a sequence (the drawn graph).
 - `reason_template`: a reason with its node names replaced by their ops, so
-  that "add_7: mm is opaque" and "add_19: mm is opaque" count as one reason.
+  that "add_7: mm_3 is opaque" and "add_19: mm_9 is opaque" count as one reason.
 - `plain_number`: a size or an estimate as a Python number, also when it is
   symbolic (SymInt/SymFloat, sympy), without adding a shape guard.
 
@@ -162,12 +162,13 @@ _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def reason_template(reason, node_ops: dict) -> str:
-    """`reason` with each node name in it replaced by ‹its op›: the same reason of
-    twelve layers reads the same. node_ops: node name -> op name."""
+    """`reason` with each node name in it replaced by its op ("add_7: mm_3 is opaque"
+    reads "add: mm is opaque"): the same reason of twelve layers reads the same.
+    node_ops: node name -> op name."""
     text = str(reason)
     if not node_ops:
         return text
-    return _WORD.sub(lambda m: f"‹{node_ops[m.group(0)]}›" if m.group(0) in node_ops else m.group(0), text)
+    return _WORD.sub(lambda m: node_ops.get(m.group(0), m.group(0)), text)
 
 
 def node_ops(record) -> dict:

@@ -27,7 +27,8 @@ from pathlib import Path
 from kitsune.report.analysis import graph_estimates, summarize
 from kitsune.report.explain import _time, eager_kernel_count
 from kitsune.report.drawing import _order, _visible, graph_svg  # noqa: F401 - _order, _visible: tests
-from kitsune.report.repeats import aggregate, kernel_classes, kernel_status, node_ops, plain_number, reason_template
+from kitsune.report.repeats import (aggregate, kernel_classes, kernel_status, plain_number, reason_template,
+                                    unnumbered_names)
 from kitsune.report.stats import _bytes
 
 log = logging.getLogger("kitsune")
@@ -44,9 +45,9 @@ header p{margin:4px 0 0;opacity:.8}main{padding:16px 24px;max-width:1400px}
 .card b{display:block;font-size:22px}.card span{color:#666;font-size:12px}
 h2{font-size:17px;margin:24px 0 8px;border-bottom:1px solid #ddd;padding-bottom:4px}
 table{border-collapse:collapse;background:#fff;width:100%;font-size:13px}
-th,td{border:1px solid #e3e3e3;padding:4px 8px;text-align:left;vertical-align:top;overflow-wrap:anywhere}
+th,td{border:1px solid #e3e3e3;padding:4px 8px;text-align:left;vertical-align:top;overflow-wrap:break-word}
 th{background:#f0f0f4;position:sticky;top:0}tr.hl td,li.hl{background:#fff6d5}
-td.wide{max-width:420px}td.num{white-space:nowrap}
+td.wide{max-width:420px;overflow-wrap:anywhere}td.num{white-space:nowrap}
 tbody.grp{border-top:2px solid #d0d0da}tr.srcrow td{border-top:none;background:#fcfcfe}
 .applied,.fused{color:#1a7f37;font-weight:600}.partial{color:#9a6700;font-weight:600}
 .not-applied,.disabled,.fallback{color:#b42318;font-weight:600}
@@ -337,10 +338,10 @@ def _count_cell(count: int) -> str:
 
 
 def _reasons_table(records) -> list[str]:
-    """Why what did not fuse did not: each reason once (node names replaced by their ops), with its count."""
+    """Why what did not fuse did not: each reason once (node names unnumbered), with its count."""
     items = []
     for r in records:
-        ops = node_ops(r)
+        ops = unnumbered_names(r)
         for d in r.decisions:
             if not d.fused:
                 items.append((r.name, "not-fused", reason_template(d.reason, ops), " → ".join(map(str, d.nodes)),
@@ -354,8 +355,8 @@ def _reasons_table(records) -> list[str]:
                               kernel, why))
     if not items:
         return []
-    out = ["<h2>Why not fused</h2><p class=\"muted\">Each reason once; node names in it are replaced by "
-           "their op (add_7 reads add), so a reason repeated in every layer counts once. Open a row's list for each place.</p>"
+    out = ["<h2>Why not fused</h2><p class=\"muted\">Each reason once: node names in it lose their numbering "
+           "(add_7 reads add), so a reason repeated in every layer counts once; a row's list shows each place.</p>"
            "<table><tr><th>count</th><th>graph</th><th>status</th><th>reason</th><th>where</th></tr>"]
     groups = aggregate(items, key=lambda it: it[:3])
     for (graph, status, template), its in sorted(groups, key=lambda kv: -len(kv[1])):
@@ -452,7 +453,7 @@ _OPPORTUNITY_STATUS = {"applied": "fused"}  # the filter's classes: everything e
 
 def _opportunities_table(records) -> list[str]:
     """Every opportunity; those with the same pattern, ops, status and reason (up to node names) counted once."""
-    items = [(r, o, reason_template(o.reason, ops)) for r in records for ops in [node_ops(r)]
+    items = [(r, o, reason_template(o.reason, ops)) for r in records for ops in [unnumbered_names(r)]
              for o in r.opportunities]
     out = ["<h2>Opportunities</h2><table><tr><th>count</th><th>graph</th><th>pattern</th><th>operations</th>"
            "<th>status</th><th>reason</th><th>kernels</th><th>est. speed-up</th><th>bytes saved (est.)</th></tr>"]
@@ -465,28 +466,38 @@ def _opportunities_table(records) -> list[str]:
             kernels = _instances_list([f"<li>{_e(', '.join(o.kernels) or '—')} <span class=\"muted\">"
                                        f"({_e(', '.join(map(str, getattr(o, 'nodes', ()))))})</span></li>"
                                        for o in opps])
-        speedups = sorted({_fmt(o.estimated_speedup, ".2f", "x") for o in opps})
+        speedup = _span([o.estimated_speedup for o in opps], ".2f", "x")
         saved = _fmt_bytes(_sum(o.bytes_saved for o in opps))
         cls = status.replace(" ", "-")
         out.append(f'<tr data-row data-status="{_OPPORTUNITY_STATUS.get(status, "not-fused")}">'
                    f'{_count_cell(len(opps))}<td>{_e(graph)}</td><td>{_e(pattern)}{" (custom)" if custom else ""}'
                    f'</td><td class="wide">{_e(ops)}</td><td class="{cls}">{_e(status)}</td>'
                    f'<td class="wide">{_e(reason)}</td><td class="wide">{kernels}</td>'
-                   f'<td class="num">{_e(" – ".join(speedups[:1] + speedups[-1:] if len(speedups) > 1 else speedups))}'
-                   f'</td><td class="num">{_e(saved)}{" in all" if len(opps) > 1 else ""}</td></tr>')
+                   f'<td class="num">{_e(speedup)}</td><td class="num">{_e(saved)}{" in all" if len(opps) > 1 else ""}'
+                   f'</td></tr>')
     out.append("</table>")
     return out
 
 
+def _span(values, spec: str, suffix: str) -> str:
+    """'lo – hi' of numbers formatted with spec (one value when they agree); symbols as they are."""
+    numbers = [_number(v) for v in values]
+    if any(n is None for n in numbers):
+        return ", ".join(dict.fromkeys(_fmt(v, spec, suffix) for v in values))
+    lo, hi = format(min(numbers), spec) + suffix, format(max(numbers), spec) + suffix
+    return lo if lo == hi else f"{lo} – {hi}"
+
+
 def _sum(values):
     """Sum of numbers; a symbolic term makes the total its str (shown as is)."""
+    values = list(values)
     numbers = [_number(v) for v in values]
     return sum(numbers) if all(n is not None for n in numbers) else " + ".join(map(str, values))
 
 
 def _fallbacks_table(records) -> list[str]:
     items = [(r.name, w, why, reason_template(w, ops), reason_template(why, ops))
-             for r in records for ops in [node_ops(r)] for w, why in r.fallbacks]
+             for r in records for ops in [unnumbered_names(r)] for w, why in r.fallbacks]
     if not items:
         return []
     out = ["<h2>Fallbacks</h2><table><tr><th>count</th><th>graph</th><th>what</th><th>reason</th></tr>"]

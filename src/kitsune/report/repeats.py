@@ -159,28 +159,25 @@ def _best_repeat(items, lo: int, hi: int, min_period: int):
 # -- reasons with node names --------------------------------------------------------
 
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_NUMBERED = re.compile(r"_\d+$")
 
 
-def reason_template(reason, node_ops: dict) -> str:
-    """`reason` with each node name in it replaced by its op ("add_7: mm_3 is opaque"
-    reads "add: mm is opaque"): the same reason of twelve layers reads the same.
-    node_ops: node name -> op name."""
+def reason_template(reason, names: dict) -> str:
+    """`reason` with each node name in it replaced by its unnumbered name ("add_7:
+    mm_3 is opaque" reads "add: mm is opaque"): the same reason of twelve layers
+    reads the same. names: node name -> that name (`unnumbered_names(record)`)."""
     text = str(reason)
-    if not node_ops:
+    if not names:
         return text
-    return _WORD.sub(lambda m: node_ops.get(m.group(0), m.group(0)), text)
+    return _WORD.sub(lambda m: names.get(m.group(0), m.group(0)), text)
 
 
-def node_ops(record) -> dict:
-    """node name -> the name of what it runs (aten op, or placeholder/output)."""
+def unnumbered_names(record) -> dict:
+    """node name -> the name without its numbering (add_7 -> add, primals_3 -> primals):
+    what the node is, and the same in every layer."""
     if record.graph is None:
         return {}
-    ops = {}
-    for node in record.graph.nodes:
-        target = node.target if node.op == "call_function" else node.op
-        name = getattr(target, "__name__", None) or str(target)
-        ops[node.name] = name.replace(".default", "")
-    return ops
+    return {node.name: _NUMBERED.sub("", node.name) or node.name for node in record.graph.nodes}
 
 
 def aggregate(items, key) -> list[tuple[object, list]]:

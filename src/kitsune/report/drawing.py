@@ -103,13 +103,35 @@ class _Hidden:
         self.nodes, self.period, self.count = nodes, period, count
 
 
+_INPUTS = ("placeholder", "get_attr")
+
+
+def _repeated_ranges(record, order, group_of) -> dict:
+    """start -> (end of the first instance, end of the last, period, count): index ranges
+    of `order` (ends inclusive) where a block of operations repeats back to back.
+
+    Blocks are compared on their operations only (op, shapes, dtypes, the structure of
+    their kernel): inputs are drawn next to their first user, so the model's input
+    sits inside the first layer but not in the others, which are otherwise the same."""
+    structure = {kernel: structure_of(record, kernel, names) for kernel, names, _ in record.groups}
+    compute = [i for i, n in enumerate(order) if n.op not in _INPUTS]
+    signature = [(node_signature(order[i]), structure.get(group_of.get(order[i].name))) for i in compute]
+    ranges, claimed = {}, 0
+    for start, period, count in tandem_repeats(signature):
+        begin = compute[start]
+        while begin > claimed and order[begin - 1].op in _INPUTS:
+            begin -= 1  # the first instance's own inputs
+        last = compute[start + period * count - 1]
+        ranges[begin] = (compute[start + period - 1], last, period, count)
+        claimed = last + 1
+    return ranges
+
+
 def _layout(record, order, group_of) -> tuple[list, dict, list]:
     """Rows of the drawing: the nodes in `order`, each block repeated back to back
     drawn once and followed by one row for its other instances.
     Returns (rows, node -> row, [(first row, hidden row, period, count)])."""
-    structure = {kernel: structure_of(record, kernel, names) for kernel, names, _ in record.groups}
-    signature = [(node_signature(n), structure.get(group_of.get(n.name))) for n in order]
-    repeats = {start: (period, count) for start, period, count in tandem_repeats(signature)}
+    repeats = _repeated_ranges(record, order, group_of)
     rows, row_of, blocks, i = [], {}, [], 0
     while i < len(order):
         if i not in repeats:
@@ -117,17 +139,17 @@ def _layout(record, order, group_of) -> tuple[list, dict, list]:
             rows.append(order[i])
             i += 1
             continue
-        period, count = repeats[i]
+        first_end, last, period, count = repeats[i]
         first = len(rows)
-        for n in order[i:i + period]:
+        for n in order[i:first_end + 1]:
             row_of[n] = len(rows)
             rows.append(n)
-        hidden = order[i + period:i + period * count]
+        hidden = order[first_end + 1:last + 1]
         for n in hidden:
             row_of[n] = len(rows)
         blocks.append((first, len(rows), period, count))
         rows.append(_Hidden(hidden, period, count))
-        i += period * count
+        i = last + 1
     return rows, row_of, blocks
 
 
@@ -162,7 +184,7 @@ def _block_marks(blocks, geo, width) -> list[str]:
     for first, hidden, period, count in blocks:
         y0, y1 = top + first * h - 4, top + (hidden + 1) * h + 2
         x = width - 56
-        parts.append(f'<g><title>{period} nodes repeated {count} times back to back: drawn once</title>'
+        parts.append(f'<g><title>a block of {period} operations repeated {count} times back to back: drawn once</title>'
                      f'<rect x="{geo["box_x"] - 10}" y="{y0}" width="{x - geo["box_x"] + 4}" height="{y1 - y0}" '
                      f'fill="#23203a" fill-opacity="0.04" stroke="#23203a" stroke-opacity="0.25" '
                      f'stroke-dasharray="4 3" rx="8"/>'
@@ -220,7 +242,7 @@ def _edges(order, row_of, rows, group_of, colors, geo) -> list[str]:
 def _hidden_row(item: _Hidden, i: int, gid: int, geo) -> str:
     y, h, box_x, box_w = geo["top"] + i * geo["h"], geo["h"], geo["box_x"], geo["box_w"]
     names = [n.name for n in item.nodes]
-    text = (f"⋯ {item.count - 1} more identical blocks of {item.period} nodes "
+    text = (f"⋯ {item.count - 1} more identical blocks of {item.period} ops "
             f"({names[0]} … {names[-1]})")
     return (f'<g data-graph="n{gid}" data-nodes="{_e(" ".join(names))}"><title>{_e(text)}: same ops, shapes and '
             f'kernels as the block above</title>'

@@ -128,19 +128,20 @@ def test_source_sits_in_a_full_width_row(page):
     assert f"the same for all {BLOCKS} up to the name" in row
 
 
-def test_filter_runs_in_headless_chromium(engine, page, tmp_path):
+def test_filter_and_group_links_run_in_headless_chromium(engine, page, tmp_path):
     browser = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
     if browser is None:
         pytest.skip("no Chromium here (tests/fusion/test_explain_report.py installs one on CI)")
-    query = "embedding-nowhere"
-    path = tmp_path / "filtered.html"
-    path.write_text(page.replace("<script>applyFilter()</script>",
-                                 f"<script>document.getElementById('kq').value='{query}';applyFilter()</script>"))
+    path = tmp_path / "clicked.html"  # a search that matches nothing, then a click on the last block's kernel
+    path.write_text(page.replace("<script>applyFilter()</script>", "<script>document.getElementById('kq').value="
+                                 f"'matches-nothing';applyFilter();showGroup('g{BLOCKS - 1}')</script>"))
     result = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=2000",
                              "--dump-dom", path.as_uri()], capture_output=True, text=True, timeout=120)
     dom = result.stdout
     assert re.search(r'id="kcount"[^>]*>0 of \d+ rows shown<', dom), result.stderr[-2000:]
-    assert 'style="display: none;"' in dom
+    assert re.search(r'<tbody class="grp"[^>]*style="display: none;"', dom)
+    assert re.search(rf'<li id="row-g{BLOCKS - 1}" class="hl">', dom)  # its instance, highlighted
+    assert re.search(rf'<details open="">\s*<summary>{BLOCKS} instances', dom)  # and the list holding it, opened
 
 
 def test_symbolic_sizes_and_estimates_are_shown(engine, monkeypatch):
@@ -201,3 +202,17 @@ def test_tandem_repeats_and_reason_templates():
     names = {"add_7": "add", "mm_3": "mm", "mm": "mm"}
     assert reason_template("add_7: mm_3 is opaque", names) == reason_template("add_7: mm is opaque", names) \
         == "add: mm is opaque"
+
+
+def test_report_after_a_dynamic_compile(monkeypatch, tmp_path):
+    monkeypatch.setenv("KITSUNE_BACKEND", "reference")
+    model, engine = Block().eval(), FusionEngine()
+    compiled = engine.fuse(model, dynamic=True)
+    with torch.no_grad():
+        for batch in (3, 5):
+            x = torch.randn(batch, 16)
+            torch.testing.assert_close(compiled(x), model(x))
+    page = engine.report(tmp_path / "dynamic.html").read_text()
+    _check_markup(page)
+    assert "<svg" in page and "Graph: " in page
+    assert all(k in page for r in engine.records for k, _, _ in r.groups)

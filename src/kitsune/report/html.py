@@ -27,6 +27,7 @@ from pathlib import Path
 from kitsune.report.analysis import graph_estimates, summarize
 from kitsune.report.explain import _time, eager_kernel_count
 from kitsune.report.drawing import _order, _visible, graph_svg  # noqa: F401 - _order, _visible: tests
+from kitsune.report.kernel_text import kernel_source, spec_text  # noqa: F401 - spec_text: public
 from kitsune.report.repeats import (aggregate, kernel_classes, kernel_status, plain_number, reason_template,
                                     unnumbered_names)
 from kitsune.report.stats import _bytes
@@ -46,7 +47,7 @@ header p{margin:4px 0 0;opacity:.8}main{padding:16px 24px;max-width:1400px}
 h2{font-size:17px;margin:24px 0 8px;border-bottom:1px solid #ddd;padding-bottom:4px}
 table{border-collapse:collapse;background:#fff;width:100%;font-size:13px}
 th,td{border:1px solid #e3e3e3;padding:4px 8px;text-align:left;vertical-align:top;overflow-wrap:break-word}
-th{background:#f0f0f4;position:sticky;top:0}tr.hl td,li.hl{background:#fff6d5}
+th{background:#f0f0f4}tr.hl td,li.hl{background:#fff6d5}
 td.wide{max-width:420px;overflow-wrap:anywhere}td.num{white-space:nowrap}
 tbody.grp{border-top:2px solid #d0d0da}tr.srcrow td{border-top:none;background:#fcfcfe}
 .applied,.fused{color:#1a7f37;font-weight:600}.partial{color:#9a6700;font-weight:600}
@@ -137,71 +138,6 @@ def _estimates(record) -> dict:
         log.warning("kitsune: no estimates in the HTML report for the %s graph: %s: %s", record.name,
                     type(error).__name__, error)
         return {"before": None, "after": None, "groups": []}
-
-
-def kernel_source(call) -> str:
-    """Generated source of a FusedGroupCall's kernel (or a rendering of its spec)."""
-    kernel = getattr(call, "kernel", None)
-    source = None
-    if kernel is not None:
-        try:
-            source = kernel.source
-        except Exception:  # noqa: BLE001 - a missing cache file must not break the report
-            source = None
-    if source:
-        return _extract_function(source, call.spec)
-    head = f"# {call.spec.name}: no generated source"
-    if getattr(call, "failure", None):
-        head += f" (runs through PyTorch: {call.failure})"
-    elif kernel is not None:
-        head += f" ({type(kernel).__name__} backend has no source text)"
-    return head + "\n" + spec_text(call.spec)
-
-
-def _extract_function(source: str, spec) -> str:
-    """The CPU backend compiles a graph's kernels as one library: keep this kernel's function."""
-    try:
-        from kitsune.codegen.cpu import kernel_name
-        name = kernel_name(spec)
-    except Exception:  # noqa: BLE001
-        return source
-    lines = source.splitlines()
-    starts = [i for i, line in enumerate(lines) if name + "(" in line and not line.startswith((" ", "\t"))]
-    if len(lines) < 80 or not starts:
-        return source
-    start = starts[0]
-    while start > 0 and lines[start - 1].lstrip().startswith(("//", "/*", "*")):
-        start -= 1  # its header comment
-    end = next((i for i in range(starts[0], len(lines)) if lines[i].startswith("}")), len(lines) - 1)
-    return "\n".join(lines[start:end + 1]) + "\n\n/* (one function of the graph's library; the file holds all) */"
-
-
-def spec_text(spec) -> str:
-    """A KernelSpec as SSA text: what the kernel computes per element."""
-    try:
-        from kitsune.ir.scalar import walk
-    except Exception:  # noqa: BLE001
-        return repr(spec)
-    names, lines = {}, []
-    lines.append(f"# numel={spec.numel} inputs={[ (i.name, str(i.dtype)) for i in spec.inputs]}")
-    for v in walk([o.value for o in spec.outputs]):
-        name = f"t{len(names)}"
-        names[v] = name
-        args = ", ".join(names.get(a, "?") for a in v.args)
-        if v.op == "load":
-            text = f"load(in{v.attr[0]})"
-        elif v.op == "load_at":
-            text = f"load_at(in{v.attr[0]}, {args})"
-        elif v.op == "const":
-            text = f"const({v.attr!r})"
-        elif v.attr is not None:
-            text = f"{v.op}[{v.attr}]({args})"
-        else:
-            text = f"{v.op}({args})"
-        lines.append(f"{name} = {text}  # {str(v.dtype).replace('torch.', '')}")
-    for o in spec.outputs:
-        lines.append(f"{o.name} <- {names.get(o.value, '?')}")
-    return "\n".join(lines)
 
 
 def time_chart(rows) -> str:

@@ -197,7 +197,7 @@ def test_plain_number_takes_hints_and_never_guards():
 
 def test_tandem_repeats_and_reason_templates():
     assert tandem_repeats("xABCDABCDABCDy") == [(1, 4, 3)]
-    assert tandem_repeats("ABCABC", min_period=4) == []
+    assert tandem_repeats("ABCABC", min_period=4) == [] and tandem_repeats("ABCDABCD", max_period=3) == []
     assert tandem_repeats("abcdabcdQQQQQwxyzwxyz") == [(0, 4, 2), (13, 4, 2)]
     names = {"add_7": "add", "mm_3": "mm", "mm": "mm"}
     assert reason_template("add_7: mm_3 is opaque", names) == reason_template("add_7: mm is opaque", names) \

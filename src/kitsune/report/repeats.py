@@ -118,41 +118,46 @@ def kernel_classes(records) -> list[KernelClass]:
 
 # -- repeated blocks in a sequence ----------------------------------------------------
 
-def tandem_repeats(items, min_period: int = 4, max_items: int = 6000) -> list[tuple[int, int, int]]:
-    """Non-overlapping runs of one block repeated back to back in `items` (hashable):
-    [(start, period, count)], count >= 2, sorted by start. Greedy: the run that saves
-    the most items when drawn once is taken first, then the rest on either side."""
-    items = list(items)
-    if len(items) > max_items:  # O(n^2) below: a huge graph is drawn as it is
+def tandem_repeats(items, min_period: int = 4, max_period: int = 2000,
+                   max_items: int = 50000) -> list[tuple[int, int, int]]:
+    """Non-overlapping runs of one block (of min_period to max_period items) repeated
+    back to back in `items` (hashable): [(start, period, count)], count >= 2, sorted by
+    start. Greedy: the run that saves the most items when drawn once is taken first,
+    then the rest on either side."""
+    ids: dict = {}
+    codes = torch.tensor([ids.setdefault(item, len(ids)) for item in items], dtype=torch.int64)
+    if len(codes) > max_items:  # every period is tried: a huge graph is drawn as it is
         return []
     found: list = []
-    _find_repeats(items, 0, len(items), min_period, found)
+    _find_repeats(codes, 0, len(codes), (min_period, max_period), found)
     return sorted(found)
 
 
-def _find_repeats(items, lo: int, hi: int, min_period: int, found: list) -> None:
-    best = _best_repeat(items, lo, hi, min_period)
+def _find_repeats(codes, lo: int, hi: int, periods: tuple, found: list) -> None:
+    best = _best_repeat(codes, lo, hi, periods)
     if best is None:
         return
     start, period, count = best
     found.append(best)
-    _find_repeats(items, lo, start, min_period, found)
-    _find_repeats(items, start + period * count, hi, min_period, found)
+    _find_repeats(codes, lo, start, periods, found)
+    _find_repeats(codes, start + period * count, hi, periods, found)
 
 
-def _best_repeat(items, lo: int, hi: int, min_period: int):
-    """The (start, period, count) in items[lo:hi] that hides the most items (period * (count - 1))."""
+def _best_repeat(codes, lo: int, hi: int, periods: tuple):
+    """The (start, period, count) in codes[lo:hi] that hides the most items (period * (count - 1)).
+
+    For a period p, a run of r positions i with codes[i] == codes[i + p] is a block of
+    p repeated r // p + 1 times; each period is one vectorised comparison."""
     best, saved = None, 0
-    for period in range(min_period, (hi - lo) // 2 + 1):
-        run = 0  # how many positions i-run..i-1 satisfy items[j] == items[j + period]
-        for i in range(lo, hi - period + 1):
-            if i < hi - period and items[i] == items[i + period]:
-                run += 1
-                continue
-            count = run // period + 1
-            if count >= 2 and period * (count - 1) > saved:
-                best, saved = (i - run, period, count), period * (count - 1)
-            run = 0
+    for period in range(periods[0], min(periods[1], (hi - lo) // 2) + 1):
+        equal = codes[lo:hi - period] == codes[lo + period:hi]
+        breaks = torch.nonzero(~equal).flatten()
+        edges = torch.cat([torch.tensor([-1]), breaks, torch.tensor([len(equal)])])
+        runs = edges[1:] - edges[:-1] - 1
+        longest = int(runs.max())
+        if period * (longest // period) > saved:
+            where = int(torch.argmax(runs))  # the first longest run
+            best, saved = (lo + int(edges[where]) + 1, period, longest // period + 1), period * (longest // period)
     return best
 
 

@@ -50,6 +50,7 @@ th,td{border:1px solid #e3e3e3;padding:4px 8px;text-align:left;vertical-align:to
 th{background:#f0f0f4}tr.hl td,li.hl{background:#fff6d5}
 td.wide{max-width:420px;overflow-wrap:anywhere}td.num{white-space:nowrap}
 tbody.grp{border-top:2px solid #d0d0da}tr.srcrow td{border-top:none;background:#fcfcfe}
+tr.srcrow pre{max-width:min(1290px,calc(100vw - 110px))}
 .applied,.fused{color:#1a7f37;font-weight:600}.partial{color:#9a6700;font-weight:600}
 .not-applied,.disabled,.fallback{color:#b42318;font-weight:600}
 .times{display:inline-block;background:#23203a;color:#fff;border-radius:9px;padding:0 7px;font-size:12px;

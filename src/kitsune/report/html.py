@@ -127,7 +127,9 @@ def _fmt_time(seconds) -> str:
 
 def _fmt_bytes(count) -> str:
     number = _number(count)
-    return _bytes(number) if number is not None else f"{count} B"
+    if number is not None:
+        return _bytes(number)
+    return count if isinstance(count, str) else f"{count} B"  # "n/a" as it is; a symbol in bytes
 
 
 def _estimates(record) -> dict:

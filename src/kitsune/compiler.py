@@ -79,10 +79,11 @@ def compile_graph(gm: fx.GraphModule, example_inputs, kind: str = "graph",
     # measured on the first real call, before a CUDA-graph runner records the graph
     compiled = measured(compiled, gm, record, config, profile)
     if replay:
-        from kitsune.runtime.cuda_graphs import CudaGraphRunner
+        from kitsune.runtime.cuda_graphs import CudaGraphRunner, SizeKeyedRunner
         record.cuda_graph = True
-        compiled = CudaGraphRunner(compiled, f"{record.name} graph", training=training,
-                                   copy_out=_user_outputs(gm) if kind == "forward" else ())
+        runner = SizeKeyedRunner if any(not isinstance(t, torch.Tensor) for t in example_inputs) else CudaGraphRunner
+        compiled = runner(compiled, f"{record.name} graph", training=training,
+                          copy_out=_user_outputs(gm) if kind == "forward" else ())
     record.compile_seconds = time.perf_counter() - start
     stats.record(record)
     return compiled

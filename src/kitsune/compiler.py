@@ -62,7 +62,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs, kind: str = "graph",
             compiled = _compile(gm, config, record)
         compiled_ok = True
     except Exception as error:  # noqa: BLE001 - never crash the user's model
-        log.warning("kitsune: %s graph runs unfused through PyTorch: %s: %s", kind, type(error).__name__, error,
+        log.warning("%s graph runs unfused through PyTorch: %s: %s", kind, type(error).__name__, error,
                     exc_info=log.isEnabledFor(logging.DEBUG))
         record.fallbacks.append((kind, f"{type(error).__name__}: {error}"))
         record.groups.clear()
@@ -95,7 +95,7 @@ def _cuda_graph_blocker(gm, example_inputs, compiled, record, training) -> str |
 
     blocker = cuda_graph_blocker(gm, example_inputs, compiled, training)
     if blocker is not None and any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs):
-        log.info("kitsune: %s graph runs without CUDA graphs: %s", record.name, blocker)
+        log.info("%s graph runs without CUDA graphs: %s", record.name, blocker)
     return blocker
 
 
@@ -122,7 +122,7 @@ def _compile(gm: fx.GraphModule, config: FusionConfig, record: GraphRecord) -> f
     result = build_graph_module(gm, calls) if calls else fx.GraphModule(gm, copy.deepcopy(gm.graph))
     aligned = align_matmuls(result)
     if aligned:
-        log.info("kitsune: %d matmul(s) write padded rows (fast cuBLAS kernels for odd widths)", aligned)
+        log.info("%d matmul(s) write padded rows (fast cuBLAS kernels for odd widths)", aligned)
     return result
 
 
@@ -151,12 +151,12 @@ def _lower(plan: FusionPlan, record: GraphRecord) -> list:
             spec, inputs, outputs = lower_group(group, f"kitsune_{kind}")
         except Exception as error:  # noqa: BLE001
             plan.refuse(group, f"lowering failed: {error}", fallback=True)
-            log.warning("kitsune: cannot lower %s: %s", group.label(), error)
+            log.warning("cannot lower %s: %s", group.label(), error)
             continue
         backend = backend_for(meta(group.nodes[0]).device)
         refusal = admit(plan, group, spec, backend.refusal)
         if refusal is not None:  # a planned refusal, not a failure
-            log.debug("kitsune: %s graph: not fused: %s: %s", record.name, group.label(), refusal)
+            log.debug("%s graph: not fused: %s: %s", record.name, group.label(), refusal)
             continue
         spec = replace(spec, name=kernel_name(kind, spec, taken))
         try:
@@ -166,7 +166,7 @@ def _lower(plan: FusionPlan, record: GraphRecord) -> list:
                                   [n.meta.get("val") for n in inputs], [meta(n) for n in outputs])
         except NotFusible as error:  # symbolic sizes the call cannot read from its inputs
             plan.refuse(group, str(error))
-            log.info("kitsune: %s graph: not fused: %s: %s", record.name, group.label(), error)
+            log.info("%s graph: not fused: %s: %s", record.name, group.label(), error)
             continue
         lowered.append((group, call, inputs, outputs, backend))
     return lowered
@@ -185,4 +185,4 @@ def _build(plan: FusionPlan, lowered: list, record: GraphRecord) -> None:
                 call.attach(kernel)
                 record.kernel_calls[call.spec.name] = call  # run-time fallbacks are read from it
                 record.groups.append((call.spec.name, [n.name for n in group.nodes], name))
-                log.info("kitsune: fused %s into %s (%s)", group.label(), call.spec.name, name)
+                log.info("fused %s into %s (%s)", group.label(), call.spec.name, name)

@@ -138,7 +138,7 @@ def _estimates(record) -> dict:
     try:
         return graph_estimates(record)
     except Exception as error:  # noqa: BLE001 - reporting must never break anything
-        log.warning("kitsune: no estimates in the HTML report for the %s graph: %s: %s", record.name,
+        log.warning("no estimates in the HTML report for the %s graph: %s: %s", record.name,
                     type(error).__name__, error)
         return {"before": None, "after": None, "groups": []}
 
@@ -203,7 +203,7 @@ def _summary(records) -> dict:
     try:
         return summarize(records)
     except Exception as error:  # noqa: BLE001 - reporting must never break anything
-        log.warning("kitsune: the HTML report has no summary: %s: %s", type(error).__name__, error)
+        log.warning("the HTML report has no summary: %s: %s", type(error).__name__, error)
         return {"efficiency": "n/a", "bytes_before": "n/a", "bytes_after": "n/a", "seconds_before": "n/a",
                 "seconds_after": "n/a", "estimated_speedup": "n/a", "patterns": {}, "groups": []}
 
@@ -321,7 +321,7 @@ def _graph_sections(records, colors, group_ids) -> list[str]:
         try:
             out.append(f'<div class="graphbox">{graph_svg(r, gid, colors, group_ids)}</div>')
         except Exception as error:  # noqa: BLE001 - the rest of the report is still worth having
-            log.warning("kitsune: the HTML report cannot draw the %s graph: %s: %s", r.name,
+            log.warning("the HTML report cannot draw the %s graph: %s: %s", r.name,
                         type(error).__name__, error)
             out.append(f'<p class="muted">graph not drawn: {_e(type(error).__name__)}: {_e(error)}</p>')
     return out

@@ -128,20 +128,20 @@ def _log_record(record: GraphRecord) -> None:
         return
     for opp in record.opportunities:
         if opp.status == "applied":
-            log.info("kitsune: %s graph: pattern %s applied: %s in %s (est. %.2fx, %s saved)", record.name,
+            log.info("%s graph: pattern %s applied: %s in %s (est. %.2fx, %s saved)", record.name,
                      opp.pattern, opp.describe(), ", ".join(opp.kernels), opp.estimated_speedup,
                      _bytes(opp.bytes_saved))
         elif opp.status == "partial":
-            log.info("kitsune: %s graph: pattern %s partly applied: %s in %s; %s", record.name, opp.pattern,
+            log.info("%s graph: pattern %s partly applied: %s in %s; %s", record.name, opp.pattern,
                      opp.describe(), ", ".join(opp.kernels), opp.reason)
         else:
-            log.debug("kitsune: %s graph: pattern %s %s: %s: %s", record.name, opp.pattern, opp.status,
+            log.debug("%s graph: pattern %s %s: %s: %s", record.name, opp.pattern, opp.status,
                       opp.describe(), opp.reason)
     if log.isEnabledFor(logging.DEBUG):
         for decision in record.decisions:
             if not decision.fused and len(decision.nodes) > 1 or (not decision.fused and
                                                                   "nothing to fuse" not in decision.reason):
-                log.debug("kitsune: %s graph: not fused: %s: %s", record.name, " + ".join(decision.nodes),
+                log.debug("%s graph: not fused: %s: %s", record.name, " + ".join(decision.nodes),
                           decision.reason)
 
 

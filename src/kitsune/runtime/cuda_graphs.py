@@ -199,7 +199,7 @@ class CudaGraphRunner:
 
     def disable(self, reason: str) -> None:
         self.disabled = reason
-        log.info("kitsune: %s runs without CUDA graphs: %s", self.name, reason)
+        log.info("%s runs without CUDA graphs: %s", self.name, reason)
 
     def _record_or_run(self, args, copied):
         try:
@@ -252,7 +252,7 @@ class CudaGraphRunner:
         if self.training:
             plan = self._handout[1]
             out = f", {sum(how == 'copy' for how, _ in plan)} of {len(plan)} outputs copied out"
-        log.info("kitsune: %s recorded as one CUDA graph (%d of %d inputs copied in per call%s)",
+        log.info("%s recorded as one CUDA graph (%d of %d inputs copied in per call%s)",
                  self.name, len(copied), len(args), out)
 
     def _replay(self, args):
@@ -310,7 +310,7 @@ class CudaGraphRunner:
         self._restless.update(moved)  # read in place once and moved: copied in from now on
         copied = tuple(sorted((set(self._copied) - set(settled)) | set(moved)))
         self.rerecords += 1
-        log.info("kitsune: %s re-recorded: %d input(s) stopped moving, %d moved", self.name, len(settled),
+        log.info("%s re-recorded: %d input(s) stopped moving, %d moved", self.name, len(settled),
                  len(moved))
         self._drop()
         return self._record_or_run(args, copied)
@@ -322,7 +322,7 @@ class CudaGraphRunner:
     def _output_alive(self, args):
         self.live_output_calls += 1
         if self.live_output_calls == 1:
-            log.info("kitsune: %s ran without replaying: an output of its last replay is still alive "
+            log.info("%s ran without replaying: an output of its last replay is still alive "
                      "(a replay would overwrite it)", self.name)
         return self.fn(*args)
 

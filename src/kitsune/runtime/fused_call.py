@@ -72,7 +72,7 @@ class FusedGroupCall:
 
     def disable(self, reason: str, at_run_time: bool = False) -> None:
         if self.failure is None:
-            log.warning("kitsune: %s runs unfused through PyTorch: %s", self.spec.name, reason)
+            log.warning("%s runs unfused through PyTorch: %s", self.spec.name, reason)
         self.kernel, self.failure = None, reason
         if at_run_time:
             self.runtime_failure = reason
@@ -135,7 +135,7 @@ class FusedGroupCall:
                 torch.testing.assert_close(got, want, equal_nan=True, check_stride=False)
             except AssertionError as error:
                 summary = " ".join(str(error).split("\n")[1:4])
-                log.error("kitsune: KITSUNE_DEBUG: %s output %d differs from eager (%s); ops: %s",
+                log.error("KITSUNE_DEBUG: %s output %d differs from eager (%s); ops: %s",
                           self.spec.name, i, summary, self.spec.description)
                 self._count(f"KITSUNE_DEBUG: output {i} differs from eager")
         return tuple(expected)
@@ -161,7 +161,7 @@ class FusedGroupCall:
                 reason = f"input {i} has strides {tuple(t.stride())} (compiled for {stride})"
             else:
                 continue
-            log.debug("kitsune: %s: %s; running unfused", self.spec.name, reason)
+            log.debug("%s: %s; running unfused", self.spec.name, reason)
             return reason
         return None
 

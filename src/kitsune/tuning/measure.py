@@ -82,7 +82,7 @@ def measured(compiled, aten_gm: fx.GraphModule, record, config: FusionConfig, pr
     try:
         baselines = user_op_baselines(aten_gm, compiled, record, user_graph())
     except Exception as error:  # noqa: BLE001 - the decomposed ops remain a baseline
-        log.debug("kitsune: no user-op baselines for the %s graph: %s", record.name, error)
+        log.debug("no user-op baselines for the %s graph: %s", record.name, error)
         baselines = {}
     forward, pending = compiled.forward, [True]
 
@@ -95,7 +95,7 @@ def measured(compiled, aten_gm: fx.GraphModule, record, config: FusionConfig, pr
             with torch.no_grad(), _outside_dispatch_modes():
                 measurer.run(*args)
         except Exception as error:  # noqa: BLE001 - measuring must never break the model
-            log.warning("kitsune: could not measure the %s graph: %s: %s", record.name, type(error).__name__, error)
+            log.warning("could not measure the %s graph: %s: %s", record.name, type(error).__name__, error)
         finally:
             measurer.progress(end=True)
             baselines.clear()
@@ -142,7 +142,7 @@ class _Measurer(fx.Interpreter):
                 try:
                     self._decide(target, args)
                 except Exception as error:  # noqa: BLE001 - measuring must never break the model
-                    log.warning("kitsune: could not time %s: %s", target.spec.name, error)
+                    log.warning("could not time %s: %s", target.spec.name, error)
             self.progress()
         return super().call_function(target, args, kwargs)
 
@@ -200,11 +200,11 @@ def apply_decision(record, call, m: dict, threshold: float) -> None:
         record.groups = [g for g in record.groups if g[0] != name]
         record.kernels_after += len(nodes) - 1
         record.fallbacks.append((" → ".join(nodes), reason))
-        log.info("kitsune: %s runs unfused: %s", name, reason)
+        log.info("%s runs unfused: %s", name, reason)
     elif m["decision"] == "fused":
-        log.info("kitsune: %s kept: %.2fx faster than its unfused ops (%s)", name, m["speedup"], note)
+        log.info("%s kept: %.2fx faster than its unfused ops (%s)", name, m["speedup"], note)
     else:
-        log.info("kitsune: %s kept, undecided: %.2fx faster than its unfused ops, speed-ups spread %.2fx to "
+        log.info("%s kept, undecided: %.2fx faster than its unfused ops, speed-ups spread %.2fx to "
                  "%.2fx across rounds (%s)", name, m["speedup"], m["low"], m["high"], note)
 
 
@@ -339,4 +339,4 @@ def _store(key: str, m: dict) -> None:
     try:
         write_atomic(cache_dir("decisions") / f"{key}.json", json.dumps(m))
     except OSError as error:  # a read-only cache must not break the model
-        log.debug("kitsune: cannot cache decision %s: %s", key, error)
+        log.debug("cannot cache decision %s: %s", key, error)

@@ -59,7 +59,7 @@ def _build(specs: list[KernelSpec]) -> tuple[ctypes.CDLL, Path]:
         if not so_path.exists():
             tc.build(source, so_path)
         else:
-            log.debug("kitsune: reusing cached CPU library %s", so_path)
+            log.debug("reusing cached CPU library %s", so_path)
     return ctypes.CDLL(str(so_path)), c_path
 
 
@@ -73,7 +73,7 @@ def compile_kernels(specs: list[KernelSpec]) -> list:
     except Exception as error:  # noqa: BLE001
         if len(specs) == 1:
             return [error]
-        log.debug("kitsune: combined CPU build failed (%s); building kernels one by one", error)
+        log.debug("combined CPU build failed (%s); building kernels one by one", error)
 
     def one(spec):
         try:

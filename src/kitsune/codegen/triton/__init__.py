@@ -195,7 +195,7 @@ class _Launch:
                 raise RuntimeError(f"unexpected kernel signature {static.arg_tys!r}")
             static.load_kernel(tensors[0].device.index or 0)
         except Exception as error:  # noqa: BLE001 - Triton's own launcher still works
-            log.debug("kitsune: %s uses Triton's launcher (static launch unavailable: %s)", self.spec.name, error)
+            log.debug("%s uses Triton's launcher (static launch unavailable: %s)", self.spec.name, error)
             return None
         self._aligned = [i for i, t in enumerate(tensors[:n_inputs]) if t.data_ptr() % 16 == 0]
         self._device_index = tensors[0].device.index
@@ -220,6 +220,6 @@ class _Launch:
             launch = static_launch_entry(static)
             function, num_warps, shared = static.function, static.num_warps, static.shared
         except Exception as error:  # noqa: BLE001 - the launcher's own run() still works
-            log.debug("kitsune: %s launches through static.run (%s)", self.spec.name, error)
+            log.debug("%s launches through static.run (%s)", self.spec.name, error)
             return None
         return launch, (function, *self._grid3, num_warps, shared, arg_tys), scratch

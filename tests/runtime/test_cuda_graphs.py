@@ -468,3 +468,30 @@ def test_memory_short_after_recording_lets_the_recording_go(fake_cuda, monkeypat
             torch.testing.assert_close(runner(x)[0], x.exp())
     assert runner.disabled == "short of memory" and runner.graph is None and runner.replays == 0
     assert "short of memory" in caplog.text
+
+
+def test_size_keyed_runner_keeps_one_recording_per_size_and_drops_the_oldest(monkeypatch):
+    from kitsune.runtime import cuda_graphs
+
+    made, dropped = [], []
+
+    class Recorder:  # stands in for CudaGraphRunner (recording needs a GPU)
+        def __init__(self, fn, name, training=False, copy_out=()):
+            self.fn, self.name, self.replays = fn, name, 0
+            made.append(name)
+
+        def __call__(self, *args):
+            return self.fn(*args)
+
+        def _drop(self):
+            dropped.append(self.name)
+
+    monkeypatch.setattr(cuda_graphs, "CudaGraphRunner", Recorder)
+    runner = cuda_graphs.SizeKeyedRunner(lambda s, x: x * s, "inference graph", limit=2)
+    x = torch.ones(3)
+    for s in (4, 5, 4, 6, 5):
+        torch.testing.assert_close(runner(s, x), x * s)
+    assert made == ["inference graph at sizes (4,)", "inference graph at sizes (5,)",
+                    "inference graph at sizes (6,)", "inference graph at sizes (5,)"]
+    assert dropped == ["inference graph at sizes (5,)", "inference graph at sizes (4,)"]
+    assert list(runner.runners) == [(6,), (5,)] and runner.dropped == 2

@@ -14,7 +14,8 @@ from kitsune.ir.eager_count import eager_kernel_count
 _FREE = {"aten::t", "aten::transpose", "aten::view", "aten::expand", "aten::as_strided", "aten::reshape",
          "aten::permute", "aten::unsqueeze", "aten::squeeze", "aten::select", "aten::slice", "aten::alias",
          "aten::detach", "aten::_unsafe_view", "aten::_reshape_alias", "aten::empty", "aten::empty_like",
-         "aten::empty_strided", "aten::resolve_conj", "aten::resolve_neg"}
+         "aten::empty_strided", "aten::resolve_conj", "aten::resolve_neg", "aten::split", "aten::split_with_sizes",
+         "aten::unbind", "aten::chunk"}
 
 
 def profiled_kernels(fn) -> int:
@@ -87,3 +88,16 @@ def test_inference_counts_each_call_of_a_decomposed_op():
 def test_a_graph_without_provenance_counts_one_kernel_per_op():
     gm = make_fx(lambda x: (x * 2).relu().view(-1).sum())(torch.randn(4, 4))
     assert eager_kernel_count(gm.graph) == 3  # mul, relu, sum; the view is free
+
+
+def test_split_launches_nothing():
+    def f(x):
+        a, b, c = x.split(4, dim=1)
+        return a * b + c
+
+    x = torch.randn(4, 12)
+    engine = FusionEngine()
+    with torch.no_grad():
+        torch.testing.assert_close(engine.fuse(f)(x), f(x))
+    (record,) = engine.records
+    assert record.kernels_before == profiled_kernels(lambda: f(x)) == 2  # mul, add

@@ -35,9 +35,10 @@ from kitsune.ir.ops import VIEW_OPS
 
 aten = torch.ops.aten
 
-# Ops that allocate or rename without launching a kernel.
+# Ops that allocate, rename or split into views without launching a kernel.
 _FREE = {operator.getitem, aten.empty.memory_format, aten.empty_strided.default, aten.empty_like.default,
-         aten.detach.default, aten.lift_fresh_copy.default}
+         aten.detach.default, aten.lift_fresh_copy.default, aten.split.Tensor, aten.split_with_sizes.default,
+         aten.unbind.int, aten.chunk.default}
 
 # partitioner_tag of the nodes that belong to the other graph, by graph kind
 _OTHER_SIDE = {"forward": "is_backward", "backward": "is_forward"}

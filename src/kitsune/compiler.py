@@ -25,8 +25,8 @@ from kitsune.codegen.backends import Backend, backend_for
 from kitsune.codegen.kernel import KernelError
 from kitsune.codegen.lower import lower_group
 from kitsune.config import FusionConfig
-from kitsune.ir.eager_count import eager_kernel_count
-from kitsune.ir.graph import group_fallback, is_compute, meta
+from kitsune.ir.eager_count import captured_kernel_count, eager_kernel_count
+from kitsune.ir.graph import group_fallback, meta
 from kitsune.planner import FusionPlan, admit, plan_graph
 from kitsune.planner.detect import detect_patterns, needs_detection
 from kitsune.planner.naming import kernel_kind, kernel_name
@@ -55,7 +55,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs, kind: str = "graph",
     stats = stats if stats is not None else default_sink()
     start = time.perf_counter()
     record = GraphRecord(name=kind, kernels_before=eager_kernel_count(gm.graph, kind),
-                         aten_ops=sum(map(is_compute, gm.graph.nodes)), kernels_after=0)
+                         aten_ops=captured_kernel_count(gm.graph), kernels_after=0)
     compiled_ok = False
     try:
         compiled = _compile(gm, config, record)
@@ -128,7 +128,7 @@ def _record_plan(gm: fx.GraphModule, plan: FusionPlan, config: FusionConfig, rec
     the patterns: detected while planning, or left for the report to detect when asked."""
     record.decisions, record.fallbacks = plan.decisions, plan.fallbacks
     if plan.replaced:  # user pattern replacements rewrote the graph
-        record.aten_ops = sum(map(is_compute, gm.graph.nodes))
+        record.aten_ops = captured_kernel_count(gm.graph)
     if plan.opportunities is not None:
         record.graph, record.units, record.opportunities, record.config = gm.graph, plan.units, \
             plan.opportunities, config

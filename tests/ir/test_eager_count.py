@@ -101,3 +101,4 @@ def test_split_launches_nothing():
         torch.testing.assert_close(engine.fuse(f)(x), f(x))
     (record,) = engine.records
     assert record.kernels_before == profiled_kernels(lambda: f(x)) == 2  # mul, add
+    assert (record.aten_ops, record.kernels_after) == (2, 1)  # the split's getitems are no kernels

@@ -37,7 +37,7 @@ aten = torch.ops.aten
 
 # Ops that allocate, rename or split into views without launching a kernel.
 _FREE = {operator.getitem, aten.empty.memory_format, aten.empty_strided.default, aten.empty_like.default,
-         aten.detach.default, aten.lift_fresh_copy.default, aten.split.Tensor, aten.split_with_sizes.default,
+         aten.detach.default, aten.split.Tensor, aten.split_with_sizes.default,
          aten.unbind.int, aten.chunk.default}
 
 # partitioner_tag of the nodes that belong to the other graph, by graph kind
@@ -61,6 +61,12 @@ def eager_kernel_count(graph: fx.Graph, kind: str = "graph") -> int:
             count += key != previous
         previous = key
     return count
+
+
+def captured_kernel_count(graph: fx.Graph) -> int:
+    """The operations of `graph` as captured that launch a kernel (views, `getitem` and
+    allocations aside): what it runs when nothing fuses."""
+    return sum(map(_launches, graph.nodes))
 
 
 def _launches(node: fx.Node) -> bool:

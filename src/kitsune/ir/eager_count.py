@@ -3,9 +3,10 @@
 
 A captured graph is not what eager runs: AOTAutograd decomposes each op the
 user's code (or autograd, in the backward) dispatched into primitives, so a
-`layer_norm` arrives as ten nodes that eager runs as one kernel. Every node
-records the op it came from (`meta["original_aten"]`) and which call of it
-(`seq_nr`: autograd's sequence number of the forward op, in both graphs;
+`layer_norm` arrives as nine compute nodes (and two views) that eager runs as
+one kernel. Every node records the op it came from (`meta["original_aten"]`)
+and which call of it (`seq_nr`: autograd's sequence number of the forward op,
+in both graphs;
 `source_fn_stack`: Dynamo's name of the user's call, in forward and inference
 graphs). The estimate is one kernel per aten op eager dispatches:
 
@@ -14,7 +15,7 @@ graphs). The estimate is one kernel per aten op eager dispatches:
 - the decomposed nodes of one call of one op are one kernel together
   (`F.layer_norm`: 1; `F.cross_entropy`: 2, its `log_softmax` and `nll_loss`;
   a `Linear`'s backward: 3, two `mm` and the bias gradient's `sum`);
-- views, `getitem` and allocations launch nothing;
+- views (and `split`), `getitem` and allocations launch nothing;
 - work that AOTAutograd's partitioner moved between the graphs is counted
   where eager does it: forward ops the backward recomputes are not counted in
   the backward (eager saved them), and the part of a backward op computed

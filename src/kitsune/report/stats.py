@@ -6,7 +6,7 @@ Keys (all graphs compiled into this stats object):
     num_fused         fusion groups running as one generated kernel
     kernels_before    kernels eager PyTorch launches for the compiled graphs (estimated: one per
                       aten op the user's code or autograd dispatches, so a layer_norm is one
-                      kernel, not its ten captured primitives; views are free; see
+                      kernel, not its nine captured primitives; views are free; see
                       kitsune.ir.eager_count)
     kernels_after     kernels Kitsune launches: captured ops left unfused, one per generated
                       kernel (two for a split reduction); it can exceed kernels_before where

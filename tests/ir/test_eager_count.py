@@ -102,3 +102,15 @@ def test_split_launches_nothing():
     (record,) = engine.records
     assert record.kernels_before == profiled_kernels(lambda: f(x)) == 2  # mul, add
     assert (record.aten_ops, record.kernels_after) == (2, 1)  # the split's getitems are no kernels
+
+
+def test_unreadable_metadata_gives_the_captured_count(monkeypatch):
+    import kitsune.ir.eager_count as eager_count
+
+    gm = make_fx(lambda x: (x * 2).relu().view(-1).sum())(torch.randn(4, 4))
+
+    def broken(node):
+        raise KeyError("source_fn_stack")
+
+    monkeypatch.setattr(eager_count, "_call_key", broken)
+    assert eager_kernel_count(gm.graph) == eager_count.captured_kernel_count(gm.graph) == 3

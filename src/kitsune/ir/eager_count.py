@@ -27,6 +27,7 @@ a graph without this metadata (one built by hand) counts one kernel per node.
 """
 from __future__ import annotations
 
+import logging
 import operator
 
 import torch
@@ -35,6 +36,7 @@ from torch import fx
 from kitsune.ir.ops import VIEW_OPS
 
 aten = torch.ops.aten
+log = logging.getLogger("kitsune")
 
 # Ops that allocate, rename or split into views without launching a kernel.
 _FREE = {operator.getitem, aten.empty.memory_format, aten.empty_strided.default, aten.empty_like.default,
@@ -47,7 +49,16 @@ _OTHER_SIDE = {"forward": "is_backward", "backward": "is_forward"}
 
 def eager_kernel_count(graph: fx.Graph, kind: str = "graph") -> int:
     """Kernels eager PyTorch launches for `graph` (an aten graph of kind
-    "forward", "backward", "inference" or anything else), as the module says."""
+    "forward", "backward", "inference" or anything else), as the module says.
+    Metadata it cannot read gives the captured count instead (logged)."""
+    try:
+        return _count_calls(graph, kind)
+    except Exception as error:  # noqa: BLE001 - a statistic must never stop a compile
+        log.debug("cannot estimate eager kernels of the %s graph: %s: %s", kind, type(error).__name__, error)
+        return captured_kernel_count(graph)
+
+
+def _count_calls(graph: fx.Graph, kind: str) -> int:
     count, seen, previous = 0, set(), None
     for node in graph.nodes:
         if not _launches(node) or _belongs_elsewhere(node, kind):

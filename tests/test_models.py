@@ -81,3 +81,27 @@ def test_model_logits_and_training_step_match_eager(build, backend):
 
     kinds = _fused_kinds()
     assert {"inference", "forward", "backward"} <= kinds, f"graphs with fused kernels: {kinds}"
+
+
+@pytest.mark.parametrize("build", [_gpt2, _bert], ids=["gpt2", "bert"])
+def test_model_at_new_sizes_fuses_as_at_the_first(build, monkeypatch):
+    """A second batch size and sequence length: Dynamo compiles one dynamic graph,
+    which fuses as many groups as the first (static) one and serves every later size."""
+    monkeypatch.setenv("KITSUNE_BACKEND", "cpu")
+    GLOBAL_STATS.reset()
+    torch.manual_seed(1)
+    model = build().eval()
+    compiled = torch.compile(model, backend="kitsune")
+    with torch.no_grad():
+        for batch, seq in ((2, 12), (3, 9), (5, 17), (4, 5)):  # (Dynamo specialises a size of 1)
+            tokens = torch.randint(1, 96, (batch, seq))
+            mask = torch.ones_like(tokens)
+            mask[0, seq - 2:] = 0
+            torch.testing.assert_close(compiled(tokens, attention_mask=mask).logits,
+                                       model(tokens, attention_mask=mask).logits, rtol=1e-4, atol=1e-4)
+    records = GLOBAL_STATS.records()
+    assert [r.name for r in records] == ["inference", "inference"], [r.name for r in records]
+    static, dynamic = records
+    assert len(dynamic.groups) >= len(static.groups) > 0
+    assert not dynamic.fallbacks and not static.fallbacks
+    assert kitsune.get_fusion_stats()["runtime_fallbacks"] == []

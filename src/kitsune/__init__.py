@@ -5,32 +5,30 @@
 """
 from __future__ import annotations
 
-import logging
-import os
-
+from kitsune import _logging
 from kitsune.config import FusionConfig
 
 __version__ = "0.1.0"
 __all__ = ["FusionConfig", "optimize", "get_fusion_stats", "reset_fusion_stats", "__version__"]
 
-_level = os.environ.get("KITSUNE_LOG", "").upper()
-if _level in ("DEBUG", "INFO", "WARNING"):
-    # Kitsune's own handler: its messages begin with "kitsune: " themselves (so they
-    # say where they come from under any formatter), and the root logger is the user's
-    _handler = logging.StreamHandler()
-    _handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
-    _logger = logging.getLogger("kitsune")
-    _logger.addHandler(_handler)
-    _logger.setLevel(_level)
-    _logger.propagate = False
+# The "kitsune" logger gets a NullHandler; KITSUNE_LOG=<level> asks for output
+# (kitsune._logging: the application's logging configuration wins).
+_logging.setup()
 
 
-def optimize(model, config: FusionConfig | None = None, **compile_kwargs):
-    """`torch.compile(model, backend=<kitsune with config>)`: one line to fuse a model or function."""
+def optimize(model, config: FusionConfig | None = None, *, mode: str | None = None, options: dict | None = None,
+             **compile_kwargs):
+    """`torch.compile(model, backend=<kitsune with config>)`: one line to fuse a model or function.
+
+    `mode` and `options` are torch.compile's, read by Kitsune (kitsune.backend): `options`
+    sets FusionConfig fields by name over `config`, `mode="max-autotune"` turns on measured
+    decisions. They are checked here (ValueError/TypeError naming the mode, option or field),
+    and unlike torch.compile both may be given. Other keyword arguments go to torch.compile."""
     import torch
 
-    from kitsune.backend import make_backend
-    return torch.compile(model, backend=make_backend(config), **compile_kwargs)
+    from kitsune.backend import apply_compile_options, make_backend
+    return torch.compile(model, backend=make_backend(apply_compile_options(config, mode, options)),
+                         **compile_kwargs)
 
 
 def get_fusion_stats() -> dict:

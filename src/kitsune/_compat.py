@@ -36,7 +36,7 @@ def _unavailable(what: str, error: BaseException | str, consequence: str) -> Non
     """Logs once per process that a private API is missing and what that costs."""
     if what not in _REPORTED:
         _REPORTED.add(what)
-        log.info("kitsune: %s is not available in this PyTorch/Triton (%s): %s", what, error, consequence)
+        log.info("%s is not available in this PyTorch/Triton (%s): %s", what, error, consequence)
 
 
 # --- Allocation, devices and streams (hot paths) ------------------------------
@@ -335,7 +335,7 @@ def aot_autograd(**kwargs) -> Callable:
     try:
         from torch._dynamo.backends.common import aot_autograd as make_backend
     except ImportError as error:
-        log.warning("kitsune: AOTAutograd is not available in this PyTorch (%s): models run unfused", error)
+        log.warning("AOTAutograd is not available in this PyTorch (%s): models run unfused", error)
         return _eager_backend
     return make_backend(**kwargs)
 

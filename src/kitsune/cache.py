@@ -68,14 +68,14 @@ def file_lock(path: Path, timeout: float = LOCK_TIMEOUT_S):
     try:
         import filelock
     except ImportError:
-        log.debug("kitsune: filelock is not installed; %s is built without a lock", path.name)
+        log.debug("filelock is not installed; %s is built without a lock", path.name)
         yield
         return
     lock = filelock.FileLock(str(path) + ".lock")
     try:
         lock.acquire(timeout=timeout)
     except (filelock.Timeout, OSError) as error:
-        log.warning("kitsune: no lock on %s (%s); building without it", path, error)
+        log.warning("no lock on %s (%s); building without it", path, error)
         yield
         return
     try:

@@ -23,10 +23,12 @@ from torch import fx
 from kitsune.capture.simplify import simplify
 from kitsune.codegen.backends import Backend, backend_for
 from kitsune.codegen.kernel import KernelError
-from kitsune.codegen.lower import lower_group
+from kitsune.codegen.lower import lower_group, spec_size_exprs
 from kitsune.config import FusionConfig
 from kitsune.ir.eager_count import captured_kernel_count, eager_kernel_count
-from kitsune.ir.graph import group_fallback, meta
+from kitsune.ir.graph import group_fallback, meta, size_inputs
+from kitsune.ir.ops import NotFusible
+from kitsune.sizes import free_symbols, hints_from
 from kitsune.planner import FusionPlan, admit, plan_graph
 from kitsune.planner.detect import detect_patterns, needs_detection
 from kitsune.planner.naming import kernel_kind, kernel_name
@@ -58,10 +60,12 @@ def compile_graph(gm: fx.GraphModule, example_inputs, kind: str = "graph",
                          aten_ops=captured_kernel_count(gm.graph), kernels_after=0)
     compiled_ok = False
     try:
-        compiled = _compile(gm, config, record)
+        with hints_from(example_inputs):
+            compiled = _compile(gm, config, record)
         compiled_ok = True
     except Exception as error:  # noqa: BLE001 - never crash the user's model
-        log.warning("kitsune: %s graph runs unfused through PyTorch: %s: %s", kind, type(error).__name__, error)
+        log.warning("%s graph runs unfused through PyTorch: %s: %s", kind, type(error).__name__, error,
+                    exc_info=log.isEnabledFor(logging.DEBUG))
         record.fallbacks.append((kind, f"{type(error).__name__}: {error}"))
         record.groups.clear()
         record.kernel_calls.clear()
@@ -77,10 +81,11 @@ def compile_graph(gm: fx.GraphModule, example_inputs, kind: str = "graph",
     # measured on the first real call, before a CUDA-graph runner records the graph
     compiled = measured(compiled, gm, record, config, profile)
     if replay:
-        from kitsune.runtime.cuda_graphs import CudaGraphRunner
+        from kitsune.runtime.cuda_graphs import CudaGraphRunner, SizeKeyedRunner
         record.cuda_graph = True
-        compiled = CudaGraphRunner(compiled, f"{record.name} graph", training=training,
-                                   copy_out=_user_outputs(gm) if kind == "forward" else ())
+        runner = SizeKeyedRunner if any(not isinstance(t, torch.Tensor) for t in example_inputs) else CudaGraphRunner
+        compiled = runner(compiled, f"{record.name} graph", training=training,
+                          copy_out=_user_outputs(gm) if kind == "forward" else ())
     record.compile_seconds = time.perf_counter() - start
     stats.record(record)
     return compiled
@@ -92,7 +97,7 @@ def _cuda_graph_blocker(gm, example_inputs, compiled, record, training) -> str |
 
     blocker = cuda_graph_blocker(gm, example_inputs, compiled, training)
     if blocker is not None and any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs):
-        log.info("kitsune: %s graph runs without CUDA graphs: %s", record.name, blocker)
+        log.info("%s graph runs without CUDA graphs: %s", record.name, blocker)
     return blocker
 
 
@@ -119,7 +124,7 @@ def _compile(gm: fx.GraphModule, config: FusionConfig, record: GraphRecord) -> f
     result = build_graph_module(gm, calls) if calls else fx.GraphModule(gm, copy.deepcopy(gm.graph))
     aligned = align_matmuls(result)
     if aligned:
-        log.info("kitsune: %d matmul(s) write padded rows (fast cuBLAS kernels for odd widths)", aligned)
+        log.info("%d matmul(s) write padded rows (fast cuBLAS kernels for odd widths)", aligned)
     return result
 
 
@@ -148,16 +153,23 @@ def _lower(plan: FusionPlan, record: GraphRecord) -> list:
             spec, inputs, outputs = lower_group(group, f"kitsune_{kind}")
         except Exception as error:  # noqa: BLE001
             plan.refuse(group, f"lowering failed: {error}", fallback=True)
-            log.warning("kitsune: cannot lower %s: %s", group.label(), error)
+            log.warning("cannot lower %s: %s", group.label(), error)
             continue
         backend = backend_for(meta(group.nodes[0]).device)
         refusal = admit(plan, group, spec, backend.refusal)
         if refusal is not None:  # a planned refusal, not a failure
-            log.debug("kitsune: %s graph: not fused: %s: %s", record.name, group.label(), refusal)
+            log.debug("%s graph: not fused: %s: %s", record.name, group.label(), refusal)
             continue
         spec = replace(spec, name=kernel_name(kind, spec, taken))
-        call = FusedGroupCall(spec, group_fallback(inputs, outputs, group.nodes),
-                              [meta(n) for n in inputs], [meta(n) for n in outputs])
+        try:
+            # symbolic sizes the call reads from the graph (after its tensors)
+            inputs = inputs + size_inputs(group.nodes, inputs, free_symbols(*spec_size_exprs(spec)))
+            call = FusedGroupCall(spec, group_fallback(inputs, outputs, group.nodes),
+                                  [n.meta.get("val") for n in inputs], [meta(n) for n in outputs])
+        except NotFusible as error:  # symbolic sizes the call cannot read from its inputs
+            plan.refuse(group, str(error))
+            log.info("%s graph: not fused: %s: %s", record.name, group.label(), error)
+            continue
         lowered.append((group, call, inputs, outputs, backend))
     return lowered
 
@@ -175,4 +187,4 @@ def _build(plan: FusionPlan, lowered: list, record: GraphRecord) -> None:
                 call.attach(kernel)
                 record.kernel_calls[call.spec.name] = call  # run-time fallbacks are read from it
                 record.groups.append((call.spec.name, [n.name for n in group.nodes], name))
-                log.info("kitsune: fused %s into %s (%s)", group.label(), call.spec.name, name)
+                log.info("fused %s into %s (%s)", group.label(), call.spec.name, name)

@@ -15,6 +15,11 @@ class FusionConfig:
     enable_matmul: bool = False
     max_fusion_size: int = 8          # user operations per kernel (layer_norm counts as one)
     min_fusion_benefit: float = 1.1   # keep a measured fusion only if this much faster
+    # Measured decisions: time each fused kernel against its unfused ops on its first
+    # real call and keep it only if min_fusion_benefit times faster
+    # (kitsune.tuning.measure; also on with a non-default min_fusion_benefit, with
+    # FusionEngine(profile=True) and with torch.compile's mode="max-autotune").
+    measure: bool = False
     min_tensor_size: int = 0          # elements; smaller groups run through PyTorch
     cpu_fusion: bool = True
     gpu_fusion: bool = True

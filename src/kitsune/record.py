@@ -73,7 +73,7 @@ class GraphRecord:
             try:
                 self._units, self._opportunities = detect()
             except Exception as error:  # noqa: BLE001 - reporting must never break anything
-                log.warning("kitsune: pattern detection failed on the %s graph: %s: %s", self.name,
+                log.warning("pattern detection failed on the %s graph: %s: %s", self.name,
                             type(error).__name__, error)
                 self.graph, self._units, self._opportunities = None, None, []
 

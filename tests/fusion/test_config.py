@@ -4,7 +4,7 @@ import pytest
 from kitsune.fusion import FusionConfig, FusionPattern
 
 DEFAULTS = dict(enable_elementwise=True, enable_reduction=True, enable_matmul=False, max_fusion_size=8,
-                min_fusion_benefit=1.1, min_tensor_size=0, cpu_fusion=True, gpu_fusion=True,
+                min_fusion_benefit=1.1, measure=False, min_tensor_size=0, cpu_fusion=True, gpu_fusion=True,
                 cuda_graphs=True, enabled_patterns=None, custom_patterns=())
 
 
@@ -23,7 +23,7 @@ def test_spec_01_example_constructs():
 
 
 @pytest.mark.parametrize("field", ["enable_elementwise", "enable_reduction", "enable_matmul", "cpu_fusion",
-                                   "gpu_fusion", "cuda_graphs"])
+                                   "gpu_fusion", "cuda_graphs", "measure"])
 def test_bool_fields_reject_non_bools(field):
     with pytest.raises(TypeError, match=field):
         FusionConfig(**{field: 1})

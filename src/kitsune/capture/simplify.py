@@ -20,17 +20,18 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from kitsune.sizes import is_dense, numel_of
+
 aten = torch.ops.aten
 
 
-def _numel(node) -> int | None:
+def _numel(node):
+    """Elements of the node's tensor: an int, a sympy expression of symbolic sizes
+    (`int()` of a SymInt would add a guard), or None."""
     val = node.meta.get("val") if isinstance(node, fx.Node) else None
     if not isinstance(val, torch.Tensor):
         return None
-    try:
-        return int(val.numel())
-    except (TypeError, RuntimeError):  # symbolic
-        return None
+    return numel_of(val)
 
 
 def _fold_permutes(gm: fx.GraphModule) -> int:
@@ -129,7 +130,7 @@ def simplify(gm: fx.GraphModule) -> int:
             continue
         val = node.meta.get("val")
         if len(kept) == 1:
-            if not isinstance(val, torch.Tensor) or not val.is_contiguous():
+            if not isinstance(val, torch.Tensor) or not is_dense(val):
                 continue
             with gm.graph.inserting_before(node):
                 copy = gm.graph.call_function(aten.clone.default, (kept[0],),

@@ -9,12 +9,13 @@ into source text and a callable; they never look at the FX graph.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from kitsune.ir.index import Index
+from kitsune.ir.index import Index, Term
 from kitsune.ir.scalar import Value, walk
+from kitsune.sizes import as_size, evaluate, hint, is_symbolic
 
 # the reduction analysis lives in codegen/schedule.py; these names stay importable from here
 from kitsune.codegen.schedule import is_row_index, outer_layout, reduction_stage, row_values  # noqa: F401
@@ -52,21 +53,35 @@ class KernelSpec:
     # and a position r = x % reduction along the reduced elements; `reduce`
     # Values collapse r. 0 for pointwise kernels.
     reduction: int = 0
+    # Symbolic sizes (dynamic shapes): the names of the symbols that numel,
+    # reduction and the indices are expressions of (sympy, `kitsune.sizes`),
+    # each an integer argument of the kernel after numel, in this order.
+    sizes: tuple[str, ...] = ()
 
     @property
     def rows(self) -> int:
-        return self.numel // self.reduction if self.reduction else self.numel
+        return as_size(self.numel // self.reduction) if self.reduction else self.numel
+
+    def wide_index(self) -> bool:
+        """Does the kernel need 64-bit indexing? A symbolic kernel is narrow while
+        the sizes seen leave a wide margin (8x); its launcher checks each call's
+        sizes and runs the group unfused beyond them (`index_limit`)."""
+        if self.sizes:
+            return self.max_offset() >= INDEX_MARGIN
+        return self.max_offset() >= INDEX_LIMIT
 
     def values(self) -> list[Value]:
         return walk([o.value for o in self.outputs])
 
     def max_offset(self) -> int:
-        """Largest element offset touched: decides 32- vs 64-bit indexing."""
-        bounds = [self.numel]
+        """Largest element offset touched: decides 32- vs 64-bit indexing (for
+        symbolic sizes, at the sizes seen when the graph was captured)."""
+        numel = hint(self.numel)
+        bounds = [numel]
         for v in self.values():
             if v.op in ("load", "load_at"):
-                bounds.append(_bound(v.attr[1], self.numel))
-        bounds += [_bound(o.index, self.numel) for o in self.outputs]
+                bounds.append(_bound(v.attr[1], numel))
+        bounds += [_bound(o.index, numel) for o in self.outputs]
         return max(bounds)
 
     def structure_key(self) -> str:
@@ -76,7 +91,8 @@ class KernelSpec:
         key = self.__dict__.get("_structure_key")
         if key is None:
             text = repr((self.numel, self.reduction, self.inputs,
-                         [(o.name, o.dtype, o.index) for o in self.outputs], _structure(self.values())))
+                         [(o.name, o.dtype, o.index) for o in self.outputs], _structure(self.values()))
+                        + ((self.sizes,) if self.sizes else ()))
             key = hashlib.sha256(text.encode()).hexdigest()[:24]
             object.__setattr__(self, "_structure_key", key)  # a cache, not a field: equality ignores it
         return key
@@ -93,15 +109,48 @@ def _attr_repr(attr):
     return repr(attr)
 
 
+def bind_sizes(spec: KernelSpec, sizes: tuple) -> KernelSpec:
+    """`spec` with its symbolic sizes bound to ints (`sizes`, in `spec.sizes`
+    order): the kernel one size class stands for, as a static spec (for the
+    reference interpreter and for tests)."""
+    if not spec.sizes:
+        return spec
+    table = {name: value for name, value in zip(spec.sizes, sizes)}
+
+    def size(v):
+        return evaluate(v, table) if v is not None else None
+
+    def index(i: Index) -> Index:
+        return Index(size(i.const), tuple(Term(size(t.coef), None if t.base is None else index(t.base),
+                                               size(t.div), size(t.mod)) for t in i.terms))
+
+    memo: dict = {}
+    for v in spec.values():
+        attr = v.attr
+        if v.op in ("load", "load_at"):
+            attr = (attr[0], index(attr[1]))
+        elif v.op == "index":
+            attr = index(attr)
+        elif v.op == "const" and is_symbolic(attr):
+            attr = size(attr)
+        memo[v] = Value(v.op, tuple(memo[a] for a in v.args), v.dtype, attr)
+    outputs = tuple(replace(o, index=index(o.index), value=memo[o.value]) for o in spec.outputs)
+    return replace(spec, numel=size(spec.numel), reduction=size(spec.reduction), outputs=outputs, sizes=())
+
+
+INDEX_LIMIT = 2**31 - 2**16  # offsets from here on need 64-bit indexing
+INDEX_MARGIN = 2**28       # a symbolic kernel is narrow below this at the sizes seen
+
+
 def _bound(index: Index, numel: int) -> int:
-    """Upper bound of index over x in [0, numel)."""
-    total = index.const
+    """Upper bound of index over x in [0, numel) (symbolic sizes at their hints)."""
+    total = hint(index.const)
     for t in index.terms:
         base_max = numel - 1 if t.base is None else _bound(t.base, numel)
-        digit = base_max // t.div
+        digit = base_max // hint(t.div)
         if t.mod is not None:
-            digit = min(digit, t.mod - 1)
-        total += max(t.coef * digit, 0)
+            digit = min(digit, hint(t.mod) - 1)
+        total += max(hint(t.coef) * digit, 0)
     return total
 
 

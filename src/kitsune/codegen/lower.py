@@ -9,6 +9,8 @@ contiguous; all other outputs of the same size are written at the same step.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import fx
 
@@ -17,6 +19,8 @@ from kitsune.ir.graph import is_view, meta, view_root
 from kitsune.ir.index import Index, delinearize, linearize, strided, within
 from kitsune.ir.ops import POINTWISE_OPS, REDUCTION_OPS, NotFusible, aten, op_name, prims, reduction_signature
 from kitsune.ir.scalar import Value, call, cast, const, coordinate, load, load_at, reduce, where
+from kitsune.sizes import (as_size, free_symbols, hint, is_symbolic, known, product, renderable, shape_of,
+                              strides_of)
 from kitsune.planner.pointwise import FusionGroup, group_outputs
 
 
@@ -31,8 +35,8 @@ def _norm_dim(dim: int, ndim: int) -> int:
 
 def view_source_index(node: fx.Node, idx: tuple) -> tuple:
     """The index into node.args[0] that view `node` reads at `idx`."""
-    src_shape = tuple(meta(node.args[0]).shape)
-    out_shape = tuple(meta(node).shape)
+    src_shape = shape_of(meta(node.args[0]))
+    out_shape = shape_of(meta(node))
     target, args = node.target, node.args
     if target in (aten.view.default, aten._unsafe_view.default, aten.reshape.default):
         return tuple(delinearize(linearize(idx, out_shape), src_shape))
@@ -69,16 +73,25 @@ def view_source_index(node: fx.Node, idx: tuple) -> tuple:
         return tuple(Index.constant(0) if d in squeezed else next(rest) for d in range(len(src_shape)))
     if target is aten.slice.Tensor:
         dim = _norm_dim(args[1] if len(args) > 1 else 0, len(src_shape))
-        start = args[2] if len(args) > 2 and args[2] is not None else 0
-        step = args[4] if len(args) > 4 else 1
+        start = as_size(args[2]) if len(args) > 2 and args[2] is not None else 0
+        step = as_size(args[4]) if len(args) > 4 else 1
         size = src_shape[dim]
-        start = min(max(start + size if start < 0 else start, 0), size)
+        if is_symbolic(start) or is_symbolic(size):
+            if not (known(start >= 0) and known(start <= size)):
+                raise NotFusible(f"slice start {start} of a dimension of {size}: not known to be in range")
+        else:
+            start = min(max(start + size if start < 0 else start, 0), size)
         src = list(idx)
         src[dim] = idx[dim] * step + start
         return tuple(src)
     if target is aten.select.int:
         dim = _norm_dim(args[1], len(src_shape))
-        index = args[2] + src_shape[dim] if args[2] < 0 else args[2]
+        index = as_size(args[2])
+        if is_symbolic(index) or is_symbolic(src_shape[dim]):
+            if not known(index >= 0):
+                raise NotFusible(f"select of index {index}: not known to be non-negative")
+        elif index < 0:
+            index = index + src_shape[dim]
         return idx[:dim] + (Index.constant(index),) + idx[dim:]
     raise NotFusible(f"view {op_name(target)} cannot be folded into indexing")
 
@@ -123,13 +136,13 @@ class GroupLowering:
             return self.value_at(node.args[0], view_source_index(node, idx))
         val = meta(node)
         slot = self.inputs.setdefault(node, len(self.inputs))
-        return load(slot, within(strided(idx, val.stride()), self.numel), val.dtype)
+        return load(slot, within(strided(idx, strides_of(val)), self.numel), val.dtype)
 
     def _apply_formula(self, node: fx.Node, idx: tuple) -> Value:
         if node.target in REDUCTION_OPS:
             return self._apply_reduction(node, idx)
         opdef = POINTWISE_OPS[node.target]
-        shape = tuple(meta(node).shape)
+        shape = shape_of(meta(node))
         compute = _compute_dtype(node, opdef)
 
         def convert(position, a):
@@ -137,7 +150,7 @@ class GroupLowering:
                 return a
             if opdef.compute == "fill":
                 return None  # full_like: only the shape of its argument matters
-            v = self.value_at(a, _broadcast(idx, shape, tuple(meta(a).shape)))
+            v = self.value_at(a, _broadcast(idx, shape, shape_of(meta(a))))
             keep = compute is None or position in opdef.keep_args
             return v if keep else cast(v, compute)
 
@@ -161,7 +174,7 @@ class GroupLowering:
         rdef = REDUCTION_OPS[node.target]
         dims, keepdim = reduction_signature(node)
         source = node.args[0]
-        in_shape = tuple(meta(source).shape)
+        in_shape = shape_of(meta(source))
         if self.frame is None or (in_shape, tuple(dims)) != self.frame:
             raise NotFusible(f"{node.name} reduces another iteration space than its group")
         kept = [d for d in range(len(in_shape)) if d not in dims]
@@ -181,9 +194,9 @@ class GroupLowering:
         else:
             acc = torch.float32 if out_dtype in _LOW_PRECISION else out_dtype
             arg = cast(arg, acc)
-        count = 1
-        for d in dims:
-            count *= in_shape[d]
+        count = product(in_shape[d] for d in dims)
+        if rdef.combine in ("var", "mean") or rdef.mean:
+            _static(count, "the number of elements reduced")
         if rdef.combine == "var":  # two passes: the mean, then the squared deviations
             correction = node.args[2] if len(node.args) > 2 else node.kwargs.get("correction", 1.0)
             mean = call("truediv", reduce("sum", arg), const(count, arg.dtype))
@@ -200,9 +213,7 @@ class GroupLowering:
         """argmax/argmin: the row's extreme (NaN if the row holds one, as eager),
         then the smallest position holding it (a NaN matches NaN), so ties and
         NaN give eager's first index. Both are ordinary reductions of the row."""
-        R = 1
-        for d in dims:
-            R *= in_shape[d]
+        R = _static(product(in_shape[d] for d in dims), "the length of an arg-reduction")
         if arg.dtype in _LOW_PRECISION:
             arg = cast(arg, torch.float32)
         extreme = reduce("max" if kind == "argmax" else "min", arg)
@@ -222,9 +233,7 @@ class GroupLowering:
         acc = torch.float32 if out_dtype in _LOW_PRECISION else out_dtype
         target = cast(self.value_at(node.args[2], idx), torch.int64)
         in_shape, dims = self.frame
-        R = 1
-        for d in dims:
-            R *= in_shape[d]
+        R = _static(product(in_shape[d] for d in dims), "the length of a gathered row")
         # one row-level range check instead of an any() over the row; positions
         # along the row fit in int32, so the per-element compare is 32-bit
         found = call("ge", target, const(0, torch.int64)) & call("lt", target, const(R, torch.int64))
@@ -267,21 +276,23 @@ def _pick(v: Value, match: Value, R: int, memo: dict, position: Value | None = N
     return result
 
 
+def _static(size, what: str):
+    """`size` where it must be an int (a constant in the kernel's arithmetic)."""
+    if is_symbolic(size):
+        raise NotFusible(f"{what} is symbolic ({size}): not generated yet")
+    return size
+
+
 def reduced_index(in_shape, dims) -> list:
     """Indices of the reduced dims at r = x % R (R = their element count)."""
     sizes = [in_shape[d] for d in dims]
-    total = 1
-    for n in sizes:
-        total *= n
-    return delinearize(Index.var().mod(total), sizes)
+    return delinearize(Index.var().mod(product(sizes)), sizes)
 
 
 def frame_index(frame, out_shape) -> tuple:
     """Index of a reduction group's output at flat x = row * R + r."""
     in_shape, dims = frame
-    R = 1
-    for d in dims:
-        R *= in_shape[d]
+    R = product(in_shape[d] for d in dims)
     row = Index.var().floordiv(R)
     if tuple(out_shape) == tuple(in_shape):
         kept_sizes = [in_shape[d] for d in range(len(in_shape)) if d not in dims]
@@ -292,7 +303,9 @@ def frame_index(frame, out_shape) -> tuple:
 
 def iteration_index(shape, stride) -> tuple:
     """Logical indices of flat x, walking `shape` in the memory order of `stride`."""
-    order = sorted(range(len(shape)), key=lambda d: -stride[d])
+    # any walk is correct (stores go through the output's own strides); symbolic
+    # strides are ordered by the sizes seen
+    order = sorted(range(len(shape)), key=lambda d: -hint(stride[d]))
     digits = delinearize(Index.var(), [shape[d] for d in order])
     idx = [None] * len(shape)
     for k, d in enumerate(order):
@@ -309,13 +322,14 @@ def lower_group(group: FusionGroup, name: str) -> tuple[KernelSpec, list[fx.Node
     for k, node in enumerate(outputs):
         val = meta(node)
         if group.frame is not None:
-            idx = frame_index(group.frame, tuple(val.shape))
-        elif tuple(val.shape) == tuple(first.shape):
-            idx = iteration_index(tuple(first.shape), first.stride())
+            idx = frame_index(group.frame, shape_of(val))
+        elif shape_of(val) == shape_of(first):
+            idx = iteration_index(shape_of(first), strides_of(first))
         else:
-            idx = iteration_index(tuple(val.shape), val.stride())
+            idx = iteration_index(shape_of(val), strides_of(val))
         value = lowering.value_at(node, idx)
-        kernel_outputs.append(KernelOutput(f"out{k}", val.dtype, within(strided(idx, val.stride()), group.numel), value))
+        index = within(strided(idx, strides_of(val)), group.numel)
+        kernel_outputs.append(KernelOutput(f"out{k}", val.dtype, index, value))
     # Tensors from outside that members read but the kernel never loads (full_like
     # of a member needs only its shape, not its inputs) are inputs all the same:
     # the group's unfused fallback computes every member from them.
@@ -333,4 +347,34 @@ def lower_group(group: FusionGroup, name: str) -> tuple[KernelSpec, list[fx.Node
         description=", ".join(f"{n.name}={op_name(n.target)}" for n in group.nodes),
         reduction=group.reduction,
     )
-    return spec, inputs, outputs
+    sizes = symbols_of(spec)
+    return (replace(spec, sizes=sizes) if sizes else spec), inputs, outputs
+
+
+def symbols_of(spec: KernelSpec) -> tuple[str, ...]:
+    """The names of the symbolic sizes the kernel's arithmetic uses (sorted), after
+    checking that the code generators can write each expression."""
+    exprs = spec_size_exprs(spec)
+    bad = [e for e in exprs if not renderable(e)]
+    if bad:
+        raise NotFusible(f"symbolic size {bad[0]} cannot be written as kernel arithmetic")
+    return tuple(sorted(s.name for s in free_symbols(*exprs)))
+
+
+def spec_size_exprs(spec: KernelSpec) -> list:
+    """Every size in the kernel's arithmetic: numel, the row length, the indices'
+    coefficients, divisors, moduli and offsets, and constants."""
+    exprs = [spec.numel, spec.reduction]
+    indices = [o.index for o in spec.outputs] + [v.attr[1] for v in spec.values() if v.op in ("load", "load_at")] \
+        + [v.attr for v in spec.values() if v.op == "index"]
+    while indices:
+        index = indices.pop()
+        exprs.append(index.const)
+        for t in index.terms:
+            exprs += [t.coef, t.div, t.mod]
+            if t.base is not None:
+                indices.append(t.base)
+    for v in spec.values():
+        if v.op == "const" and is_symbolic(v.attr):
+            exprs.append(v.attr)
+    return [e for e in exprs if e is not None]

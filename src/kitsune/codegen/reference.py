@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from kitsune.codegen.kernel import KernelSpec
+from kitsune.codegen.kernel import KernelSpec, bind_sizes
 from kitsune.ir.index import Index
 from kitsune.ir.scalar import walk
 
@@ -106,4 +106,6 @@ def run_reference(spec: KernelSpec, inputs, outputs) -> None:
 
 
 def compile_kernel(spec: KernelSpec):
-    return lambda inputs, outputs: run_reference(spec, inputs, outputs)
+    def kernel(inputs, outputs, sizes: tuple = ()):
+        run_reference(bind_sizes(spec, sizes) if sizes else spec, inputs, outputs)
+    return kernel

@@ -6,7 +6,7 @@
     fast = engine.fuse(model)              # nn.Module, function, or fx.GraphModule
     fast(x).sum().backward()               # compiles on the first call (forward and backward)
     engine.get_fusion_stats()              # num_fused, efficiency, kernels, patterns, fallbacks, ...
-    engine.explain()                       # what fused into what, what did not and why
+    print(engine.explain())                # what fused into what, what did not and why
     engine.report("report.html")           # the graph with its fusion groups, kernel sources, times
 
     # A list of operations (spec 01 `engine.fuse(operations)`, spec 04 `['matmul', 'relu']`):
@@ -23,9 +23,7 @@ arguments are kept as buffers of the returned module (they follow ``.to()``).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
-import sys
 from pathlib import Path
 
 import torch
@@ -177,11 +175,10 @@ class FusionEngine:
     # -- compiling ---------------------------------------------------------------------
 
     def backend(self):
-        """A torch.compile backend that compiles with this engine (and records into it)."""
-        from kitsune.capture.dynamo import aot_backend
-        config = self.effective_config()
-        return aot_backend(functools.partial(self._compile_graph, config=config),
-                           reductions=config.enable_reduction)
+        """A torch.compile backend that compiles with this engine (and records into it).
+        torch.compile's `mode`/`options` apply over the engine's config (kitsune.backend)."""
+        from kitsune.backend import options_backend
+        return options_backend(self.effective_config(), self._compile_graph)
 
     def fuse(self, target, **compile_kwargs):
         """Fuse `target`:
@@ -193,13 +190,19 @@ class FusionEngine:
           any other GraphModule is compiled like a module.
         - a list of operations: see the module docstring; returns a compiled
           `FusedOperations` module.
+
+        `compile_kwargs` go to torch.compile; its `mode` and `options` apply over the
+        engine's config as in kitsune.backend, checked here (ValueError/TypeError).
         """
+        from kitsune.backend import apply_compile_options
+        config = apply_compile_options(self.effective_config(), compile_kwargs.get("mode"),
+                                       compile_kwargs.get("options"))
         if isinstance(target, (list, tuple)):
             module = FusedOperations(target)
             compiled = torch.compile(module, backend=self.backend(), **compile_kwargs)
             return compiled
         if isinstance(target, fx.GraphModule) and _is_aten_graph(target):
-            return self._compile_graph(target, [], "graph", self.effective_config())
+            return self._compile_graph(target, [], "graph", config)
         if isinstance(target, nn.Module) or callable(target):
             return torch.compile(target, backend=self.backend(), **compile_kwargs)
         raise TypeError(f"fuse() takes an nn.Module, a function, an fx.GraphModule or a list of operations, "
@@ -249,14 +252,19 @@ class FusionEngine:
         return self._stats.records()
 
     def explanation(self, verbose: bool = False) -> str:
-        """The text `explain()` prints."""
-        from kitsune.report.explain import explain_records
-        return explain_records(self.records, verbose=verbose, config=self.effective_config())
+        """The text of `explain()` (kept for callers of earlier versions)."""
+        return self.explain(verbose=verbose)
 
-    def explain(self, file=None, verbose: bool = False) -> None:
-        """Print what fused into what, what did not and why, patterns fired and estimated
-        (or, with profile=True, measured) gains. `file` defaults to stdout."""
-        print(self.explanation(verbose=verbose), file=file if file is not None else sys.stdout)
+    def explain(self, file=None, verbose: bool = False) -> str:
+        """What fused into what, what did not and why, patterns fired and estimated
+        (or, with profile=True, measured) gains: returned as text, so
+        ``print(engine.explain())`` prints it once (an interactive session shows
+        it as text too). With `file` (a text stream) it is also written there."""
+        from kitsune.report.explain import Explanation, explain_records
+        text = Explanation(explain_records(self.records, verbose=verbose, config=self.effective_config()))
+        if file is not None:
+            print(text, file=file)
+        return text
 
     def report(self, path="kitsune-report.html", title: str | None = None) -> Path:
         """Write one self-contained HTML file (no network needed) with the captured graphs,

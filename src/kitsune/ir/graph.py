@@ -12,8 +12,9 @@ import math
 import torch
 from torch import fx
 
-from kitsune.ir.ops import POINTWISE_OPS, REDUCTION_OPS, VIEW_OPS, OpKind, op_kind, op_name
+from kitsune.ir.ops import POINTWISE_OPS, REDUCTION_OPS, VIEW_OPS, NotFusible, OpKind, op_kind, op_name
 from kitsune.ir.scalar import SUPPORTED_DTYPES
+from kitsune.sizes import as_size, numel_of, renderable, shape_of, strides_of
 
 
 def meta(node) -> torch.Tensor | None:
@@ -41,12 +42,24 @@ def view_root(node: fx.Node) -> fx.Node:
     return node
 
 
-def numel(node) -> int:
-    return math.prod(meta(node).shape)
+def numel(node):
+    """Elements of the node's tensor: an int, or a sympy expression of symbolic sizes."""
+    return numel_of(meta(node))
 
 
 def has_static_shape(val: torch.Tensor) -> bool:
     return all(isinstance(s, int) for s in (*val.shape, *val.stride()))
+
+
+def has_generated_shape(val: torch.Tensor) -> bool:
+    """Sizes and strides the code generators can write: ints, or sums and
+    products of symbolic sizes (not unbacked sizes or divided ones)."""
+    try:
+        sizes = (*shape_of(val), *strides_of(val))
+    except (TypeError, ValueError, AttributeError):
+        return False
+    return all(renderable(s) for s in sizes) and not any(
+        getattr(s, "name", "").startswith("u") for v in sizes for s in getattr(v, "free_symbols", ()))
 
 
 def user_op_key(node: fx.Node):
@@ -72,16 +85,16 @@ def pointwise_blocker(node: fx.Node) -> str | None:
     val = meta(node)
     if val is None:
         return "no tensor metadata"
-    if not has_static_shape(val):
-        return "dynamic shape (compile with dynamic=False to fuse)"
+    if not has_generated_shape(val):
+        return "symbolic size the kernels cannot take (unbacked, or a divided size)"
     tensors = [val] + [meta(a) for a in tensor_inputs(node)]
     for t in tensors:
         if t.dtype not in SUPPORTED_DTYPES:
             return f"dtype {t.dtype} not generated"
         if t.device != val.device:
             return f"inputs on {t.device} and {val.device}"
-        if t.layout != torch.strided or not has_static_shape(t):
-            return "non-strided or dynamic input"
+        if t.layout != torch.strided or not has_generated_shape(t):
+            return "non-strided input, or one with a symbolic size the kernels cannot take"
     if val.device.type not in ("cpu", "cuda"):
         return f"device {val.device.type} has no backend"
     check = (POINTWISE_OPS if kind is OpKind.POINTWISE else REDUCTION_OPS)[node.target].check
@@ -103,6 +116,50 @@ def group_fallback(inputs: list[fx.Node], outputs: list[fx.Node], members: list[
                 chain = chain.args[0]
     for node in members[0].graph.nodes:
         if node in needed and node not in env:
+            for a in node.all_input_nodes:
+                if a not in env and isinstance(a.meta.get("val"), torch.SymInt):
+                    env[a] = _size_of_input(graph, a, inputs, env)
             env[node] = graph.node_copy(node, lambda n: env[n])
     graph.output(tuple(env[n] for n in outputs))
     return fx.GraphModule(torch.nn.Module(), graph)
+
+
+def size_inputs(members: list[fx.Node], inputs: list[fx.Node], symbols: set) -> list[fx.Node]:
+    """The graph's symbolic-size nodes (SymInt placeholders, `sym_size` results) a
+    group's call must also take: those its ops read (a view's target shape) and
+    those of `symbols` that are no dimension of a tensor input. Empty for static
+    shapes."""
+    found: dict[fx.Node, None] = {}
+    seen = set(inputs)
+    stack = list(members)
+    while stack:  # the members and the view chains they read through
+        node = stack.pop()
+        for a in node.all_input_nodes:
+            if isinstance(a.meta.get("val"), torch.SymInt):
+                found[a] = None
+            elif a not in seen and is_view(a):
+                seen.add(a)
+                stack.append(a)
+    dims = {s for n in inputs if meta(n) is not None for s in shape_of(meta(n))}
+    missing = {s for s in symbols if s not in dims}
+    if missing:
+        for node in members[0].graph.nodes:
+            val = node.meta.get("val")
+            if isinstance(val, torch.SymInt) and as_size(val) in missing:
+                found[node] = None
+                missing.discard(as_size(val))
+    return list(found)
+
+
+def _size_of_input(graph: fx.Graph, size: fx.Node, inputs: list[fx.Node], env: dict) -> fx.Node:
+    """A symbolic size a member reads (a view's target shape), read from the first
+    input tensor that has it as a dimension: the group's ops take only tensors."""
+    wanted = as_size(size.meta["val"])
+    for i, n in enumerate(inputs):
+        val = meta(n)
+        if val is None:
+            continue
+        for d, s in enumerate(shape_of(val)):
+            if s == wanted:
+                return graph.call_function(torch.ops.aten.sym_size.int, (env[n], d))
+    raise NotFusible(f"size {size.name} = {wanted} is not the size of any input of the group")

@@ -8,12 +8,17 @@ expressions, never copied. The constructors simplify eagerly, so a contiguous
 access collapses to plain `x` and the backends can emit vector loads.
 
 All values are non-negative (torch strides and offsets are), so C and Python
-floor division agree.
+floor division agree. Coefficients, divisors and moduli are ints, or sympy
+expressions of a graph's symbolic sizes (`kitsune.sizes`): a
+simplification that needs a fact about them (a divisibility, a bound) is made
+only where the fact holds for every size.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+from kitsune.sizes import as_size, divides, known, size_key, size_text
 
 
 @dataclass(frozen=True)
@@ -36,7 +41,7 @@ class Index:
 
     @staticmethod
     def constant(c: int) -> "Index":
-        return Index(int(c), ())
+        return Index(as_size(c), ())
 
     @property
     def is_const(self) -> bool:
@@ -47,50 +52,50 @@ class Index:
         return _normalize(self.const + other.const, self.terms + other.terms)
 
     def __mul__(self, c: int) -> "Index":
-        c = int(c)
+        c = as_size(c)
         if c == 0:
             return Index.constant(0)
         return _normalize(self.const * c, tuple(Term(t.coef * c, t.base, t.div, t.mod) for t in self.terms))
 
     def floordiv(self, d: int) -> "Index":
-        d = int(d)
+        d = as_size(d)
         if d == 1:
             return self
         if self.is_const:
             return Index.constant(self.const // d)
         if self.const == 0 and len(self.terms) == 1:
             t = self.terms[0]
-            if t.coef % d == 0:
-                return Index(0, (Term(t.coef // d, t.base, t.div, t.mod),))
-            if d % t.coef == 0:
-                q = d // t.coef
+            if divides(d, t.coef):
+                return Index(0, (Term(as_size(t.coef // d), t.base, t.div, t.mod),))
+            if divides(t.coef, d):
+                q = as_size(d // t.coef)
                 if t.mod is None:
-                    return Index(0, (Term(1, t.base, t.div * q, None),))
-                if t.mod % q == 0:
-                    return _term_index(Term(1, t.base, t.div * q, t.mod // q))
-                if q >= t.mod:  # coef*(.. % mod) < d
+                    return Index(0, (Term(1, t.base, as_size(t.div * q), None),))
+                if divides(q, t.mod):
+                    return _term_index(Term(1, t.base, as_size(t.div * q), as_size(t.mod // q)))
+                if known(q >= t.mod):  # coef*(.. % mod) < d
                     return Index.constant(0)
-        if 0 <= self.const and self.upper_bound() < d:
+        if known(0 <= self.const) and known(self.upper_bound() < d):
             return Index.constant(0)
         return Index(0, (Term(1, self, d, None),))
 
     def mod(self, m: int) -> "Index":
-        m = int(m)
+        m = as_size(m)
         if m == 1:
             return Index.constant(0)
         if self.is_const:
-            return Index.constant(self.const % m)
-        if 0 <= self.const and self.upper_bound() < m:
+            return Index.constant(as_size(self.const % m))
+        if known(0 <= self.const) and known(self.upper_bound() < m):
             return self
         if self.const == 0 and len(self.terms) == 1:
             t = self.terms[0]
-            if m % t.coef == 0:
-                q = m // t.coef
-                new_mod = q if t.mod is None else (q if t.mod % q == 0 else None)
+            if divides(t.coef, m):
+                q = as_size(m // t.coef)
+                new_mod = q if t.mod is None else (q if divides(q, t.mod) else None)
                 if new_mod is not None:
                     return _term_index(Term(t.coef, t.base, t.div, new_mod))
         # Terms whose coefficient is a multiple of m contribute nothing.
-        kept = tuple(t for t in self.terms if t.coef % m != 0)
+        kept = tuple(t for t in self.terms if not divides(m, t.coef))
         if len(kept) != len(self.terms):
             return Index(self.const, kept).mod(m)
         return Index(0, (Term(1, self, 1, m),))
@@ -99,7 +104,7 @@ class Index:
         """An upper bound of the value, assuming x is unbounded."""
         total = self.const
         for t in self.terms:
-            if t.mod is None or t.coef < 0:
+            if t.mod is None or not known(t.coef >= 0):
                 return math.inf
             total += t.coef * (t.mod - 1)
         return total
@@ -126,15 +131,15 @@ def _normalize(const: int, terms: tuple[Term, ...]) -> Index:
             for j, b in enumerate(terms):
                 if i == j or a.base != b.base or a.mod is None:
                     continue
-                if b.div == a.div * a.mod and b.coef == a.coef * a.mod:
-                    mod = None if b.mod is None else a.mod * b.mod
+                if b.div == as_size(a.div * a.mod) and b.coef == as_size(a.coef * a.mod):
+                    mod = None if b.mod is None else as_size(a.mod * b.mod)
                     terms[i] = Term(a.coef, a.base, a.div, mod)
                     del terms[j]
                     merged = True
                     break
             if merged:
                 break
-    terms.sort(key=lambda t: (t.div, t.coef, repr(t.base)))
+    terms.sort(key=lambda t: (size_key(t.div), size_key(t.coef), repr(t.base)))
     return Index(const, tuple(terms))
 
 
@@ -146,10 +151,10 @@ def within(index: Index, numel: int) -> Index:
     terms = []
     for t in index.terms:
         if t.base is None:
-            top = (numel - 1) // t.div
+            top = as_size((numel - 1) // t.div)
             if top == 0:
                 continue
-            if t.mod is not None and top < t.mod:
+            if t.mod is not None and known(top < t.mod):
                 t = Term(t.coef, None, t.div, None)
         terms.append(t)
     return _normalize(index.const, tuple(terms))
@@ -166,7 +171,7 @@ def delinearize(flat: Index, shape) -> list[Index]:
     for i in reversed(range(len(shape))):
         digit = flat.floordiv(stride)
         out.append(digit if i == 0 else digit.mod(shape[i]))
-        stride *= shape[i]
+        stride = as_size(stride * shape[i])
     return out[::-1]
 
 
@@ -175,7 +180,7 @@ def linearize(indices, shape) -> Index:
     stride = 1
     for idx, size in zip(reversed(list(indices)), reversed(list(shape))):
         total = total + idx * stride
-        stride *= size
+        stride = as_size(stride * size)
     return total
 
 
@@ -191,14 +196,15 @@ def render(index: Index, var: str, floordiv: str = "//") -> str:
     parts = []
     for t in index.terms:
         base = var if t.base is None else f"({render(t.base, var, floordiv)})"
-        s = base if t.div == 1 else f"{base} {floordiv} {t.div}"
+        s = base if t.div == 1 else f"{base} {floordiv} {size_text(t.div)}"
         if t.mod is not None:
-            s = f"{s} % {t.mod}" if t.div == 1 else f"({s}) % {t.mod}"
+            s = f"{s} % {size_text(t.mod)}" if t.div == 1 else f"({s}) % {size_text(t.mod)}"
         if t.coef != 1:
-            s = f"({s}) * {t.coef}" if t.mod is not None or t.div != 1 else f"{s} * {t.coef}"
+            coef = size_text(t.coef)
+            s = f"({s}) * {coef}" if t.mod is not None or t.div != 1 else f"{s} * {coef}"
         parts.append(s)
-    if index.const or not parts:
-        parts.append(str(index.const))
+    if index.const != 0 or not parts:
+        parts.append(size_text(index.const))
     return " + ".join(parts)
 
 
@@ -211,31 +217,31 @@ def render_rows(index: Index, R: int, var: str, floordiv: str = "//") -> str:
     for t in index.terms:
         digit = _row_digit(t, R)
         if digit == "r":
-            s = "r" if t.div == 1 else f"(r {floordiv} {t.div})"
-            if t.div * t.mod != R:
-                s = f"{s} % {t.mod}"
+            s = "r" if t.div == 1 else f"(r {floordiv} {size_text(t.div)})"
+            if as_size(t.div * t.mod) != R:
+                s = f"{s} % {size_text(t.mod)}"
         elif digit == "row":
-            q = t.div // R
-            s = "row" if q == 1 else f"(row {floordiv} {q})"
+            q = as_size(t.div // R)
+            s = "row" if q == 1 else f"(row {floordiv} {size_text(q)})"
             if t.mod is not None:
-                s = f"{s} % {t.mod}"
+                s = f"{s} % {size_text(t.mod)}"
         else:
             parts.append(render(Index(0, (t,)), var, floordiv))
             continue
         if t.coef != 1:
-            s = f"({s}) * {t.coef}"
+            s = f"({s}) * {size_text(t.coef)}"
         parts.append(s)
-    if index.const or not parts:
-        parts.append(str(index.const))
+    if index.const != 0 or not parts:
+        parts.append(size_text(index.const))
     return " + ".join(parts)
 
 
 def _row_digit(t: Term, R: int) -> str | None:
     """Where x = row * R + r, "r" if the term is a digit of r, "row" if a digit of
     row, None if it needs x itself (or is not a digit of x)."""
-    if t.base is None and t.mod is not None and R % (t.div * t.mod) == 0:
+    if t.base is None and t.mod is not None and divides(t.div * t.mod, R):
         return "r"
-    if t.base is None and t.div % R == 0:
+    if t.base is None and divides(R, t.div):
         return "row"
     return None
 

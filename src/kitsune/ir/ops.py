@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from kitsune.ir.scalar import Value, call, cast, const, opmath_dtype, where
+from kitsune.sizes import shape_of
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -309,7 +310,8 @@ def _one_per_row(node, index, dim) -> str | None:
     if idx is None or idx.dim() != src.dim():
         return "index of another rank"
     dim = dim + src.dim() if dim < 0 else dim
-    if idx.shape[dim] != 1 or any(idx.shape[d] != src.shape[d] for d in range(src.dim()) if d != dim):
+    idx_shape, src_shape = shape_of(idx), shape_of(src)
+    if idx_shape[dim] != 1 or any(idx_shape[d] != src_shape[d] for d in range(src.dim()) if d != dim):
         return "index with more than one position per row (runs through PyTorch)"
     return None
 
@@ -318,7 +320,7 @@ def _check_scatter(node) -> str | None:
     if node.kwargs.get("reduce") is not None:
         return "scatter with reduce"
     _, dim, index, src = node.args[:4]
-    if hasattr(src, "meta") and tuple(src.meta["val"].shape) != tuple(index.meta["val"].shape):
+    if hasattr(src, "meta") and shape_of(src.meta["val"]) != shape_of(index.meta["val"]):
         return "scatter source of another shape than the index"
     return _one_per_row(node, index, dim)
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from torch import fx
 
 from kitsune.ir.ops import OpKind
+from kitsune.sizes import hint, numel_of, shape_of
 from kitsune.planner.units import is_kernel, nbytes, node_kind, storage_bytes, target_name, tensor_vals
 
 
@@ -58,12 +59,12 @@ def node_flops(node: fx.Node) -> float:
             name = target_name(node)
             mats = [a for a in node.args if isinstance(a, fx.Node) and tensor_vals(a)]
             first = mats[1] if name in ("addmm", "baddbmm", "addbmm", "addmv") and len(mats) > 1 else mats[0]
-            k = int(tensor_vals(first)[0].shape[-1])
-            return 2.0 * out.numel() * k
+            k = hint(shape_of(tensor_vals(first)[0])[-1])
+            return 2.0 * hint(numel_of(out)) * k
         if kind is OpKind.CONV:
             weight = tensor_vals(node.args[1])[0]
-            per_output = weight.numel() // max(int(weight.shape[0]), 1)
-            return 2.0 * out.numel() * per_output
+            per_output = hint(numel_of(weight)) // max(hint(shape_of(weight)[0]), 1)
+            return 2.0 * hint(numel_of(out)) * per_output
     except (IndexError, TypeError, ValueError, AttributeError):
         return 0.0
     return 0.0

@@ -26,6 +26,7 @@ from torch import fx
 
 from kitsune.config import FusionConfig
 from kitsune.ir.graph import is_view, meta, numel, pointwise_blocker, view_root
+from kitsune.sizes import hint, shape_of
 from kitsune.ir.ops import REDUCTION_OPS
 from kitsune.planner.plan import FusionGroup, frame_shapes, frames_of, node_frame
 
@@ -98,8 +99,8 @@ def iteration_space_refusal(union: set, size: int) -> str | None:
     if frames:
         full, kept, keep = frame_shapes(next(iter(frames)))
         for n in union:
-            if has_external_use(n, union) and tuple(meta(n).shape) not in (full, kept, keep):
-                return (f"{n.name} has shape {tuple(meta(n).shape)}, neither the reduced shape {full} "
+            if has_external_use(n, union) and shape_of(meta(n)) not in (full, kept, keep):
+                return (f"{n.name} has shape {shape_of(meta(n))}, neither the reduced shape {full} "
                         f"nor one value per row")
         return None
     for n in union:
@@ -114,7 +115,7 @@ def can_merge(a: FusionGroup, b: FusionGroup, config: FusionConfig, position: di
     ops = len(a.user_ops() | b.user_ops())
     if ops > config.max_fusion_size:
         return f"would hold {ops} operations > max_fusion_size={config.max_fusion_size}"
-    reason = iteration_space_refusal(union, max(a.numel, b.numel))
+    reason = iteration_space_refusal(union, max(a.numel, b.numel, key=hint))
     if reason:
         return reason
     if creates_cycle(union, position):

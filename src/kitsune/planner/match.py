@@ -26,6 +26,7 @@ from typing import Iterable
 import torch
 from torch import fx
 
+from kitsune.sizes import known, numel_of
 from kitsune.planner.units import OpCategory, Unit, UnitGraph, tensor_vals
 
 
@@ -47,7 +48,7 @@ def _operand_form(unit: Unit) -> tuple[int, int]:
     for a in list(node.args)[:2]:
         if isinstance(a, fx.Node):
             vals = tensor_vals(a)
-            if vals and vals[0].numel() > 1:
+            if vals and known(numel_of(vals[0]) > 1):
                 tensors += 1
             else:
                 scalars += 1
@@ -198,7 +199,7 @@ def _reads_integer_tensor(u: Unit, full_size: bool) -> bool:
     for node in u.kernels:
         for a in node.all_input_nodes:
             vals = tensor_vals(a) if a not in members else None
-            if vals and vals[0].dtype in _INT_DTYPES and (not full_size or vals[0].numel() > 1):
+            if vals and vals[0].dtype in _INT_DTYPES and (not full_size or known(numel_of(vals[0]) > 1)):
                 return True
     return False
 

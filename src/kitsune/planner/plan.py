@@ -14,6 +14,7 @@ import torch
 from torch import fx
 
 from kitsune.ir.graph import meta, numel, user_op_key
+from kitsune.sizes import hint, product, shape_of
 from kitsune.ir.ops import REDUCTION_OPS, reduction_signature
 
 # Dtype conversions are free in registers: they do not count as user operations.
@@ -25,7 +26,7 @@ def node_frame(node: fx.Node):
     if node.target not in REDUCTION_OPS:
         return None
     dims, _ = reduction_signature(node)
-    return tuple(meta(node.args[0]).shape), tuple(dims)
+    return shape_of(meta(node.args[0])), tuple(dims)
 
 
 def frames_of(nodes) -> set:
@@ -54,14 +55,16 @@ class FusionGroup:
     def reduction(self) -> int:
         """Elements reduced per row (0: a pointwise group)."""
         frame = self.frame
-        return math.prod(frame[0][d] for d in frame[1]) if frame else 0
+        return product(frame[0][d] for d in frame[1]) if frame else 0
 
     @property
     def numel(self) -> int:
         frame = self.frame
         if frame is not None:
-            return math.prod(frame[0])
-        return max(numel(n) for n in self.nodes)
+            return product(frame[0])
+        # the outputs' size (legality: members that differ are not needed outside);
+        # symbolic sizes compare by the sizes seen
+        return max((numel(n) for n in self.nodes), key=hint)
 
     @property
     def names(self) -> tuple[str, ...]:

@@ -25,6 +25,7 @@ from torch import fx
 from kitsune.config import FusionConfig
 from kitsune.ir.graph import is_compute, meta, tensor_inputs, view_root
 from kitsune.ir.ops import REDUCTION_OPS
+from kitsune.sizes import hint, is_dense, numel_of, product, shape_of
 from kitsune.planner.legality import can_merge, group_outputs, node_blocker
 from kitsune.planner.plan import Decision, FusionGroup, FusionPlan, frame_shapes
 
@@ -109,7 +110,7 @@ def _row_results_only(group: FusionGroup) -> bool:
     if group.frame is None:
         return False
     full = frame_shapes(group.frame)[0]
-    return all(tuple(meta(n).shape) != full or math.prod(full) == 0 for n in group_outputs(group))
+    return all(shape_of(meta(n)) != full or product(full) == 0 for n in group_outputs(group))
 
 
 def merge_siblings(graph: fx.Graph, group_of: dict, config: FusionConfig, position: dict, plan) -> None:
@@ -150,7 +151,7 @@ def is_relayout(node: fx.Node) -> bool:
     src, out = meta(source), meta(node)
     if src is None or out is None or src.dtype != out.dtype or src.device.type != "cuda":
         return False
-    return out.numel() >= 1 << 16 and (not src.is_contiguous() or source is not node.args[0])
+    return hint(numel_of(out)) >= 1 << 16 and (not is_dense(src) or source is not node.args[0])
 
 
 def group_refusal(group: FusionGroup, config: FusionConfig) -> str | None:
@@ -158,7 +159,7 @@ def group_refusal(group: FusionGroup, config: FusionConfig) -> str | None:
     device = meta(group.nodes[0]).device
     if not (config.gpu_fusion if device.type == "cuda" else config.cpu_fusion):
         return f"fusion disabled for {device.type} in FusionConfig"
-    if group.numel < config.min_tensor_size:
+    if hint(group.numel) < config.min_tensor_size:
         return f"{group.numel} elements < min_tensor_size"
     return None
 

@@ -46,7 +46,7 @@ def apply_patterns(gm: fx.GraphModule, plan, config, graph_name: str):
             plan.opportunities += replaced
             plan.replaced = True
     except Exception as error:  # noqa: BLE001 - reporting must never break compilation
-        log.warning("kitsune: pattern detection failed on the %s graph: %s: %s", graph_name,
+        log.warning("pattern detection failed on the %s graph: %s: %s", graph_name,
                     type(error).__name__, error)
         plan.units, plan.opportunities = None, None
         return plan
@@ -57,7 +57,7 @@ def apply_patterns(gm: fx.GraphModule, plan, config, graph_name: str):
             if opp.custom and config.pattern_enabled(opp.pattern):
                 _steer(plan, opp, config, position)
     except Exception as error:  # noqa: BLE001
-        log.warning("kitsune: user patterns not applied to the %s graph: %s: %s", graph_name,
+        log.warning("user patterns not applied to the %s graph: %s: %s", graph_name,
                     type(error).__name__, error)
     return plan
 
@@ -149,7 +149,7 @@ def _restrict_to_enabled(plan, opportunities, config, position):
 # -- custom patterns ----------------------------------------------------------------
 
 def _refuse(plan, opp, names, reason):
-    log.debug("kitsune: pattern %r (%s) refused on %s: %s", opp.pattern, opp.describe(), ", ".join(names), reason)
+    log.debug("pattern %r (%s) refused on %s: %s", opp.pattern, opp.describe(), ", ".join(names), reason)
     plan.decisions.append(Decision(tuple(names), False, f"pattern {opp.pattern!r}: {reason}"))
     opp.reason = reason
 
@@ -197,7 +197,7 @@ def _steer(plan, opp, config, position) -> None:
                                                        f"pattern {opp.pattern!r} ({opp.describe()})"
                                                        if set(members) <= set(g.nodes) else
                                                        "rest of a group split by a user pattern"))
-            log.debug("kitsune: pattern %r steers %s into one kernel", opp.pattern, ", ".join(names))
+            log.debug("pattern %r steers %s into one kernel", opp.pattern, ", ".join(names))
             return
     _refuse(plan, opp, names, alone_reason or "its kernels would depend on each other in a cycle")
 
@@ -222,7 +222,7 @@ class ReplacementCall:
 
     def _fail(self, reason, inputs):
         if self.failure is None:
-            log.warning("kitsune: replacement of pattern %r runs the original ops: %s", self.pattern.name, reason)
+            log.warning("replacement of pattern %r runs the original ops: %s", self.pattern.name, reason)
         self.failure = reason
         return self.original(*inputs)[0]
 
@@ -262,7 +262,7 @@ def _apply_replacements(gm: fx.GraphModule, opportunities, config) -> list:
         outputs = [n for n in members if any(u not in member_set for u in n.users)]
         kernels = [n for n in members if is_kernel(n)]
         if len(outputs) != 1 or not is_compute(outputs[0]) or not kernels:
-            log.debug("kitsune: pattern %r not replaced on %s: it needs one result used outside the pattern, "
+            log.debug("pattern %r not replaced on %s: it needs one result used outside the pattern, "
                       "found %d", opp.pattern, opp.describe(), len(outputs))
             continue
         inputs = []
@@ -283,7 +283,7 @@ def _apply_replacements(gm: fx.GraphModule, opportunities, config) -> list:
                 gm.graph.erase_node(n)
         opp.status, opp.reason, opp.kernels = "applied", "", (call.__name__,)
         opp.fx_nodes, opp.replaced_by = [node], call
-        log.info("kitsune: pattern %r replaced %s by %s", pattern.name, opp.describe(), call.__name__)
+        log.info("pattern %r replaced %s by %s", pattern.name, opp.describe(), call.__name__)
         done.append(opp)
     if done:
         gm.graph.lint()

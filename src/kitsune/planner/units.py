@@ -32,6 +32,7 @@ from torch import fx
 from kitsune import _compat
 from kitsune.ir.graph import is_view, user_op_key
 from kitsune.ir.ops import OpKind, op_kind
+from kitsune.sizes import hint, numel_of
 from kitsune.planner import vocabulary as V
 
 
@@ -148,7 +149,7 @@ def nbytes(node) -> int:
     total = 0
     for v in tensor_vals(node):
         try:
-            total += math.prod(int(s) for s in v.shape) * v.element_size()
+            total += hint(numel_of(v)) * v.element_size()
         except Exception:  # noqa: BLE001 - symbolic/unbacked sizes: unknown, count nothing
             pass
     return total

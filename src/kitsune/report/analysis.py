@@ -166,7 +166,7 @@ def summarize(records) -> dict:
         try:
             est = graph_estimates(record)
         except Exception as error:  # noqa: BLE001 - stats must never fail
-            log.debug("kitsune: no estimates for the %s graph: %s", record.name, error)
+            log.debug("no estimates for the %s graph: %s", record.name, error)
             continue
         bytes_before += est["before"].bytes
         bytes_after += est["after"].bytes

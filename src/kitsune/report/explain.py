@@ -32,6 +32,14 @@ def _ops(names, limit=6) -> str:
     return text + (f" → … (+{len(names) - limit})" if len(names) > limit else "")
 
 
+class Explanation(str):
+    """The text of `FusionEngine.explain()`: a str whose repr is the text itself,
+    so that an interactive session shows the report, not one quoted line of \\n."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
 def eager_kernel_count(record) -> int:
     """Kernels eager PyTorch launches for the record's graph (kitsune.ir.eager_count)."""
     return record.kernels_before

@@ -2,25 +2,37 @@
 
 No network is needed to view it: CSS, JavaScript and SVG are inline. It holds
 
+- a search box and status filters (fused / not fused / fallback) over every table row;
 - a summary (kernels eager / captured / Kitsune, estimated or measured gain, efficiency);
 - a before/after time chart per graph (roofline estimates; measured times when profiled);
-- the patterns table and every opportunity with its status and reason;
+- the patterns table, and why what did not fuse did not (each reason once, with its count);
 - each captured graph drawn top to bottom in an order where every fusion group is
   contiguous, the group boxed and coloured, edges as arcs on the left (views and
-  getitems are folded into the edges); a click on a group opens its row;
-- a table of fused groups with the generated kernel source one click away.
+  getitems are folded into the edges); a block repeated back to back (a model's
+  identical layers) is drawn once, marked ×N; a click on a group opens its row;
+- the fused kernels, those of the same structure shown once (×N, their instances
+  one click away), each with its generated source one click away;
+- every opportunity and fallback, repeated ones counted instead of listed.
+
+Records of symbolic-shape graphs hold SymInts, SymFloats or sympy expressions where
+sizes and estimates usually are numbers: every number goes through `_number`.
 """
 from __future__ import annotations
 
 import html
 import json
+import logging
 from pathlib import Path
 
-from kitsune.ir.ops import OpKind
-from kitsune.planner.units import is_kernel, node_kind, tensor_vals
 from kitsune.report.analysis import graph_estimates, summarize
 from kitsune.report.explain import _time, eager_kernel_count
+from kitsune.report.drawing import _order, _visible, graph_svg  # noqa: F401 - _order, _visible: tests
+from kitsune.report.kernel_text import kernel_source, spec_text  # noqa: F401 - spec_text: public
+from kitsune.report.repeats import (aggregate, kernel_classes, kernel_status, plain_number, reason_template,
+                                    unnumbered_names)
 from kitsune.report.stats import _bytes
+
+log = logging.getLogger("kitsune")
 
 PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#9a6324",
            "#469990", "#808000", "#000075", "#bfef45", "#fabed4", "#dcbeff", "#aaffc3", "#ffd8b1"]
@@ -34,251 +46,106 @@ header p{margin:4px 0 0;opacity:.8}main{padding:16px 24px;max-width:1400px}
 .card b{display:block;font-size:22px}.card span{color:#666;font-size:12px}
 h2{font-size:17px;margin:24px 0 8px;border-bottom:1px solid #ddd;padding-bottom:4px}
 table{border-collapse:collapse;background:#fff;width:100%;font-size:13px}
-th,td{border:1px solid #e3e3e3;padding:4px 8px;text-align:left;vertical-align:top}
-th{background:#f0f0f4}tr.hl td{background:#fff6d5}
-.applied{color:#1a7f37;font-weight:600}.partial{color:#9a6700;font-weight:600}
-.not-applied,.disabled{color:#b42318;font-weight:600}
-pre{background:#1e1e2e;color:#e4e4ef;padding:10px;overflow:auto;max-height:480px;font-size:12px;border-radius:6px}
-details summary{cursor:pointer;color:#3451b2}
+th,td{border:1px solid #e3e3e3;padding:4px 8px;text-align:left;vertical-align:top;overflow-wrap:break-word}
+th{background:#f0f0f4}tr.hl td,li.hl{background:#fff6d5}
+td.wide{max-width:420px;overflow-wrap:anywhere}td.num{white-space:nowrap}
+tbody.grp{border-top:2px solid #d0d0da}tr.srcrow td{border-top:none;background:#fcfcfe}
+tr.srcrow pre{max-width:min(1290px,calc(100vw - 110px))}
+.applied,.fused{color:#1a7f37;font-weight:600}.partial{color:#9a6700;font-weight:600}
+.not-applied,.disabled,.fallback{color:#b42318;font-weight:600}
+.times{display:inline-block;background:#23203a;color:#fff;border-radius:9px;padding:0 7px;font-size:12px;
+margin-left:4px;font-weight:600}
+pre{background:#1e1e2e;color:#e4e4ef;padding:10px;overflow:auto;max-height:480px;font-size:12px;border-radius:6px;
+font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;white-space:pre;tab-size:4}
+details summary{cursor:pointer;color:#3451b2}ol.inst{margin:4px 0;padding-left:22px;font-size:12px}
 .swatch{display:inline-block;width:12px;height:12px;border-radius:3px;vertical-align:middle;margin-right:4px}
 .graphbox{background:#fff;border:1px solid #ddd;border-radius:8px;overflow:auto;max-height:900px}
 svg text{font:11px ui-monospace,SFMono-Regular,Menlo,monospace}
 svg .grp{cursor:pointer}svg .grp:hover rect.box{stroke-width:3}
 .muted{color:#777}.legend{font-size:12px;color:#555;margin:6px 0}
+.filter{position:sticky;top:0;z-index:2;background:#fafafa;padding:8px 0;border-bottom:1px solid #ddd;
+display:flex;flex-wrap:wrap;gap:14px;align-items:center}
+.filter input[type=search]{font:inherit;padding:4px 8px;width:340px;border:1px solid #bbb;border-radius:6px}
 """
 
 JS = """
+function openAncestors(el){
+  for(var d=el.parentElement;d;d=d.parentElement){ if(d.tagName==='DETAILS') d.open=true; }
+}
 function showGroup(id){
-  document.querySelectorAll('tr.hl').forEach(r=>r.classList.remove('hl'));
+  document.querySelectorAll('.hl').forEach(r=>r.classList.remove('hl'));
   var row=document.getElementById('row-'+id); if(!row) return;
-  var outer=row.closest('details'); if(outer) outer.open=true;
-  row.classList.add('hl'); var d=row.querySelector('details'); if(d) d.open=true;
+  openAncestors(row); row.classList.add('hl');
+  var tr=row.closest('tr'); if(tr&&tr!==row) tr.classList.add('hl');
+  var body=row.closest('tbody'); var d=body&&body.querySelector('tr.srcrow details'); if(d) d.open=true;
   row.scrollIntoView({behavior:'smooth',block:'center'});
 }
 function showNode(id){
-  var el=document.getElementById(id); if(el) el.scrollIntoView({behavior:'smooth',block:'center'});
+  var el=document.getElementById(id);
+  if(!el){ var i=id.indexOf('-'), g=id.slice(0,i), name=id.slice(i+1);
+    el=document.querySelector('[data-graph="'+g+'"][data-nodes~="'+name+'"]'); }
+  if(el) el.scrollIntoView({behavior:'smooth',block:'center'});
+}
+function applyFilter(){
+  var q=document.getElementById('kq').value.toLowerCase().trim(), on={}, shown=0, total=0;
+  document.querySelectorAll('input[data-status]').forEach(c=>on[c.dataset.status]=c.checked);
+  document.querySelectorAll('[data-row]').forEach(function(r){
+    var s=r.dataset.status, ok=(!s||on[s]!==false)&&(!q||r.textContent.toLowerCase().indexOf(q)>=0);
+    r.style.display=ok?'':'none'; total++; if(ok) shown++;
+  });
+  document.getElementById('kcount').textContent=shown+' of '+total+' rows shown';
 }
 """
+
+FILTER_BAR = ('<div class="filter"><input id="kq" type="search" placeholder="filter rows: kernel, op, node, '
+              'reason…" oninput="applyFilter()" aria-label="filter rows">'
+              + "".join(f'<label><input type="checkbox" data-status="{s}" checked onchange="applyFilter()"> '
+                        f'<span class="{s}">{label}</span></label>'
+                        for s, label in (("fused", "fused"), ("not-fused", "not fused"), ("fallback", "fallback")))
+              + '<span id="kcount" class="muted"></span></div>')
 
 
 def _e(text) -> str:
     return html.escape(str(text), quote=True)
 
 
-def kernel_source(call) -> str:
-    """Generated source of a FusedGroupCall's kernel (or a rendering of its spec)."""
-    kernel = getattr(call, "kernel", None)
-    source = None
-    if kernel is not None:
-        try:
-            source = kernel.source
-        except Exception:  # noqa: BLE001 - a missing cache file must not break the report
-            source = None
-    if source:
-        return _extract_function(source, call.spec)
-    head = f"# {call.spec.name}: no generated source"
-    if getattr(call, "failure", None):
-        head += f" (runs through PyTorch: {call.failure})"
-    elif kernel is not None:
-        head += f" ({type(kernel).__name__} backend has no source text)"
-    return head + "\n" + spec_text(call.spec)
+def _number(value):
+    """A number to format, or None (then show str(value)): see repeats.plain_number."""
+    return plain_number(value)
 
 
-def _extract_function(source: str, spec) -> str:
-    """The CPU backend compiles a graph's kernels as one library: keep this kernel's function."""
+def _fmt(value, spec: str, suffix: str = "") -> str:
+    """format(value, spec) + suffix for a number, str(value) for anything else (a symbol)."""
+    number = _number(value)
+    return f"{format(number, spec)}{suffix}" if number is not None else str(value)
+
+
+def _fmt_time(seconds) -> str:
+    number = _number(seconds)
+    return _time(number) if number is not None else str(seconds)
+
+
+def _fmt_bytes(count) -> str:
+    number = _number(count)
+    if number is not None:
+        return _bytes(number)
+    return count if isinstance(count, str) else f"{count} B"  # "n/a" as it is; a symbol in bytes
+
+
+def _estimates(record) -> dict:
+    """graph_estimates(record), or none when the record cannot be estimated (the report
+    must still show the graph, its groups and reasons)."""
     try:
-        from kitsune.codegen.cpu import kernel_name
-        name = kernel_name(spec)
-    except Exception:  # noqa: BLE001
-        return source
-    lines = source.splitlines()
-    starts = [i for i, line in enumerate(lines) if name + "(" in line and not line.startswith((" ", "\t"))]
-    if len(lines) < 80 or not starts:
-        return source
-    start = starts[0]
-    while start > 0 and lines[start - 1].lstrip().startswith(("//", "/*", "*")):
-        start -= 1  # its header comment
-    end = next((i for i in range(starts[0], len(lines)) if lines[i].startswith("}")), len(lines) - 1)
-    return "\n".join(lines[start:end + 1]) + "\n\n/* (one function of the graph's library; the file holds all) */"
-
-
-def spec_text(spec) -> str:
-    """A KernelSpec as SSA text: what the kernel computes per element."""
-    try:
-        from kitsune.ir.scalar import walk
-    except Exception:  # noqa: BLE001
-        return repr(spec)
-    names, lines = {}, []
-    lines.append(f"# numel={spec.numel} inputs={[ (i.name, str(i.dtype)) for i in spec.inputs]}")
-    for v in walk([o.value for o in spec.outputs]):
-        name = f"t{len(names)}"
-        names[v] = name
-        args = ", ".join(names.get(a, "?") for a in v.args)
-        if v.op == "load":
-            text = f"load(in{v.attr[0]})"
-        elif v.op == "load_at":
-            text = f"load_at(in{v.attr[0]}, {args})"
-        elif v.op == "const":
-            text = f"const({v.attr!r})"
-        elif v.attr is not None:
-            text = f"{v.op}[{v.attr}]({args})"
-        else:
-            text = f"{v.op}({args})"
-        lines.append(f"{name} = {text}  # {str(v.dtype).replace('torch.', '')}")
-    for o in spec.outputs:
-        lines.append(f"{o.name} <- {names.get(o.value, '?')}")
-    return "\n".join(lines)
-
-
-# -- graph drawing -------------------------------------------------------------------
-
-def _visible(node) -> bool:
-    if node.op in ("placeholder", "output", "get_attr"):
-        return True
-    return node.op == "call_function" and node_kind(node) is not OpKind.VIEW
-
-
-def _source_of(node, visible):
-    """The visible node a (possibly view/getitem) input stands for."""
-    seen = 0
-    while node not in visible and node.op == "call_function" and node.all_input_nodes and seen < 64:
-        node = node.all_input_nodes[0]
-        seen += 1
-    return node if node in visible else None
-
-
-def _order(record, group_of):
-    """Graph order with each group contiguous (groups placed at their last member's slot when legal)."""
-    from kitsune.ir.graph import is_view, view_root
-
-    nodes = [n for n in record.graph.nodes]
-    position = {n: i for i, n in enumerate(nodes)}
-    group_of = dict(group_of)
-    for n in nodes:  # views of a member are folded into the kernel: they belong to its group
-        if is_view(n) and n.name not in group_of and view_root(n).name in group_of:
-            group_of[n.name] = group_of[view_root(n).name]
-    units, unit_of = [], {}
-    for n in nodes:
-        key = group_of.get(n.name, n)
-        if key not in unit_of:
-            unit_of[key] = len(units)
-            units.append([])
-        units[unit_of[key]].append(n)
-    deps = [set() for _ in units]
-    for i, members in enumerate(units):
-        for n in members:
-            for a in n.all_input_nodes:
-                j = unit_of[group_of.get(a.name, a)]
-                if j != i:
-                    deps[i].add(j)
-    import heapq
-    users = [[] for _ in units]
-    pending = [len(d) for d in deps]
-    for i, d in enumerate(deps):
-        for j in d:
-            users[j].append(i)
-    def priority(i):  # inputs are drawn next to their first user, not all at the top
-        first = units[i][0]
-        if first.op in ("placeholder", "get_attr") and first.users:
-            return min(position[u] for u in first.users) - 0.5
-        return position[first]
-
-    ready = [(priority(i), i) for i, k in enumerate(pending) if k == 0]
-    heapq.heapify(ready)
-    order = []
-    while ready:
-        _, i = heapq.heappop(ready)
-        order.extend(units[i])
-        for u in users[i]:
-            pending[u] -= 1
-            if pending[u] == 0:
-                heapq.heappush(ready, (priority(u), u))
-    return order if len(order) == len(nodes) else nodes
-
-
-def _node_label(node, units) -> tuple[str, str]:
-    vals = tensor_vals(node)
-    shape = "×".join(str(s) for s in vals[0].shape) if vals else ""
-    dtype = str(vals[0].dtype).replace("torch.", "") if vals else ""
-    if node.op == "call_function":
-        target = getattr(node.target, "__name__", str(node.target)).replace(".default", "")
-        unit = units.unit_of.get(node) if units is not None else None
-        op = f"{target}" + (f"  ({unit.name})" if unit is not None and unit.name not in target else "")
-    else:
-        op = node.op
-    return f"{node.name}: {op}", f"[{shape}] {dtype}" if shape or dtype else ""
-
-
-def graph_svg(record, gid: int, colors: dict, group_ids: dict) -> str:
-    group_of = {}
-    for kernel, names, _ in record.groups:
-        for name in names:
-            group_of[name] = kernel
-    order = [n for n in _order(record, group_of) if _visible(n)]
-    visible = set(order)
-    row = {n: i for i, n in enumerate(order)}
-    h, top, gutter, box_x, box_w = 18, 10, 170, 180, 430
-    height = top * 2 + h * len(order)
-    width = box_x + box_w + 260
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-             f'viewBox="0 0 {width} {height}">']
-    # group boxes (contiguous runs of rows)
-    runs = []
-    for i, n in enumerate(order):
-        k = group_of.get(n.name)
-        if k and runs and runs[-1][0] == k and runs[-1][2] == i - 1:
-            runs[-1][2] = i
-        elif k:
-            runs.append([k, i, i])
-    for kernel, a, b in runs:
-        color = colors[kernel]
-        y0, y1 = top + a * h - 2, top + (b + 1) * h + 2
-        parts.append(f'<g class="grp" onclick="showGroup(\'{group_ids[kernel]}\')">'
-                     f'<title>{_e(kernel)}: click for its kernel source</title>'
-                     f'<rect class="box" x="{box_x - 6}" y="{y0}" width="{box_w + 12}" height="{y1 - y0}" rx="6" '
-                     f'fill="{color}" fill-opacity="0.13" stroke="{color}" stroke-width="2"/>'
-                     f'<text x="{box_x + box_w + 14}" y="{y0 + 13}" fill="{color}" font-weight="bold">'
-                     f'{_e(kernel)}</text></g>')
-    # edges
-    for n in order:
-        for a in n.all_input_nodes:
-            src = _source_of(a, visible)
-            if src is None or src not in row or row[src] >= row[n]:
-                continue
-            y0, y1 = top + row[src] * h + h / 2, top + row[n] * h + h / 2
-            same = group_of.get(src.name) and group_of.get(src.name) == group_of.get(n.name)
-            bend = min(gutter - 8, 10 + 6 * (row[n] - row[src]) ** 0.5 * 3)
-            x = box_x - 2
-            stroke = colors[group_of[n.name]] if same else "#9aa0a6"
-            parts.append(f'<path d="M{x},{y0:.0f} C{x - bend:.0f},{y0:.0f} {x - bend:.0f},{y1:.0f} {x},{y1:.0f}" '
-                         f'fill="none" stroke="{stroke}" stroke-opacity="{0.9 if same else 0.45}" '
-                         f'stroke-width="1"/>')
-    # nodes
-    for i, n in enumerate(order):
-        y = top + i * h
-        kernel = group_of.get(n.name)
-        label, meta = _node_label(n, record.units)
-        if kernel:
-            fill, textc = colors[kernel], "#fff"
-        elif n.op != "call_function":
-            fill, textc = "#e8eaed", "#3c4043"
-        elif is_kernel(n):
-            fill, textc = "#5f6368", "#fff"
-        else:
-            fill, textc = "#e8eaed", "#3c4043"
-        title = f"{label} {meta}" + (f" — fused in {kernel}" if kernel else
-                                       (" — runs through PyTorch" if is_kernel(n) else ""))
-        parts.append(f'<g id="n{gid}-{_e(n.name)}"><title>{_e(title)}</title>'
-                     f'<rect x="{box_x}" y="{y + 1}" width="{box_w}" height="{h - 3}" rx="3" fill="{fill}"/>'
-                     f'<text x="{box_x + 5}" y="{y + h - 5}" fill="{textc}">{_e(label[:46])}</text>'
-                     f'<text x="{box_x + box_w - 5}" y="{y + h - 5}" fill="{textc}" text-anchor="end">'
-                     f'{_e(meta[:30])}</text></g>')
-    parts.append("</svg>")
-    return "".join(parts)
+        return graph_estimates(record)
+    except Exception as error:  # noqa: BLE001 - reporting must never break anything
+        log.warning("no estimates in the HTML report for the %s graph: %s: %s", record.name,
+                    type(error).__name__, error)
+        return {"before": None, "after": None, "groups": []}
 
 
 def time_chart(rows) -> str:
     """rows: [(label, seconds before, seconds after, kind)] -> horizontal bar chart SVG."""
+    rows = [(label, _number(b) or 0.0, _number(a) or 0.0, kind) for label, b, a, kind in rows]
     if not rows:
         return ""
     most = max(max(b, a) for _, b, a, _ in rows) or 1.0
@@ -313,28 +180,41 @@ def render(records, title: str | None = None, config=None) -> str:
         out.append("<p>Nothing compiled yet: run the fused model once (torch.compile compiles on the first "
                    "call), then write the report.</p></main></body></html>")
         return "".join(out)
-    summary = summarize(records)
-    colors, group_ids = _group_colors(records)
+    summary = _summary(records)
+    classes = kernel_classes(records)
+    colors, group_ids = _group_colors(classes)
+    out.append(FILTER_BAR)
     out += _summary_cards(records, summary)
     out.append("<h2>Time before / after</h2>" + time_chart(_time_rows(records)))
     out += _patterns_table(summary)
+    out += _reasons_table(records)
     out += _graph_sections(records, colors, group_ids)
-    out += _groups_table(records, colors, group_ids)
+    out += _groups_table(records, classes, colors, group_ids)
     out += _opportunities_table(records)
     out += _fallbacks_table(records)
     data = {"stats": {k: v for k, v in summary.items() if k != "groups"}}
     out.append(f'<script type="application/json" id="kitsune-data">{_e(json.dumps(data, default=str))}</script>')
-    out.append("</main></body></html>")
+    out.append("<script>applyFilter()</script></main></body></html>")
     return "".join(out)
 
 
-def _group_colors(records) -> tuple[dict, dict]:
-    """kernel name -> its colour, and -> the id of its row in the groups table."""
+def _summary(records) -> dict:
+    """analysis.summarize, or a summary without estimates when it fails."""
+    try:
+        return summarize(records)
+    except Exception as error:  # noqa: BLE001 - reporting must never break anything
+        log.warning("the HTML report has no summary: %s: %s", type(error).__name__, error)
+        return {"efficiency": "n/a", "bytes_before": "n/a", "bytes_after": "n/a", "seconds_before": "n/a",
+                "seconds_after": "n/a", "estimated_speedup": "n/a", "patterns": {}, "groups": []}
+
+
+def _group_colors(classes) -> tuple[dict, dict]:
+    """kernel name -> its colour (one per kernel structure), and -> the id of its row."""
     colors, group_ids = {}, {}
-    for r in records:
-        for kernel, _, _ in r.groups:
-            colors[kernel] = PALETTE[len(colors) % len(PALETTE)]
-            group_ids[kernel] = f"g{len(group_ids)}"
+    for i, cls in enumerate(classes):
+        for instance in cls.instances:
+            colors[instance.kernel] = PALETTE[i % len(PALETTE)]
+            group_ids[instance.kernel] = f"g{len(group_ids)}"
     return colors, group_ids
 
 
@@ -345,13 +225,15 @@ def _summary_cards(records, summary) -> list[str]:
     measured = [m for r in records for m in r.measured.values() if m]
     cards = [(eager, "eager PyTorch kernels (est.)"), (captured, "captured aten ops"), (after, "Kitsune kernels"),
              (sum(len(r.groups) for r in records), "fused kernels"),
-             (f"{summary['estimated_speedup']:.2f}x", "estimated speed-up"),
-             (f"{summary['efficiency']:.0%}", "efficiency"),
-             (f"{_bytes(summary['bytes_before'])} → {_bytes(summary['bytes_after'])}", "memory traffic (est.)")]
+             (_fmt(summary["estimated_speedup"], ".2f", "x"), "estimated speed-up"),
+             (_fmt(summary["efficiency"], ".0%"), "efficiency"),
+             (f"{_fmt_bytes(summary['bytes_before'])} → {_fmt_bytes(summary['bytes_after'])}",
+              "memory traffic (est.)")]
     if measured:
-        before = sum(m["unfused_s"] for m in measured)
-        now = sum(m["fused_s"] for m in measured)
-        cards.append((f"{before / now:.2f}x" if now else "n/a", f"measured, {len(measured)} kernels"))
+        before = _number(sum(m["unfused_s"] for m in measured))
+        now = _number(sum(m["fused_s"] for m in measured))
+        cards.append((f"{before / now:.2f}x" if now and before is not None else "n/a",
+                      f"measured, {len(measured)} kernels"))
     return ['<div class="cards">' + "".join(f'<div class="card"><b>{_e(v)}</b><span>{_e(k)}</span></div>'
                                             for v, k in cards) + "</div>",
             '<p class="muted">Efficiency: kernels removed / kernels that applying every detected pattern '
@@ -363,8 +245,9 @@ def _time_rows(records) -> list[tuple]:
     """The before/after chart's rows: each graph estimated, then each graph's measured kernels."""
     rows = []
     for r in records:
-        est = graph_estimates(r)
-        rows.append((r.name, est["before"].seconds, est["after"].seconds, "estimated"))
+        est = _estimates(r)
+        if est["before"] is not None:
+            rows.append((r.name, est["before"].seconds, est["after"].seconds, "estimated"))
     for r in records:
         ms = [m for m in r.measured.values() if m]
         if ms:
@@ -377,8 +260,50 @@ def _patterns_table(summary) -> list[str]:
     out = ["<h2>Patterns</h2><table><tr><th>pattern</th><th>detected</th><th>applied</th><th>partial</th>"
            "<th>not applied</th><th>disabled</th></tr>"]
     for name, c in sorted(summary["patterns"].items(), key=lambda kv: -kv[1]["detected"]):
-        out.append(f"<tr><td>{_e(name)}</td><td>{c['detected']}</td><td>{c['applied']}</td><td>{c['partial']}</td>"
-                   f"<td>{c['not_applied']}</td><td>{c['disabled']}</td></tr>")
+        out.append(f"<tr data-row><td>{_e(name)}</td><td>{c['detected']}</td><td>{c['applied']}</td>"
+                   f"<td>{c['partial']}</td><td>{c['not_applied']}</td><td>{c['disabled']}</td></tr>")
+    out.append("</table>")
+    return out
+
+
+def _instances_list(entries) -> str:
+    """A collapsed, numbered list of what a ×N row stands for (nothing is dropped)."""
+    return (f"<details><summary>{len(entries)} instances</summary><ol class=\"inst\">"
+            + "".join(entries) + "</ol></details>")
+
+
+def _count_cell(count: int) -> str:
+    return f'<td class="num">{f"<span class=times>×{count}</span>" if count > 1 else "1"}</td>'
+
+
+def _reasons_table(records) -> list[str]:
+    """Why what did not fuse did not: each reason once (node names unnumbered), with its count."""
+    items = []
+    for r in records:
+        ops = unnumbered_names(r)
+        for d in r.decisions:
+            if not d.fused:
+                items.append((r.name, "not-fused", reason_template(d.reason, ops), " → ".join(map(str, d.nodes)),
+                              d.reason))
+        for what, why in r.fallbacks:
+            items.append((r.name, "fallback", reason_template(why, ops), str(what), why))
+        for kernel, _, _ in r.groups:
+            status, why = kernel_status(r, kernel)
+            if status == "fallback":
+                items.append((r.name, "fallback", f"kernel fell back to PyTorch: {reason_template(why, ops)}",
+                              kernel, why))
+    if not items:
+        return []
+    out = ["<h2>Why not fused</h2><p class=\"muted\">Each reason once: node names in it lose their numbering "
+           "(add_7 reads add), so a reason repeated in every layer counts once; a row's list shows each place.</p>"
+           "<table><tr><th>count</th><th>graph</th><th>status</th><th>reason</th><th>where</th></tr>"]
+    groups = aggregate(items, key=lambda it: it[:3])
+    for (graph, status, template), its in sorted(groups, key=lambda kv: -len(kv[1])):
+        where = (_e(its[0][3]) if len(its) == 1 else
+                 _instances_list([f"<li>{_e(w)}: {_e(why)}</li>" for *_, w, why in its]))
+        out.append(f'<tr data-row data-status="{status}">{_count_cell(len(its))}<td>{_e(graph)}</td>'
+                   f'<td class="{status}">{status.replace("-", " ")}</td><td class="wide">{_e(template)}</td>'
+                   f'<td class="wide">{where}</td></tr>')
     out.append("</table>")
     return out
 
@@ -391,62 +316,136 @@ def _graph_sections(records, colors, group_ids) -> list[str]:
             out.append("<p class=\"muted\">graph not recorded</p>")
             continue
         out.append('<p class="legend">Each coloured box is one fused kernel (click it for its source); dark grey '
-                   'nodes run through PyTorch; light grey are inputs/outputs. Views are folded into the edges.</p>')
-        out.append(f'<div class="graphbox">{graph_svg(r, gid, colors, group_ids)}</div>')
+                   'nodes run through PyTorch; light grey are inputs/outputs. Views are folded into the edges. '
+                   'A block repeated back to back (same ops, shapes and kernels) is drawn once and marked ×N.</p>')
+        try:
+            out.append(f'<div class="graphbox">{graph_svg(r, gid, colors, group_ids)}</div>')
+        except Exception as error:  # noqa: BLE001 - the rest of the report is still worth having
+            log.warning("the HTML report cannot draw the %s graph: %s: %s", r.name,
+                        type(error).__name__, error)
+            out.append(f'<p class="muted">graph not drawn: {_e(type(error).__name__)}: {_e(error)}</p>')
     return out
 
 
-def _groups_table(records, colors, group_ids) -> list[str]:
-    many = sum(len(r.groups) for r in records) > 40
-    out = [f"<h2>Fused groups</h2><details{'' if many else ' open'}><summary>{sum(len(r.groups) for r in records)} "
-           "fused kernels</summary><table><tr><th></th><th>kernel</th><th>graph</th><th>backend</th>"
-           "<th>operations</th><th>nodes</th><th>patterns</th><th>est. eager → fused</th><th>measured</th>"
-           "<th>source</th></tr>"]
-    for gid, r in enumerate(records):
-        details = {g["kernel"]: g for g in graph_estimates(r)["groups"]}
-        for kernel, names, backend in r.groups:
-            out.append(_group_row(r, gid, kernel, names, backend, details.get(kernel, {}), colors, group_ids))
+GROUP_COLUMNS = ("", "kernel", "graph", "backend", "operations", "nodes", "patterns", "est. eager → fused",
+                 "measured", "instances")
+
+
+def _groups_table(records, classes, colors, group_ids) -> list[str]:
+    estimates = [{g["kernel"]: g for g in _estimates(r)["groups"]} for r in records]
+    total = sum(len(c.instances) for c in classes)
+    out = [f"<h2>Fused groups</h2><details open><summary>{total} fused kernels, {len(classes)} distinct"
+           "</summary><p class=\"muted\">Kernels of the same structure (same operations, shapes and dtypes: the "
+           "same code up to the name) are shown once with ×N; their instances are listed in the last column.</p>"
+           "<table><thead><tr>" + "".join(f"<th>{c}</th>" for c in GROUP_COLUMNS) + "</tr></thead>"]
+    for cls in classes:
+        out.append(_class_rows(cls, estimates, colors, group_ids))
     out.append("</table></details>")
     return out
 
 
-def _group_row(r, gid: int, kernel, names, backend, g: dict, colors, group_ids) -> str:
+def _class_rows(cls, estimates, colors, group_ids) -> str:
+    """One kernel structure: a row for the first instance (×N), a full-width row for its source."""
+    first, count = cls.first, len(cls.instances)
+    r, kernel = first.record, first.kernel
+    g = estimates[first.graph_index].get(kernel, {})
     call = r.kernel_calls.get(kernel)
     source = kernel_source(call) if call is not None else "(source not kept: compile through FusionEngine)"
-    m = g.get("measured")
-    meas = f"{m['speedup']:.2f}x ({_time(m['unfused_s'])} → {_time(m['fused_s'])})" if m else "—"
-    failure = getattr(call, "failure", None) if call is not None and call.kernel is None else None
-    status = f'<br><span class="not-applied">fell back: {_e(failure)}</span>' if failure else ""
-    return (f'<tr id="row-{group_ids[kernel]}"><td><span class="swatch" style="background:{colors[kernel]}">'
-            f'</span></td><td><a href="#" onclick="showNode(\'n{gid}-{_e(names[0])}\');'
-            f'return false">{_e(kernel)}</a>{status}</td><td>{_e(r.name)}</td><td>{_e(backend)}</td>'
-            f'<td>{_e(" → ".join(g.get("ops", [])))}</td><td>{_e(", ".join(names))}</td>'
-            f'<td>{_e(", ".join(g.get("patterns", [])))}</td>'
-            f'<td>{_time(g.get("unfused_seconds", 0))} → {_time(g.get("fused_seconds", 0))}</td>'
-            f'<td>{meas}</td><td><details><summary>show source</summary><pre>{_e(source)}</pre>'
-            f'</details></td></tr>')
+    _, failure = kernel_status(r, kernel)
+    status = f'<br><span class="fallback">fell back: {_e(failure)}</span>' if failure else ""
+    badge = f'<span class="times">×{count}</span>' if count > 1 else ""
+    row_id = f' id="row-{group_ids[kernel]}"' if count == 1 else ""
+    per = f"{_fmt_time(g.get('unfused_seconds', 0))} → {_fmt_time(g.get('fused_seconds', 0))}"
+    nodes = _e(", ".join(first.names)) + (f' <span class="muted">(first of {count})</span>' if count > 1 else "")
+    instances = "—" if count == 1 else _instances_list(
+        [f'<li id="row-{group_ids[i.kernel]}"><a href="#" onclick="showNode(\'n{i.graph_index}-{_e(i.names[0])}\');'
+         f'return false">{_e(i.kernel)}</a> <span class="muted">{_e(", ".join(i.names))}</span></li>'
+         for i in cls.instances])
+    lines = source.count("\n") + 1
+    same = f", the same for all {count} up to the name" if count > 1 else ""
+    return (f'<tbody class="grp" data-row data-status="{cls.status}"><tr{row_id}><td><span class="swatch" '
+            f'style="background:{colors[kernel]}"></span></td><td><a href="#" onclick="showNode('
+            f'\'n{first.graph_index}-{_e(first.names[0])}\');return false">{_e(kernel)}</a>{badge}{status}</td>'
+            f'<td>{_e(r.name)}</td><td>{_e(first.backend)}</td><td class="wide">{_e(" → ".join(g.get("ops", [])))}'
+            f'</td><td class="wide">{nodes}'
+            f'</td><td>{_e(", ".join(g.get("patterns", [])))}</td><td class="num">{per}</td>'
+            f'<td class="num">{_measured(cls, estimates)}</td><td class="wide">{instances}</td></tr>'
+            f'<tr class="srcrow"><td></td><td colspan="{len(GROUP_COLUMNS) - 1}"><details><summary>show source '
+            f'({lines} lines{same})</summary><pre>{_e(source)}</pre></details></td></tr></tbody>')
+
+
+def _measured(cls, estimates) -> str:
+    """Measured speed-up of a class's kernels (all instances together), or —."""
+    ms = [estimates[i.graph_index].get(i.kernel, {}).get("measured") for i in cls.instances]
+    ms = [m for m in ms if m]
+    if not ms:
+        return "—"
+    before, after = _number(sum(m["unfused_s"] for m in ms)), _number(sum(m["fused_s"] for m in ms))
+    if not after or before is None:
+        return "n/a"
+    text = f"{before / after:.2f}x ({_time(before)} → {_time(after)})"
+    return text + (f" over {len(ms)}" if len(ms) > 1 else "")
+
+
+_OPPORTUNITY_STATUS = {"applied": "fused"}  # the filter's classes: everything else is "not-fused"
 
 
 def _opportunities_table(records) -> list[str]:
-    out = ["<h2>Opportunities</h2><table><tr><th>graph</th><th>pattern</th><th>operations</th><th>status</th>"
-           "<th>reason</th><th>kernels</th><th>est. speed-up</th><th>bytes saved (est.)</th></tr>"]
-    for r in records:
-        for o in r.opportunities:
-            cls = o.status.replace(" ", "-")
-            out.append(f"<tr><td>{_e(r.name)}</td><td>{_e(o.pattern)}{' (custom)' if o.custom else ''}</td>"
-                       f"<td>{_e(o.describe())}</td><td class=\"{cls}\">{_e(o.status)}</td><td>{_e(o.reason)}</td>"
-                       f"<td>{_e(', '.join(o.kernels))}</td><td>{o.estimated_speedup:.2f}x</td>"
-                       f"<td>{_e(_bytes(o.bytes_saved))}</td></tr>")
+    """Every opportunity; those with the same pattern, ops, status and reason (up to node names) counted once."""
+    items = [(r, o, reason_template(o.reason, ops)) for r in records for ops in [unnumbered_names(r)]
+             for o in r.opportunities]
+    out = ["<h2>Opportunities</h2><table><tr><th>count</th><th>graph</th><th>pattern</th><th>operations</th>"
+           "<th>status</th><th>reason</th><th>kernels</th><th>est. speed-up</th><th>bytes saved (est.)</th></tr>"]
+    key = (lambda it: (it[0].name, it[1].pattern, bool(it[1].custom), it[1].describe(), it[1].status, it[2]))
+    for (graph, pattern, custom, ops, status, reason), its in aggregate(items, key):
+        opps = [o for _, o, _ in its]
+        if len(opps) == 1:
+            kernels = _e(", ".join(opps[0].kernels))
+        else:
+            kernels = _instances_list([f"<li>{_e(', '.join(o.kernels) or '—')} <span class=\"muted\">"
+                                       f"({_e(', '.join(map(str, getattr(o, 'nodes', ()))))})</span></li>"
+                                       for o in opps])
+        speedup = _span([o.estimated_speedup for o in opps], ".2f", "x")
+        saved = _fmt_bytes(_sum(o.bytes_saved for o in opps))
+        cls = status.replace(" ", "-")
+        out.append(f'<tr data-row data-status="{_OPPORTUNITY_STATUS.get(status, "not-fused")}">'
+                   f'{_count_cell(len(opps))}<td>{_e(graph)}</td><td>{_e(pattern)}{" (custom)" if custom else ""}'
+                   f'</td><td class="wide">{_e(ops)}</td><td class="{cls}">{_e(status)}</td>'
+                   f'<td class="wide">{_e(reason)}</td><td class="wide">{kernels}</td>'
+                   f'<td class="num">{_e(speedup)}</td><td class="num">{_e(saved)}{" in all" if len(opps) > 1 else ""}'
+                   f'</td></tr>')
     out.append("</table>")
     return out
 
 
+def _span(values, spec: str, suffix: str) -> str:
+    """'lo – hi' of numbers formatted with spec (one value when they agree); symbols as they are."""
+    numbers = [_number(v) for v in values]
+    if any(n is None for n in numbers):
+        return ", ".join(dict.fromkeys(_fmt(v, spec, suffix) for v in values))
+    lo, hi = format(min(numbers), spec) + suffix, format(max(numbers), spec) + suffix
+    return lo if lo == hi else f"{lo} – {hi}"
+
+
+def _sum(values):
+    """Sum of numbers; a symbolic term makes the total its str (shown as is)."""
+    values = list(values)
+    numbers = [_number(v) for v in values]
+    return sum(numbers) if all(n is not None for n in numbers) else " + ".join(map(str, values))
+
+
 def _fallbacks_table(records) -> list[str]:
-    fallbacks = [(r.name, w, why) for r in records for w, why in r.fallbacks]
-    if not fallbacks:
+    items = [(r.name, w, why, reason_template(w, ops), reason_template(why, ops))
+             for r in records for ops in [unnumbered_names(r)] for w, why in r.fallbacks]
+    if not items:
         return []
-    out = ["<h2>Fallbacks</h2><table><tr><th>graph</th><th>what</th><th>reason</th></tr>"]
-    out += [f"<tr><td>{_e(g)}</td><td>{_e(w)}</td><td>{_e(why)}</td></tr>" for g, w, why in fallbacks]
+    out = ["<h2>Fallbacks</h2><table><tr><th>count</th><th>graph</th><th>what</th><th>reason</th></tr>"]
+    for (graph, what, why), its in aggregate(items, key=lambda it: (it[0], it[3], it[4])):
+        if len(its) == 1:
+            what, why = its[0][1], its[0][2]
+        where = "" if len(its) == 1 else _instances_list([f"<li>{_e(w)}: {_e(y)}</li>" for _, w, y, _, _ in its])
+        out.append(f'<tr data-row data-status="fallback">{_count_cell(len(its))}<td>{_e(graph)}</td>'
+                   f'<td class="wide">{_e(what)}{where}</td><td class="wide">{_e(why)}</td></tr>')
     out.append("</table>")
     return out
 

@@ -13,9 +13,11 @@ Keys (all graphs compiled into this stats object):
                       little fuses (a decomposed op left unfused runs as its primitives)
     efficiency        kernels removed / kernels removable, in [0, 1]: "removable" is what
                       applying every detected pattern opportunity would remove (each connected
-                      region of overlapping opportunities becoming one kernel); 1.0 when nothing
-                      is removable. The opportunities it is missing, with reasons, are in
-                      `patterns` and `explain()`: that is what a user can act on.
+                      region of overlapping opportunities becoming one kernel); 1.0 when graphs
+                      were compiled and nothing in them is removable; 0.0 while no graph has
+                      been compiled (`graphs` is 0, and explain() says nothing was compiled).
+                      The opportunities it is missing, with reasons, are in `patterns` and
+                      `explain()`: that is what a user can act on.
     bytes_before      estimated memory traffic of eager PyTorch (one kernel per user operation)
     bytes_after       estimated memory traffic with Kitsune's kernels
     estimated_speedup eager time / Kitsune time under the roofline model (kitsune.planner.cost)
@@ -71,7 +73,8 @@ class FusionStats(RecordSink):
             "num_fused": sum(len(g.groups) for g in graphs),
             "kernels_before": before,
             "kernels_after": after,
-            "efficiency": summary["efficiency"],
+            # nothing compiled has removed nothing: 0.0, not the 100 % of "nothing removable"
+            "efficiency": summary["efficiency"] if graphs else 0.0,
             "bytes_before": summary["bytes_before"],
             "bytes_after": summary["bytes_after"],
             "estimated_speedup": summary["estimated_speedup"],
@@ -130,20 +133,20 @@ def _log_record(record: GraphRecord) -> None:
         return
     for opp in record.opportunities:
         if opp.status == "applied":
-            log.info("kitsune: %s graph: pattern %s applied: %s in %s (est. %.2fx, %s saved)", record.name,
+            log.info("%s graph: pattern %s applied: %s in %s (est. %.2fx, %s saved)", record.name,
                      opp.pattern, opp.describe(), ", ".join(opp.kernels), opp.estimated_speedup,
                      _bytes(opp.bytes_saved))
         elif opp.status == "partial":
-            log.info("kitsune: %s graph: pattern %s partly applied: %s in %s; %s", record.name, opp.pattern,
+            log.info("%s graph: pattern %s partly applied: %s in %s; %s", record.name, opp.pattern,
                      opp.describe(), ", ".join(opp.kernels), opp.reason)
         else:
-            log.debug("kitsune: %s graph: pattern %s %s: %s: %s", record.name, opp.pattern, opp.status,
+            log.debug("%s graph: pattern %s %s: %s: %s", record.name, opp.pattern, opp.status,
                       opp.describe(), opp.reason)
     if log.isEnabledFor(logging.DEBUG):
         for decision in record.decisions:
             if not decision.fused and len(decision.nodes) > 1 or (not decision.fused and
                                                                   "nothing to fuse" not in decision.reason):
-                log.debug("kitsune: %s graph: not fused: %s: %s", record.name, " + ".join(decision.nodes),
+                log.debug("%s graph: not fused: %s: %s", record.name, " + ".join(decision.nodes),
                           decision.reason)
 
 

@@ -50,6 +50,7 @@ import torch
 from torch import fx
 from kitsune import _compat
 from kitsune._compat import StorageWeakRef
+from kitsune.sizes import hint, numel_of
 
 log = logging.getLogger("kitsune")
 
@@ -73,8 +74,8 @@ def cuda_graph_blocker(gm: fx.GraphModule, example_inputs, compiled=None, traini
         return "inputs not all on a CUDA device"
     if len({t.device for t in tensors}) > 1:
         return "inputs on several devices"
-    if any(not isinstance(t, torch.Tensor) for t in example_inputs):
-        return "non-tensor inputs (symbolic sizes)"
+    if any(not isinstance(t, (torch.Tensor, int, torch.SymInt)) for t in example_inputs):
+        return "inputs that are neither tensors nor sizes"
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
@@ -100,7 +101,7 @@ def replay_cost_blocker(gm: fx.GraphModule, compiled: fx.GraphModule) -> str | N
     """Why replaying would not pay for itself, or None."""
     ops = _launches(compiled)
     out = next(n for n in gm.graph.nodes if n.op == "output")
-    out_bytes = sum(v.numel() * v.element_size() for v in _tensors(out.args[0]))
+    out_bytes = sum(hint(numel_of(v)) * v.element_size() for v in _tensors(out.args[0]))
     saved_us, copy_us = ops * HOST_US_PER_OP, out_bytes / COPY_BYTES_PER_US
     if saved_us < 2 * copy_us:
         return (f"copying its outputs out of a recording ({out_bytes / 1e6:.0f} MB, ~{copy_us:.0f} us) "
@@ -125,6 +126,38 @@ def _tensors(args):
     if isinstance(args, (list, tuple)):
         return [t for a in args for t in _tensors(a)]
     return []
+
+
+MAX_SIZE_RECORDINGS = 4
+
+
+class SizeKeyedRunner:
+    """Replay for a graph over symbolic sizes: one `CudaGraphRunner` per set of
+    size values (the graph's int arguments: AOTAutograd passes every symbolic
+    size of its inputs as one), the `MAX_SIZE_RECORDINGS` most recently used
+    kept; an older one is dropped with its memory. Each runner warms up,
+    records and checks its inputs as for a static graph."""
+
+    def __init__(self, fn, name: str, training: bool = False, copy_out=(), limit: int = MAX_SIZE_RECORDINGS):
+        self.fn, self.name, self.training, self.copy_out, self.limit = fn, name, training, copy_out, limit
+        self.runners: dict = {}  # size values -> runner, least recently used first
+        self.dropped = 0
+
+    def __call__(self, *args):
+        key = tuple(a for a in args if type(a) is int)
+        runner = self.runners.pop(key, None)
+        if runner is None:
+            runner = CudaGraphRunner(self.fn, f"{self.name} at sizes {key}", self.training, self.copy_out)
+            if len(self.runners) >= self.limit:
+                oldest = next(iter(self.runners))
+                self.runners.pop(oldest)._drop()
+                self.dropped += 1
+        self.runners[key] = runner  # most recently used last
+        return runner(*args)
+
+    @property
+    def replays(self) -> int:
+        return sum(r.replays for r in self.runners.values())
 
 
 class CudaGraphRunner:
@@ -166,7 +199,7 @@ class CudaGraphRunner:
 
     def disable(self, reason: str) -> None:
         self.disabled = reason
-        log.info("kitsune: %s runs without CUDA graphs: %s", self.name, reason)
+        log.info("%s runs without CUDA graphs: %s", self.name, reason)
 
     def _record_or_run(self, args, copied):
         try:
@@ -219,7 +252,7 @@ class CudaGraphRunner:
         if self.training:
             plan = self._handout[1]
             out = f", {sum(how == 'copy' for how, _ in plan)} of {len(plan)} outputs copied out"
-        log.info("kitsune: %s recorded as one CUDA graph (%d of %d inputs copied in per call%s)",
+        log.info("%s recorded as one CUDA graph (%d of %d inputs copied in per call%s)",
                  self.name, len(copied), len(args), out)
 
     def _replay(self, args):
@@ -277,7 +310,7 @@ class CudaGraphRunner:
         self._restless.update(moved)  # read in place once and moved: copied in from now on
         copied = tuple(sorted((set(self._copied) - set(settled)) | set(moved)))
         self.rerecords += 1
-        log.info("kitsune: %s re-recorded: %d input(s) stopped moving, %d moved", self.name, len(settled),
+        log.info("%s re-recorded: %d input(s) stopped moving, %d moved", self.name, len(settled),
                  len(moved))
         self._drop()
         return self._record_or_run(args, copied)
@@ -289,7 +322,7 @@ class CudaGraphRunner:
     def _output_alive(self, args):
         self.live_output_calls += 1
         if self.live_output_calls == 1:
-            log.info("kitsune: %s ran without replaying: an output of its last replay is still alive "
+            log.info("%s ran without replaying: an output of its last replay is still alive "
                      "(a replay would overwrite it)", self.name)
         return self.fn(*args)
 

@@ -26,7 +26,10 @@ import torch
 from torch import fx
 
 from kitsune import _compat
-from kitsune.codegen.kernel import KernelSpec
+from kitsune.codegen.kernel import INDEX_LIMIT, KernelSpec
+from kitsune.codegen.lower import spec_size_exprs
+from kitsune.ir.ops import NotFusible
+from kitsune.sizes import as_size, compile_sizes, free_symbols, shape_of, strides_of
 
 log = logging.getLogger("kitsune")
 _DEBUG = os.environ.get("KITSUNE_DEBUG", "") not in ("", "0")
@@ -49,9 +52,13 @@ class FusedGroupCall:
         self.failure: str | None = None
         self.runtime_failure: str | None = None  # why the kernel was switched off at run time
         self.runtime_fallbacks: dict[str, int] = {}  # reason -> calls that ran the original ops
-        self.input_strides = [tuple(v.stride()) for v in inputs]
-        self.input_shapes = [tuple(v.shape) for v in inputs]
-        self.output_meta = tuple((tuple(v.shape), tuple(v.stride()), v.dtype) for v in outputs)
+        # the call's arguments: the kernel's tensors, then symbolic sizes (ints) it reads
+        self.n_tensors = sum(isinstance(v, torch.Tensor) for v in inputs)
+        self.sizes = SymbolicSizes.of(spec, inputs, outputs)  # None for static shapes
+        if self.sizes is None:
+            self.input_strides = [strides_of(v) for v in inputs]
+            self.input_shapes = [shape_of(v) for v in inputs]
+            self.output_meta = tuple((shape_of(v), strides_of(v), v.dtype) for v in outputs)
         self.device = outputs[0].device
         self._alloc = _fast_allocator(self.device)
         self._cuda_index = (self.device.index if self.device.index is not None else torch.cuda.current_device()) \
@@ -65,7 +72,7 @@ class FusedGroupCall:
 
     def disable(self, reason: str, at_run_time: bool = False) -> None:
         if self.failure is None:
-            log.warning("kitsune: %s runs unfused through PyTorch: %s", self.spec.name, reason)
+            log.warning("%s runs unfused through PyTorch: %s", self.spec.name, reason)
         self.kernel, self.failure = None, reason
         if at_run_time:
             self.runtime_failure = reason
@@ -74,6 +81,8 @@ class FusedGroupCall:
         kernel = self.kernel
         if kernel is None:
             return self._unfused(inputs, self.runtime_failure)
+        if self.sizes is not None:
+            return self._call_symbolic(kernel, inputs)
         if [t.stride() for t in inputs] != self.input_strides:
             mismatch = self._layout_mismatch(inputs)
             if mismatch is not None:
@@ -96,6 +105,29 @@ class FusedGroupCall:
             return self._check(inputs, outputs)
         return tuple(outputs)
 
+    def _call_symbolic(self, kernel, inputs):
+        """A kernel over symbolic sizes: the sizes read from the inputs, the
+        layout checked against the strides the sizes imply, outputs allocated at
+        those sizes, and the sizes passed to the kernel."""
+        sizes = self.sizes
+        values = sizes.read(inputs)
+        mismatch = sizes.mismatch(inputs, values)
+        if mismatch is not None:
+            return self._unfused(inputs, mismatch)
+        device = inputs[0].device if inputs else self.device
+        outputs = [torch.empty_strided(shape, stride, dtype=dtype, device=device)
+                   for shape, stride, dtype in sizes.outputs(values)]
+        try:
+            kernel(inputs[:self.n_tensors], outputs, sizes.kernel_args(values))
+        except Exception as error:  # noqa: BLE001 - whatever broke, eager semantics decide
+            result = self.fallback(*inputs)
+            self.disable(f"kernel launch failed: {type(error).__name__}: {error}", at_run_time=True)
+            self._count(self.runtime_failure)
+            return result
+        if _DEBUG:
+            return self._check(inputs, outputs)
+        return tuple(outputs)
+
     def _check(self, inputs, outputs):
         expected = self.fallback(*inputs)
         for i, (got, want) in enumerate(zip(outputs, expected)):
@@ -103,7 +135,7 @@ class FusedGroupCall:
                 torch.testing.assert_close(got, want, equal_nan=True, check_stride=False)
             except AssertionError as error:
                 summary = " ".join(str(error).split("\n")[1:4])
-                log.error("kitsune: KITSUNE_DEBUG: %s output %d differs from eager (%s); ops: %s",
+                log.error("KITSUNE_DEBUG: %s output %d differs from eager (%s); ops: %s",
                           self.spec.name, i, summary, self.spec.description)
                 self._count(f"KITSUNE_DEBUG: output {i} differs from eager")
         return tuple(expected)
@@ -129,6 +161,69 @@ class FusedGroupCall:
                 reason = f"input {i} has strides {tuple(t.stride())} (compiled for {stride})"
             else:
                 continue
-            log.debug("kitsune: %s: %s; running unfused", self.spec.name, reason)
+            log.debug("%s: %s; running unfused", self.spec.name, reason)
             return reason
+        return None
+
+
+class SymbolicSizes:
+    """How a group over symbolic sizes meets each call's tensors: every symbol
+    is read from a dimension of an input that has exactly that size; the
+    inputs' strides and the outputs' shapes and strides are expressions of the
+    symbols, evaluated per call by generated Python (no sympy at run time)."""
+
+    def __init__(self, spec: KernelSpec, names: tuple, sources: list, inputs: list, outputs: list):
+        self.names, self.sources = names, sources
+        self._kernel_args = tuple(names.index(n) for n in spec.sizes)
+        tensors = [v for v in inputs if isinstance(v, torch.Tensor)]
+        self._input_layout = compile_sizes(tuple((shape_of(v), strides_of(v)) for v in tensors), names)
+        self._output_layout = compile_sizes(tuple((shape_of(v), strides_of(v)) for v in outputs), names)
+        self._dtypes = [v.dtype for v in outputs]
+        # the largest offset a narrow (32-bit) kernel may compute
+        self.limit = None if spec.wide_index() else INDEX_LIMIT
+
+    @staticmethod
+    def of(spec: KernelSpec, inputs: list, outputs: list) -> "SymbolicSizes | None":
+        """None for static shapes; raises NotFusible where a symbol is no input's size."""
+        exprs = [*spec_size_exprs(spec)]
+        for v in (*inputs, *outputs):
+            exprs += [*shape_of(v), *strides_of(v)] if isinstance(v, torch.Tensor) else [as_size(v)]
+        symbols = free_symbols(*exprs)
+        if not symbols:
+            return None
+        names = tuple(sorted(s.name for s in symbols))
+        sources = []
+        for name in names:
+            found = next(((i, d) for i, v in enumerate(inputs) if isinstance(v, torch.Tensor)
+                          for d, size in enumerate(shape_of(v)) if getattr(size, "name", None) == name), None)
+            found = found or next(((i, None) for i, v in enumerate(inputs) if isinstance(v, torch.SymInt)
+                                   and getattr(as_size(v), "name", None) == name), None)
+            if found is None:
+                raise NotFusible(f"symbolic size {name} is not the size of any input of the group")
+            sources.append(found)
+        return SymbolicSizes(spec, names, sources, inputs, outputs)
+
+    def read(self, inputs) -> tuple:
+        return tuple(inputs[i] if d is None else inputs[i].shape[d] for i, d in self.sources)
+
+    def kernel_args(self, values: tuple) -> tuple:
+        return tuple(values[k] for k in self._kernel_args)
+
+    def outputs(self, values: tuple) -> list:
+        return [(shape, stride, dtype) for (shape, stride), dtype in zip(self._output_layout(*values), self._dtypes)]
+
+    def mismatch(self, inputs, values: tuple) -> str | None:
+        """Why the kernel cannot take these inputs (other shapes or strides than the
+        sizes imply, or offsets beyond 32-bit indexing), or None."""
+        for i, (t, (shape, stride)) in enumerate(zip(inputs, self._input_layout(*values))):
+            if tuple(t.shape) != shape:
+                return f"input {i} has shape {tuple(t.shape)} (the sizes give {shape})"
+            if t.numel() > 0 and any(got != want for size, got, want in zip(shape, t.stride(), stride) if size > 1):
+                return f"input {i} has strides {tuple(t.stride())} (compiled for {stride})"
+            if self.limit is not None and sum((n - 1) * st for n, st in zip(shape, t.stride())) >= self.limit:
+                return f"input {i} needs 64-bit indexing at these sizes"
+        if self.limit is not None:
+            for shape, stride, _ in self.outputs(values):
+                if sum((n - 1) * st for n, st in zip(shape, stride)) >= self.limit:
+                    return "an output needs 64-bit indexing at these sizes"
         return None

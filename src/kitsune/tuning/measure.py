@@ -1,6 +1,7 @@
 """Measured fuse-or-not decisions (`FusionConfig.min_fusion_benefit`).
 
 When measurement is on — the one rule is `measuring()`: `FusionEngine(profile=True)`,
+a config with `measure=True` (what `torch.compile(..., mode="max-autotune")` sets),
 or a config whose `min_fusion_benefit` is not its default, on every entry point
 (`torch.compile(m, backend=make_backend(config))`, `kitsune.optimize(m, config)`,
 `FusionEngine`) — `measured()` wraps a compiled graph so that its first call
@@ -63,9 +64,10 @@ PROGRESS_MIN_GROUPS = 8
 
 def measuring(config: FusionConfig, profile: bool = False) -> bool:
     """Whether compiled graphs measure their fused kernels: asked for by
-    `FusionEngine(profile=True)`, or by a config whose min_fusion_benefit is
-    not the default (a threshold is a request to measure against it)."""
-    return profile or config.min_fusion_benefit != DEFAULT_BENEFIT
+    `FusionEngine(profile=True)`, by `FusionConfig(measure=True)` (mode
+    "max-autotune"), or by a config whose min_fusion_benefit is not the
+    default (a threshold is a request to measure against it)."""
+    return profile or config.measure or config.min_fusion_benefit != DEFAULT_BENEFIT
 
 
 def measured(compiled, aten_gm: fx.GraphModule, record, config: FusionConfig, profile: bool = False):
@@ -80,7 +82,7 @@ def measured(compiled, aten_gm: fx.GraphModule, record, config: FusionConfig, pr
     try:
         baselines = user_op_baselines(aten_gm, compiled, record, user_graph())
     except Exception as error:  # noqa: BLE001 - the decomposed ops remain a baseline
-        log.debug("kitsune: no user-op baselines for the %s graph: %s", record.name, error)
+        log.debug("no user-op baselines for the %s graph: %s", record.name, error)
         baselines = {}
     forward, pending = compiled.forward, [True]
 
@@ -93,7 +95,7 @@ def measured(compiled, aten_gm: fx.GraphModule, record, config: FusionConfig, pr
             with torch.no_grad(), _outside_dispatch_modes():
                 measurer.run(*args)
         except Exception as error:  # noqa: BLE001 - measuring must never break the model
-            log.warning("kitsune: could not measure the %s graph: %s: %s", record.name, type(error).__name__, error)
+            log.warning("could not measure the %s graph: %s: %s", record.name, type(error).__name__, error)
         finally:
             measurer.progress(end=True)
             baselines.clear()
@@ -140,7 +142,7 @@ class _Measurer(fx.Interpreter):
                 try:
                     self._decide(target, args)
                 except Exception as error:  # noqa: BLE001 - measuring must never break the model
-                    log.warning("kitsune: could not time %s: %s", target.spec.name, error)
+                    log.warning("could not time %s: %s", target.spec.name, error)
             self.progress()
         return super().call_function(target, args, kwargs)
 
@@ -198,11 +200,11 @@ def apply_decision(record, call, m: dict, threshold: float) -> None:
         record.groups = [g for g in record.groups if g[0] != name]
         record.kernels_after += len(nodes) - 1
         record.fallbacks.append((" → ".join(nodes), reason))
-        log.info("kitsune: %s runs unfused: %s", name, reason)
+        log.info("%s runs unfused: %s", name, reason)
     elif m["decision"] == "fused":
-        log.info("kitsune: %s kept: %.2fx faster than its unfused ops (%s)", name, m["speedup"], note)
+        log.info("%s kept: %.2fx faster than its unfused ops (%s)", name, m["speedup"], note)
     else:
-        log.info("kitsune: %s kept, undecided: %.2fx faster than its unfused ops, speed-ups spread %.2fx to "
+        log.info("%s kept, undecided: %.2fx faster than its unfused ops, speed-ups spread %.2fx to "
                  "%.2fx across rounds (%s)", name, m["speedup"], m["low"], m["high"], note)
 
 
@@ -337,4 +339,4 @@ def _store(key: str, m: dict) -> None:
     try:
         write_atomic(cache_dir("decisions") / f"{key}.json", json.dumps(m))
     except OSError as error:  # a read-only cache must not break the model
-        log.debug("kitsune: cannot cache decision %s: %s", key, error)
+        log.debug("cannot cache decision %s: %s", key, error)

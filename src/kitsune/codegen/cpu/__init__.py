@@ -21,6 +21,7 @@ from kitsune.codegen.cpu.emit import FLOAT_ERF, PRELUDE, emit_kernel, math_decla
 from kitsune.codegen.cpu.emit import VECTOR_MATH
 from kitsune.codegen.cpu.toolchain import toolchain
 from kitsune.codegen.kernel import KernelError, KernelSpec
+from kitsune.sizes import compile_sizes
 from kitsune.planner.naming import function_name
 
 log = logging.getLogger("kitsune")
@@ -58,7 +59,7 @@ def _build(specs: list[KernelSpec]) -> tuple[ctypes.CDLL, Path]:
         if not so_path.exists():
             tc.build(source, so_path)
         else:
-            log.debug("kitsune: reusing cached CPU library %s", so_path)
+            log.debug("reusing cached CPU library %s", so_path)
     return ctypes.CDLL(str(so_path)), c_path
 
 
@@ -72,7 +73,7 @@ def compile_kernels(specs: list[KernelSpec]) -> list:
     except Exception as error:  # noqa: BLE001
         if len(specs) == 1:
             return [error]
-        log.debug("kitsune: combined CPU build failed (%s); building kernels one by one", error)
+        log.debug("combined CPU build failed (%s); building kernels one by one", error)
 
     def one(spec):
         try:
@@ -91,18 +92,21 @@ class CpuKernel:
         self.source_path = source_path
         self.fn = getattr(library, kernel_name(spec))
         n = len(spec.inputs) + len(spec.outputs)
-        self.fn.argtypes = [ctypes.c_void_p] * n + [ctypes.c_int64, ctypes.c_int]
+        self.fn.argtypes = [ctypes.c_void_p] * n + [ctypes.c_int64] * (1 + len(spec.sizes)) + [ctypes.c_int]
         self.fn.restype = ctypes.c_int
         self._library = library  # keep it loaded
+        # symbolic sizes: numel from the values of the spec's symbols, at each call
+        self._numel = compile_sizes(spec.numel, spec.sizes) if spec.sizes else None
 
     @property
     def source(self) -> str:
         return self.source_path.read_text()
 
-    def __call__(self, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> None:
-        numel = self.spec.numel
+    def __call__(self, inputs: list[torch.Tensor], outputs: list[torch.Tensor], sizes: tuple = ()) -> None:
+        """Run the kernel; `sizes`: the values of the spec's symbolic sizes, in order."""
+        numel = self._numel(*sizes) if self._numel is not None else self.spec.numel
         if numel == 0:
             return
         pointers = [t.data_ptr() for t in inputs] + [t.data_ptr() for t in outputs]
-        if self.fn(*pointers, numel, torch.get_num_threads()):
+        if self.fn(*pointers, numel, *sizes, torch.get_num_threads()):
             raise RuntimeError("ZeroDivisionError")

@@ -20,6 +20,7 @@ from kitsune.codegen.kernel import KernelError, KernelSpec
 from kitsune.codegen.schedule import ReductionSchedule, outer_layout
 from kitsune.ir.index import divides_x_in_rows, render, render_in_kernel
 from kitsune.ir.scalar import Value
+from kitsune.sizes import as_size, divides, hint, is_symbolic, size_text
 from kitsune.tuning.launch import LaunchChoices, launch_choices
 
 # the primitive table, and the type maps and helpers the kernel emitters use too
@@ -165,7 +166,7 @@ def emit_kernel(spec: KernelSpec, fn_name: str, choices: LaunchChoices | None = 
         body.append(f"{out.name}[{_render(out.index, 'x', R)}] = {value};")
     params = [f"const {STORAGE[i.dtype]} *restrict {i.name}" for i in spec.inputs]
     params += [f"{STORAGE[o.dtype]} *restrict {o.name}" for o in spec.outputs]
-    params += ["int64_t numel", "int threads"]
+    params += ["int64_t numel", *size_params(spec), "int threads"]
     reduction = " reduction(|:kitsune_err)" if uses_err else ""
     header = "\n".join(f"// {line}" for line in (spec.description or spec.name).splitlines())
     lines = [header, f"int {fn_name}({', '.join(params)}) {{", "  int kitsune_err = 0;"]
@@ -176,10 +177,11 @@ def emit_kernel(spec: KernelSpec, fn_name: str, choices: LaunchChoices | None = 
         lines += [f"    {line}" for line in body]
         lines += ["  }"]
     else:
+        rows, R_text = size_text(as_size(spec.numel // R)), size_text(R)
         lines += [f"  // rows of {R}: indices that repeat along a row (a bias) read r, per-row ones read row",
-                  "  " + parallel.format(""), f"  for (int64_t row = 0; row < {spec.numel // R}; ++row) {{",
-                  f"    const int64_t xrow = row * {R};", f"    #pragma omp simd{reduction}",
-                  f"    for (int64_t r = 0; r < {R}; ++r) {{", "      const int64_t x = xrow + r;"]
+                  "  " + parallel.format(""), f"  for (int64_t row = 0; row < {rows}; ++row) {{",
+                  f"    const int64_t xrow = row * {R_text};", f"    #pragma omp simd{reduction}",
+                  f"    for (int64_t r = 0; r < {R_text}; ++r) {{", "      const int64_t x = xrow + r;"]
         lines += [f"      {line}" for line in body]
         lines += ["    }", "  }"]
     lines += ["  return kitsune_err;", "}", ""]
@@ -197,8 +199,8 @@ def _inner_period(spec: KernelSpec, values) -> int | None:
     indices += [o.index for o in spec.outputs]
     periods = {t.div * t.mod if t.mod is not None else t.div for index in indices for t in index.terms
                if t.base is None and (t.mod is not None or t.div != 1)}
-    for R in sorted(periods, reverse=True):
-        if R >= 8 and spec.numel % R == 0 and spec.numel // R >= 64 and \
+    for R in sorted(periods, key=hint, reverse=True):
+        if hint(R) >= 8 and divides(R, spec.numel) and hint(spec.numel) // hint(R) >= 64 and \
                 not any(divides_x_in_rows(index, R) for index in indices):
             return R
     return None
@@ -415,6 +417,7 @@ def _blocked_row_pass(targets, accs, inner, clauses, loop, R, uses_err, block: i
     then join the thread's (a 4M-element float sum summed lane by lane erred
     2e-5 against eager; in blocks it is as accurate as eager's cascade)."""
     err = " reduction(|:kitsune_err)" if uses_err else ""
+    R = size_text(R)
     lines = [f"#pragma omp parallel for schedule(static) num_threads(threads){clauses}{err}",
              f"for (int64_t r0 = 0; r0 < {R}; r0 += {block}) {{"]
     lines += ["  " + _accumulator(v, inner[v]) for v in targets]
@@ -428,13 +431,23 @@ def _blocked_row_pass(targets, accs, inner, clauses, loop, R, uses_err, block: i
     return lines + ["}"]
 
 
+def size_params(spec: KernelSpec) -> list[str]:
+    """The kernel's symbolic sizes, each an argument after numel."""
+    return [f"int64_t {name}" for name in spec.sizes]
+
+
+def _tiles(rows, tile: int) -> str:
+    """C text of the number of tiles of `tile` rows."""
+    return str(-(-rows // tile)) if isinstance(rows, int) else f"({size_text(rows)} + {tile - 1}) / {tile}"
+
+
 def few_rows(spec: KernelSpec, choices: LaunchChoices | None = None) -> bool:
     """Fewer rows than threads could share, each long: a whole-tensor sum.
     Its kernel walks the rows one after another and splits each pass over a
     row between the threads (an `omp parallel for simd` with reduction
     clauses) instead of giving each thread whole rows."""
     c = choices or launch_choices()
-    return spec.rows < c.cpu_few_rows and spec.numel > c.cpu_parallel_threshold
+    return hint(spec.rows) < c.cpu_few_rows and hint(spec.numel) > c.cpu_parallel_threshold
 
 
 class _CEmitter:
@@ -479,7 +492,7 @@ class _CEmitter:
         spec = self.spec
         params = [f"const {STORAGE[i.dtype]} *restrict {i.name}" for i in spec.inputs]
         params += [f"{STORAGE[o.dtype]} *restrict {o.name}" for o in spec.outputs]
-        params += ["int64_t numel", "int threads"]
+        params += ["int64_t numel", *size_params(spec), "int threads"]
         header = "\n".join(f"// {line}" for line in (spec.description or spec.name).splitlines())
         lines = [header, comment, f"int {fn_name}({', '.join(params)}) {{", "  int kitsune_err = 0;", *opening]
         lines += [f"    {line}" for line in self.body]
@@ -519,7 +532,8 @@ class _RowReductionEmitter(_CEmitter):
 
     def loop_header(self, clauses: str) -> list[str]:
         pragma = "parallel for simd schedule(static) num_threads(threads)" if self.split_rows else "simd"
-        return [f"#pragma omp {pragma}{clauses}{self.err_clause()}", f"for (int64_t r = 0; r < {self.R}; ++r) {{",
+        return [f"#pragma omp {pragma}{clauses}{self.err_clause()}",
+                f"for (int64_t r = 0; r < {size_text(self.R)}; ++r) {{",
                 "  const int64_t x = xrow + r;"]
 
     def row_stage(self, s: int) -> None:
@@ -539,7 +553,8 @@ class _RowReductionEmitter(_CEmitter):
         opening = [] if self.split_rows else [
             f"  #pragma omp parallel for schedule(static) num_threads(threads) "
             f"if(numel >= {self.choices.cpu_parallel_threshold}){self.err_clause()}"]
-        opening += [f"  for (int64_t row = 0; row < {rows}; ++row) {{", f"    const int64_t xrow = row * {R};"]
+        opening += [f"  for (int64_t row = 0; row < {size_text(rows)}; ++row) {{",
+                    f"    const int64_t xrow = row * {size_text(R)};"]
         return self.function(fn_name, comment, opening)
 
     def stage_pass(self, s: int, targets: list) -> None:
@@ -578,10 +593,10 @@ class _RowReductionEmitter(_CEmitter):
     def keep_costly_values(self, scope: dict, loop: list) -> None:
         """Row buffers for the costly values the last loop would recompute (`_kept_values`)."""
         available = {v: n for v, n in scope.items() if v not in self.row}
-        for v in _kept_values(list(self.schedule.late_outputs), available, self.row, self.R,
-                              self.choices.cpu_row_buffer_bytes):
+        budget = 0 if is_symbolic(self.R) else self.choices.cpu_row_buffer_bytes  # no row of unknown length on the stack
+        for v in _kept_values(list(self.schedule.late_outputs), available, self.row, hint(self.R), budget):
             buffer = self.fresh("kept")
-            self.body.append(f"{COMPUTE[v.dtype]} {buffer}[{self.R}];")
+            self.body.append(f"{COMPUTE[v.dtype]} {buffer}[{size_text(self.R)}];")
             loop.append(f"  {buffer}[r] = {available[v]};")
             self.kept[v] = f"{buffer}[r]"
 
@@ -622,7 +637,7 @@ def outer_tile(rows: int, threads: int, choices: LaunchChoices | None = None) ->
 
 
 def _emit_outer_reduction(spec: KernelSpec, fn_name: str, choices: LaunchChoices) -> str:
-    tile = outer_tile(spec.rows, torch.get_num_threads(), choices)
+    tile = outer_tile(hint(spec.rows), torch.get_num_threads(), choices)
     while True:
         emitter = _OuterReductionEmitter(spec, choices, tile)
         source = emitter.source(fn_name)
@@ -642,7 +657,7 @@ class _OuterReductionEmitter(_CEmitter):
         super().__init__(spec, choices)
         self.tile = tile
         self.names: dict = {}  # row Value -> "arr[j]"
-        self.position = ["const int64_t row = row0 + j;", "const int64_t xrow = row * " + str(self.R) + ";"]
+        self.position = ["const int64_t row = row0 + j;", "const int64_t xrow = row * " + size_text(self.R) + ";"]
 
     def emit(self, v: Value, scope: dict, out: list, indent: str) -> str:
         """Name of v in `scope`, emitting it (and what it needs) first: a row
@@ -676,7 +691,7 @@ class _OuterReductionEmitter(_CEmitter):
     def element_loop(self, inner: list[str]) -> list[str]:
         loop = ["  " + p for p in self.position] + ["  const int64_t x = xrow + r;"] + inner
         loop = [f"#pragma omp simd{self.err_clause()}", "for (int64_t j = 0; j < width; ++j) {"] + loop + ["}"]
-        return [f"for (int64_t r = 0; r < {self.R}; ++r) {{"] + ["  " + p for p in loop] + ["}"]
+        return [f"for (int64_t r = 0; r < {size_text(self.R)}; ++r) {{"] + ["  " + p for p in loop] + ["}"]
 
     def arrays(self) -> int:
         """How many arrays over the tile the kernel declares (on the thread's stack)."""
@@ -693,9 +708,9 @@ class _OuterReductionEmitter(_CEmitter):
         opening = [
             f"  #pragma omp parallel for schedule(static) num_threads(threads) "
             f"if(numel >= {self.choices.cpu_parallel_threshold}){self.err_clause()}",
-            f"  for (int64_t t = 0; t < {-(-rows // tile)}; ++t) {{",
+            f"  for (int64_t t = 0; t < {_tiles(rows, tile)}; ++t) {{",
             f"    const int64_t row0 = t * {tile};",
-            f"    const int64_t width = row0 + {tile} <= {rows} ? {tile} : {rows} - row0;",
+            f"    const int64_t width = row0 + {tile} <= {size_text(rows)} ? {tile} : {size_text(rows)} - row0;",
         ]
         return self.function(fn_name, comment, opening)
 
@@ -709,7 +724,8 @@ class _OuterReductionEmitter(_CEmitter):
         compensated = set()
         for v in targets:
             arg = self.emit(v.args[0], scope, loop, "    ")
-            if v.attr == "sum" and v.dtype.is_floating_point and self.R > self.choices.cpu_compensate_after:
+            if v.attr == "sum" and v.dtype.is_floating_point and \
+                    (is_symbolic(self.R) or self.R > self.choices.cpu_compensate_after):
                 compensated.add(v)
                 loop += self.compensated_step(v, accs[v], arg, init)
             else:

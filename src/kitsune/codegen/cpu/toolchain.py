@@ -140,7 +140,7 @@ def toolchain() -> Toolchain:
     if _try_build(cc, flags + ["-fopenmp"], libs, "#include <omp.h>\nint f(void) { return omp_get_max_threads(); }\n"):
         flags.append("-fopenmp")
     else:
-        log.warning("kitsune: %s has no OpenMP; CPU kernels run on one thread", cc)
+        log.warning("%s has no OpenMP; CPU kernels run on one thread", cc)
     vector_math: dict[str, int] = {}
     if "-fopenmp" in flags:
         # All of libmvec, or the oldest set (exp, log, sin, cos, pow), or none.
@@ -149,8 +149,8 @@ def toolchain() -> Toolchain:
                 vector_math, libs = candidate, ["-lmvec", "-lm"]
                 break
         else:
-            log.info("kitsune: libmvec is not available; transcendental CPU kernels will not vectorise")
+            log.info("libmvec is not available; transcendental CPU kernels will not vectorise")
     tc = Toolchain(cc, version, tuple(flags), tuple(libs), tuple(sorted(vector_math)))
     write_atomic(record, json.dumps({"flags": tc.flags, "libs": tc.libs, "vector_math": tc.vector_math}))
-    log.debug("kitsune: C toolchain %s %s, libmvec: %s", cc, " ".join(tc.flags), ", ".join(tc.vector_math))
+    log.debug("C toolchain %s %s, libmvec: %s", cc, " ".join(tc.flags), ", ".join(tc.vector_math))
     return tc

@@ -21,6 +21,7 @@ import hashlib
 
 from kitsune.codegen.triton.emit import ReductionLayout, emit_triton, pow2, split_workspace
 from kitsune.codegen.triton.libm import INTERPRETED
+from kitsune.sizes import compile_sizes, hint
 from kitsune.tuning.launch import LaunchChoices, launch_choices
 
 log = logging.getLogger("kitsune")
@@ -69,7 +70,7 @@ class TritonKernel:
         the current ones); the grid, warps and block sizes follow from them."""
         self.spec, self.fn, self.path = spec, fn, path
         choices = choices or launch_choices()
-        numel = spec.numel
+        numel = hint(spec.numel)  # symbolic sizes: blocks for the sizes seen, the grid per call
         self.workspace = 0  # float32 elements between a split reduction's two kernels
         layout = ReductionLayout.of(spec, choices) if spec.reduction else None
         if layout is not None and layout.split:
@@ -84,7 +85,7 @@ class TritonKernel:
             if layout is not None:
                 self.xblock, rblock, self.num_warps = layout.xblock, layout.rblock, layout.num_warps
                 constexprs = dict(XBLOCK=self.xblock, RBLOCK=rblock)
-                grid = ((spec.rows + self.xblock - 1) // self.xblock,)
+                grid = ((hint(spec.rows) + self.xblock - 1) // self.xblock,)
             else:
                 self.xblock = min(choices.max_xblock, max(16, 1 << max(numel - 1, 0).bit_length()))
                 grid = ((numel + self.xblock - 1) // self.xblock,)
@@ -93,12 +94,18 @@ class TritonKernel:
             self.launches = [_Launch(spec, fn, grid, self.num_warps, constexprs)]
         self.grid = self.launches[0].grid
         self.constexprs = {k: v for k, v in self.launches[0].constexprs.items() if k != "XBLOCK"}
+        if spec.sizes:  # one unsplit kernel (split_plan); Triton's launcher specialises the sizes
+            self.launches = [_SymbolicLaunch(spec, fn, self.xblock, self.num_warps, self.launches[0].constexprs)]
 
     @property
     def source(self) -> str:
         return self.path.read_text()
 
-    def __call__(self, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> None:
+    def __call__(self, inputs: list[torch.Tensor], outputs: list[torch.Tensor], sizes: tuple = ()) -> None:
+        """Run the kernel; `sizes`: the values of the spec's symbolic sizes, in order."""
+        if sizes:
+            self.launches[0](inputs, outputs, sizes)
+            return
         if self.spec.numel == 0:
             return
         tensors = (*inputs, *outputs)
@@ -108,6 +115,29 @@ class TritonKernel:
         tensors += (torch.empty(self.workspace, dtype=torch.float32, device=outputs[0].device),)
         for launch in self.launches:
             launch(tensors, len(inputs))
+
+
+class _SymbolicLaunch:
+    """A kernel over symbolic sizes: numel, the grid and the size arguments per
+    call. Triton's launcher specialises integer arguments as it does for
+    Inductor (equal to 1, divisible by 16), compiling a variant per class."""
+
+    def __init__(self, spec: KernelSpec, fn, xblock: int, num_warps: int, constexprs: dict):
+        self.fn, self.num_warps, self.constexprs = fn, num_warps, constexprs
+        self.grid = (0,)
+        blocks_of = spec.rows if spec.reduction else spec.numel
+        self._sizes = compile_sizes((spec.numel, blocks_of), spec.sizes)
+        self.xblock = xblock
+
+    def __call__(self, inputs, outputs, sizes: tuple) -> None:
+        numel, blocks_of = self._sizes(*sizes)
+        if numel == 0:
+            return
+        grid = ((blocks_of + self.xblock - 1) // self.xblock,)
+        if INTERPRETED:
+            self.fn[grid](*inputs, *outputs, numel, *sizes, **self.constexprs)
+        else:
+            self.fn[grid](*inputs, *outputs, numel, *sizes, num_warps=self.num_warps, **self.constexprs)
 
 
 class _Launch:
@@ -165,7 +195,7 @@ class _Launch:
                 raise RuntimeError(f"unexpected kernel signature {static.arg_tys!r}")
             static.load_kernel(tensors[0].device.index or 0)
         except Exception as error:  # noqa: BLE001 - Triton's own launcher still works
-            log.debug("kitsune: %s uses Triton's launcher (static launch unavailable: %s)", self.spec.name, error)
+            log.debug("%s uses Triton's launcher (static launch unavailable: %s)", self.spec.name, error)
             return None
         self._aligned = [i for i, t in enumerate(tensors[:n_inputs]) if t.data_ptr() % 16 == 0]
         self._device_index = tensors[0].device.index
@@ -190,6 +220,6 @@ class _Launch:
             launch = static_launch_entry(static)
             function, num_warps, shared = static.function, static.num_warps, static.shared
         except Exception as error:  # noqa: BLE001 - the launcher's own run() still works
-            log.debug("kitsune: %s launches through static.run (%s)", self.spec.name, error)
+            log.debug("%s launches through static.run (%s)", self.spec.name, error)
             return None
         return launch, (function, *self._grid3, num_warps, shared, arg_tys), scratch

@@ -18,6 +18,7 @@ from kitsune.codegen.schedule import ReductionSchedule, opmath_dtype, outer_layo
 from kitsune.tuning.launch import LaunchChoices, launch_choices
 from kitsune.ir.index import Index, render, render_in_kernel
 from kitsune.ir.scalar import Value
+from kitsune.sizes import hint, is_symbolic, size_text
 
 # the primitive table, and the dtype helpers the kernel emitters use too
 from kitsune.codegen.triton.ops import TL_DTYPE, TRITON_OPS, Context, compute_dtype, literal
@@ -82,7 +83,7 @@ def emit_triton(spec: KernelSpec, fn_name: str, choices: LaunchChoices | None = 
     current `launch_choices()`)."""
     if spec.reduction:
         return _emit_reduction(spec, fn_name, choices or launch_choices())
-    wide = spec.max_offset() >= 2**31 - 2**16
+    wide = spec.wide_index()
     names: dict[Value, str] = {}
     inputs = [i.name for i in spec.inputs]
     body: list[str] = []
@@ -109,7 +110,7 @@ def emit_triton(spec: KernelSpec, fn_name: str, choices: LaunchChoices | None = 
         if out.dtype == torch.bfloat16:
             value = f"round_bf16({value})"
         body.append(f"tl.store({_pointer(out, 'x')}, {value}.to({TL_DTYPE[out.dtype]}), xmask)")
-    params = ", ".join([i.name for i in spec.inputs] + [o.name for o in spec.outputs] + ["numel"])
+    params = ", ".join([i.name for i in spec.inputs] + [o.name for o in spec.outputs] + ["numel", *spec.sizes])
     pid = "tl.program_id(0).to(tl.int64)" if wide else "tl.program_id(0)"
     header = "\n".join(f"# {line}" for line in (spec.description or spec.name).splitlines())
     lines = [
@@ -261,7 +262,7 @@ def split_plan(spec: KernelSpec, choices: LaunchChoices | None = None) -> tuple[
     share it instead of one walking it all), when `splittable`."""
     c = choices or launch_choices()
     R, rows = spec.reduction, spec.rows
-    if not R:
+    if not R or spec.sizes:  # the parts and their workspace are sized at generation time
         return None
     if outer_layout(spec):
         if R * rows < c.split_min_elements or not splittable(spec):
@@ -314,7 +315,7 @@ def unsplit_few_rows(spec: KernelSpec, choices: LaunchChoices | None = None) -> 
     row in one program: a whole-tensor variance of 16M elements on one SM),
     or None. The Triton backend's `refusal` (codegen/backends.py)."""
     c = choices or launch_choices()
-    if spec.reduction and spec.rows < c.few_rows and spec.numel > c.few_rows_elements \
+    if spec.reduction and hint(spec.rows) < c.few_rows and hint(spec.numel) > c.few_rows_elements \
             and split_plan(spec, c) is None:
         return (f"{spec.rows} row(s) of {spec.reduction} elements and the reduction cannot be split "
                 f"(several stages, or a per-element output needs it)")
@@ -327,9 +328,12 @@ def _warps_for(work: int) -> int:
 
 
 def reduction_blocks(spec: KernelSpec, choices: LaunchChoices | None = None) -> tuple[int, int, int, bool]:
-    """(XBLOCK, RBLOCK, num_warps, persistent) for an unsplit reduction kernel."""
+    """(XBLOCK, RBLOCK, num_warps, persistent) for an unsplit reduction kernel.
+    Symbolic sizes: blocks for the sizes seen, and a row of symbolic length is
+    walked in chunks (a persistent block must hold the whole row)."""
     c = choices or launch_choices()
-    R, rows = spec.reduction, spec.rows
+    R, rows = hint(spec.reduction), hint(spec.rows)
+    fixed_row = not is_symbolic(spec.reduction)
     rblock = 1 << max(R - 1, 0).bit_length()
     if outer_layout(spec):
         xblock = 128
@@ -338,8 +342,8 @@ def reduction_blocks(spec: KernelSpec, choices: LaunchChoices | None = None) -> 
         xblock = min(xblock, 1 << max(rows - 1, 0).bit_length())
         step = min(rblock, max(32, c.outer_tile // xblock), c.persistent_max)
         num_warps = c.outer_warps or _warps_for(xblock * step)
-        return xblock, step, num_warps, step >= rblock
-    persistent = rblock <= c.persistent_max
+        return xblock, step, num_warps, step >= rblock and fixed_row
+    persistent = rblock <= c.persistent_max and fixed_row
     if not persistent:
         rblock = min(rblock, c.looped_rblock, c.persistent_max)
     xblock = max(1, min(c.row_block_elements // rblock, 1 << max(rows - 1, 0).bit_length(), 64))
@@ -450,7 +454,9 @@ class _ReductionEmitter:
     def chunk_loops(self):
         """The header lines of each loop over the row's chunks (emit() then sees its mask)."""
         R, rblock, part_len = self.R, self.layout.rblock, self.layout.part_len
-        if self.layout.split:  # this program's part of the row: CHUNK elements from part * CHUNK
+        if is_symbolic(R):  # a row of any length: chunks, each masked
+            loops = [(f"0, {size_text(R)}", _and(self.row_mask, f"(r < {size_text(R)})"), "")]
+        elif self.layout.split:  # this program's part of the row: CHUNK elements from part * CHUNK
             loops = [(f"part * {part_len}, part * {part_len} + {part_len}",
                       _and(self.row_mask, f"(r < {R})" if R % part_len else None), "")]
         else:
@@ -512,7 +518,7 @@ class _ReductionEmitter:
         accs = self.init_accumulators(targets, pairs)
         steps = self.layout.part_len or self.R
         compensated = [v for v in targets if v.attr == "sum" and v.dtype == torch.float32 and v not in paired
-                       and steps > self.choices.compensate_steps * self.layout.rblock]
+                       and (is_symbolic(steps) or steps > self.choices.compensate_steps * self.layout.rblock)]
         for v in compensated:
             self.body.append(f"{accs[v]}_c = tl.zeros([XBLOCK, RBLOCK], tl.float32)")
             self.body.append(f"{accs[v]}_plain = tl.zeros([XBLOCK, RBLOCK], tl.float32)")
@@ -629,13 +635,14 @@ class _ReductionEmitter:
         and a split kernel's finish kernel."""
         spec, R, rows, layout = self.spec, self.R, self.rows, self.layout
         split = layout.split
-        wide = spec.max_offset() >= 2**31 - 2**16
-        params = ", ".join(self.inputs + [o.name for o in spec.outputs] + (["ws"] if split else []) + ["numel"])
+        wide = spec.wide_index()
+        params = ", ".join(self.inputs + [o.name for o in spec.outputs] + (["ws"] if split else [])
+                           + ["numel", *spec.sizes])
         pid = "tl.program_id(0).to(tl.int64)" if wide else "tl.program_id(0)"
         comment = "\n".join(f"# {line}" for line in (spec.description or spec.name).splitlines())
         rows_of_program = [f"    row = ({pid} * XBLOCK + tl.arange(0, XBLOCK))[:, None]",
-                           *([f"    rowmask = row < {rows}"] if self.row_mask else []),
-                           f"    xrow = row * {R}"]
+                           *([f"    rowmask = row < {size_text(rows)}"] if self.row_mask else []),
+                           f"    xrow = row * {size_text(R)}"]
         start, tail = rows_of_program, []
         if split:
             start = rows_of_program + ["    part = tl.program_id(1)"]

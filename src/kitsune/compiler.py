@@ -25,7 +25,8 @@ from kitsune.codegen.backends import Backend, backend_for
 from kitsune.codegen.kernel import KernelError
 from kitsune.codegen.lower import lower_group, spec_size_exprs
 from kitsune.config import FusionConfig
-from kitsune.ir.graph import group_fallback, is_compute, meta, size_inputs
+from kitsune.ir.eager_count import captured_kernel_count, eager_kernel_count
+from kitsune.ir.graph import group_fallback, meta, size_inputs
 from kitsune.ir.ops import NotFusible
 from kitsune.sizes import free_symbols, hints_from
 from kitsune.planner import FusionPlan, admit, plan_graph
@@ -55,7 +56,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs, kind: str = "graph",
     config = config or FusionConfig()
     stats = stats if stats is not None else default_sink()
     start = time.perf_counter()
-    record = GraphRecord(name=kind, kernels_before=sum(map(is_compute, gm.graph.nodes)), kernels_after=0)
+    record = GraphRecord(name=kind, kernels_before=eager_kernel_count(gm.graph, kind),
+                         aten_ops=captured_kernel_count(gm.graph), kernels_after=0)
     compiled_ok = False
     try:
         with hints_from(example_inputs):
@@ -70,7 +72,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs, kind: str = "graph",
         compiled = gm
     # a split reduction launches two kernels (its parts, then their finish)
     extra = sum(len(getattr(call.kernel, "launches", [call.kernel])) - 1 for call in record.kernel_calls.values())
-    record.kernels_after = record.kernels_before - sum(len(nodes) - 1 for _, nodes, _ in record.groups) + extra
+    record.kernels_after = record.aten_ops - sum(len(nodes) - 1 for _, nodes, _ in record.groups) + extra
     training = kind in ("forward", "backward")
     replay = (kind == "inference" or training) and config.cuda_graphs and \
         _cuda_graph_blocker(gm, example_inputs, compiled, record, training) is None
@@ -131,7 +133,7 @@ def _record_plan(gm: fx.GraphModule, plan: FusionPlan, config: FusionConfig, rec
     the patterns: detected while planning, or left for the report to detect when asked."""
     record.decisions, record.fallbacks = plan.decisions, plan.fallbacks
     if plan.replaced:  # user pattern replacements rewrote the graph
-        record.kernels_before = sum(map(is_compute, gm.graph.nodes))
+        record.aten_ops = captured_kernel_count(gm.graph)
     if plan.opportunities is not None:
         record.graph, record.units, record.opportunities, record.config = gm.graph, plan.units, \
             plan.opportunities, config

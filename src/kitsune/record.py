@@ -22,8 +22,9 @@ log = logging.getLogger("kitsune")
 @dataclass(eq=False)
 class GraphRecord:
     name: str
-    kernels_before: int           # ops eager runs as kernels (views are free)
-    kernels_after: int            # the same after fusion
+    kernels_before: int           # kernels eager PyTorch launches (kitsune.ir.eager_count)
+    kernels_after: int            # kernels with Kitsune: unfused compute aten ops + fused kernels
+    aten_ops: int = 0             # compute (non-view) aten ops captured, what runs when nothing fuses
     groups: list = field(default_factory=list)      # (kernel name, nodes fused, source backend)
     fallbacks: list = field(default_factory=list)   # (what, reason) that run through PyTorch
     decisions: list = field(default_factory=list)   # planner Decisions

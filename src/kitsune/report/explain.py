@@ -7,7 +7,7 @@ where the time goes now; fallbacks.
 """
 from __future__ import annotations
 
-from kitsune.planner.cost import eager_kernels, kernel_estimate
+from kitsune.planner.cost import kernel_estimate
 from kitsune.ir.ops import OpKind
 from kitsune.planner.units import is_kernel, node_kind
 from kitsune.report.analysis import graph_estimates, summarize
@@ -41,9 +41,8 @@ class Explanation(str):
 
 
 def eager_kernel_count(record) -> int:
-    if record.units is None:
-        return record.kernels_before
-    return sum(1 for u in record.units.units for part in eager_kernels(u.nodes) if any(map(is_kernel, part)))
+    """Kernels eager PyTorch launches for the record's graph (kitsune.ir.eager_count)."""
+    return record.kernels_before
 
 
 def explain_records(records, verbose: bool = False, config=None) -> str:
@@ -67,7 +66,7 @@ def _summary_lines(records, summary, config) -> list[str]:
     compile_s = sum(r.compile_seconds for r in records)
     lines = [f"Kitsune fusion report: {len(records)} graph(s) ({names}), compiled in {compile_s:.2f} s"]
     eager = sum(eager_kernel_count(r) for r in records)
-    captured = sum(r.kernels_before for r in records)
+    captured = sum(r.aten_ops for r in records)
     after = sum(r.kernels_after for r in records)
     fused = sum(len(r.groups) for r in records)
     lines.append(f"Kernels: eager PyTorch ≈ {eager} | captured aten ops {captured} | Kitsune {after} "

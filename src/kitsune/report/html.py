@@ -220,7 +220,7 @@ def _group_colors(classes) -> tuple[dict, dict]:
 
 def _summary_cards(records, summary) -> list[str]:
     eager = sum(eager_kernel_count(r) for r in records)
-    captured = sum(r.kernels_before for r in records)
+    captured = sum(r.aten_ops for r in records)
     after = sum(r.kernels_after for r in records)
     measured = [m for r in records for m in r.measured.values() if m]
     cards = [(eager, "eager PyTorch kernels (est.)"), (captured, "captured aten ops"), (after, "Kitsune kernels"),

@@ -4,8 +4,13 @@ Keys (all graphs compiled into this stats object):
 
     graphs            number of aten graphs compiled (forward and backward count separately)
     num_fused         fusion groups running as one generated kernel
-    kernels_before    kernels of the captured aten graphs run op by op (views are free)
-    kernels_after     the same after fusion
+    kernels_before    kernels eager PyTorch launches for the compiled graphs (estimated: one per
+                      aten op the user's code or autograd dispatches, so a layer_norm is one
+                      kernel, not its nine captured primitives; views are free; see
+                      kitsune.ir.eager_count)
+    kernels_after     kernels Kitsune launches: captured ops left unfused, one per generated
+                      kernel (two for a split reduction); it can exceed kernels_before where
+                      little fuses (a decomposed op left unfused runs as its primitives)
     efficiency        kernels removed / kernels removable, in [0, 1]: "removable" is what
                       applying every detected pattern opportunity would remove (each connected
                       region of overlapping opportunities becoming one kernel); 1.0 when graphs

@@ -146,21 +146,39 @@ def ddp_worker(rank: int, world_size: int, tmp: str) -> None:
 FSDP_DIM, FSDP_HIDDEN, FSDP_DEPTH = 32, 64, 2
 
 
-def fsdp_worker(rank: int, world_size: int, tmp: str) -> None:
+def _sharded_pair(**fully_shard_kwargs):
+    """The same model twice, each block and the root sharded with `fully_shard`."""
     from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = Stack(FSDP_DIM, FSDP_HIDDEN, FSDP_DEPTH)
+    reference = copy.deepcopy(model)
+    for net in (model, reference):
+        for block in net.blocks:
+            fully_shard(block, **fully_shard_kwargs)
+        fully_shard(net, **fully_shard_kwargs)
+    return model, reference
+
+
+def fsdp_worker(rank: int, world_size: int, tmp: str) -> None:
+    import kitsune
+    from torch.distributed.fsdp import MixedPrecisionPolicy
 
     _init(rank, world_size, tmp)
     try:
-        torch.manual_seed(0)
-        model = Stack(FSDP_DIM, FSDP_HIDDEN, FSDP_DEPTH)
-        reference = copy.deepcopy(model)
-        for net in (model, reference):
-            for block in net.blocks:
-                fully_shard(block)
-            fully_shard(net)
-        compiled = torch.compile(model, backend="kitsune")
+        model, reference = _sharded_pair()
         result = {
-            "compiled": train(compiled, model, rank, FSDP_DIM),
+            "compiled": train(torch.compile(model, backend="kitsune"), model, rank, FSDP_DIM),
+            "eager": train(reference, reference, rank, FSDP_DIM),
+            "kitsune": kitsune_records(),
+        }
+        # FSDP2's mixed precision: bf16 compute on float32 shards, gradients reduced in float32
+        kitsune.reset_fusion_stats()
+        torch._dynamo.reset()
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        model, reference = _sharded_pair(mp_policy=policy)
+        result["bf16"] = {
+            "compiled": train(torch.compile(model, backend="kitsune"), model, rank, FSDP_DIM),
             "eager": train(reference, reference, rank, FSDP_DIM),
             "kitsune": kitsune_records(),
         }

@@ -1,6 +1,7 @@
 """FSDP2 (`torch.distributed.fsdp.fully_shard`) on the CPU (gloo, two processes):
 each block and the root sharded, the root compiled with Kitsune. Training matches
-the same sharded model uncompiled, and every graph Kitsune gets fuses."""
+the same sharded model uncompiled, in float32 and with FSDP2's bf16 mixed
+precision, and every graph Kitsune gets fuses."""
 import pytest
 import torch
 import torch.distributed as dist
@@ -47,9 +48,26 @@ def test_fsdp2_ranks_hold_different_shards_of_one_model(ranks):
     assert not torch.equal(first["compiled"]["params"][weight], second["compiled"]["params"][weight])
 
 
-def test_every_fsdp2_graph_fuses(ranks):
+def test_fsdp2_mixed_precision_training_matches_uncompiled_fsdp2(ranks):
     for rank in ranks:
-        records = rank["kitsune"]
+        compiled, eager = rank["bf16"]["compiled"], rank["bf16"]["eager"]
+        assert compiled["outputs"][0].dtype == eager["outputs"][0].dtype == torch.bfloat16
+        # bf16 tolerances (rtol of one bf16 rounding, atol of one at 1.0): the first
+        # steps agree exactly; the last step's inputs hold parameters that took
+        # two bf16-computed updates, one rounding apart here and there
+        for step, (out_c, out_e) in enumerate(zip(compiled["outputs"], eager["outputs"])):
+            torch.testing.assert_close(out_c, out_e, atol=1e-2, rtol=1.6e-2,
+                                       msg=lambda m, step=step: f"step {step} output: {m}")
+        torch.testing.assert_close(compiled["losses"], eager["losses"], atol=1e-2, rtol=1.6e-2)
+        # float32 gradient shards and parameters (the reduce dtype), from bf16 compute
+        torch.testing.assert_close(compiled["grads"], eager["grads"], atol=1e-3, rtol=1.6e-2)
+        torch.testing.assert_close(compiled["params"], eager["params"], atol=1e-3, rtol=1.6e-2)
+
+
+@pytest.mark.parametrize("precision", ["float32", "bf16"])
+def test_every_fsdp2_graph_fuses(ranks, precision):
+    for rank in ranks:
+        records = rank["kitsune"] if precision == "float32" else rank["bf16"]["kitsune"]
         forward = [g for g in records["graphs"] if g[0] == "forward"]
         assert forward and len(records["graphs"]) == 2 * len(forward), records["graphs"]
         for name, groups, fallbacks in records["graphs"]:

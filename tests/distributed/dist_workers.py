@@ -116,9 +116,10 @@ def _save(result: dict, rank: int, tmp: str) -> None:
     torch.save(result, os.path.join(tmp, f"rank{rank}.pt"))
 
 
-# DDP: with bucket_cap_mb=1 (the smallest DDP allows with its default 1 MB first
-# bucket), fc2 (64x2048 floats, 512 KiB) and fc1 fill the first bucket and the
-# norm starts a second one, so DDPOptimizer splits the graph into two pieces.
+# DDP: bucket_cap_mb=1 is the smallest that Dynamo's DDPOptimizer accepts (it
+# asserts that DDP's 1 MiB first bucket is no larger than the others). fc2
+# (64x2048 floats, 512 KiB) and fc1 fill the first bucket and the norm starts a
+# second one, so DDPOptimizer splits the graph into two pieces.
 DDP_DIM, DDP_HIDDEN, DDP_BUCKET_MB = 64, 2048, 1
 
 

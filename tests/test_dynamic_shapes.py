@@ -167,3 +167,15 @@ def test_reports_work_after_a_dynamic_compile(tmp_path):
     assert kitsune.get_fusion_stats()["num_fused"] >= 1
     json.dumps(kitsune.get_fusion_stats())
 
+
+
+def test_symbolic_sizes_as_numbers(backend):
+    """x / x.numel() and a mean over a symbolic length: the size is a kernel argument."""
+    def f(x):
+        return (x / x.numel()).exp() * 2 + x.mean(-1, keepdim=True) * x + x.var(0)
+
+    compiled, sink = _compile(f, dynamic=True)
+    for n in (5, 9, 13):
+        x = torch.randn(n, 7)
+        torch.testing.assert_close(compiled(x), f(x))
+    _assert_all_fused(sink.graphs[0])

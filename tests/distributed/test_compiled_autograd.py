@@ -44,9 +44,6 @@ def test_compiled_autograd_backward_matches_eager():
     assert stats["graphs"] >= 2 and stats["num_fused"] > 0, stats  # the forward and the traced backward
 
 
-@pytest.mark.xfail(strict=True, reason="dynamic shapes (issue 13, the integrator's part): with dynamic=True "
-                   "Compiled Autograd lifts mean's numel as a SymInt graph input, and the group dividing by it "
-                   "fails to lower (codegen/lower.py reads meta(arg).shape of the SymInt node)")
 def test_dynamic_compiled_autograd_backward_fuses_every_group():
     kitsune.reset_fusion_stats()
     torch.manual_seed(0)

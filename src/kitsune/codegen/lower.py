@@ -108,7 +108,7 @@ def _compute_dtype(node: fx.Node, opdef) -> torch.dtype | None:
     elif opdef.compute == "bool":
         return torch.bool
     elif opdef.compute == "promote":
-        a, b = (meta(x) if isinstance(x, fx.Node) else x for x in node.args[:2])
+        a, b = (_typed(x) for x in node.args[:2])
         dtype = torch.result_type(a, b)
     else:
         return None
@@ -148,6 +148,8 @@ class GroupLowering:
         def convert(position, a):
             if not isinstance(a, fx.Node):
                 return a
+            if meta(a) is None:  # a symbolic size used as a number (x / x.numel())
+                return _symbolic_scalar(a)
             if opdef.compute == "fill":
                 return None  # full_like: only the shape of its argument matters
             v = self.value_at(a, _broadcast(idx, shape, shape_of(meta(a))))
@@ -194,9 +196,7 @@ class GroupLowering:
         else:
             acc = torch.float32 if out_dtype in _LOW_PRECISION else out_dtype
             arg = cast(arg, acc)
-        count = product(in_shape[d] for d in dims)
-        if rdef.combine in ("var", "mean") or rdef.mean:
-            _static(count, "the number of elements reduced")
+        count = product(in_shape[d] for d in dims)  # may be symbolic: a constant from the size arguments
         if rdef.combine == "var":  # two passes: the mean, then the squared deviations
             correction = node.args[2] if len(node.args) > 2 else node.kwargs.get("correction", 1.0)
             mean = call("truediv", reduce("sum", arg), const(count, arg.dtype))
@@ -274,6 +274,26 @@ def _pick(v: Value, match: Value, R: int, memo: dict, position: Value | None = N
         result = Value(v.op, tuple(_pick(a, match, R, memo, position) for a in v.args), v.dtype, v.attr)
     memo[v] = result
     return result
+
+
+def _typed(x):
+    """What `torch.result_type` needs of an operand: its tensor, or a number of its type."""
+    if not isinstance(x, fx.Node):
+        return x
+    val = x.meta.get("val")
+    if isinstance(val, torch.SymInt):
+        return 2
+    if isinstance(val, torch.SymFloat):
+        return 2.0
+    return meta(x)
+
+
+def _symbolic_scalar(node: fx.Node):
+    """The size a graph node holds, as the formulas' Python number (a sympy expression)."""
+    val = node.meta.get("val")
+    if not isinstance(val, torch.SymInt):
+        raise NotFusible(f"{node.name} is not a tensor or a size ({type(val).__name__})")
+    return as_size(val)
 
 
 def _static(size, what: str):

@@ -148,6 +148,10 @@ def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def const(value, dtype: torch.dtype) -> Value:
+    """A constant; `value` may be a symbolic size (a sympy expression, `kitsune.sizes`),
+    which the code generators read from the kernel's size arguments."""
+    if getattr(value, "free_symbols", None) and dtype != torch.bool:
+        return Value("const", (), dtype, value)
     if dtype == torch.bool:
         value = bool(value)
     elif dtype.is_floating_point:

@@ -237,7 +237,10 @@ _SQRT1_2 = 0.70710678118654752
 
 
 def _as_float(value) -> float:
-    """A constant as a float kernel sees it (`literal` rounds it to float)."""
+    """A constant as a float kernel sees it (`literal` rounds it to float); NaN
+    for a symbolic size (equal to no constant)."""
+    if is_symbolic(value):
+        return float("nan")
     return torch.tensor(value, dtype=torch.float32).item()
 
 

@@ -24,6 +24,7 @@ import torch
 from kitsune.codegen.kernel import KernelError
 from kitsune.ir.index import render, render_in_kernel
 from kitsune.ir.scalar import Value
+from kitsune.sizes import is_symbolic, size_text
 
 STORAGE = {
     torch.float16: "_Float16", torch.bfloat16: "uint16_t", torch.float32: "float", torch.float64: "double",
@@ -56,7 +57,11 @@ def _f(dtype: torch.dtype) -> str:
 
 
 def literal(value, dtype: torch.dtype) -> str:
+    """A constant of `dtype`'s compute type as C (a symbolic size: from the
+    kernel's size arguments)."""
     ctype = COMPUTE[dtype]
+    if is_symbolic(value):
+        return f"(({ctype}){size_text(value)})"
     if dtype == torch.bool:
         return "true" if value else "false"
     if dtype.is_floating_point:

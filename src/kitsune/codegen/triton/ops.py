@@ -22,6 +22,7 @@ import torch
 from kitsune.codegen.kernel import KernelError
 from kitsune.ir.index import render, render_in_kernel
 from kitsune.ir.scalar import Value
+from kitsune.sizes import is_symbolic, size_text
 
 TL_DTYPE = {
     torch.float16: "tl.float16", torch.bfloat16: "tl.bfloat16", torch.float32: "tl.float32",
@@ -52,8 +53,11 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def literal(value, dtype: torch.dtype) -> str:
-    """A constant of `dtype`'s compute type as a Triton expression."""
+    """A constant of `dtype`'s compute type as a Triton expression (a symbolic
+    size: from the kernel's size arguments)."""
     cdt = compute_dtype(dtype)
+    if is_symbolic(value):
+        return f"tl.full([], {size_text(value)}, {TL_DTYPE[cdt]})"
     if cdt == torch.bool:
         return f"tl.full([], {int(bool(value))}, tl.int1)"
     if cdt.is_floating_point:

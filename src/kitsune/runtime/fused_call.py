@@ -114,9 +114,13 @@ class FusedGroupCall:
         mismatch = sizes.mismatch(inputs, values)
         if mismatch is not None:
             return self._unfused(inputs, mismatch)
-        device = inputs[0].device if inputs else self.device
-        outputs = [torch.empty_strided(shape, stride, dtype=dtype, device=device)
-                   for shape, stride, dtype in sizes.outputs(values)]
+        alloc = self._alloc
+        if alloc is not None and (self._cuda_index is None or _compat.current_cuda_device() == self._cuda_index):
+            outputs = [alloc(shape, stride, dtype) for shape, stride, dtype in sizes.outputs(values)]
+        else:
+            device = inputs[0].device if inputs else self.device
+            outputs = [torch.empty_strided(shape, stride, dtype=dtype, device=device)
+                       for shape, stride, dtype in sizes.outputs(values)]
         try:
             kernel(inputs[:self.n_tensors], outputs, sizes.kernel_args(values))
         except Exception as error:  # noqa: BLE001 - whatever broke, eager semantics decide

@@ -183,8 +183,9 @@ class SymbolicSizes:
         self._input_layout = compile_sizes(tuple((shape_of(v), strides_of(v)) for v in tensors), names)
         self._output_layout = compile_sizes(tuple((shape_of(v), strides_of(v)) for v in outputs), names)
         self._dtypes = [v.dtype for v in outputs]
-        # the largest offset a narrow (32-bit) kernel may compute
-        self.limit = None if spec.wide_index() else INDEX_LIMIT
+        # a narrow (32-bit) kernel: the largest offset into each tensor, checked per call
+        self._extents = None if spec.wide_index() else compile_sizes(
+            tuple(_extent(v) for v in (*tensors, *outputs)), names)
 
     @staticmethod
     def of(spec: KernelSpec, inputs: list, outputs: list) -> "SymbolicSizes | None":
@@ -220,14 +221,16 @@ class SymbolicSizes:
         """Why the kernel cannot take these inputs (other shapes or strides than the
         sizes imply, or offsets beyond 32-bit indexing), or None."""
         for i, (t, (shape, stride)) in enumerate(zip(inputs, self._input_layout(*values))):
-            if tuple(t.shape) != shape:
-                return f"input {i} has shape {tuple(t.shape)} (the sizes give {shape})"
-            if t.numel() > 0 and any(got != want for size, got, want in zip(shape, t.stride(), stride) if size > 1):
-                return f"input {i} has strides {tuple(t.stride())} (compiled for {stride})"
-            if self.limit is not None and sum((n - 1) * st for n, st in zip(shape, t.stride())) >= self.limit:
-                return f"input {i} needs 64-bit indexing at these sizes"
-        if self.limit is not None:
-            for shape, stride, _ in self.outputs(values):
-                if sum((n - 1) * st for n, st in zip(shape, stride)) >= self.limit:
-                    return "an output needs 64-bit indexing at these sizes"
+            if t.shape != shape or t.stride() != stride:
+                if tuple(t.shape) != shape:
+                    return f"input {i} has shape {tuple(t.shape)} (the sizes give {shape})"
+                if t.numel() > 0 and any(got != want for n, got, want in zip(shape, t.stride(), stride) if n > 1):
+                    return f"input {i} has strides {tuple(t.stride())} (compiled for {stride})"
+        if self._extents is not None and max(self._extents(*values), default=0) >= INDEX_LIMIT:
+            return "offsets beyond 32-bit indexing at these sizes"
         return None
+
+
+def _extent(val: torch.Tensor):
+    """The largest element offset into a tensor of val's layout (sympy)."""
+    return sum(((n - 1) * st for n, st in zip(shape_of(val), strides_of(val))), 0)

@@ -20,6 +20,7 @@ from dataclasses import replace
 import torch
 from torch import fx
 
+from kitsune.capture.restore import restore_aten, restored_copy
 from kitsune.capture.simplify import simplify
 from kitsune.codegen.backends import Backend, backend_for
 from kitsune.codegen.kernel import KernelError
@@ -69,7 +70,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs, kind: str = "graph",
         record.fallbacks.append((kind, f"{type(error).__name__}: {error}"))
         record.groups.clear()
         record.kernel_calls.clear()
-        compiled = gm
+        compiled = restored_copy(gm)  # prims.* run as aten ops; gm stays the graph as planned
     # a split reduction launches two kernels (its parts, then their finish)
     extra = sum(len(getattr(call.kernel, "launches", [call.kernel])) - 1 for call in record.kernel_calls.values())
     record.kernels_after = record.aten_ops - sum(len(nodes) - 1 for _, nodes, _ in record.groups) + extra
@@ -122,6 +123,7 @@ def _compile(gm: fx.GraphModule, config: FusionConfig, record: GraphRecord) -> f
     # with nothing fused the runtime still gets its own graph: binding fast targets and
     # aligning matmuls rewrite it, and the record keeps the graph as planned
     result = build_graph_module(gm, calls) if calls else fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    restore_aten(result)  # what PyTorch runs: the user's aten ops, not prims.* leftovers
     aligned = align_matmuls(result)
     if aligned:
         log.info("%d matmul(s) write padded rows (fast cuBLAS kernels for odd widths)", aligned)
@@ -164,7 +166,7 @@ def _lower(plan: FusionPlan, record: GraphRecord) -> list:
         try:
             # symbolic sizes the call reads from the graph (after its tensors)
             inputs = inputs + size_inputs(group.nodes, inputs, free_symbols(*spec_size_exprs(spec)))
-            call = FusedGroupCall(spec, group_fallback(inputs, outputs, group.nodes),
+            call = FusedGroupCall(spec, restored_copy(group_fallback(inputs, outputs, group.nodes)),
                                   [n.meta.get("val") for n in inputs], [meta(n) for n in outputs])
         except NotFusible as error:  # symbolic sizes the call cannot read from its inputs
             plan.refuse(group, str(error))

@@ -120,3 +120,71 @@ def test_a_failing_rule_leaves_no_half_rewrite(monkeypatch):
 def test_a_graph_without_prims_is_returned_as_it_is():
     gm = fx.symbolic_trace(lambda x: x + 1)
     assert restored_copy(gm) is gm
+
+
+# -- in the compiler: the graph that runs has no prims, whatever fused ------------------------
+
+
+def _layer_norm_graph():
+    """A captured gelu(layer_norm(x)), and its inputs."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from kitsune.capture.dynamo import decomposition_table
+    inputs = [torch.randn(8, 64), torch.randn(64), torch.randn(64)]
+    gm = make_fx(lambda x, w, b: torch.nn.functional.gelu(torch.nn.functional.layer_norm(x, [64], w, b)),
+                 decomposition_table=decomposition_table(), tracing_mode="fake")(*inputs)
+    assert any(map(is_prim, gm.graph.nodes))  # what capture leaves: prims.var, prims.broadcast_in_dim
+    return gm, inputs
+
+
+def _compile(gm, inputs, **config):
+    from kitsune.compiler import compile_graph
+    from kitsune.config import FusionConfig
+    from kitsune.record import RecordSink
+    sink = RecordSink()
+    compiled = compile_graph(gm, inputs, "inference", config=FusionConfig(**config), stats=sink)
+    (record,) = sink.records()
+    return compiled, record
+
+
+def _prims_run(compiled) -> list:
+    return [n for n in compiled.graph.nodes if is_prim(n)]
+
+
+def test_a_graph_where_nothing_fuses_runs_aten_ops():
+    gm, inputs = _layer_norm_graph()
+    expected = gm(*inputs)
+    compiled, record = _compile(gm, inputs, cpu_fusion=False)
+    assert record.groups == [] and _prims_run(compiled) == []
+    torch.testing.assert_close(compiled(*inputs), expected)
+    assert any(map(is_prim, record.graph.nodes))  # the record keeps the graph as planned
+
+
+def test_a_fused_groups_unfused_path_runs_aten_ops():
+    gm, inputs = _layer_norm_graph()
+    expected = gm(*inputs)
+    compiled, record = _compile(gm, inputs)
+    assert record.kernel_calls and _prims_run(compiled) == []
+    for call in record.kernel_calls.values():  # run-time fallback, measured "unfused"
+        assert _prims_run(call.fallback) == []
+    torch.testing.assert_close(compiled(*inputs), expected)
+
+
+def test_a_graph_that_falls_back_whole_runs_a_restored_copy(monkeypatch):
+    import kitsune.compiler
+    gm, inputs = _layer_norm_graph()
+    expected = gm(*inputs)
+    monkeypatch.setattr(kitsune.compiler, "_compile", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    compiled, record = _compile(gm, inputs)
+    assert record.fallbacks == [("inference", "RuntimeError: boom")]
+    assert compiled is not gm and _prims_run(compiled) == [] and any(map(is_prim, gm.graph.nodes))
+    torch.testing.assert_close(compiled(*inputs), expected)
+
+
+def test_a_failing_restore_keeps_the_captured_graph(monkeypatch, caplog):
+    import kitsune.capture.restore as restore
+    gm, _ = _layer_norm_graph()
+    monkeypatch.setattr(restore, "restore_aten", lambda gm: (_ for _ in ()).throw(RuntimeError("boom")))
+    with caplog.at_level("WARNING", logger="kitsune"):
+        assert restored_copy(gm) is gm
+    assert "prims.* ops run as captured" in caplog.text

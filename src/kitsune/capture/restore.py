@@ -80,6 +80,10 @@ def _broadcast_in_dim(emit: _Emitter, a, shape, broadcast_dimensions):
     for dim in range(len(shape)):
         if dim not in broadcast_dimensions:
             result = emit.call(aten.unsqueeze.default, (result, dim))
+    val = result.meta.get("val") if result is not a else None
+    static = val is not None and all(isinstance(s, int) for s in (*shape, *val.shape))  # no guard on a SymInt
+    if static and list(val.shape) == list(shape):
+        return result  # a keepdim row result (layer_norm's mean): the expand would change nothing
     return emit.call(aten.expand.default, (result, shape))
 
 

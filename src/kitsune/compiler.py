@@ -120,6 +120,10 @@ def _compile(gm: fx.GraphModule, config: FusionConfig, record: GraphRecord) -> f
     lowered = _lower(plan, record)
     _build(plan, lowered, record)
     calls = {id(g): (g, call, ins, outs) for g, call, ins, outs, _ in lowered if call.kernel is not None}
+    if not calls and (why := plan.why_nothing_fused()) is not None:  # never silent: once per graph
+        log.info("kitsune: %s graph: nothing fused, it runs through PyTorch: %s", record.name, why)
+        if not record.fallbacks:  # else its refused groups say why
+            record.fallbacks.append((record.name, f"nothing fused: {why}"))
     # with nothing fused the runtime still gets its own graph: binding fast targets and
     # aligning matmuls rewrite it, and the record keeps the graph as planned
     result = build_graph_module(gm, calls) if calls else fx.GraphModule(gm, copy.deepcopy(gm.graph))

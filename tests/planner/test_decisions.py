@@ -55,7 +55,8 @@ def test_backend_refusal_takes_the_group_out_of_the_plan():
     assert admit(plan, group, "spec", lambda spec: None) is None and plan.groups == [group]
     assert admit(plan, group, "spec", lambda spec: f"{spec}: too few rows") == "spec: too few rows"
     assert plan.groups == [] and _refusals(plan) == {("mul", "add", "relu"): "spec: too few rows"}
-    assert plan.fallbacks == []  # a planned refusal, not a failure
+    # a planned refusal, not a failure, but the group runs through PyTorch: reported with its reason
+    assert plan.fallbacks == [("mul → add → relu", "spec: too few rows")]
 
 
 class _Backend:
@@ -85,7 +86,8 @@ def _compile(monkeypatch, backend, x):
 
 def test_compiler_asks_the_backend_and_records_its_refusal(monkeypatch):
     record = _compile(monkeypatch, _Backend(refusal="refused by the backend"), torch.randn(4, 8))
-    assert record.fallbacks == []  # a planned refusal, not a failure
+    # a planned refusal, not a failure, but the group runs through PyTorch: reported with its reason
+    assert record.fallbacks == [("mul → add → relu", "refused by the backend")]
     assert _refusals(record)[("mul", "add", "relu")] == "refused by the backend"
 
 

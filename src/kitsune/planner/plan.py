@@ -17,6 +17,11 @@ from kitsune.ir.graph import meta, numel, user_op_key
 from kitsune.sizes import hint, product, shape_of
 from kitsune.ir.ops import REDUCTION_OPS, reduction_signature
 
+# Refusals that say an op is PyTorch's by design (a matmul, a lone op, an empty
+# reduction), not that fusible work went unfused: a graph made only of these is
+# not reported as a graph that fused nothing (`FusionPlan.why_nothing_fused`).
+BY_DESIGN = ("nothing to fuse", "(runs through PyTorch)")
+
 # Dtype conversions are free in registers: they do not count as user operations.
 FREE_OPS = (torch.ops.aten._to_copy.default, torch.ops.prims.convert_element_type.default)
 
@@ -114,3 +119,18 @@ class FusionPlan:
         if fallback:
             self.fallbacks.append((group.label(), reason))
         return decision
+
+    def why_nothing_fused(self, most: int = 3) -> str | None:
+        """For a plan that fuses nothing: why (the `most` commonest reasons, with their
+        counts): those of the groups it refused, else those of its other refusals; None
+        when every refusal is one `BY_DESIGN`."""
+        reasons = [why for _, why in self.fallbacks] or [
+            d.reason for d in self.decisions if not d.fused and not any(mark in d.reason for mark in BY_DESIGN)]
+        counts: dict[str, int] = {}
+        for reason in reasons:
+            counts[reason] = counts.get(reason, 0) + 1
+        if not counts:
+            return None
+        ranked = sorted(counts.items(), key=lambda kv: -kv[1])
+        text = "; ".join(f"{reason} (×{n})" if n > 1 else reason for reason, n in ranked[:most])
+        return text + (f"; {len(ranked) - most} other reason(s)" if len(ranked) > most else "")

@@ -175,8 +175,9 @@ def apply_group_policy(plan: FusionPlan, config: FusionConfig) -> None:
 def admit(plan: FusionPlan, group: FusionGroup, spec, refusal: Callable[[object], str | None]) -> str | None:
     """Ask the backend (`refusal`, e.g. `Backend.refusal`) whether it runs the
     lowered group `spec`; a refusal takes the group out of the plan with the
-    backend's reason, which is returned."""
+    backend's reason, which is returned; like every group formed but not
+    generated, it is reported among the fallbacks."""
     reason = refusal(spec)
     if reason is not None:
-        plan.refuse(group, reason)
+        plan.refuse(group, reason, fallback=True)
     return reason

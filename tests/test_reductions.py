@@ -482,8 +482,13 @@ def test_whole_tensor_reductions_are_split(backend, name):
     if not exact.isnan().any():
         assert ((got.double() - exact).abs() <= 2 * (want.double() - exact).abs() + 1e-6 * exact.abs()).all()
     stats = kitsune.get_fusion_stats()
-    assert stats["fallbacks"] == []
     fused = backend == "cpu" or name != "var_two_stages"
+    if fused:
+        assert stats["fallbacks"] == []
+    else:  # refused by the Triton backend: it runs through PyTorch, reported with the reason
+        assert [why for _, why in stats["fallbacks"]] == [
+            "1 row(s) of 150000 elements and the reduction cannot be split (several stages, or a per-element "
+            "output needs it)"], stats["fallbacks"]
     reduced = any(w in n for g in stats["groups"] for n in g[1] for w in ("mean", "amax", "sum", "var"))
     assert reduced == fused, stats["groups"]
     if fused and backend != "cpu":  # the parts and their finish: two kernels, counted as such

@@ -13,6 +13,7 @@ settings that decide what the second graph is and whether it fuses:
 - cpu_fusion=False:   FusionConfig(cpu_fusion=False): nothing fuses
 - min_tensor_size:    FusionConfig(min_tensor_size=10**9): nothing fuses
 - forced fallback:    the compiler raises, so the whole graph runs as captured
+- aot_eager:          PyTorch's own backend, undecomposed ops: the cost of a compiled call
 
 `--no-restore` replaces the pass with a no-op, giving the figures before it.
 """
@@ -56,7 +57,8 @@ def case(name: str, backend, dynamic=None, automatic_dynamic=True, patches=()) -
         for x in (big, small):
             compiled(x)  # compiles
             torch.testing.assert_close(compiled(x), model(x))
-            fused = GLOBAL_STATS.records()[-1].groups if GLOBAL_STATS.records() else []
+            records = GLOBAL_STATS.records()
+            fused = records[-1].groups if records else []
             rows.append([name, str(x.shape[0]), f"{per_call_us(compiled, x):.1f}",
                          f"{per_call_us(model, x):.1f}", str(len(fused))])
     return rows
@@ -84,6 +86,7 @@ def main() -> None:
     rows += case("cpu_fusion=False", make_backend(FusionConfig(cpu_fusion=False)), patches=base)
     rows += case("min_tensor_size=1e9", make_backend(FusionConfig(min_tensor_size=10**9)), patches=base)
     rows += case("forced fallback", "kitsune", patches=base + [failing])
+    rows += case("aot_eager (reference)", "aot_eager")  # torch.compile's own cost, no fusion
     print(f"restore pass: {'off' if args.no_restore else 'on'}; torch {torch.__version__}; "
           f"{torch.get_num_threads()} threads")
     print(common.markdown_table(["setting", "batch", "kitsune us/call", "eager us/call", "fused groups"], rows))

@@ -22,8 +22,11 @@ Keys (all graphs compiled into this stats object):
     bytes_after       estimated memory traffic with Kitsune's kernels
     estimated_speedup eager time / Kitsune time under the roofline model (kitsune.planner.cost)
     patterns          {pattern: {"detected", "applied", "partial", "not_applied", "disabled"}}
-    fallbacks         (what, reason) for everything that runs through PyTorch after failing
-                      at compile time
+    fallbacks         (what, reason) for everything that runs through PyTorch although it
+                      was planned or compiled to fuse: groups the configuration, a backend
+                      or a measurement refused, failed lowerings and builds, a graph that
+                      failed whole, and (what = the graph's name, "nothing fused: ...") a
+                      graph that fused nothing for reasons no refused group gives
     runtime_fallbacks (kernel, reason, calls) for fused groups whose original ops ran through
                       PyTorch at run time: "kernel launch failed: ..." (the kernel is off from
                       then on; every later call counts too), "input k has strides/shape ..."

@@ -76,6 +76,7 @@ def test_a_fused_graph_is_not_reported_as_unfused(caplog):
 def test_why_nothing_fused_ranks_the_refusals(reasons, expected):
     plan = FusionPlan(decisions=[Decision((f"n{i}",), False, r) for i, r in enumerate(reasons)])
     plan.decisions.append(Decision(("m",), True, "pointwise chain of 2 ops"))
+    plan.decisions.append(Decision(("x → y", "z"), False, "reductions over different iteration spaces"))
     assert plan.why_nothing_fused() == expected
 
 

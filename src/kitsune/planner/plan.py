@@ -122,10 +122,12 @@ class FusionPlan:
 
     def why_nothing_fused(self, most: int = 3) -> str | None:
         """For a plan that fuses nothing: why (the `most` commonest reasons, with their
-        counts): those of the groups it refused, else those of its other refusals; None
-        when every refusal is one `BY_DESIGN`."""
+        counts): those of the groups it refused, else those of the nodes it refused
+        (a switch, a dtype, a dynamic shape); None when every refusal is one `BY_DESIGN`.
+        Refused merges are left out: each side is then a lone op, by design."""
         reasons = [why for _, why in self.fallbacks] or [
-            d.reason for d in self.decisions if not d.fused and not any(mark in d.reason for mark in BY_DESIGN)]
+            d.reason for d in self.decisions
+            if not d.fused and len(d.nodes) == 1 and not any(mark in d.reason for mark in BY_DESIGN)]
         counts: dict[str, int] = {}
         for reason in reasons:
             counts[reason] = counts.get(reason, 0) + 1

@@ -5,7 +5,7 @@
 batch 5 (the second call recompiles), timed per call against eager, in several
 settings that decide what the second graph is and whether it fuses:
 
-    PYTHONPATH=src python3 benchmarks/probes/probe_leftovers.py [--no-restore]
+    PYTHONPATH=src python3 benchmarks/probes/probe_leftovers.py [--no-restore] [--device cuda]
 
 - default:            Dynamo's automatic dynamic shapes (the batch-5 graph is symbolic)
 - static:             torch._dynamo.config.automatic_dynamic_shapes=False
@@ -16,6 +16,9 @@ settings that decide what the second graph is and whether it fuses:
 - aot_eager:          PyTorch's own backend, undecomposed ops: the cost of a compiled call
 
 `--no-restore` replaces the pass with a no-op, giving the figures before it.
+`--list-prims` instead captures real graphs (LayerNorm, GELU, softmax, cross-entropy,
+GroupNorm, var, tiny GPT-2 and BERT from transformers, static and dynamic, forward and
+backward) with Kitsune's decomposition table and counts the prims.* ops they hold.
 """
 from __future__ import annotations
 
@@ -38,18 +41,18 @@ from kitsune.backend import make_backend  # noqa: E402
 from kitsune.config import FusionConfig  # noqa: E402
 from kitsune.report.stats import GLOBAL_STATS  # noqa: E402
 
-CPU = torch.device("cpu")
+DEVICE = torch.device("cpu")
 
 
 def per_call_us(fn, x) -> float:
-    return common.time_ms(lambda: fn(x), CPU, repeats=2000).median_ms * 1e3
+    return common.time_ms(lambda: fn(x), DEVICE, repeats=2000).median_ms * 1e3
 
 
 def case(name: str, backend, dynamic=None, automatic_dynamic=True, patches=()) -> list:
     torch._dynamo.reset()
     GLOBAL_STATS.reset()
-    model = torch.nn.LayerNorm(64)
-    big, small = torch.randn(8, 64), torch.randn(5, 64)
+    model = torch.nn.LayerNorm(64).to(DEVICE)
+    big, small = torch.randn(8, 64, device=DEVICE), torch.randn(5, 64, device=DEVICE)
     with torch._dynamo.config.patch(automatic_dynamic_shapes=automatic_dynamic), \
             torch.no_grad(), contextlib_all(patches):
         compiled = torch.compile(model, backend=backend, dynamic=dynamic)
@@ -72,10 +75,66 @@ def contextlib_all(patches):
     return stack
 
 
+def list_prims() -> None:
+    import collections
+
+    import torch.nn.functional as F
+
+    from kitsune._compat import aot_autograd, make_boxed_func
+    from kitsune.capture.dynamo import decomposition_table
+    found = collections.Counter()
+
+    def counting(gm, example_inputs):
+        found.update(str(n.target) for n in gm.graph.nodes if str(n.target).startswith("prims."))
+        return make_boxed_func(gm.forward)
+
+    def capture(fn, *inputs, train=True, dynamic=None):
+        torch._dynamo.reset()
+        backend = aot_autograd(fw_compiler=counting, bw_compiler=counting, inference_compiler=counting,
+                               decompositions=decomposition_table(True))
+        out = torch.compile(fn, backend=backend, dynamic=dynamic)(*inputs)
+        if train:
+            out = out if isinstance(out, torch.Tensor) else out[0]
+            out.float().sum().backward()
+
+    x = torch.randn(8, 16, 64, requires_grad=True)
+    for dynamic in (None, True):
+        capture(torch.nn.LayerNorm(64), x, dynamic=dynamic)
+        capture(torch.nn.GELU(), x, dynamic=dynamic)
+        capture(lambda t: torch.softmax(t, -1), x, dynamic=dynamic)
+        capture(lambda t, y: F.cross_entropy(t, y), torch.randn(8, 10, requires_grad=True),
+                torch.randint(0, 10, (8,)), dynamic=dynamic)
+        capture(torch.nn.GroupNorm(4, 16), torch.randn(2, 16, 8, 8, requires_grad=True), dynamic=dynamic)
+        capture(lambda t: t.var(-1), x, dynamic=dynamic)
+        capture(torch.nn.LayerNorm(64).bfloat16(), x.detach().bfloat16().requires_grad_(), dynamic=dynamic)
+    try:
+        from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
+    except ImportError:
+        print("transformers not installed: GPT-2 and BERT skipped")
+    else:
+        ids = torch.randint(0, 100, (2, 16))
+        gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=64))
+        bert = BertModel(BertConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                                    intermediate_size=128, vocab_size=100))
+        for model in (gpt2, bert):
+            capture(model, ids)
+            with torch.no_grad():
+                capture(model.eval(), ids, train=False, dynamic=True)
+    print(f"torch {torch.__version__}: prims.* ops in the captured graphs")
+    print(common.markdown_table(["op", "nodes"], [[op, str(n)] for op, n in found.most_common()]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--no-restore", action="store_true", help="disable the restore pass (the figures before it)")
+    parser.add_argument("--list-prims", action="store_true", help="count the prims.* ops of real captured graphs")
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    switch = "gpu_fusion" if DEVICE.type == "cuda" else "cpu_fusion"
+    if args.list_prims:
+        return list_prims()
     base = [mock.patch("kitsune.compiler.restore_aten", lambda gm: 0),
             mock.patch("kitsune.compiler.restored_copy", lambda gm: gm)] if args.no_restore else []
     failing = mock.patch("kitsune.compiler._compile", side_effect=RuntimeError("forced for the probe"))
@@ -83,11 +142,11 @@ def main() -> None:
     rows += case("default", "kitsune", patches=base)
     rows += case("static", "kitsune", automatic_dynamic=False, patches=base)
     rows += case("dynamic=True", "kitsune", dynamic=True, patches=base)
-    rows += case("cpu_fusion=False", make_backend(FusionConfig(cpu_fusion=False)), patches=base)
+    rows += case(f"{switch}=False", make_backend(FusionConfig(**{switch: False})), patches=base)
     rows += case("min_tensor_size=1e9", make_backend(FusionConfig(min_tensor_size=10**9)), patches=base)
     rows += case("forced fallback", "kitsune", patches=base + [failing])
     rows += case("aot_eager (reference)", "aot_eager")  # torch.compile's own cost, no fusion
-    print(f"restore pass: {'off' if args.no_restore else 'on'}; torch {torch.__version__}; "
+    print(f"restore pass: {'off' if args.no_restore else 'on'}; {DEVICE}; torch {torch.__version__}; "
           f"{torch.get_num_threads()} threads")
     print(common.markdown_table(["setting", "batch", "kitsune us/call", "eager us/call", "fused groups"], rows))
 

@@ -35,7 +35,7 @@ def test_a_graph_of_refused_nodes_is_reported_whole(caplog):
     assert stats["num_fused"] == 0
     (entry,) = stats["fallbacks"]
     assert entry[0] == "inference" and entry[1].startswith("nothing fused: elementwise fusion disabled (×")
-    assert logged == [f"kitsune: inference graph: nothing fused, it runs through PyTorch: {entry[1][15:]}"]
+    assert logged == [f"inference graph: nothing fused, it runs through PyTorch: {entry[1][15:]}"]
     assert "nothing fused: elementwise fusion disabled" in text
 
 

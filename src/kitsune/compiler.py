@@ -121,7 +121,7 @@ def _compile(gm: fx.GraphModule, config: FusionConfig, record: GraphRecord) -> f
     _build(plan, lowered, record)
     calls = {id(g): (g, call, ins, outs) for g, call, ins, outs, _ in lowered if call.kernel is not None}
     if not calls and (why := plan.why_nothing_fused()) is not None:  # never silent: once per graph
-        log.info("kitsune: %s graph: nothing fused, it runs through PyTorch: %s", record.name, why)
+        log.info("%s graph: nothing fused, it runs through PyTorch: %s", record.name, why)
         if not record.fallbacks:  # else its refused groups say why
             record.fallbacks.append((record.name, f"nothing fused: {why}"))
     # with nothing fused the runtime still gets its own graph: binding fast targets and
@@ -173,7 +173,7 @@ def _lower(plan: FusionPlan, record: GraphRecord) -> list:
             call = FusedGroupCall(spec, restored_copy(group_fallback(inputs, outputs, group.nodes)),
                                   [n.meta.get("val") for n in inputs], [meta(n) for n in outputs])
         except NotFusible as error:  # symbolic sizes the call cannot read from its inputs
-            plan.refuse(group, str(error))
+            plan.refuse(group, str(error), fallback=True)
             log.info("%s graph: not fused: %s: %s", record.name, group.label(), error)
             continue
         lowered.append((group, call, inputs, outputs, backend))

@@ -148,7 +148,7 @@ def _restore(graph: fx.Graph, node: fx.Node) -> bool:
         result = rule(emit, *node.args, **node.kwargs) if rule is not None else None
     except Exception as error:  # noqa: BLE001 - the prim keeps running as captured
         emit.undo()
-        log.debug("kitsune: %s stays a prim: %s: %s", node.name, type(error).__name__, error)
+        log.debug("%s stays a prim: %s: %s", node.name, type(error).__name__, error)
         result = None
     if result is not None:
         result.meta = {**node.meta, **({"val": result.meta["val"]} if "val" in result.meta else {})}
@@ -182,6 +182,6 @@ def restored_copy(gm: fx.GraphModule) -> fx.GraphModule:
         restore_aten(restored)
         return restored
     except Exception as error:  # noqa: BLE001 - never break a graph that runs
-        log.warning("kitsune: prims.* ops run as captured (slower than eager): %s: %s",
+        log.warning("prims.* ops run as captured (slower than eager): %s: %s",
                     type(error).__name__, error)
         return gm

@@ -44,8 +44,11 @@ from kitsune.report.stats import GLOBAL_STATS  # noqa: E402
 DEVICE = torch.device("cpu")
 
 
-def per_call_us(fn, x) -> float:
-    return common.time_ms(lambda: fn(x), DEVICE, repeats=2000).median_ms * 1e3
+def per_call_us(compiled, model, x) -> tuple[float, float]:
+    """(compiled, eager) µs per call: medians of interleaved rounds (the machine is shared)."""
+    timings = common.interleaved_rounds({"compiled": lambda: compiled(x), "eager": lambda: model(x)},
+                                        DEVICE, rounds=40, calls=25)
+    return timings["compiled"].median_ms * 1e3, timings["eager"].median_ms * 1e3
 
 
 def case(name: str, backend, dynamic=None, automatic_dynamic=True, patches=()) -> list:
@@ -62,8 +65,8 @@ def case(name: str, backend, dynamic=None, automatic_dynamic=True, patches=()) -
             torch.testing.assert_close(compiled(x), model(x))
             records = GLOBAL_STATS.records()
             fused = records[-1].groups if records else []
-            rows.append([name, str(x.shape[0]), f"{per_call_us(compiled, x):.1f}",
-                         f"{per_call_us(model, x):.1f}", str(len(fused))])
+            compiled_us, eager_us = per_call_us(compiled, model, x)
+            rows.append([name, str(x.shape[0]), f"{compiled_us:.1f}", f"{eager_us:.1f}", str(len(fused))])
     return rows
 
 

@@ -188,3 +188,32 @@ def test_a_failing_restore_keeps_the_captured_graph(monkeypatch, caplog):
     with caplog.at_level("WARNING", logger="kitsune"):
         assert restored_copy(gm) is gm
     assert "prims.* ops run as captured" in caplog.text
+
+
+def test_restoring_a_symbolic_graph_adds_no_shape_guard(monkeypatch):
+    import torch._dynamo as dynamo
+
+    import kitsune.compiler
+    from kitsune.backend import make_backend
+    from kitsune.config import FusionConfig
+    norm = torch.nn.LayerNorm(16)
+
+    def program(x):
+        return torch.softmax(norm(x), -1).var(-1)
+
+    def shape_guards(backend, x):
+        dynamo.reset()
+        found = []
+
+        def export(guards):
+            found.extend(c for g in guards for c in (g.code_list or ()) if "size()" in c or "stride()" in c)
+        out = dynamo.optimize(backend, guard_export_fn=export, dynamic=True)(program)(x)
+        return sorted(set(found)), out
+
+    restored = []
+    monkeypatch.setattr(kitsune.compiler, "restore_aten", lambda gm: restored.append(restore_aten(gm)))
+    x = torch.randn(8, 5, 16)
+    guards, out = shape_guards(make_backend(FusionConfig(cpu_fusion=False)), x)
+    assert sum(restored) > 0  # the graph that runs had prims, now aten ops
+    assert guards and guards == shape_guards("aot_eager", x)[0]
+    torch.testing.assert_close(out, program(x))

@@ -132,7 +132,11 @@ def main() -> None:
     parser.add_argument("--no-restore", action="store_true", help="disable the restore pass (the figures before it)")
     parser.add_argument("--list-prims", action="store_true", help="count the prims.* ops of real captured graphs")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads (1: a tiny LayerNorm gains nothing from more, and they make "
+                             "timings on a shared machine erratic)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     global DEVICE
     DEVICE = torch.device(args.device)
     switch = "gpu_fusion" if DEVICE.type == "cuda" else "cpu_fusion"

@@ -59,11 +59,9 @@ def compile_graph(gm: fx.GraphModule, example_inputs, kind: str = "graph",
     start = time.perf_counter()
     record = GraphRecord(name=kind, kernels_before=eager_kernel_count(gm.graph, kind),
                          aten_ops=captured_kernel_count(gm.graph), kernels_after=0)
-    compiled_ok = False
     try:
         with hints_from(example_inputs):
             compiled = _compile(gm, config, record)
-        compiled_ok = True
     except Exception as error:  # noqa: BLE001 - never crash the user's model
         log.warning("%s graph runs unfused through PyTorch: %s: %s", kind, type(error).__name__, error,
                     exc_info=log.isEnabledFor(logging.DEBUG))
@@ -77,7 +75,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs, kind: str = "graph",
     training = kind in ("forward", "backward")
     replay = (kind == "inference" or training) and config.cuda_graphs and \
         _cuda_graph_blocker(gm, example_inputs, compiled, record, training) is None
-    if compiled_ok and isinstance(compiled, fx.GraphModule):
+    if compiled is not gm and isinstance(compiled, fx.GraphModule):  # Kitsune's own copy, fallback included
         bind_fast_targets(compiled)  # after every analysis that reads its aten targets
     # measured on the first real call, before a CUDA-graph runner records the graph
     compiled = measured(compiled, gm, record, config, profile)

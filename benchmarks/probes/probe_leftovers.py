@@ -51,11 +51,26 @@ def per_call_us(compiled, model, x) -> tuple[float, float]:
     return timings["compiled"].median_ms * 1e3, timings["eager"].median_ms * 1e3
 
 
+def layer_norm():
+    """LayerNorm(64), and its inputs: batch 8, then 5."""
+    return torch.nn.LayerNorm(64).to(DEVICE), [torch.randn(8, 64, device=DEVICE), torch.randn(5, 64, device=DEVICE)]
+
+
+def gpt2():
+    """A tiny GPT-2 (2 layers, width 64) from transformers, and its inputs: 2 sequences of 16, then 24 tokens."""
+    from transformers import GPT2Config, GPT2Model
+    model = GPT2Model(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=64)).eval()
+    return (lambda ids: model(ids).last_hidden_state), [torch.randint(0, 100, (2, n)) for n in (16, 24)]
+
+
+MODELS = {"layernorm": layer_norm, "gpt2": gpt2}
+MAKE = layer_norm
+
+
 def case(name: str, backend, dynamic=None, automatic_dynamic=True, patches=()) -> list:
     torch._dynamo.reset()
     GLOBAL_STATS.reset()
-    model = torch.nn.LayerNorm(64).to(DEVICE)
-    big, small = torch.randn(8, 64, device=DEVICE), torch.randn(5, 64, device=DEVICE)
+    model, (big, small) = MAKE()
     with torch._dynamo.config.patch(automatic_dynamic_shapes=automatic_dynamic), \
             torch.no_grad(), contextlib_all(patches):
         compiled = torch.compile(model, backend=backend, dynamic=dynamic)
@@ -66,7 +81,8 @@ def case(name: str, backend, dynamic=None, automatic_dynamic=True, patches=()) -
             records = GLOBAL_STATS.records()
             fused = records[-1].groups if records else []
             compiled_us, eager_us = per_call_us(compiled, model, x)
-            rows.append([name, str(x.shape[0]), f"{compiled_us:.1f}", f"{eager_us:.1f}", str(len(fused))])
+            shape = "x".join(map(str, x.shape))
+            rows.append([name, shape, f"{compiled_us:.1f}", f"{eager_us:.1f}", str(len(fused))])
     return rows
 
 
@@ -132,13 +148,14 @@ def main() -> None:
     parser.add_argument("--no-restore", action="store_true", help="disable the restore pass (the figures before it)")
     parser.add_argument("--list-prims", action="store_true", help="count the prims.* ops of real captured graphs")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model", choices=sorted(MODELS), default="layernorm")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads (1: a tiny LayerNorm gains nothing from more, and they make "
                              "timings on a shared machine erratic)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    global DEVICE
-    DEVICE = torch.device(args.device)
+    global DEVICE, MAKE
+    DEVICE, MAKE = torch.device(args.device), MODELS[args.model]
     switch = "gpu_fusion" if DEVICE.type == "cuda" else "cpu_fusion"
     if args.list_prims:
         return list_prims()
@@ -153,9 +170,9 @@ def main() -> None:
     rows += case("min_tensor_size=1e9", make_backend(FusionConfig(min_tensor_size=10**9)), patches=base)
     rows += case("forced fallback", "kitsune", patches=base + [failing])
     rows += case("aot_eager (reference)", "aot_eager")  # torch.compile's own cost, no fusion
-    print(f"restore pass: {'off' if args.no_restore else 'on'}; {DEVICE}; torch {torch.__version__}; "
+    print(f"{args.model}; restore pass: {'off' if args.no_restore else 'on'}; {DEVICE}; torch {torch.__version__}; "
           f"{torch.get_num_threads()} threads")
-    print(common.markdown_table(["setting", "batch", "kitsune us/call", "eager us/call", "fused groups"], rows))
+    print(common.markdown_table(["setting", "input", "kitsune us/call", "eager us/call", "fused groups"], rows))
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ def test_a_graph_of_refused_nodes_is_reported_whole(caplog):
     stats, logged, text = _run(_chain, config, torch.randn(4, 8), caplog=caplog)
     assert stats["num_fused"] == 0
     (entry,) = stats["fallbacks"]
-    assert entry[0] == "inference" and entry[1].startswith("nothing fused: elementwise fusion disabled (×")
+    assert entry[0] == "whole graph" and entry[1].startswith("nothing fused: elementwise fusion disabled (×")
     assert logged == [f"inference graph: nothing fused, it runs through PyTorch: {entry[1][15:]}"]
     assert "nothing fused: elementwise fusion disabled" in text
 

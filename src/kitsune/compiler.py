@@ -121,7 +121,7 @@ def _compile(gm: fx.GraphModule, config: FusionConfig, record: GraphRecord) -> f
     if not calls and (why := plan.why_nothing_fused()) is not None:  # never silent: once per graph
         log.info("%s graph: nothing fused, it runs through PyTorch: %s", record.name, why)
         if not record.fallbacks:  # else its refused groups say why
-            record.fallbacks.append((record.name, f"nothing fused: {why}"))
+            record.fallbacks.append(("whole graph", f"nothing fused: {why}"))
     # with nothing fused the runtime still gets its own graph: binding fast targets and
     # aligning matmuls rewrite it, and the record keeps the graph as planned
     result = build_graph_module(gm, calls) if calls else fx.GraphModule(gm, copy.deepcopy(gm.graph))

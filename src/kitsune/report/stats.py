@@ -25,7 +25,7 @@ Keys (all graphs compiled into this stats object):
     fallbacks         (what, reason) for everything that runs through PyTorch although it
                       was planned or compiled to fuse: groups the configuration, a backend
                       or a measurement refused, failed lowerings and builds, a graph that
-                      failed whole, and (what = the graph's name, "nothing fused: ...") a
+                      failed whole, and ("whole graph", "nothing fused: ...") a
                       graph that fused nothing for reasons no refused group gives
     runtime_fallbacks (kernel, reason, calls) for fused groups whose original ops ran through
                       PyTorch at run time: "kernel launch failed: ..." (the kernel is off from

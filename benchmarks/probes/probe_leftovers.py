@@ -1,6 +1,6 @@
 # Unmaintained probe (issue 13, "never slower than eager"): what a graph that does not
 # fuse costs per call on the CPU, with and without kitsune.capture.restore (prims.*
-# decomposition leftovers run as aten ops). Results in benchmarks/RESULTS.md.
+# decomposition leftovers run as aten ops). Results in benchmarks/results/probe_leftovers_cpu_2026-12-07.log.
 """A `LayerNorm(64)` compiled with backend="kitsune", called with batch 8 and then
 batch 5 (the second call recompiles), timed per call against eager, in several
 settings that decide what the second graph is and whether it fuses:

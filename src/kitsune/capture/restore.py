@@ -146,9 +146,10 @@ def _restore(graph: fx.Graph, node: fx.Node) -> bool:
     emit = _Emitter(graph, node)
     try:
         result = rule(emit, *node.args, **node.kwargs) if rule is not None else None
-    except Exception as error:  # noqa: BLE001 - the prim keeps running as captured
+    except Exception as error:  # noqa: BLE001 - a rule that fails leaves the prim to impl_aten below
         emit.undo()
-        log.debug("%s stays a prim: %s: %s", node.name, type(error).__name__, error)
+        log.debug("%s: no aten rewrite (%s: %s); its aten implementation runs", node.name,
+                  type(error).__name__, error)
         result = None
     if result is not None:
         result.meta = {**node.meta, **({"val": result.meta["val"]} if "val" in result.meta else {})}

@@ -333,8 +333,9 @@ def test_long_rows(backend):
 def test_rows_of_seventy_thousand(backend):
     """Rows longer than any block (70001 elements, odd): the Triton kernel
     walks them in chunks (online softmax), the C kernel in one simd loop."""
-    if backend == "triton-looped":
-        pytest.skip("8-element chunks over 70001 elements are too slow in the interpreter; 'triton' loops too")
+    if backend in ("triton-looped", "triton-split"):
+        pytest.skip("8-element chunks over 70001 elements are too slow in the interpreter (150 s); 'triton' "
+                    "loops too, and test_long_rows splits long rows")
 
     def f(x):
         return torch.softmax(x * 2, -1), torch.logsumexp(x, -1), (x - x.mean(-1, keepdim=True)).amax(-1)

@@ -26,7 +26,8 @@ from typing import Callable
 
 import torch
 from torch import fx
-from torch._prims_common import is_integer_dtype
+
+from kitsune import _compat
 
 log = logging.getLogger("kitsune")
 
@@ -106,7 +107,8 @@ def _div(emit: _Emitter, a, b):
     val = a.meta.get("val") if isinstance(a, fx.Node) else None
     if not isinstance(val, torch.Tensor):
         return None  # a scalar numerator: the prim's own implementation runs
-    if is_integer_dtype(val.dtype):
+    integer = not (val.dtype.is_floating_point or val.dtype.is_complex or val.dtype == torch.bool)
+    if integer:  # integer division truncates
         return emit.call(aten.div.Tensor_mode, (a, b), {"rounding_mode": "trunc"})
     return emit.call(aten.div.Tensor, (a, b))
 
@@ -128,7 +130,7 @@ RULES: dict[object, Callable] = {
 
 
 def is_prim(node: fx.Node) -> bool:
-    return node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) and \
+    return node.op == "call_function" and isinstance(node.target, _compat.OpOverload) and \
         node.target.namespace == "prims"
 
 

@@ -87,23 +87,7 @@ class FusedGroupCall:
             mismatch = self._layout_mismatch(inputs)
             if mismatch is not None:
                 return self._unfused(inputs, mismatch)
-        alloc = self._alloc
-        if alloc is not None and (self._cuda_index is None or _compat.current_cuda_device() == self._cuda_index):
-            outputs = [alloc(shape, stride, dtype) for shape, stride, dtype in self.output_meta]
-        else:
-            device = inputs[0].device if inputs else self.device
-            outputs = [torch.empty_strided(shape, stride, dtype=dtype, device=device)
-                       for shape, stride, dtype in self.output_meta]
-        try:
-            kernel(inputs, outputs)
-        except Exception as error:  # noqa: BLE001 - whatever broke, eager semantics decide
-            result = self.fallback(*inputs)  # raises eager's own error if the inputs are invalid
-            self.disable(f"kernel launch failed: {type(error).__name__}: {error}", at_run_time=True)
-            self._count(self.runtime_failure)
-            return result
-        if _DEBUG:
-            return self._check(inputs, outputs)
-        return tuple(outputs)
+        return self._launch(kernel, inputs, inputs, self.output_meta)
 
     def _call_symbolic(self, kernel, inputs):
         """A kernel over symbolic sizes: the sizes read from the inputs, the
@@ -114,17 +98,23 @@ class FusedGroupCall:
         mismatch = sizes.mismatch(inputs, values)
         if mismatch is not None:
             return self._unfused(inputs, mismatch)
+        return self._launch(kernel, inputs, inputs[:self.n_tensors], sizes.outputs(values),
+                            sizes.kernel_args(values))
+
+    def _launch(self, kernel, inputs, tensors, output_meta, *size_args):
+        """Allocate eager's output layout and run the kernel on `tensors` (the
+        call's tensor inputs); a failure runs the group's ops on `inputs`."""
         alloc = self._alloc
         if alloc is not None and (self._cuda_index is None or _compat.current_cuda_device() == self._cuda_index):
-            outputs = [alloc(shape, stride, dtype) for shape, stride, dtype in sizes.outputs(values)]
+            outputs = [alloc(shape, stride, dtype) for shape, stride, dtype in output_meta]
         else:
             device = inputs[0].device if inputs else self.device
             outputs = [torch.empty_strided(shape, stride, dtype=dtype, device=device)
-                       for shape, stride, dtype in sizes.outputs(values)]
+                       for shape, stride, dtype in output_meta]
         try:
-            kernel(inputs[:self.n_tensors], outputs, sizes.kernel_args(values))
+            kernel(tensors, outputs, *size_args)
         except Exception as error:  # noqa: BLE001 - whatever broke, eager semantics decide
-            result = self.fallback(*inputs)
+            result = self.fallback(*inputs)  # raises eager's own error if the inputs are invalid
             self.disable(f"kernel launch failed: {type(error).__name__}: {error}", at_run_time=True)
             self._count(self.runtime_failure)
             return result

@@ -43,6 +43,28 @@ class Block(nn.Module):
         return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
 
 
+def assert_training_matches(ranks) -> None:
+    """Each rank's outputs, losses, gradients and parameters after the steps equal
+    the uncompiled run's (for FSDP2: each rank's shards)."""
+    for rank in ranks:
+        compiled, eager = rank["compiled"], rank["eager"]
+        for step, (out_c, out_e) in enumerate(zip(compiled["outputs"], eager["outputs"])):
+            torch.testing.assert_close(out_c, out_e, msg=lambda m, step=step: f"step {step} output: {m}")
+        torch.testing.assert_close(compiled["losses"], eager["losses"])
+        torch.testing.assert_close(compiled["grads"], eager["grads"])
+        torch.testing.assert_close(compiled["params"], eager["params"])
+
+
+def backward_step(run, model, x):
+    """Output, input gradient and parameter gradients of one backward through `run`
+    (reentrant checkpointing supports `.backward()`, not `torch.autograd.grad`)."""
+    model.zero_grad()
+    x = x.clone().requires_grad_()
+    out = run(x)
+    out.square().sum().backward()
+    return out, x.grad, {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
 class Stack(nn.Module):
     def __init__(self, dim: int, hidden: int, depth: int):
         super().__init__()

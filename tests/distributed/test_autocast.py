@@ -4,10 +4,10 @@ autocast. The model picks the autocast device from its input, so the same code
 runs on the CPU and, where there is one, on a GPU."""
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import kitsune
+from dist_workers import Block, backward_step as _step
 from kitsune.report.stats import GLOBAL_STATS
 
 DIM, HIDDEN = 32, 64
@@ -15,12 +15,9 @@ DIM, HIDDEN = 32, 64
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
 
 
-class AutocastBlock(nn.Module):
+class AutocastBlock(Block):
     def __init__(self):
-        super().__init__()
-        self.norm = nn.LayerNorm(DIM)
-        self.fc1 = nn.Linear(DIM, HIDDEN)
-        self.fc2 = nn.Linear(HIDDEN, DIM)
+        super().__init__(DIM, HIDDEN)
 
     def forward(self, x):
         with torch.autocast(x.device.type, dtype=torch.bfloat16):
@@ -29,14 +26,6 @@ class AutocastBlock(nn.Module):
                 gate = torch.sigmoid(x.float())  # float32, as written
             y = self.fc2(h) * gate  # bf16 * float32 promotes to float32
         return (x + y).softmax(-1)  # outside the region: float32
-
-
-def _step(run, model, x):
-    model.zero_grad()
-    x = x.clone().requires_grad_()
-    out = run(x)
-    out.square().sum().backward()
-    return out, x.grad, {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
 @pytest.mark.parametrize("device", DEVICES)

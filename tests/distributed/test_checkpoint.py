@@ -4,46 +4,25 @@ checkpointed activations are recomputed in the backward graph, and both graphs f
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import kitsune
+from dist_workers import Block, backward_step as _step
 from kitsune.report.stats import GLOBAL_STATS
 
 DIM, HIDDEN = 32, 64
 
 
-class Block(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.norm = nn.LayerNorm(DIM)
-        self.fc1 = nn.Linear(DIM, HIDDEN)
-        self.fc2 = nn.Linear(HIDDEN, DIM)
-
-    def forward(self, x):
-        return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
-
-
 class Checkpointed(nn.Module):
     def __init__(self, use_reentrant: bool):
         super().__init__()
-        self.blocks = nn.ModuleList([Block(), Block()])
+        self.blocks = nn.ModuleList([Block(DIM, HIDDEN), Block(DIM, HIDDEN)])
         self.use_reentrant = use_reentrant
 
     def forward(self, x):
         for block in self.blocks:
             x = checkpoint(block, x, use_reentrant=self.use_reentrant)
         return x.softmax(-1)
-
-
-def _step(run, model, x):
-    """Output, input gradient and parameter gradients of one backward through `run`
-    (reentrant checkpointing supports `.backward()`, not `torch.autograd.grad`)."""
-    model.zero_grad()
-    x = x.clone().requires_grad_()
-    out = run(x)
-    out.square().sum().backward()
-    return out, x.grad, {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])

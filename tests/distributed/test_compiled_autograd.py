@@ -1,25 +1,12 @@
 """Compiled Autograd (`torch._dynamo.config.compiled_autograd`, what DDP's
 "python_reducer" mode runs on): the backward that the autograd engine traces is
 a graph with symbolic sizes as inputs, which Kitsune compiles like any other."""
-import pytest
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 import kitsune
+from dist_workers import Block
 
 DIM, HIDDEN = 32, 64
-
-
-class Block(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.norm = nn.LayerNorm(DIM)
-        self.fc1 = nn.Linear(DIM, HIDDEN)
-        self.fc2 = nn.Linear(HIDDEN, DIM)
-
-    def forward(self, x):
-        return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
 
 
 def _train_step(model, x):
@@ -32,7 +19,7 @@ def _train_step(model, x):
 def test_compiled_autograd_backward_matches_eager():
     kitsune.reset_fusion_stats()
     torch.manual_seed(0)
-    model = Block()
+    model = Block(DIM, HIDDEN)
     x = torch.randn(2, 8, DIM)
     with torch._dynamo.config.patch(compiled_autograd=True):
         loss = torch.compile(_train_step, backend="kitsune")(model, x)
@@ -47,7 +34,7 @@ def test_compiled_autograd_backward_matches_eager():
 def test_dynamic_compiled_autograd_backward_fuses_every_group():
     kitsune.reset_fusion_stats()
     torch.manual_seed(0)
-    model = Block()
+    model = Block(DIM, HIDDEN)
     x = torch.randn(2, 8, DIM)
     loss = torch.compile(model, backend="kitsune")(x).square().mean()  # the mean's backward: numel as a SymInt
     with torch._dynamo.config.patch(compiled_autograd=True):

@@ -30,13 +30,7 @@ def test_ddp_optimizer_splits_the_graph_and_kitsune_compiles_each_piece(ranks):
 
 
 def test_ddp_training_matches_uncompiled_ddp(ranks):
-    for rank in ranks:
-        compiled, eager = rank["compiled"], rank["eager"]
-        for step, (out_c, out_e) in enumerate(zip(compiled["outputs"], eager["outputs"])):
-            torch.testing.assert_close(out_c, out_e, msg=lambda m, step=step: f"step {step} output: {m}")
-        torch.testing.assert_close(compiled["losses"], eager["losses"])
-        torch.testing.assert_close(compiled["grads"], eager["grads"])
-        torch.testing.assert_close(compiled["params"], eager["params"])
+    dist_workers.assert_training_matches(ranks)
 
 
 def test_ddp_ranks_stay_in_sync(ranks):

@@ -29,14 +29,7 @@ def ranks(tmp_path_factory):
 
 
 def test_fsdp2_training_matches_uncompiled_fsdp2(ranks):
-    for rank in ranks:
-        compiled, eager = rank["compiled"], rank["eager"]
-        for step, (out_c, out_e) in enumerate(zip(compiled["outputs"], eager["outputs"])):
-            torch.testing.assert_close(out_c, out_e, msg=lambda m, step=step: f"step {step} output: {m}")
-        torch.testing.assert_close(compiled["losses"], eager["losses"])
-        # each rank's shards of the gradients and of the parameters after the steps
-        torch.testing.assert_close(compiled["grads"], eager["grads"])
-        torch.testing.assert_close(compiled["params"], eager["params"])
+    dist_workers.assert_training_matches(ranks)  # each rank's shards of the gradients and parameters
 
 
 def test_fsdp2_ranks_hold_different_shards_of_one_model(ranks):

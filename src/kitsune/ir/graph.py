@@ -7,7 +7,6 @@ the planner and the lowering ask of a node.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import fx
@@ -45,10 +44,6 @@ def view_root(node: fx.Node) -> fx.Node:
 def numel(node):
     """Elements of the node's tensor: an int, or a sympy expression of symbolic sizes."""
     return numel_of(meta(node))
-
-
-def has_static_shape(val: torch.Tensor) -> bool:
-    return all(isinstance(s, int) for s in (*val.shape, *val.stride()))
 
 
 def has_generated_shape(val: torch.Tensor) -> bool:

@@ -7,7 +7,6 @@ reason. The compiler executes the plan and never decides anything itself.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch

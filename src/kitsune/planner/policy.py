@@ -16,7 +16,6 @@ Every decision, taken or refused, lands in the plan with its reason.
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Protocol
 
 import torch

@@ -20,7 +20,6 @@ categories of user operations, never node kinds.
 from __future__ import annotations
 
 import functools
-import math
 import operator
 import re
 from dataclasses import dataclass, field

@@ -24,12 +24,12 @@ from kitsune.capture.restore import restore_aten, restored_copy
 from kitsune.capture.simplify import simplify
 from kitsune.codegen.backends import Backend, backend_for
 from kitsune.codegen.kernel import KernelError
-from kitsune.codegen.lower import lower_group, spec_size_exprs
+from kitsune.codegen.lower import lower_group
 from kitsune.config import FusionConfig
 from kitsune.ir.eager_count import captured_kernel_count, eager_kernel_count
 from kitsune.ir.graph import group_fallback, meta, size_inputs
 from kitsune.ir.ops import NotFusible
-from kitsune.sizes import free_symbols, hints_from
+from kitsune.sizes import hints_from
 from kitsune.planner import FusionPlan, admit, plan_graph
 from kitsune.planner.detect import detect_patterns, needs_detection
 from kitsune.planner.naming import kernel_kind, kernel_name
@@ -167,7 +167,7 @@ def _lower(plan: FusionPlan, record: GraphRecord) -> list:
         spec = replace(spec, name=kernel_name(kind, spec, taken))
         try:
             # symbolic sizes the call reads from the graph (after its tensors)
-            inputs = inputs + size_inputs(group.nodes, inputs, free_symbols(*spec_size_exprs(spec)))
+            inputs = inputs + size_inputs(group.nodes, inputs, spec.sizes)
             call = FusedGroupCall(spec, restored_copy(group_fallback(inputs, outputs, group.nodes)),
                                   [n.meta.get("val") for n in inputs], [meta(n) for n in outputs])
         except NotFusible as error:  # symbolic sizes the call cannot read from its inputs

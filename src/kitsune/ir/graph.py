@@ -119,10 +119,10 @@ def group_fallback(inputs: list[fx.Node], outputs: list[fx.Node], members: list[
     return fx.GraphModule(torch.nn.Module(), graph)
 
 
-def size_inputs(members: list[fx.Node], inputs: list[fx.Node], symbols: set) -> list[fx.Node]:
+def size_inputs(members: list[fx.Node], inputs: list[fx.Node], symbols) -> list[fx.Node]:
     """The graph's symbolic-size nodes (SymInt placeholders, `sym_size` results) a
     group's call must also take: those its ops read (a view's target shape) and
-    those of `symbols` that are no dimension of a tensor input. Empty for static
+    those of `symbols` (names, a spec's `sizes`) that are no dimension of a tensor input. Empty for static
     shapes."""
     found: dict[fx.Node, None] = {}
     seen = set(inputs)
@@ -135,14 +135,15 @@ def size_inputs(members: list[fx.Node], inputs: list[fx.Node], symbols: set) -> 
             elif a not in seen and is_view(a):
                 seen.add(a)
                 stack.append(a)
-    dims = {s for n in inputs if meta(n) is not None for s in shape_of(meta(n))}
+    dims = {getattr(s, "name", None) for n in inputs if meta(n) is not None for s in shape_of(meta(n))}
     missing = {s for s in symbols if s not in dims}
     if missing:
         for node in members[0].graph.nodes:
             val = node.meta.get("val")
-            if isinstance(val, torch.SymInt) and as_size(val) in missing:
+            name = getattr(as_size(val), "name", None) if isinstance(val, torch.SymInt) else None
+            if name in missing:
                 found[node] = None
-                missing.discard(as_size(val))
+                missing.discard(name)
     return list(found)
 
 

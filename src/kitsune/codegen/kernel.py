@@ -40,7 +40,7 @@ class KernelSpec:
     """A pointwise kernel: for x in range(numel): out_k[index_k(x)] = value_k(x).
 
     `load` Values carry attr (slot, Index): read inputs[slot] at that element
-    offset. Tensors are passed with their storage offset already applied (a
+    offset (`load_where`: plus a computed offset, where a mask holds). Tensors are passed with their storage offset already applied (a
     data pointer), so offsets are relative to element 0 of the tensor.
     """
 
@@ -81,6 +81,8 @@ class KernelSpec:
         for v in self.values():
             if v.op in ("load", "load_at"):
                 bounds.append(_bound(v.attr[1], numel))
+            elif v.op == "load_where":  # the offset stays inside the input (its extent)
+                bounds.append(_bound(v.attr[1], numel) + hint(v.attr[2]))
         bounds += [_bound(o.index, numel) for o in self.outputs]
         return max(bounds)
 
@@ -129,6 +131,10 @@ def bind_sizes(spec: KernelSpec, sizes: tuple) -> KernelSpec:
         attr = v.attr
         if v.op in ("load", "load_at"):
             attr = (attr[0], index(attr[1]))
+        elif v.op == "load_where":
+            attr = (attr[0], index(attr[1]), size(attr[2]))
+        elif v.op == "check_index":
+            attr = size(attr)
         elif v.op == "index":
             attr = index(attr)
         elif v.op == "const" and is_symbolic(attr):

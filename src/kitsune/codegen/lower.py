@@ -18,7 +18,8 @@ from kitsune.codegen.kernel import KernelInput, KernelOutput, KernelSpec, is_row
 from kitsune.ir.graph import is_view, meta, view_root
 from kitsune.ir.index import Index, delinearize, linearize, strided, within
 from kitsune.ir.ops import POINTWISE_OPS, REDUCTION_OPS, NotFusible, aten, op_name, prims, reduction_signature
-from kitsune.ir.scalar import Value, call, cast, const, coordinate, load, load_at, reduce, where
+from kitsune.ir.scalar import (Value, call, cast, check_index, const, coordinate, load, load_at, load_where, reduce,
+                               walk, where)
 from kitsune.sizes import (as_size, free_symbols, hint, is_symbolic, known, product, renderable, shape_of,
                               strides_of)
 from kitsune.planner.pointwise import FusionGroup, group_outputs
@@ -122,6 +123,8 @@ class GroupLowering:
         self.memo: dict = {}
         self.frame = group.frame  # (full shape, reduced dims) of a reduction group, else None
         self.numel = group.numel
+        self.extents: dict[int, object] = {}  # input slot -> its largest element offset + 1
+        self._masked: dict = {}
 
     def value_at(self, node: fx.Node, idx: tuple) -> Value:
         key = (node, idx)
@@ -135,13 +138,71 @@ class GroupLowering:
         if is_view(node) and view_root(node) in self.members:
             return self.value_at(node.args[0], view_source_index(node, idx))
         val = meta(node)
+        return load(self._slot(node), within(strided(idx, strides_of(val)), self.numel), val.dtype)
+
+    def _slot(self, node: fx.Node) -> int:
+        """The input slot of a tensor the kernel reads from memory."""
         slot = self.inputs.setdefault(node, len(self.inputs))
-        return load(slot, within(strided(idx, strides_of(val)), self.numel), val.dtype)
+        if slot not in self.extents:
+            val = meta(node)
+            self.extents[slot] = sum(((n - 1) * st for n, st in zip(shape_of(val), strides_of(val))), 1)
+        return slot
+
+    def read_at(self, node: fx.Node, coords: list) -> Value:
+        """`node`'s element at `coords`: per dim an `Index`, or an int64 Value (a
+        position computed in the kernel, already checked). The tensor is read from
+        memory: a value computed in the kernel has no address."""
+        if node in self.members or (is_view(node) and view_root(node) in self.members):
+            raise NotFusible(f"{node.name} is read at computed positions but computed in the same kernel")
+        val = meta(node)
+        static, offset = Index.constant(0), None
+        for coord, stride in zip(coords, strides_of(val)):
+            if isinstance(coord, Value):
+                term = coord if stride == 1 else coord * const(stride, torch.int64)
+                offset = term if offset is None else offset + term
+            else:
+                static = static + coord * stride
+        slot = self._slot(node)
+        return load_where(slot, within(static, self.numel), self.extents[slot], offset, None, val.dtype)
+
+    def masked(self, value: Value, live: Value | None) -> Value:
+        """`value` with every read (and every position check) confined to the
+        elements where `live` holds: elsewhere a read gives 0 and touches no
+        memory. For a piece of a cat or a pad, whose reads elsewhere would
+        leave the tensor."""
+        if live is None:
+            return value
+        for v in walk([value]):
+            if v.op in ("truncdiv", "fmod") and not v.dtype.is_floating_point:
+                # on the masked-off zeros an integer division would raise
+                raise NotFusible("integer division in a masked piece (cat/pad/scatter)")
+        return self._mask(value, live)
+
+    def _mask(self, v: Value, live: Value) -> Value:
+        key = (v, live)
+        if key in self._masked:
+            return self._masked[key]
+        if v.op == "load":
+            slot, index = v.attr
+            result = load_where(slot, index, self.extents[slot], None, live, v.dtype)
+        elif v.op in ("load_where", "check_index"):
+            args = tuple(self._mask(a, live) for a in v.args)
+            result = Value(v.op, (args[0], args[1] & live), v.dtype, v.attr)
+        elif not v.args:
+            result = v
+        else:
+            result = Value(v.op, tuple(self._mask(a, live) for a in v.args), v.dtype, v.attr)
+        self._masked[key] = result
+        return result
 
     def _apply_formula(self, node: fx.Node, idx: tuple) -> Value:
         if node.target in REDUCTION_OPS:
             return self._apply_reduction(node, idx)
         opdef = POINTWISE_OPS[node.target]
+        if opdef.compute == "indexing":
+            from kitsune.codegen.indexing import INDEXING_LOWERINGS
+            result = INDEXING_LOWERINGS[node.target](self, node, idx)
+            return cast(result, meta(node).dtype) if result.dtype != meta(node).dtype else result
         shape = shape_of(meta(node))
         compute = _compute_dtype(node, opdef)
 
@@ -227,16 +288,13 @@ class GroupLowering:
         """gather with one index per row. Each element-level input of the
         gathered expression is read at the target position (one load per row,
         see `_pick`), and the expression is evaluated once per row on the
-        picked inputs. An index out of range reads nothing, which gives NaN
-        (eager raises; a NaN loss is the visible signal)."""
+        picked inputs. An index out of range is eager's error (`check_index`)."""
         out_dtype = meta(node).dtype
         acc = torch.float32 if out_dtype in _LOW_PRECISION else out_dtype
-        target = cast(self.value_at(node.args[2], idx), torch.int64)
         in_shape, dims = self.frame
         R = _static(product(in_shape[d] for d in dims), "the length of a gathered row")
-        # one row-level range check instead of an any() over the row; positions
-        # along the row fit in int32, so the per-element compare is 32-bit
-        found = call("ge", target, const(0, torch.int64)) & call("lt", target, const(R, torch.int64))
+        target = check_index(cast(self.value_at(node.args[2], idx), torch.int64), R)
+        # positions along the row fit in int32, so the per-element compare is 32-bit
         if R < 2**31:
             match = call("eq", cast(position, torch.int32), cast(target, torch.int32))
             at = cast(target, torch.int32)
@@ -244,7 +302,7 @@ class GroupLowering:
             match = call("eq", position, target)
             at = target
         picked = _pick(arg, match, R, {}, at)
-        return cast(where(found, cast(picked, acc), const(float("nan"), acc)), out_dtype)
+        return cast(cast(picked, acc), out_dtype)
 
 
 def _pick(v: Value, match: Value, R: int, memo: dict, position: Value | None = None) -> Value:
@@ -256,6 +314,8 @@ def _pick(v: Value, match: Value, R: int, memo: dict, position: Value | None = N
     cross-entropy take 251 instead of 154 us.)"""
     if v in memo:
         return memo[v]
+    if v.op == "load_where" and not is_row_index(v.attr[1], R):
+        raise NotFusible("a gathered row read at computed positions")
     if v.op in ("load", "index"):
         index = v.attr[1] if v.op == "load" else v.attr
         if is_row_index(index, R):
@@ -357,7 +417,7 @@ def lower_group(group: FusionGroup, name: str) -> tuple[KernelSpec, list[fx.Node
         for a in node.all_input_nodes:
             if a not in lowering.members and not (is_view(a) and view_root(a) in lowering.members) \
                     and isinstance(meta(a), torch.Tensor):
-                lowering.inputs.setdefault(a, len(lowering.inputs))
+                lowering._slot(a)
     inputs = sorted(lowering.inputs, key=lowering.inputs.__getitem__)
     spec = KernelSpec(
         name=name,
@@ -385,7 +445,8 @@ def spec_size_exprs(spec: KernelSpec) -> list:
     """Every size in the kernel's arithmetic: numel, the row length, the indices'
     coefficients, divisors, moduli and offsets, and constants."""
     exprs = [spec.numel, spec.reduction]
-    indices = [o.index for o in spec.outputs] + [v.attr[1] for v in spec.values() if v.op in ("load", "load_at")] \
+    indices = [o.index for o in spec.outputs] \
+        + [v.attr[1] for v in spec.values() if v.op in ("load", "load_at", "load_where")] \
         + [v.attr for v in spec.values() if v.op == "index"]
     while indices:
         index = indices.pop()
@@ -397,4 +458,8 @@ def spec_size_exprs(spec: KernelSpec) -> list:
     for v in spec.values():
         if v.op == "const" and is_symbolic(v.attr):
             exprs.append(v.attr)
+        elif v.op == "check_index":
+            exprs.append(v.attr)
+        elif v.op == "load_where":
+            exprs.append(v.attr[2])
     return [e for e in exprs if e is not None]

@@ -40,6 +40,8 @@ SPECIAL_PRIMITIVES = {
     "load_at": "reads an input at a per-row position, 0 outside the row",
     "const": "a tensor of the attr's value",
     "index": "the attr's index expression evaluated at every x",
+    "load_where": "reads an input at index + a computed offset where a mask holds, 0 elsewhere",
+    "check_index": "a position, checked to lie in [0, size): out of range is an error where live",
     "reduce": "reduces over r: the flat values reshaped to (rows, R)",
     "cast": "rounds through the target dtype before its compute dtype",
 }
@@ -86,6 +88,20 @@ def run_reference(spec: KernelSpec, inputs, outputs) -> None:
             at = x - x % R + torch.where(inside, position, 0)
             picked = flat[evaluate_index(index, at)].to(dtype) if spec.numel else x.to(dtype)
             values[v] = torch.where(inside, picked, torch.zeros((), dtype=dtype, device=device))
+        elif v.op == "load_where":
+            slot, index, _ = v.attr
+            flat = inputs[slot].as_strided((inputs[slot].untyped_storage().nbytes() // inputs[slot].element_size()
+                                            - inputs[slot].storage_offset(),), (1,))
+            live = values[v.args[1]].expand(spec.numel)
+            at = torch.where(live, evaluate_index(index, x) + values[v.args[0]], 0)
+            picked = flat[at].to(dtype) if spec.numel else x.to(dtype)
+            values[v] = torch.where(live, picked, torch.zeros((), dtype=dtype, device=device))
+        elif v.op == "check_index":
+            position, live = values[v.args[0]], values[v.args[1]]
+            inside = (position >= 0) & (position < v.attr)
+            if bool((~inside & live).any()):
+                raise IndexError("index out of range")
+            values[v] = torch.where(inside, position, 0)
         elif v.op == "const":
             values[v] = torch.full((), v.attr, dtype=dtype, device=device)
         elif v.op == "index":

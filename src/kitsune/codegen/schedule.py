@@ -46,6 +46,9 @@ def row_values(spec: "KernelSpec") -> set:
         if v.op in ("load", "index"):
             if is_row_index(v.attr[1] if v.op == "load" else v.attr, spec.reduction):
                 rows.add(v)
+        elif v.op == "load_where":
+            if is_row_index(v.attr[1], spec.reduction) and all(a in rows for a in v.args):
+                rows.add(v)
         elif v.op in ("const", "reduce") or all(a in rows for a in v.args):
             rows.add(v)
     return rows

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from kitsune.ir.scalar import Value, call, cast, const, opmath_dtype, where
-from kitsune.sizes import shape_of
+from kitsune.sizes import is_symbolic, shape_of
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -60,6 +60,11 @@ class OpDef:
     # device): for ops whose eager semantics depend on more than the compute
     # dtype, or that make constants of the result type from Python scalars.
     wants_out: bool = False
+    # compute="indexing": the op moves elements (cat, pad, embedding, ...); its
+    # lowering is in `kitsune.codegen.indexing`, not a formula. `indexed`: the
+    # positions of tensor args read at positions that are values (an embedding's
+    # table): they must come from memory, not from the same kernel.
+    indexed: tuple[int, ...] = ()
 
 
 # -- formulas shared by several rows ------------------------------------------
@@ -231,9 +236,10 @@ P = OpKind.POINTWISE
 POINTWISE_OPS: dict = {}
 
 
-def _row(ops, formula, compute="out", check=None, keep_args=(), coordinate=None, wants_out=False):
+def _row(ops, formula, compute="out", check=None, keep_args=(), coordinate=None, wants_out=False, indexed=()):
     for op in ops:
-        POINTWISE_OPS[op] = OpDef(P, formula, compute, keep_args, check, coordinate, wants_out=wants_out)
+        POINTWISE_OPS[op] = OpDef(P, formula, compute, keep_args, check, coordinate, wants_out=wants_out,
+                                  indexed=indexed)
 
 
 _row([aten.add.Tensor, aten.add.Scalar], lambda a, b, alpha=1: a + (b if alpha == 1 else b * alpha))
@@ -332,6 +338,110 @@ def _scatter(a: Value, dim, index: Value, src, _coord: Value) -> Value:
 
 
 _row([aten.scatter.value, aten.scatter.src], _scatter, keep_args=(2,), check=_check_scatter, coordinate=1)
+
+# -- ops that move elements (lowered by kitsune.codegen.indexing) --------------
+
+def _val(node) -> torch.Tensor:
+    return node.meta["val"]
+
+
+def _dim_of(dim: int, ndim: int) -> int:
+    return dim + ndim if dim < 0 else dim
+
+
+def arange_arguments(node: "fx.Node") -> tuple:
+    """(start, end, step) of an arange node, as eager reads its overloads."""
+    if node.target is aten.arange.default:
+        return 0, node.args[0], 1
+    if node.target is aten.arange.start:
+        return node.args[0], node.args[1], 1
+    return node.args[0], node.args[1], (node.args[2] if len(node.args) > 2 else node.kwargs.get("step", 1))
+
+
+def arange_blocker(node: "fx.Node") -> str | None:
+    """Why an arange is not generated: a start or step that is no whole number,
+    or values beyond what the result dtype holds exactly."""
+    start, end, step = arange_arguments(node)
+    if any(is_symbolic(v) or not isinstance(v, (int, float)) for v in (start, step)):
+        return "arange with a symbolic start or step"
+    if any(isinstance(v, float) and not v.is_integer() for v in (start, step)):
+        return "arange of fractions (eager's accumulation is not reproduced)"
+    dtype = _val(node).dtype
+    if dtype.is_floating_point:
+        n = shape_of(_val(node))[0]
+        if is_symbolic(n):
+            return "floating-point arange of a symbolic length"
+        largest = max(abs(start), abs(start + step * max(n - 1, 0)))
+        if largest > 2 / torch.finfo(dtype).eps:
+            return "arange values beyond the exact integers of its dtype"
+    return None
+
+
+def index_blocker(node: "fx.Node") -> str | None:
+    """index.Tensor fuses with integer index tensors (bool masks pick a
+    data-dependent number of elements)."""
+    indices = node.args[1]
+    tensors = [t for t in indices if t is not None]
+    if not tensors:
+        return "index without index tensors"
+    for t in tensors:
+        if not hasattr(t, "meta") or _val(t) is None:
+            return "index with a non-tensor index"
+        if _val(t).dtype not in (torch.int32, torch.int64):
+            return f"index with {_val(t).dtype} indices (a mask picks a data-dependent count)"
+    return None
+
+
+def embedding_blocker(node: "fx.Node") -> str | None:
+    if _val(node.args[0]).dim() != 2:
+        return "embedding table of another rank than 2"
+    if _val(node.args[1]).dtype not in (torch.int32, torch.int64):
+        return "embedding indices of another dtype than int32/int64"
+    return None
+
+
+def index_select_blocker(node: "fx.Node") -> str | None:
+    index = _val(node.args[2])
+    if index.dtype not in (torch.int32, torch.int64) or index.dim() > 1:
+        return "index_select index of another dtype or rank"
+    return None
+
+
+def cat_blocker(node: "fx.Node") -> str | None:
+    pieces = node.args[0]
+    if len(pieces) > 32:
+        return f"cat of {len(pieces)} tensors (a select per piece per element)"
+    return None
+
+
+def pad_blocker(node: "fx.Node") -> str | None:
+    if any(is_symbolic(p) for p in node.args[1]):
+        return "pad by a symbolic amount"
+    return None
+
+
+def scatter_blocker(node: "fx.Node") -> str | None:
+    args = list(node.args[2:]) + list(node.kwargs.values())
+    if any(hasattr(a, "meta") or is_symbolic(a) for a in args if a is not None):
+        return f"{op_name(node.target)} at a symbolic position"
+    out = _val(node)
+    dim = _dim_of(node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0), out.dim())
+    if is_symbolic(shape_of(out)[dim]):
+        return f"{op_name(node.target)} along a symbolic dimension"
+    if _val(node.args[1]).dtype != out.dtype:
+        return "scatter of another dtype"
+    return None
+
+
+_row([aten.cat.default], None, compute="indexing", check=cat_blocker)
+_row([aten.constant_pad_nd.default], None, compute="indexing", check=pad_blocker)
+_row([aten.slice_scatter.default, aten.select_scatter.default], None, compute="indexing", check=scatter_blocker)
+_row([aten.arange.default, aten.arange.start, aten.arange.start_step], None, compute="indexing",
+     check=arange_blocker)
+_row([aten.embedding.default], None, compute="indexing", check=embedding_blocker, indexed=(0,))
+_row([aten.index.Tensor], None, compute="indexing", check=index_blocker, indexed=(0,))
+_row([aten.index_select.default], None, compute="indexing", check=index_select_blocker, indexed=(0,))
+
 
 VIEW_OPS = {
     aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.expand.default,

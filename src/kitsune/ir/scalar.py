@@ -33,7 +33,16 @@ PRIMITIVES: dict[str, int] = {
     # position args[0] (an integer, one per row) of the row, i.e. at
     # x = row * R + position; 0 where the position is outside [0, R)
     "load_at": 1,    # attr: (input slot, index) as for load
+    # a read at a computed place (cat, pad, embedding, index): the element at
+    # index(x) + args[0] (an int64 offset, in elements) where args[1] (bool)
+    # holds, 0 elsewhere (nothing is read there)
+    "load_where": 2,  # attr: (input slot, index, extent: the input's largest offset + 1)
     "index": 0,      # attr: Index; its value as int64 (a coordinate, for gather/scatter)
+    # args[0] (an int64 position) if 0 <= it < attr (a size), else 0; where
+    # args[1] (bool: this element is live) holds, a position out of range is
+    # an error, as eager's "index out of range" (C: the error flag; Triton: a
+    # device assert)
+    "check_index": 2,
     "const": 0,      # attr: Python bool/int/float (may be inf/nan)
     "cast": 1,       # convert to self.dtype; to float16/bfloat16 this rounds
     # arithmetic (operands and result share one dtype)
@@ -230,6 +239,22 @@ def load_at(slot: int, index, position: Value, dtype: torch.dtype) -> Value:
     if position.dtype not in INT_DTYPES:
         raise TypeError(f"load_at: position must be an integer, got {position.dtype}")
     return Value("load_at", (position,), dtype, (slot, index))
+
+
+def load_where(slot: int, index, extent, offset: Value | None = None, mask: Value | None = None,
+               dtype: torch.dtype = torch.float32) -> Value:
+    """The element at index + offset of input `slot` where `mask` holds, else 0."""
+    offset = const(0, torch.int64) if offset is None else offset
+    mask = const(True, torch.bool) if mask is None else mask
+    if offset.dtype != torch.int64 or mask.dtype != torch.bool:
+        raise TypeError(f"load_where: offset must be int64 and mask bool, got {offset.dtype}, {mask.dtype}")
+    return Value("load_where", (offset, mask), dtype, (slot, index, extent))
+
+
+def check_index(position: Value, bound, live: Value | None = None) -> Value:
+    """`position` (int64), checked to lie in [0, bound) where `live` holds."""
+    live = const(True, torch.bool) if live is None else live
+    return Value("check_index", (cast(position, torch.int64), live), torch.int64, bound)
 
 
 def coordinate(index) -> Value:

@@ -108,5 +108,6 @@ class CpuKernel:
         if numel == 0:
             return
         pointers = [t.data_ptr() for t in inputs] + [t.data_ptr() for t in outputs]
-        if self.fn(*pointers, numel, *sizes, torch.get_num_threads()):
-            raise RuntimeError("ZeroDivisionError")
+        error = self.fn(*pointers, numel, *sizes, torch.get_num_threads())
+        if error:
+            raise RuntimeError("index out of range" if error & 2 else "ZeroDivisionError")

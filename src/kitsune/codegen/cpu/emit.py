@@ -195,7 +195,8 @@ def _inner_period(spec: KernelSpec, values) -> int | None:
     `render_rows` then writes. The flat loop's `in1[x % 1024]` is a gather with an
     integer division per element in the vector loop (layer bias + GELU, 512x1024
     fp32: 269 -> 190 us). None: the flat loop (nothing to divide, or no such R)."""
-    indices = [v.attr[1] for v in values if v.op == "load"] + [v.attr for v in values if v.op == "index"]
+    indices = [v.attr[1] for v in values if v.op in ("load", "load_where")] + \
+        [v.attr for v in values if v.op == "index"]
     indices += [o.index for o in spec.outputs]
     periods = {t.div * t.mod if t.mod is not None else t.div for index in indices for t in index.terms
                if t.base is None and (t.mod is not None or t.div != 1)}

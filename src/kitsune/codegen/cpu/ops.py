@@ -9,8 +9,9 @@ primitive means in C is written here, once.
 
 Numerics follow `kitsune.ir.scalar`: float16/bfloat16 computed in float,
 integer arithmetic wraps (`-fwrapv`), integer division by zero sets the
-kernel's error flag `kitsune_err`, which the launcher turns into eager's
-"ZeroDivisionError". The `kitsune_*` helpers named here are defined in
+kernel's error flag `kitsune_err` (bit 1), and so does a position out of
+range (bit 2); the launcher raises, and the group's ops rerun through PyTorch
+to give eager's own error. The `kitsune_*` helpers named here are defined in
 `kitsune.codegen.cpu.emit`'s PRELUDE and FLOAT_ERF.
 """
 from __future__ import annotations
@@ -108,6 +109,32 @@ def _load_at(v: Value, a: list, ctx: Context) -> str:
     return f"(({a[0]} >= 0 && {a[0]} < {ctx.rows}) ? ({ctype}){ref} : ({ctype})0)"
 
 
+def _load_where(v: Value, a: list, ctx: Context) -> str:
+    # a read at index + offset where the mask holds (cat, pad, embedding);
+    # nothing is read where it does not
+    slot, index, _ = v.attr
+    offset, live = v.args
+    at = render_in_kernel(index, ctx.var, ctx.rows, floordiv="/")
+    if not (offset.op == "const" and offset.attr == 0):
+        at = f"{at} + {a[0]}"
+    ref = f"{ctx.inputs[slot]}[{at}]"
+    if v.dtype == torch.bfloat16:
+        ref = f"kitsune_bf16_to_f32({ref})"
+    ctype = COMPUTE[v.dtype]
+    if live.op == "const" and live.attr:
+        return f"(({ctype}){ref})"
+    return f"({a[1]} ? ({ctype}){ref} : ({ctype})0)"
+
+
+def _check_index(v: Value, a: list, ctx: Context) -> str:
+    # a live position out of range sets error bit 2 (eager raises "index out of
+    # range"; the launcher raises and the group's ops rerun through PyTorch to
+    # give eager's own error); the position becomes 0 so that no read leaves the tensor
+    bound = size_text(v.attr) if is_symbolic(v.attr) else str(int(v.attr))
+    return (f"(({a[0]} >= 0 && {a[0]} < (int64_t){bound}) ? {a[0]} "
+            f": ({a[1]} ? (kitsune_err |= 2, (int64_t)0) : (int64_t)0))")
+
+
 def _cast(v: Value, a: list, ctx: Context) -> str:
     dtype = v.dtype
     if dtype == torch.bool:
@@ -191,6 +218,8 @@ C_OPS: dict[str, Renderer] = {
     # leaves
     "load": _load,
     "load_at": _load_at,
+    "load_where": _load_where,
+    "check_index": _check_index,
     "const": lambda v, a, ctx: literal(v.attr, v.dtype),
     "index": lambda v, a, ctx: f"(int64_t)({render_in_kernel(v.attr, ctx.var, ctx.rows, floordiv='/')})",
     "cast": _cast,

@@ -92,6 +92,11 @@ class TritonKernel:
                 self.num_warps = 4 if self.xblock >= 512 else (2 if self.xblock >= 128 else 1)
                 constexprs = dict(XBLOCK=self.xblock)
             self.launches = [_Launch(spec, fn, grid, self.num_warps, constexprs)]
+        if not INTERPRETED and any(v.op == "check_index" for v in spec.values()):
+            # index checks are device asserts, on only in debug builds (as Inductor's
+            # kernels are built); Triton's int32 overflow asserts stay off
+            for launch in self.launches:
+                launch.constexprs.update(debug=True, sanitize_overflow=False)
         self.grid = self.launches[0].grid
         self.constexprs = {k: v for k, v in self.launches[0].constexprs.items() if k != "XBLOCK"}
         if spec.sizes:  # one unsplit kernel (split_plan); Triton's launcher specialises the sizes

@@ -125,7 +125,15 @@ def emit_triton(spec: KernelSpec, fn_name: str, choices: LaunchChoices | None = 
         "    xmask = x < numel",
     ]
     lines += [f"    {line}" for line in body]
-    return "\n".join(lines) + "\n"
+    return _with_checks("\n".join(lines) + "\n")
+
+
+def _with_checks(source: str) -> str:
+    """The module imports `check_index` where a kernel checks positions."""
+    if "check_index(" not in source:
+        return source
+    return source.replace("from kitsune.codegen.triton.libm import ",
+                          "from kitsune.codegen.triton.libm import check_index, ", 1)
 
 
 def _and(*masks: str | None) -> str | None:
@@ -147,6 +155,8 @@ def _is_block(v: Value) -> bool:
     if v.op == "load":
         return not v.attr[1].is_const
     if v.op == "load_at":
+        return True
+    if v.op == "load_where" and not v.attr[1].is_const:
         return True
     if v.op == "index":
         return True
@@ -667,7 +677,7 @@ class _ReductionEmitter:
             *start,
         ]
         lines += [f"    {line}" for line in self.body] + tail
-        return "\n".join(lines) + "\n"
+        return _with_checks("\n".join(lines) + "\n")
 
 
 def _store(out, value: str, var: str, mask: str | None, shape: str, rows: int | None = None) -> str:

@@ -111,6 +111,17 @@ def min_nan(a, b):
 
 
 @triton.jit
+def check_index(position, bound, live):
+    """`position` where 0 <= position < bound, else 0 (so no read leaves the
+    tensor), and a device assert where a live position is out of range: eager
+    raises there. The assert is on where the kernel is compiled with debug
+    (a no-op in Triton's interpreter)."""
+    inside = (position >= 0) & (position < bound)
+    tl.device_assert(inside | (live == 0), "index out of bounds")
+    return tl.where(inside, position, 0)
+
+
+@triton.jit
 def mul_combine(a, b):
     return a * b
 

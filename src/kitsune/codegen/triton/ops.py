@@ -116,6 +116,27 @@ def _load_at(v: Value, a: list, ctx: Context) -> str:
     return _loaded(f"tl.load({ctx.inputs[slot]} + ({render(index, at)}), {mask}, other=0)", v.dtype)
 
 
+def _load_where(v: Value, a: list, ctx: Context) -> str:
+    # a read at index + offset where the mask holds (cat, pad, embedding): the
+    # masked-off lanes read nothing, whatever address they would have had
+    slot, index, _ = v.attr
+    offset, live = v.args
+    address = f"{ctx.inputs[slot]} + ({render_in_kernel(index, ctx.var, ctx.rows)})"
+    if not (offset.op == "const" and offset.attr == 0):
+        address += f" + {a[0]}"
+    masks = [m for m in (ctx.mask, None if live.op == "const" and live.attr else a[1]) if m is not None]
+    if not masks:
+        return _loaded(f"tl.load({address})", v.dtype)
+    return _loaded(f"tl.load({address}, {' & '.join(masks)}, other=0)", v.dtype)
+
+
+def _check_index(v: Value, a: list, ctx: Context) -> str:
+    # a device assert (the kernel is compiled with debug on, as Inductor's are)
+    # and a position clamped to 0, so that no read leaves the tensor
+    bound = size_text(v.attr) if is_symbolic(v.attr) else str(int(v.attr))
+    return f"check_index({a[0]}, {bound}, {a[1]})"
+
+
 def _cast(v: Value, a: list, ctx: Context) -> str:
     dtype = v.dtype
     if dtype == torch.bool:
@@ -187,6 +208,8 @@ TRITON_OPS: dict[str, Renderer] = {
     # leaves
     "load": _load,
     "load_at": _load_at,
+    "load_where": _load_where,
+    "check_index": _check_index,
     "const": lambda v, a, ctx: literal(v.attr, v.dtype),
     "index": lambda v, a, ctx: f"({render_in_kernel(v.attr, ctx.var, ctx.rows)}).to(tl.int64)",
     "cast": _cast,

@@ -71,6 +71,11 @@ def _value(op: str, dtype: torch.dtype) -> scalar.Value:
         return scalar.load(1, x * 2 + 3, dtype)
     if op == "load_at":
         return scalar.load_at(2, x, scalar.load(0, x, torch.int64), dtype)
+    if op == "load_where":
+        offset = scalar.cast(scalar.load(0, x, torch.int32), torch.int64) * 7
+        return scalar.load_where(2, x * 3, 700, offset, scalar.load(1, x, torch.bool), dtype)
+    if op == "check_index":
+        return scalar.check_index(scalar.load(0, x, torch.int64), 50, scalar.load(1, x, torch.bool))
     if op == "const":
         return scalar.const(-3, dtype)
     if op == "index":

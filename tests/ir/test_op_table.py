@@ -345,7 +345,9 @@ CASES: list[Case] = [
 
 # Rows checked by dedicated tests below (conversions, fills, scatter).
 SEPARATELY_TESTED = {prims.convert_element_type.default, aten._to_copy.default, aten.full.default,
-                     aten.scalar_tensor.default, aten.scatter.value, aten.scatter.src}
+                     aten.scalar_tensor.default, aten.scatter.value, aten.scatter.src,
+                     # the ops that move elements: tests/codegen/test_indexing.py
+                     *(op for op, row in POINTWISE_OPS.items() if row.compute == "indexing")}
 
 # Rows that must not be generated for some dtypes; the planner refuses them with a reason.
 def expected_refusal(case: Case, out_dtype: torch.dtype) -> str | None:

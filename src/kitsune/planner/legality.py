@@ -15,6 +15,8 @@ iteration sizes, never from op names:
   and, in each row, over the R reduced elements; every value it writes is
   either of shape S (one per element) or one per row;
 - a group holds at most `max_fusion_size` user operations;
+- a tensor read at computed positions (an embedding's table) is not computed
+  in the group (`indexed_refusal`);
 - merging never creates a cycle (a path that leaves the group and comes back),
   and a set of groups must still order as a DAG (`groups_acyclic`).
 """
@@ -27,7 +29,7 @@ from torch import fx
 from kitsune.config import FusionConfig
 from kitsune.ir.graph import is_view, meta, numel, pointwise_blocker, view_root
 from kitsune.sizes import hint, shape_of
-from kitsune.ir.ops import REDUCTION_OPS
+from kitsune.ir.ops import POINTWISE_OPS, REDUCTION_OPS
 from kitsune.planner.plan import FusionGroup, frame_shapes, frames_of, node_frame
 
 
@@ -120,6 +122,18 @@ def can_merge(a: FusionGroup, b: FusionGroup, config: FusionConfig, position: di
         return reason
     if creates_cycle(union, position):
         return "a path through an unfused op would form a cycle"
+    return indexed_refusal(union)
+
+
+def indexed_refusal(union: set) -> str | None:
+    """A tensor read at positions that are values (an embedding's table, the
+    source of x[i]) must come from memory: a value computed in the kernel has
+    no address to read at another element's position."""
+    for n in union:
+        opdef = POINTWISE_OPS.get(n.target)
+        for k in opdef.indexed if opdef is not None else ():
+            if k < len(n.args) and inside_group(n.args[k], union):
+                return f"{n.name} reads {n.args[k].name} at computed positions: it must come from memory"
     return None
 
 

@@ -9,6 +9,7 @@ mismatch.
 """
 from __future__ import annotations
 
+import copy
 import sys
 
 import torch
@@ -29,6 +30,11 @@ class Block(torch.nn.Module):
         return torch.softmax(h * 0.5, dim=-1) + h
 
 
+def _error(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative error against the float64 reference (norm of the difference / norm of the reference)."""
+    return float((a.double() - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
 def scores(q, k, bias):
     return torch.softmax(q @ k.transpose(-1, -2) * 0.125 + bias, dim=-1)
 
@@ -42,20 +48,22 @@ def main() -> int:
         torch._dynamo.reset()
         model = Block().to(device, dtype)
         compiled = torch.compile(model, backend="kitsune", dynamic=True)
+        exact = copy.deepcopy(model).double()
         for b, s in ((4, 100), (3, 257), (8, 1000), (1, 7)):
             x = torch.randn(b, s, 256, device=device, dtype=dtype)
-            xc, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
-            out, want = compiled(xc), model(xe)
-            try:
-                torch.testing.assert_close(out, want, **tol)
-                g = torch.randn_like(want)
-                got = torch.autograd.grad(out, [xc, *model.parameters()], g)
-                exp = torch.autograd.grad(want, [xe, *model.parameters()], g)
-                for a, e in zip(got, exp):
-                    torch.testing.assert_close(a, e, **tol)
-            except AssertionError as error:
-                failures += 1
-                print(f"MISMATCH block {dtype} {b}x{s}: {str(error)[:300]}")
+            xc, xe, x64 = x.clone().requires_grad_(), x.clone().requires_grad_(), x.double().requires_grad_()
+            out, want, ref = compiled(xc), model(xe), exact(x64)
+            g = torch.randn_like(want)
+            got = [out, *torch.autograd.grad(out, [xc, *model.parameters()], g)]
+            exp = [want, *torch.autograd.grad(want, [xe, *model.parameters()], g)]
+            refs = [ref, *torch.autograd.grad(ref, [x64, *exact.parameters()], g.double())]
+            # Kitsune's error against float64 may not exceed eager's by more than 2x
+            # (sums of 8000 terms in another order differ from eager's in float32)
+            for k, (a, e, r) in enumerate(zip(got, exp, refs)):
+                ours, theirs = _error(a, r), _error(e, r)
+                if ours > 2 * theirs + 1e-6:
+                    failures += 1
+                    print(f"MISMATCH block {dtype} {b}x{s} tensor {k}: error vs float64 {ours:.3g}, eager's {theirs:.3g}")
         torch._dynamo.reset()
         fn = torch.compile(scores, backend="kitsune", dynamic=True)
         for s in (64, 333, 1024, 5):

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from kitsune.sizes import as_size, hint, is_symbolic, numel_of
+
 aten = torch.ops.aten
 
 # Below this many output elements the copy costs more than the slow kernel.
@@ -55,9 +57,12 @@ def align_matmuls(gm: fx.GraphModule) -> int:
         val = node.meta.get("val")
         if not isinstance(val, torch.Tensor) or val.device.type != "cuda" or val.dim() != 2:
             continue
-        if not all(isinstance(s, int) for s in val.shape) or val.numel() < MIN_OUTPUT:
+        # the width decides the alignment and must be static; the rows may be a
+        # symbolic size (dynamic shapes: the number of tokens), judged at its hint
+        width = as_size(val.shape[1])
+        if is_symbolic(width) or hint(numel_of(val)) < MIN_OUTPUT:
             continue
-        if (val.shape[1] * val.element_size()) % 16 == 0:
+        if (width * val.element_size()) % 16 == 0:
             continue
         node.target = _REPLACEMENT[node.target]
         changed += 1

@@ -20,8 +20,8 @@ and their input in channels-last memory format.
 
 Method:
 
-* CPU, `torch.set_num_threads(1)`, float32, `model.eval()`, every call under
-  `torch.no_grad()`. Eager, `torch.compile(backend="inductor")` and
+* CPU (`--device cuda` runs the same zoo on a GPU), `torch.set_num_threads(1)`,
+  float32, `model.eval()`, every call under `torch.no_grad()`. Eager, `torch.compile(backend="inductor")` and
   `torch.compile(backend="kitsune")` (both `dynamic=False`) run side by side in
   one process, with PyTorch's compile caches off and private on-disk caches
   (`common.use_private_caches`, `disable_compile_caches`); Dynamo is reset
@@ -47,8 +47,8 @@ Method:
   runs once `capture.restore.restored_copy` rewrote them.
 * Inductor's kernels per forward: the calls in the `call` function of the
   output code Inductor generated for the model (`run_and_get_code` around its
-  first call): its generated C++ kernels plus extern kernels and aten/mkldnn
-  ops it calls (mm, convolutions, attention).
+  first call): its generated C++ (or Triton) kernels plus the extern kernels
+  and aten/mkldnn ops it calls (mm, convolutions, attention).
 
 Output: one block per model as it runs, then a markdown table (ms per forward,
 eager / Kitsune and Inductor / Kitsune, > 1: Kitsune faster, with geometric
@@ -287,7 +287,7 @@ def _prims_after_restore(graph, fused: set) -> int | None:
 
 # --------------------------------------------------------------------------- Inductor's account
 
-_CALL = re.compile(r"\b(cpp_fused_\w+|extern_kernels\.\w+|torch\.ops\.\w+\.\w+(?:\.\w+)?|aten\.\w+(?:\.\w+)?)\(")
+_CALL = re.compile(r"\b(cpp_fused_\w+|triton_\w+\.run|extern_kernels\.\w+|torch\.ops\.\w+\.\w+(?:\.\w+)?|aten\.\w+(?:\.\w+)?)\(")
 _NOT_KERNELS = ("empty", "empty_strided", "as_strided", "reinterpret_tensor", "alloc_from_pool")
 
 
@@ -333,6 +333,8 @@ def run_model(name: str, args, backends: list[str]) -> dict:
     if model is None:
         print(f"{name}: skipped: {inputs}")
         return {"skipped": inputs}
+    model = model.to(args.device)
+    inputs = {k: v.to(args.device) for k, v in inputs.items()}
     common.cold_start()
     kitsune.reset_fusion_stats()
     result = {"compile_s": {}, "max_error": {}, "correct": {}}
@@ -351,7 +353,7 @@ def run_model(name: str, args, backends: list[str]) -> dict:
             fns[backend] = (lambda f: lambda: f(**inputs))(fn)
         if "kitsune" in backends:
             result["kitsune"] = kitsune_account(GLOBAL_STATS.records())
-        timings = common.interleaved_rounds(fns, torch.device("cpu"), args.rounds, args.calls, warmup_calls=3)
+        timings = common.interleaved_rounds(fns, args.device, args.rounds, args.calls, warmup_calls=3)
     result["ms"] = {b: t.median_ms for b, t in timings.items()}
     result["timing_ms"] = {b: t.as_dict() for b, t in timings.items()}
     print_model(name, result)
@@ -434,14 +436,15 @@ def zoo_summary(results: dict, top: int = 15) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_standard_arguments(parser)
+    parser.set_defaults(device="cpu")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated (default: all)")
-    parser.add_argument("--backends", default=",".join(common.BACKENDS), help="comma-separated (default: %(default)s)")
     parser.add_argument("--channels-last", action="store_true", help="convnets and their inputs in channels-last")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 15; quick 3)")
     parser.add_argument("--calls", type=int, default=None, help="calls per round (default 10; quick 2)")
-    parser.add_argument("--json", metavar="PATH", help="write every number measured to this JSON file")
-    parser.add_argument("--quick", action="store_true", help="few rounds: checks that it runs; numbers mean little")
     args = parser.parse_args()
+    args.device = torch.device(args.device)
+    common.check_device(args.device)
     args.rounds = args.rounds or (3 if args.quick else 15)
     args.calls = args.calls or (2 if args.quick else 10)
     names = [m for m in args.models.split(",") if m]
@@ -456,7 +459,7 @@ def main() -> None:
     common.disable_compile_caches()
     import kitsune  # noqa: F401  (registers the backend)
     common.ensure_kitsune_backend()
-    env = common.environment(torch.device("cpu"))
+    env = common.environment(args.device)
     print(env)
     results = {}
     for name in names:
@@ -466,7 +469,7 @@ def main() -> None:
             print(f"{name}: FAILED: {type(error).__name__}: {error}")
             results[name] = {"skipped": f"failed: {type(error).__name__}: {error}"}
     print()
-    print(f"{env['device_name']}, torch {env['torch']}, 1 thread, float32, {env['date'][:10]}"
+    print(f"{env['device_name']}, torch {env['torch']}, {torch.get_num_threads()} thread(s), float32, {env['date'][:10]}"
           f"{', channels-last convnets' if args.channels_last else ''}; median of {args.rounds} interleaved "
           f"rounds of {args.calls} calls; x/kit = x time / Kitsune time (> 1: Kitsune faster)")
     print()

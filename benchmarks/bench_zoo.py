@@ -230,9 +230,9 @@ _NUMBER = re.compile(r"\b\d+(\.\d+)?\b")
 
 
 def normalise(reason: str) -> str:
-    """A reason with node names (mul_12 -> mul_N) and numbers (8 -> N) made generic,
-    so that one cause counts once per occurrence, not once per spelling."""
-    return _NUMBER.sub("N", _NUMBERED.sub(r"\1_N", reason))[:160]
+    """A reason with node names (mul_12 -> mul: the op) and numbers (8 -> N) made
+    generic, so that one cause counts once per occurrence, not once per spelling."""
+    return _NUMBER.sub("N", _NUMBERED.sub(r"\1", reason))[:160]
 
 
 def op_name(target) -> str:

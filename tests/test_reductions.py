@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import kitsune
+from kitsune.report.stats import GLOBAL_STATS
 from kitsune.tuning.launch import override_launch_choices
 
 
@@ -306,19 +307,26 @@ def test_gather_reads_the_target_of_a_strided_input(backend, dim):
     assert _kernels_fusing("gather")
 
 
-def test_gather_out_of_range_gives_nan(backend):
-    """Eager raises for an index out of range; the fused gather cannot raise
-    from inside a kernel, so the picked value is NaN (never a plausible number)."""
+def test_gather_out_of_range_raises_like_eager(backend):
+    """An index out of range is eager's error: the C kernel flags it and the
+    group's ops rerun through PyTorch to raise it; a Triton kernel checks it
+    with a device assert, which Triton's interpreter does not run (there the
+    position is clamped into the row, so no read leaves the tensor)."""
     def f(x, i):
         return torch.gather(torch.softmax(x, 1), 1, i) * 2
 
     x = torch.randn(4, 8)
     index = torch.tensor([[1], [9], [0], [7]])
-    got = torch.compile(f, backend="kitsune")(x, index)
-    assert torch.isnan(got[1]).all()
-    keep = torch.tensor([0, 2, 3])
-    torch.testing.assert_close(got[keep], f(x, index.clamp(max=7))[keep])
+    compiled = torch.compile(f, backend="kitsune")
+    good = index.clamp(max=7)
+    torch.testing.assert_close(compiled(x, good), f(x, good))
     assert _kernels_fusing("gather")
+    if backend == "cpu":
+        with pytest.raises(RuntimeError, match="index 9 is out of bounds for dimension 1 with size 8"):
+            compiled(x, index)
+    else:
+        (call,) = [c for r in GLOBAL_STATS.graphs for c in r.kernel_calls.values()]
+        assert "check_index(" in call.kernel.source
 
 
 def test_long_rows(backend):

@@ -84,6 +84,12 @@ def test_cat_along_the_first_dim_of_a_non_contiguous_input(backend):
     _run(lambda x, y: torch.cat([x.exp(), y * y], 0).sum(-1), x, torch.randn(2, 6), ops=("cat",))
 
 
+def test_stack_is_a_cat_of_unsqueezed_pieces(backend):
+    groups = _run(lambda a, b: torch.stack([a * 2, b.exp()], 1).relu(), _special(3, 4), torch.randn(3, 4),
+                  ops=("cat",))
+    assert len(groups) == 1
+
+
 @pytest.mark.parametrize("form", ["llama", "neox"])
 def test_rotary_embedding_is_one_kernel(backend, form):
     def rotate_half(x):

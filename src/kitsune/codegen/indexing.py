@@ -191,9 +191,7 @@ def lower_index(lowering, node: fx.Node, idx: tuple) -> Value:
     in_shape = shape_of(meta(source))
     indexed = [d for d, t in enumerate(indices) if t is not None]
     shapes = [shape_of(meta(indices[d])) for d in indexed]
-    b_shape = tuple(torch.broadcast_shapes(*shapes)) if not any(map(_symbolic_shape, shapes)) else None
-    if b_shape is None:
-        raise NotFusible("index tensors of symbolic shapes")
+    b_shape = broadcast_shape(shapes)
     adjacent = indexed == list(range(indexed[0], indexed[-1] + 1))
     first = indexed[0] if adjacent else 0
     b_idx = idx[first:first + len(b_shape)]
@@ -213,8 +211,15 @@ def lower_index(lowering, node: fx.Node, idx: tuple) -> Value:
     return lowering.read_at(source, coords)
 
 
-def _symbolic_shape(shape) -> bool:
-    return any(is_symbolic(s) for s in shape)
+def broadcast_shape(shapes) -> tuple:
+    """The broadcast of shapes whose sizes may be symbolic (the graph's fake
+    tensors already passed eager's broadcasting: a size is 1 or the size)."""
+    rank = max(len(shape) for shape in shapes)
+    result = []
+    for d in range(rank):
+        sizes = [shape[d - rank + len(shape)] for shape in shapes if d - rank + len(shape) >= 0]
+        result.append(next((size for size in sizes if not (not is_symbolic(size) and size == 1)), 1))
+    return tuple(result)
 
 
 INDEXING_LOWERINGS = {

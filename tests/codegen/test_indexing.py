@@ -84,6 +84,18 @@ def test_cat_along_the_first_dim_of_a_non_contiguous_input(backend):
     _run(lambda x, y: torch.cat([x.exp(), y * y], 0).sum(-1), x, torch.randn(2, 6), ops=("cat",))
 
 
+@pytest.mark.parametrize("where", ["reduced", "kept"])
+def test_cat_and_pad_inside_a_reduction(backend, where):
+    """The pieces are read per element of the reduced row (a cat along the
+    reduced dim) or per row (a cat along a kept dim)."""
+    a, b = _special(4, 6), torch.randn(4, 3)
+    if where == "reduced":
+        fn = lambda a, b: torch.softmax(torch.cat([a * 2, b], -1), -1) + F.pad(b, (0, 6)).sum(-1, True)  # noqa: E731
+    else:
+        fn = lambda a, b: torch.cat([a, torch.cat([b, -b], 1) * 3], 0).exp().sum(-1) * 2  # noqa: E731
+    _run(fn, a, b, ops=("cat",))
+
+
 def test_stack_is_a_cat_of_unsqueezed_pieces(backend):
     groups = _run(lambda a, b: torch.stack([a * 2, b.exp()], 1).relu(), _special(3, 4), torch.randn(3, 4),
                   ops=("cat",))

@@ -85,6 +85,8 @@ def _reduce_through_permutes(gm: fx.GraphModule) -> int:
         if not (isinstance(view, fx.Node) and view.op == "call_function" and view.target is aten.permute.default
                 and isinstance(dims, (list, tuple)) and dims):
             continue
+        if any(user.target not in _DIM_REDUCTIONS for user in view.users):
+            continue  # the permuted space stays (a norm's pointwise part reads it): reduce in it too
         source = view.args[0]
         val = node.meta.get("val")
         source_val = source.meta.get("val") if isinstance(source, fx.Node) else None

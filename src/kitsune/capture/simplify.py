@@ -13,7 +13,12 @@
   dims, when the dims it keeps stay in the source's order (so the result
   needs no permute): `exp(x).permute(2, 0, 1).sum(0)` is `exp(x).sum(2)`,
   whose producer then has the reduced shape and fuses with it (the planner
-  groups a reduction with producers of its own iteration space only).
+  groups a reduction with producers of its own iteration space only). Only
+  when every user of the permute is such a reduction: a norm whose pointwise
+  part reads the permuted view (timm's LayerNorm2d on a channels-last tensor:
+  permute, layer_norm over the last dim, permute back) keeps its sums in the
+  permuted space, so that the norm is one frame and one kernel; moved to the
+  source, they left two kernels with the row statistics between them.
 """
 from __future__ import annotations
 

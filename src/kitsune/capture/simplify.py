@@ -13,7 +13,12 @@
   dims, when the dims it keeps stay in the source's order (so the result
   needs no permute): `exp(x).permute(2, 0, 1).sum(0)` is `exp(x).sum(2)`,
   whose producer then has the reduced shape and fuses with it (the planner
-  groups a reduction with producers of its own iteration space only).
+  groups a reduction with producers of its own iteration space only). Only
+  when every user of the permute is such a reduction: a norm whose pointwise
+  part reads the permuted view (timm's LayerNorm2d on a channels-last tensor:
+  permute, layer_norm over the last dim, permute back) keeps its sums in the
+  permuted space, so that the norm is one frame and one kernel; moved to the
+  source, they left two kernels with the row statistics between them.
 """
 from __future__ import annotations
 
@@ -85,6 +90,8 @@ def _reduce_through_permutes(gm: fx.GraphModule) -> int:
         if not (isinstance(view, fx.Node) and view.op == "call_function" and view.target is aten.permute.default
                 and isinstance(dims, (list, tuple)) and dims):
             continue
+        if any(user.target not in _DIM_REDUCTIONS for user in view.users):
+            continue  # the permuted space stays (a norm's pointwise part reads it): reduce in it too
         source = view.args[0]
         val = node.meta.get("val")
         source_val = source.meta.get("val") if isinstance(source, fx.Node) else None

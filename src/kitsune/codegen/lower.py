@@ -125,6 +125,7 @@ class GroupLowering:
         self.numel = group.numel
         self.extents: dict[int, object] = {}  # input slot -> its largest element offset + 1
         self._masked: dict = {}
+        self.walk = frame_walk(group)  # the frame's dims in memory order (rows and positions follow it)
 
     def value_at(self, node: fx.Node, idx: tuple) -> Value:
         key = (node, idx)
@@ -242,7 +243,7 @@ class GroupLowering:
             raise NotFusible(f"{node.name} reduces another iteration space than its group")
         kept = [d for d in range(len(in_shape)) if d not in dims]
         kept_idx = [idx[d] for d in kept] if keepdim else list(idx)
-        r_idx = reduced_index(in_shape, dims)
+        r_idx = reduced_index(in_shape, dims, self.walk)
         full, k, j = [], iter(kept_idx), iter(r_idx)
         for d in range(len(in_shape)):
             full.append(next(j) if d in dims else next(k))
@@ -363,34 +364,63 @@ def _static(size, what: str):
     return size
 
 
-def reduced_index(in_shape, dims) -> list:
-    """Indices of the reduced dims at r = x % R (R = their element count)."""
-    sizes = [in_shape[d] for d in dims]
-    return delinearize(Index.var().mod(product(sizes)), sizes)
+def memory_order(stride, dims) -> list:
+    """`dims` from the outermost in memory to the innermost (largest stride first;
+    a broadcast dim, stride 0, outermost: it moves nothing). Ties keep the logical
+    order; symbolic strides are ordered by the sizes seen."""
+    return sorted(dims, key=lambda d: -hint(stride[d]) if hint(stride[d]) != 0 else float("-inf"))
 
 
-def frame_index(frame, out_shape) -> tuple:
-    """Index of a reduction group's output at flat x = row * R + r."""
+def frame_walk(group: FusionGroup) -> tuple | None:
+    """The order in which a reduction group's kernel walks its frame's dims: the
+    memory order of the tensor its first reduction reads, so that consecutive
+    positions along a row (or consecutive rows) are adjacent in memory where that
+    tensor allows it (a channels-last tensor reduced over C reads C contiguously)."""
+    reductions = [n for n in group.nodes if n.target in REDUCTION_OPS]
+    if group.frame is None or any(REDUCTION_OPS[n.target].combine in ("argmax", "argmin") for n in reductions):
+        return None  # an arg-reduction's position along the row is its logical flat index
+    source = reductions[0].args[0]
+    in_shape, _ = group.frame
+    return tuple(memory_order(strides_of(meta(source)), range(len(in_shape))))
+
+
+def _digits(flat: Index, shape, dims, walk) -> dict:
+    """dim -> its index at `flat`, walking `dims` in the order of `walk` (default: logical)."""
+    order = [d for d in walk if d in dims] if walk is not None else list(dims)
+    return dict(zip(order, delinearize(flat, [shape[d] for d in order])))
+
+
+def reduced_index(in_shape, dims, walk=None) -> list:
+    """Indices of the reduced dims (in increasing dim order) at r = x % R (R = their
+    element count), r walking them in the order of `walk`."""
+    r = Index.var().mod(product(in_shape[d] for d in dims))
+    digits = _digits(r, in_shape, dims, walk)
+    return [digits[d] for d in sorted(dims)]
+
+
+def frame_index(frame, out_shape, walk=None) -> tuple:
+    """Index of a reduction group's output at flat x = row * R + r: of one element
+    (`out_shape` is the frame's shape) or of one row (the kept shape, with or
+    without the reduced dims as 1). Rows walk the kept dims in the order of `walk`."""
     in_shape, dims = frame
     R = product(in_shape[d] for d in dims)
-    row = Index.var().floordiv(R)
+    kept = [d for d in range(len(in_shape)) if d not in dims]
+    rows = _digits(Index.var().floordiv(R), in_shape, kept, walk)
     if tuple(out_shape) == tuple(in_shape):
-        kept_sizes = [in_shape[d] for d in range(len(in_shape)) if d not in dims]
-        k, j = iter(delinearize(row, kept_sizes)), iter(reduced_index(in_shape, dims))
-        return tuple(next(j) if d in dims else next(k) for d in range(len(in_shape)))
-    return tuple(delinearize(row, list(out_shape)))
+        r = dict(zip(sorted(dims), reduced_index(in_shape, dims, walk)))
+        return tuple(r[d] if d in dims else rows[d] for d in range(len(in_shape)))
+    if tuple(out_shape) == tuple(in_shape[d] for d in kept):
+        return tuple(rows[d] for d in kept)
+    if tuple(out_shape) == tuple(1 if d in dims else in_shape[d] for d in range(len(in_shape))):
+        return tuple(Index.constant(0) if d in dims else rows[d] for d in range(len(in_shape)))
+    return tuple(delinearize(Index.var().floordiv(R), list(out_shape)))
 
 
 def iteration_index(shape, stride) -> tuple:
     """Logical indices of flat x, walking `shape` in the memory order of `stride`."""
-    # any walk is correct (stores go through the output's own strides); symbolic
-    # strides are ordered by the sizes seen
-    order = sorted(range(len(shape)), key=lambda d: -hint(stride[d]))
-    digits = delinearize(Index.var(), [shape[d] for d in order])
-    idx = [None] * len(shape)
-    for k, d in enumerate(order):
-        idx[d] = digits[k]
-    return tuple(idx)
+    # any walk is correct (stores go through the output's own strides)
+    digits = _digits(Index.var(), shape, range(len(shape)), memory_order(stride, range(len(shape))))
+    return tuple(digits[d] for d in range(len(shape)))
 
 
 def lower_group(group: FusionGroup, name: str) -> tuple[KernelSpec, list[fx.Node], list[fx.Node]]:
@@ -402,7 +432,7 @@ def lower_group(group: FusionGroup, name: str) -> tuple[KernelSpec, list[fx.Node
     for k, node in enumerate(outputs):
         val = meta(node)
         if group.frame is not None:
-            idx = frame_index(group.frame, shape_of(val))
+            idx = frame_index(group.frame, shape_of(val), lowering.walk)
         elif shape_of(val) == shape_of(first):
             idx = iteration_index(shape_of(first), strides_of(first))
         else:

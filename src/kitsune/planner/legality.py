@@ -108,8 +108,9 @@ def iteration_space_refusal(union: set) -> str | None:
 
 
 # What `merge_refusal` says stopped a merge (the planner repairs each differently:
-# `recompute` for SIZES, `split` for LIMIT).
-LIMIT, SIZES, CYCLE, INDEXED = "limit", "sizes", "cycle", "indexed"
+# `recompute` for SIZES, `split` for LIMIT and CYCLE); JOINED: a CYCLE whose node
+# fused with another producer (nothing to repair).
+LIMIT, SIZES, CYCLE, INDEXED, JOINED = "limit", "sizes", "cycle", "indexed", "joined"
 
 
 def merge_refusal(a: FusionGroup, b: FusionGroup, config: FusionConfig, position: dict,

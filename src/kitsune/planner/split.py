@@ -1,4 +1,6 @@
-"""Two groups refused only by `max_fusion_size`: cut where the fewest bytes cross.
+"""Re-cutting groups the vertical pass could not merge: by size, by a cycle.
+
+Two groups refused only by `max_fusion_size`: cut where the fewest bytes cross.
 
 The vertical pass fills a group in graph order until the next operation
 would exceed `max_fusion_size`, so the cut falls wherever the limit is
@@ -10,6 +12,11 @@ that cross it (values of the first part read by the second: written once
 and read once, or only read when something else needs them anyway), and the
 cheapest is taken: there, after the bias add, one tensor crosses. The
 refused merge's decision says where the group was cut and what crosses.
+
+A node refused by its producer group because of a cycle through an unfused op
+(and fused with nothing else) gets the part of that group the cycle does not
+run through (`split_for_cycles`), as Inductor's scheduler fuses around the
+dependencies it cannot cross.
 """
 from __future__ import annotations
 
@@ -18,8 +25,8 @@ import math
 from torch import fx
 
 from kitsune.config import FusionConfig
-from kitsune.ir.graph import is_view
-from kitsune.planner.legality import LIMIT, has_external_use, merge_refusal
+from kitsune.ir.graph import is_view, view_root
+from kitsune.planner.legality import CYCLE, JOINED, LIMIT, groups_acyclic, has_external_use, merge_refusal
 from kitsune.planner.plan import FusionGroup
 from kitsune.planner.units import nbytes
 
@@ -76,3 +83,68 @@ def _cheapest_cut(nodes: list, config: FusionConfig, position: dict):
             continue
         best = (*groups, cost)
     return best
+
+
+def split_for_cycles(graph: fx.Graph, group_of: dict, refused: list, config: FusionConfig,
+                     position: dict) -> None:
+    """A node kept from a producer group by a cycle through an unfused op (and
+    fused with no other producer): split the producer instead of giving up. The
+    members the cycle runs through (those feeding the unfused op, and what they
+    read) stay a group; the rest joins the node's group, when fewer bytes cross."""
+    for refusal in refused:
+        if refusal.kind != CYCLE:
+            continue
+        producer, consumer = group_of.get(refusal.producer), group_of.get(refusal.node)
+        if producer is None or consumer is None or producer is consumer:
+            continue
+        parts = _cycle_free_parts(producer, consumer)
+        if parts is None:
+            continue
+        kept, joined = FusionGroup(parts[0]), FusionGroup(sorted(parts[1] + consumer.nodes, key=position.__getitem__))
+        if any(merge_refusal(g, g, config, position) for g in (kept, joined)):
+            continue
+        if crossing_bytes(kept.nodes, joined.nodes) >= crossing_bytes(producer.nodes, consumer.nodes):
+            continue
+        others = {id(g): g for g in group_of.values() if g is not producer and g is not consumer}
+        if not groups_acyclic(list(graph.nodes), [*others.values(), kept, joined]):
+            continue
+        for group in (kept, joined):
+            for n in group.nodes:
+                group_of[n] = group
+        refusal.kind = JOINED
+        refusal.decision.nodes = (kept.label(), joined.label())
+        refusal.decision.reason = (f"split so that no cycle forms: {kept.label()} feeds an unfused op that "
+                                   f"{refusal.node.name} reads, the rest of its group joined {refusal.node.name}")
+
+
+def _non_view_users(node: fx.Node) -> list[fx.Node]:
+    found = []
+    for user in node.users:
+        found += _non_view_users(user) if is_view(user) else [user]
+    return found
+
+
+def _cycle_free_parts(producer: FusionGroup, consumer: FusionGroup):
+    """(members a path to the consumer leaves through, the other members), both in
+    graph order, or None when the consumer reads none of the others."""
+    members, targets = set(producer.nodes), set(consumer.nodes)
+    ancestors, stack = set(), [a for n in consumer.nodes for a in n.all_input_nodes]
+    while stack:  # the consumer's ancestors outside the producer (its direct reads excluded)
+        n = stack.pop()
+        if n in ancestors or n in members or n in targets or (is_view(n) and view_root(n) in members):
+            continue
+        ancestors.add(n)
+        stack += n.all_input_nodes
+    lower = {m for m in members if any(u in ancestors for u in _non_view_users(m))}
+    stack = list(lower)
+    while stack:  # and every member those read
+        for a in stack.pop().all_input_nodes:
+            root = view_root(a)
+            if root in members and root not in lower:
+                lower.add(root)
+                stack.append(root)
+    upper = [n for n in producer.nodes if n not in lower]
+    read = {view_root(a) for n in consumer.nodes for a in n.all_input_nodes}
+    if not lower or not upper or not read & set(upper):
+        return None
+    return [n for n in producer.nodes if n in lower], upper

@@ -59,15 +59,15 @@ def plan_pointwise(graph: fx.Graph, config: FusionConfig) -> FusionPlan:
     """The generic rules: vertical chains (producers recomputed in consumers that
     read them at another size, groups over the size limit cut where the least
     crosses), then sibling reductions, each group's decision."""
-    rewritten = False
-    for _ in range(RECOMPUTE_ROUNDS + 1):
+    rounds = 0
+    while True:
         plan = FusionPlan()
         position = {n: i for i, n in enumerate(graph.nodes)}
         group_of, refused = _fuse_vertically(graph, config, position, plan)
-        if not recompute_producers(graph, group_of, refused, config, position):
+        if rounds == RECOMPUTE_ROUNDS or not recompute_producers(graph, group_of, refused, config, position):
             break
-        rewritten = True  # the graph changed: plan it again
-    plan.replaced = plan.replaced or rewritten
+        rounds += 1  # the graph changed: plan it again
+    plan.replaced = rounds > 0
     split_oversized(group_of, refused, config, position)
     split_for_cycles(graph, group_of, refused, config, position)
     merge_siblings(graph, group_of, config, position, plan)

@@ -77,7 +77,7 @@ def _consumer_cones(producer: FusionGroup, group_of: dict, config: FusionConfig,
                     position: dict) -> list[tuple[FusionGroup, set]]:
     """(consumer group, the producer members it would recompute) for each reader of
     the producer, or [] when the producer cannot disappear."""
-    if producer.frame is not None or len(producer.nodes) > config.max_fusion_size * 2:
+    if producer.frame is not None:
         return []
     members = set(producer.nodes)
     consumers: dict[int, FusionGroup] = {}

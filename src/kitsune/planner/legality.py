@@ -109,7 +109,8 @@ def iteration_space_refusal(union: set) -> str | None:
 
 # What `merge_refusal` says stopped a merge (the planner repairs each differently:
 # `recompute` for SIZES, `split` for LIMIT and CYCLE); JOINED: a CYCLE whose node
-# fused with another producer (nothing to repair).
+# `recompute` for SIZES, `split` for LIMIT and CYCLE); JOINED: a CYCLE whose node
+# fused in a group all the same, or split around (nothing left to repair).
 LIMIT, SIZES, CYCLE, INDEXED, JOINED = "limit", "sizes", "cycle", "indexed", "joined"
 
 

@@ -29,7 +29,7 @@ from kitsune.config import FusionConfig
 from kitsune.ir.graph import is_compute, meta, tensor_inputs, view_root
 from kitsune.ir.ops import REDUCTION_OPS
 from kitsune.sizes import hint, is_dense, numel_of, product, shape_of
-from kitsune.planner.legality import CYCLE, JOINED, can_merge, group_outputs, merge_refusal, node_blocker
+from kitsune.planner.legality import can_merge, group_outputs, merge_refusal, node_blocker
 from kitsune.planner.plan import Decision, FusionGroup, FusionPlan, Refusal, frame_shapes
 from kitsune.planner.recompute import recompute_producers
 from kitsune.planner.split import split_for_cycles, split_oversized
@@ -107,20 +107,7 @@ def _fuse_vertically(graph: fx.Graph, config: FusionConfig, position: dict,
             group = FusionGroup(sorted(producer.nodes + group.nodes, key=position.__getitem__))
             for n in group.nodes:
                 group_of[n] = group
-        if len(group.nodes) > 1:
-            _joined_instead(node, group, refused)
     return group_of, refused
-
-
-def _joined_instead(node: fx.Node, group: FusionGroup, refused: list[Refusal]) -> None:
-    """A node kept from one producer by a cycle but fused with another lost
-    nothing: no partition puts it with both (a residual add reads the norm's
-    input and the matmul the norm feeds). Its decision says so (not a refusal)."""
-    for refusal in refused:
-        if refusal.node is node and refusal.kind == CYCLE:
-            refusal.kind = JOINED
-            refusal.decision.reason = (f"fused with another producer instead (in {group.label()}): "
-                                       "this group feeds an unfused op that it reads")
 
 
 def _distinct_groups(graph: fx.Graph, group_of: dict) -> list[FusionGroup]:

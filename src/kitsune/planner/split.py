@@ -87,34 +87,55 @@ def _cheapest_cut(nodes: list, config: FusionConfig, position: dict):
 
 def split_for_cycles(graph: fx.Graph, group_of: dict, refused: list, config: FusionConfig,
                      position: dict) -> None:
-    """A node kept from a producer group by a cycle through an unfused op (and
-    fused with no other producer): split the producer instead of giving up. The
-    members the cycle runs through (those feeding the unfused op, and what they
-    read) stay a group; the rest joins the node's group, when fewer bytes cross."""
+    """A node kept from a producer group by a cycle through an unfused op: split
+    the producer instead of giving up. The members the cycle runs through (those
+    feeding the unfused op, and what they read) stay a group; the rest joins the
+    node's group, when fewer bytes cross. A node that cannot be helped so but is
+    fused with other nodes (a residual add reading the norm's input and the
+    matmul the norm feeds joins that matmul's epilogue) lost nothing: its
+    decision says so rather than reporting a refusal."""
     for refusal in refused:
         if refusal.kind != CYCLE:
             continue
         producer, consumer = group_of.get(refusal.producer), group_of.get(refusal.node)
-        if producer is None or consumer is None or producer is consumer:
+        if producer is None or consumer is None:
             continue
-        parts = _cycle_free_parts(producer, consumer)
-        if parts is None:
+        if producer is consumer:  # an earlier split put them together
+            refusal.kind = JOINED
+            refusal.decision.reason = f"fused in {consumer.label()} once a split removed the cycle"
             continue
-        kept, joined = FusionGroup(parts[0]), FusionGroup(sorted(parts[1] + consumer.nodes, key=position.__getitem__))
-        if any(merge_refusal(g, g, config, position) for g in (kept, joined)):
-            continue
-        if crossing_bytes(kept.nodes, joined.nodes) >= crossing_bytes(producer.nodes, consumer.nodes):
-            continue
-        others = {id(g): g for g in group_of.values() if g is not producer and g is not consumer}
-        if not groups_acyclic(list(graph.nodes), [*others.values(), kept, joined]):
-            continue
-        for group in (kept, joined):
-            for n in group.nodes:
-                group_of[n] = group
-        refusal.kind = JOINED
-        refusal.decision.nodes = (kept.label(), joined.label())
-        refusal.decision.reason = (f"split so that no cycle forms: {kept.label()} feeds an unfused op that "
-                                   f"{refusal.node.name} reads, the rest of its group joined {refusal.node.name}")
+        split = _split_around(graph, group_of, producer, consumer, config, position)
+        if split is not None:
+            kept, joined = split
+            for group in split:
+                for n in group.nodes:
+                    group_of[n] = group
+            refusal.kind = JOINED
+            refusal.decision.nodes = (kept.label(), joined.label())
+            refusal.decision.reason = (f"split so that no cycle forms: {kept.label()} feeds an unfused op that "
+                                       f"{refusal.node.name} reads, the rest of its group joined {refusal.node.name}")
+        elif len(consumer.nodes) > 1:  # fused all the same: no partition puts it with that group
+            refusal.kind = JOINED
+            refusal.decision.reason = (f"fused in {consumer.label()} instead: {producer.label()} feeds an "
+                                       f"unfused op that {refusal.node.name} reads, so no kernel holds both")
+
+
+def _split_around(graph: fx.Graph, group_of: dict, producer: FusionGroup, consumer: FusionGroup,
+                  config: FusionConfig, position: dict) -> tuple[FusionGroup, FusionGroup] | None:
+    """(the part of producer the cycle runs through, the rest joined with consumer),
+    when both are legal and fewer bytes cross than between producer and consumer."""
+    parts = _cycle_free_parts(producer, consumer)
+    if parts is None:
+        return None
+    kept, joined = FusionGroup(parts[0]), FusionGroup(sorted(parts[1] + consumer.nodes, key=position.__getitem__))
+    if any(merge_refusal(g, g, config, position) for g in (kept, joined)):
+        return None
+    if crossing_bytes(kept.nodes, joined.nodes) >= crossing_bytes(producer.nodes, consumer.nodes):
+        return None
+    others = {id(g): g for g in group_of.values() if g is not producer and g is not consumer}
+    if not groups_acyclic(list(graph.nodes), [*others.values(), kept, joined]):
+        return None
+    return kept, joined
 
 
 def _non_view_users(node: fx.Node) -> list[fx.Node]:

@@ -39,8 +39,11 @@ def split_oversized(group_of: dict, refused: list, config: FusionConfig, positio
         first, second = group_of.get(refusal.producer), group_of.get(refusal.node)
         if first is None or second is None or first is second:
             continue
-        if merge_refusal(first, second, config, position, limit=math.inf):
-            continue  # not only the size: the refusal stands
+        other = merge_refusal(first, second, config, position, limit=math.inf)
+        if other:  # not only the size: say what else stops it (split_for_cycles reads CYCLE)
+            refusal.kind = other[0]
+            refusal.decision.reason = f"{other[1]} (and {refusal.decision.reason})"
+            continue
         nodes = sorted(set(first.nodes) | set(second.nodes), key=position.__getitem__)
         cut = _cheapest_cut(nodes, config, position)
         if cut is None:

@@ -105,7 +105,8 @@ class FusionGroup:
 
 @dataclass
 class Refusal:
-    """A merge the vertical pass refused: a node of the producer group then, the
+    """A merge the vertical pass refused: the producer group's member that the
+    node reads (its group now is the producer, whatever the repairs did), the
     node that could not join it, what stopped it (`legality.LIMIT`/`SIZES`/`CYCLE`)
     and its decision (the repairs reword it)."""
     producer: fx.Node

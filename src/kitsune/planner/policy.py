@@ -102,7 +102,8 @@ def _fuse_vertically(graph: fx.Graph, config: FusionConfig, position: dict,
             if refusal:
                 decision = Decision((producer.label(), node.name), False, refusal[1])
                 plan.decisions.append(decision)
-                refused.append(Refusal(producer.nodes[0], node, refusal[0], decision))
+                read = next(r for r in map(view_root, tensor_inputs(node)) if r in producer.nodes)
+                refused.append(Refusal(read, node, refusal[0], decision))
                 continue
             group = FusionGroup(sorted(producer.nodes + group.nodes, key=position.__getitem__))
             for n in group.nodes:

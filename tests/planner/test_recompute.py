@@ -59,19 +59,26 @@ def test_member_larger_than_the_outputs_is_read_through_its_slice():
     assert not _refusals(plan, SIZES)
 
 
-def test_slice_consumers_recompute_their_producer():
-    # y is needed by two consumers of half its size: each computes its half itself
-    def f(x):
-        y = x.sin() * 2
-        return y[..., :4].exp() + 1, y[..., 4:].cos(), y[:, 3].tanh()
+def _slice_consumers(x):
+    # y is needed by three consumers of part of it: each computes its part itself
+    y = x.sin() * 2
+    return y[..., :4].exp() + 1, y[..., 4:].cos(), y[:, 3].tanh(), (x.cos() * 3)[:, 1:].exp()
 
-    plan, gm = _plan(f, torch.randn(8, 8))
+
+def test_slice_consumers_recompute_their_producer():
+    plan, gm = _plan(_slice_consumers, torch.randn(8, 8))
     assert not _refusals(plan, SIZES)
-    assert len(plan.groups) == 3 and plan.replaced
-    assert all(g.numel in (32, 8) for g in plan.groups)
+    assert len(plan.groups) == 4 and plan.replaced
+    assert sorted(g.numel for g in plan.groups) == [8, 32, 32, 56]
     assert not [n for n in gm.graph.nodes if n.name == "sin"]  # the producer's own kernel is gone
-    decisions = _compiled(f, torch.randn(8, 8))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_slice_consumers_compute_what_eager_does(backend, monkeypatch):
+    monkeypatch.setenv("KITSUNE_BACKEND", backend)
+    decisions = _compiled(_slice_consumers, torch.randn(8, 8))
     assert not [d for d in decisions if not d.fused and SIZES in d.reason]
+    assert kitsune.get_fusion_stats()["num_fused"] == 4
 
 
 def test_rotary_embedding_table_is_recomputed_in_each_head_kernel():

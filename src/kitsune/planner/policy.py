@@ -7,7 +7,8 @@ ranks what `can_fuse` allows).
   the refused merges are repaired where they can be: a producer read at
   another size is recomputed in its consumers (`recompute`), two groups
   refused only by `max_fusion_size` are cut again where the fewest bytes
-  cross (`split`);
+  cross, a producer group is split around the cycle that kept a node out
+  (`split`);
 - horizontal: reduction groups over one iteration space that write only
   per-row results join one kernel (`merge_siblings`);
 - a lone node is not worth a kernel, except a layout-changing copy

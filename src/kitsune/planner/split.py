@@ -117,10 +117,12 @@ def split_for_cycles(graph: fx.Graph, group_of: dict, refused: list, config: Fus
             refusal.decision.nodes = (kept.label(), joined.label())
             refusal.decision.reason = (f"split so that no cycle forms: {kept.label()} feeds an unfused op that "
                                        f"{refusal.node.name} reads, the rest of its group joined {refusal.node.name}")
-        elif len(consumer.nodes) > 1:  # fused all the same: no partition puts it with that group
+        elif len(consumer.nodes) > 1 and _cycle_free_parts(producer, consumer) is None:
+            # fused all the same, and every member it reads is on the cycle's path
             refusal.kind = JOINED
             refusal.decision.reason = (f"fused in {consumer.label()} instead: {producer.label()} feeds an "
-                                       f"unfused op that {refusal.node.name} reads, so no kernel holds both")
+                                       f"unfused op that {refusal.node.name} reads, so no kernel holds both "
+                                       f"(it would wait on itself: a cycle)")
 
 
 def _split_around(graph: fx.Graph, group_of: dict, producer: FusionGroup, consumer: FusionGroup,

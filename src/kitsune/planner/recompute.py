@@ -24,7 +24,7 @@ from torch import fx
 
 from kitsune.config import FusionConfig
 from kitsune.ir.graph import is_view, numel, view_root
-from kitsune.planner.legality import CYCLE
+from kitsune.planner.legality import CYCLE, indexed_refusal
 from kitsune.planner.plan import FusionGroup, outputs_of
 
 log = logging.getLogger("kitsune")
@@ -93,8 +93,8 @@ def _consumer_cones(producer: FusionGroup, group_of: dict, config: FusionConfig,
     for group in sorted(consumers.values(), key=lambda g: position[g.nodes[0]]):
         cone = _cone(producer, group)
         ops = group.user_ops() | FusionGroup(sorted(cone, key=position.__getitem__)).user_ops()
-        if len(ops) > config.max_fusion_size:
-            return []
+        if len(ops) > config.max_fusion_size or indexed_refusal(set(group.nodes) | cone):
+            return []  # no room, or the consumer reads the producer at computed positions
         cones.append((group, cone))
     return cones
 

@@ -13,7 +13,14 @@ class FusionConfig:
     enable_elementwise: bool = True
     enable_reduction: bool = True
     enable_matmul: bool = False
-    max_fusion_size: int = 8          # user operations per kernel (layer_norm counts as one)
+    # User operations per kernel: the distinct operations the user's code called
+    # (Dynamo's source_fn_stack; autograd's op in backward graphs), not the aten
+    # primitives they decompose into: F.layer_norm is one, an RMSNorm written as
+    # pow/mean/add/rsqrt/mul is five; dtype conversions and views count for
+    # nothing; a producer recomputed in a consumer kernel counts there too. Two
+    # groups that only this limit keeps apart are cut where the fewest bytes cross
+    # (kitsune.planner.split), not wherever the limit is reached.
+    max_fusion_size: int = 8
     min_fusion_benefit: float = 1.1   # keep a measured fusion only if this much faster
     # Measured decisions: time each fused kernel against its unfused ops on its first
     # real call and keep it only if min_fusion_benefit times faster

@@ -8,6 +8,9 @@
 - `policy`: which legal fusions to take (greedy vertical chains, sibling
   reductions, relayout copies, enable and device switches,
   `min_tensor_size`, and `admit`: the backend's own refusals);
+- `recompute`, `split`: repairs of the merges the greedy pass refused (a
+  producer read at another size recomputed in its consumers, a cut where
+  the fewest bytes cross for the size limit, a split around a cycle);
 - `steer`: named and user patterns steering the groups, replacements;
 - `detect`: pattern detection as the plan uses it (run only when the plan
   needs it; otherwise the report runs it later on the planned graph);

@@ -7,9 +7,10 @@ iteration sizes, never from op names:
 
 - a node can be generated at all (`node_blocker`: op kind, dtype, device,
   static shape, an empty reduction);
-- every member of a group has the group's iteration size (numel), except
-  members whose values never leave the group: those are recomputed per
-  element through broadcasting;
+- every value a group writes has the group's iteration size (numel);
+  members whose values never leave the group may have any size: they are
+  computed at the index that reads them (broadcast, or read through a
+  slice or select);
 - a group with reductions has one *frame*: the shape S they reduce and the
   dims D they reduce over. Its kernel runs over rows (the kept dims of S)
   and, in each row, over the R reduced elements; every value it writes is
@@ -30,7 +31,7 @@ from kitsune.config import FusionConfig
 from kitsune.ir.graph import is_view, meta, numel, pointwise_blocker, view_root
 from kitsune.sizes import hint, shape_of
 from kitsune.ir.ops import POINTWISE_OPS, REDUCTION_OPS
-from kitsune.planner.plan import FusionGroup, frame_shapes, frames_of, node_frame
+from kitsune.planner.plan import FusionGroup, frame_shapes, frames_of, has_external_use, node_frame, outputs_of
 
 
 def node_blocker(node: fx.Node) -> str | None:
@@ -51,22 +52,8 @@ def inside_group(node: fx.Node, members: set) -> bool:
     return node in members or (is_view(node) and view_root(node) in members)
 
 
-def has_external_use(node: fx.Node, members: set) -> bool:
-    """Does the value of `node` have to be written to memory?"""
-    for user in node.users:
-        if user in members:
-            continue
-        if is_view(user) and user.args[0] is node:
-            if has_external_use(user, members):
-                return True
-            continue
-        return True
-    return False
-
-
 def group_outputs(group: FusionGroup) -> list[fx.Node]:
-    members = set(group.nodes)
-    return [n for n in group.nodes if has_external_use(n, members)]
+    return outputs_of(group.nodes)
 
 
 def creates_cycle(union: set, position: dict) -> bool:
@@ -93,8 +80,13 @@ def creates_cycle(union: set, position: dict) -> bool:
     return False
 
 
-def iteration_space_refusal(union: set, size: int) -> str | None:
-    """Why the members of `union` cannot share one iteration space, or None."""
+def iteration_space_refusal(union: set) -> str | None:
+    """Why the members of `union` cannot share one iteration space, or None.
+
+    A pointwise kernel iterates over its outputs, so those must all have one
+    size; members that stay inside are computed at the index that reads them,
+    whatever their own size (a smaller one broadcast, a larger one read
+    through a slice or select)."""
     frames = frames_of(union)
     if len(frames) > 1:
         return "reductions over different iteration spaces (shape or dims)"
@@ -105,24 +97,45 @@ def iteration_space_refusal(union: set, size: int) -> str | None:
                 return (f"{n.name} has shape {shape_of(meta(n))}, neither the reduced shape {full} "
                         f"nor one value per row")
         return None
-    for n in union:
-        if numel(n) != size and has_external_use(n, union):
+    outputs = sorted((n for n in union if has_external_use(n, union)), key=lambda n: n.name)
+    if not outputs:
+        return None
+    size = max((numel(n) for n in outputs), key=hint)
+    for n in outputs:
+        if numel(n) != size:
             return f"iteration sizes differ ({numel(n)} vs {size}) and {n.name} is needed outside"
     return None
 
 
+# What `merge_refusal` says stopped a merge (the planner repairs each differently:
+# `recompute` for SIZES, `split` for LIMIT and CYCLE); JOINED: a CYCLE whose node
+# `recompute` for SIZES, `split` for LIMIT and CYCLE); JOINED: a CYCLE whose node
+# fused in a group all the same, or split around (nothing left to repair).
+LIMIT, SIZES, CYCLE, INDEXED, JOINED = "limit", "sizes", "cycle", "indexed", "joined"
+
+
+def merge_refusal(a: FusionGroup, b: FusionGroup, config: FusionConfig, position: dict,
+                  limit: int | None = None) -> tuple[str, str] | None:
+    """None if a and b may form one kernel, else (LIMIT | SIZES | CYCLE | INDEXED, the reason).
+    `limit`: the operations allowed (default `config.max_fusion_size`)."""
+    union = set(a.nodes) | set(b.nodes)
+    limit = config.max_fusion_size if limit is None else limit
+    ops = len(a.user_ops() | b.user_ops())
+    if ops > limit:
+        return LIMIT, f"would hold {ops} operations > max_fusion_size={config.max_fusion_size}"
+    reason = iteration_space_refusal(union)
+    if reason:
+        return SIZES, reason
+    if creates_cycle(union, position):
+        return CYCLE, "a path through an unfused op would form a cycle"
+    reason = indexed_refusal(union)
+    return (INDEXED, reason) if reason else None
+
+
 def can_merge(a: FusionGroup, b: FusionGroup, config: FusionConfig, position: dict) -> str | None:
     """None if a and b may form one kernel, else the reason they may not."""
-    union = set(a.nodes) | set(b.nodes)
-    ops = len(a.user_ops() | b.user_ops())
-    if ops > config.max_fusion_size:
-        return f"would hold {ops} operations > max_fusion_size={config.max_fusion_size}"
-    reason = iteration_space_refusal(union, max(a.numel, b.numel, key=hint))
-    if reason:
-        return reason
-    if creates_cycle(union, position):
-        return "a path through an unfused op would form a cycle"
-    return indexed_refusal(union)
+    refusal = merge_refusal(a, b, config, position)
+    return refusal[1] if refusal else None
 
 
 def indexed_refusal(union: set) -> str | None:

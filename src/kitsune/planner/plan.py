@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from kitsune.ir.graph import meta, numel, user_op_key
+from kitsune.ir.graph import is_view, meta, numel, user_op_key
 from kitsune.sizes import hint, product, shape_of
 from kitsune.ir.ops import REDUCTION_OPS, reduction_signature
 
@@ -45,6 +45,25 @@ def frame_shapes(frame) -> tuple[tuple, tuple, tuple]:
     return shape, kept, keep
 
 
+def has_external_use(node: fx.Node, members: set) -> bool:
+    """Does the value of `node` have to be written to memory?"""
+    for user in node.users:
+        if user in members:
+            continue
+        if is_view(user) and user.args[0] is node:
+            if has_external_use(user, members):
+                return True
+            continue
+        return True
+    return False
+
+
+def outputs_of(nodes) -> list[fx.Node]:
+    """The members of `nodes` whose values leave them (in the order given)."""
+    members = set(nodes)
+    return [n for n in nodes if has_external_use(n, members)]
+
+
 @dataclass
 class FusionGroup:
     """Nodes (in graph order) that become one generated kernel."""
@@ -66,9 +85,11 @@ class FusionGroup:
         frame = self.frame
         if frame is not None:
             return product(frame[0])
-        # the outputs' size (legality: members that differ are not needed outside);
-        # symbolic sizes compare by the sizes seen
-        return max((numel(n) for n in self.nodes), key=hint)
+        # the kernel iterates over its outputs (legality: all of one size); members
+        # of another size are computed at the index that reads them: smaller ones
+        # through broadcasting, larger ones through a slice or select of them.
+        # Symbolic sizes compare by the sizes seen.
+        return max((numel(n) for n in outputs_of(self.nodes) or self.nodes), key=hint)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -80,6 +101,18 @@ class FusionGroup:
 
     def label(self) -> str:
         return " → ".join(n.name for n in self.nodes)
+
+
+@dataclass
+class Refusal:
+    """A merge the vertical pass refused: the producer group's member that the
+    node reads (its group now is the producer, whatever the repairs did), the
+    node that could not join it, what stopped it (`legality.LIMIT`/`SIZES`/`CYCLE`)
+    and its decision (the repairs reword it)."""
+    producer: fx.Node
+    node: fx.Node
+    kind: str
+    decision: "Decision"
 
 
 @dataclass
@@ -99,7 +132,7 @@ class FusionPlan:
     # report runs it on the planned graph when asked (`kitsune.planner.detect`).
     units: object = None
     opportunities: list | None = None
-    replaced: bool = False  # user pattern replacements rewrote the graph
+    replaced: bool = False  # the graph was rewritten (user pattern replacements, recomputed producers)
     # Groups formed but not generated because of the configuration or a failure
     # (device switch, min_tensor_size, lowering or kernel build failed), as
     # (group label, reason): the stats report them as fallbacks.

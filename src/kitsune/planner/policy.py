@@ -3,7 +3,12 @@ ranks what `can_fuse` allows).
 
 - nodes: the enable switches (`enable_elementwise`, `enable_reduction`);
 - vertical: greedy, in topological order, each fusible node joins the groups
-  of its producers (largest first) when `legality.can_merge` allows;
+  of its producers (largest first) when `legality.can_merge` allows; then
+  the refused merges are repaired where they can be: a producer read at
+  another size is recomputed in its consumers (`recompute`), two groups
+  refused only by `max_fusion_size` are cut again where the fewest bytes
+  cross, a producer group is split around the cycle that kept a node out
+  (`split`);
 - horizontal: reduction groups over one iteration space that write only
   per-row results join one kernel (`merge_siblings`);
 - a lone node is not worth a kernel, except a layout-changing copy
@@ -25,8 +30,10 @@ from kitsune.config import FusionConfig
 from kitsune.ir.graph import is_compute, meta, tensor_inputs, view_root
 from kitsune.ir.ops import REDUCTION_OPS
 from kitsune.sizes import hint, is_dense, numel_of, product, shape_of
-from kitsune.planner.legality import can_merge, group_outputs, node_blocker
-from kitsune.planner.plan import Decision, FusionGroup, FusionPlan, frame_shapes
+from kitsune.planner.legality import can_merge, group_outputs, merge_refusal, node_blocker
+from kitsune.planner.plan import Decision, FusionGroup, FusionPlan, Refusal, frame_shapes
+from kitsune.planner.recompute import recompute_producers
+from kitsune.planner.split import split_for_cycles, split_oversized
 
 
 class Backend(Protocol):
@@ -45,11 +52,25 @@ def node_refusal(node: fx.Node, config: FusionConfig) -> str | None:
     return node_blocker(node)
 
 
+# Rounds of recomputation (each may let a chain of producers move one step further).
+RECOMPUTE_ROUNDS = 3
+
+
 def plan_pointwise(graph: fx.Graph, config: FusionConfig) -> FusionPlan:
-    """The generic rules: vertical chains, then sibling reductions, each group's decision."""
-    plan = FusionPlan()
-    position = {n: i for i, n in enumerate(graph.nodes)}
-    group_of = _fuse_vertically(graph, config, position, plan)
+    """The generic rules: vertical chains (producers recomputed in consumers that
+    read them at another size, groups over the size limit cut where the least
+    crosses), then sibling reductions, each group's decision."""
+    rounds = 0
+    while True:
+        plan = FusionPlan()
+        position = {n: i for i, n in enumerate(graph.nodes)}
+        group_of, refused = _fuse_vertically(graph, config, position, plan)
+        if rounds == RECOMPUTE_ROUNDS or not recompute_producers(graph, group_of, refused, config, position):
+            break
+        rounds += 1  # the graph changed: plan it again
+    plan.replaced = rounds > 0
+    split_oversized(group_of, refused, config, position)
+    split_for_cycles(graph, group_of, refused, config, position)
     merge_siblings(graph, group_of, config, position, plan)
     for group in _distinct_groups(graph, group_of):
         if len(group.nodes) < 2 and not is_relayout(group.nodes[0]):
@@ -60,9 +81,11 @@ def plan_pointwise(graph: fx.Graph, config: FusionConfig) -> FusionPlan:
     return plan
 
 
-def _fuse_vertically(graph: fx.Graph, config: FusionConfig, position: dict, plan: FusionPlan) -> dict:
-    """Greedy, in topological order: node -> its group."""
+def _fuse_vertically(graph: fx.Graph, config: FusionConfig, position: dict,
+                     plan: FusionPlan) -> tuple[dict, list[Refusal]]:
+    """Greedy, in topological order: node -> its group, and the merges refused."""
     group_of: dict[fx.Node, FusionGroup] = {}
+    refused: list[Refusal] = []
     for node in graph.nodes:
         if not is_compute(node):
             continue
@@ -76,14 +99,17 @@ def _fuse_vertically(graph: fx.Graph, config: FusionConfig, position: dict, plan
         for producer in sorted(producers.values(), key=lambda g: -len(g.nodes)):
             if producer is group:
                 continue
-            reason = can_merge(producer, group, config, position)
-            if reason:
-                plan.decisions.append(Decision((producer.label(), node.name), False, reason))
+            refusal = merge_refusal(producer, group, config, position)
+            if refusal:
+                decision = Decision((producer.label(), node.name), False, refusal[1])
+                plan.decisions.append(decision)
+                read = next(r for r in map(view_root, tensor_inputs(node)) if r in producer.nodes)
+                refused.append(Refusal(read, node, refusal[0], decision))
                 continue
             group = FusionGroup(sorted(producer.nodes + group.nodes, key=position.__getitem__))
             for n in group.nodes:
                 group_of[n] = group
-    return group_of
+    return group_of, refused
 
 
 def _distinct_groups(graph: fx.Graph, group_of: dict) -> list[FusionGroup]:

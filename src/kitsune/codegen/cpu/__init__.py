@@ -26,7 +26,7 @@ import torch
 from kitsune.cache import cache_dir, file_lock, write_atomic
 from kitsune.codegen.cpu.emit import FLOAT_ERF, PRELUDE, emit_kernel, math_declarations
 from kitsune.codegen.cpu.emit import VECTOR_MATH
-from kitsune.codegen.cpu.launcher import launcher
+from kitsune.codegen.cpu.launcher import cpu_launcher
 from kitsune.codegen.cpu.toolchain import toolchain
 from kitsune.codegen.kernel import KernelError, KernelSpec
 from kitsune.sizes import compile_sizes
@@ -148,7 +148,7 @@ class CpuKernel:
         self._library = library  # keep it loaded
         # symbolic sizes: numel from the values of the spec's symbols, at each call
         self._numel = compile_sizes(spec.numel, spec.sizes) if spec.sizes else None
-        self._launcher = launcher()
+        self._launcher = cpu_launcher()
         self._entry = ctypes.cast(getattr(library, kernel_name(spec) + "_entry"), ctypes.c_void_p).value \
             if self._launcher is not None else None
 

@@ -13,7 +13,7 @@ The extension's source never changes: it is built once per machine, Python
 and compiler (cached on disk like the kernels). Tensors' data pointers are read
 with PyTorch's own helper for compiled code (`_compat.tensor_data_ptr_address`).
 Where the extension cannot be built (no Python headers) or that helper is
-missing, `launcher()` returns None and kernels are called through ctypes.
+missing, `cpu_launcher()` returns None and kernels are called through ctypes.
 """
 from __future__ import annotations
 
@@ -121,7 +121,7 @@ class Launcher:
 
 
 @functools.lru_cache(maxsize=None)
-def launcher() -> Launcher | None:
+def cpu_launcher() -> Launcher | None:
     """The extension, built (once per machine, Python and compiler) and loaded; None
     where it cannot be (logged once): kernels are then called through ctypes."""
     try:

@@ -165,3 +165,15 @@ def test_recompiled_graph_writes_its_code_again():
     cumsum.args = (cumsum.args[0], 1)
     compiled.recompile()
     torch.testing.assert_close(compiled(a)[0], torch.cumsum(torch.exp(a) * 2, 1) * 3 + 1)
+
+
+def test_size_one_dims_are_not_compared():
+    x = torch.randn(1, 6, 4)
+    compiled, stats = _compile(lambda a: (torch.cumsum(torch.exp(a) * 2, 2) + a,), x)
+    compiled(x)
+    assert "_pick" in _source(compiled) or ".stride()[" in _source(compiled), _source(compiled)
+    odd = torch.randn(4, 6, 1).permute(2, 1, 0)  # shape (1, 6, 4), strides (1, 1, 6)
+    odd = odd.contiguous().as_strided((1, 6, 4), (7, 4, 1))  # row-major but another size-1 stride
+    assert odd.stride() != x.stride()
+    torch.testing.assert_close(compiled(odd)[0], torch.cumsum(torch.exp(odd) * 2, 2) + odd)
+    assert stats.as_dict()["runtime_fallbacks"] == []

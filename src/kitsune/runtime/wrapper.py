@@ -56,7 +56,7 @@ def flat_function(gm: fx.GraphModule):
     exec(code, namespace)  # noqa: S102 - our own generated source
     fn = namespace["kitsune_graph"]
     fn.kitsune_source = source
-    for call in writer.direct_calls:
+    for call in writer.calls:  # a kernel attached or switched off: written again
         call.watch(gm)
     return fn
 
@@ -69,6 +69,7 @@ class _Writer:
         self.trusted: set[fx.Node] = set()  # values in the compiled layout, allocated here
         self.group_outputs: dict[fx.Node, list[str]] = {}
         self.direct_calls: list[FusedGroupCall] = []
+        self.calls: list[FusedGroupCall] = []
         self.freed: set[str] = set()
         self.bound: dict[tuple, str] = {}  # (prefix, id(value)) -> its global name
 
@@ -126,6 +127,7 @@ class _Writer:
         args = ", ".join(self.expr(a) for a in node.args)
         direct = _direct_launch(call, node)
         g = self.constant(call, "g")
+        self.calls.append(call)
         targets = ", ".join(outputs) + ("," if len(outputs) == 1 else "")
         used = {u.args[1] for u in node.users if u.target is operator.getitem}
         if direct is None:
@@ -139,7 +141,7 @@ class _Writer:
         outputs' allocation, the launch, and `slow` where either says no."""
         self.direct_calls.append(call)
         self.trusted.add(node)
-        checks = [f"{self.expr(a)}.stride() != {_ints(stride)}"
+        checks = [self.stride_check(self.expr(a), shape, stride)
                   for a, shape, stride in zip(node.args, call.input_shapes, call.input_strides)
                   if a not in self.trusted and _addresses_by_stride(shape)]
         body = [f"{name} = {self.allocator(call)}({_ints(shape)}, {_ints(stride)}, {self.constant(dtype, 'dt')})"
@@ -156,6 +158,17 @@ class _Writer:
             self.lines += [f"if {' or '.join(checks)}:", f"    {slow}", "else:"] + [f"    {line}" for line in body]
         else:
             self.lines += body
+
+    def stride_check(self, value: str, shape, stride) -> str:
+        """Source that is true when `value`'s strides differ from the compiled ones
+        in a dimension above one (those of size-1 dimensions address nothing)."""
+        dims = [d for d, n in enumerate(shape) if int(n) > 1]
+        if len(dims) == len(shape):
+            return f"{value}.stride() != {_ints(stride)}"
+        pick = self.constant(operator.itemgetter(*dims), "pick") if len(dims) > 1 else None
+        if pick is None:
+            return f"{value}.stride()[{dims[0]}] != {int(stride[dims[0]])}"
+        return f"{pick}({value}.stride()) != {_ints(stride[d] for d in dims)}"
 
     def allocator(self, call: FusedGroupCall) -> str:
         alloc = _compat.fast_empty_strided(call.device)

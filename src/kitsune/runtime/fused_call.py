@@ -15,6 +15,11 @@ that every mismatching group shows up).
 Every call that runs the original ops at run time is counted, by reason, in
 `runtime_fallbacks` (reported by `kitsune.get_fusion_stats()`); only the slow
 path does that work, the fast path is unchanged.
+
+A compiled graph's generated wrapper (`runtime/wrapper.py`) launches CPU
+kernels of static sizes itself and comes here only on its rare path
+(`call_in_layout`: other strides, a kernel's failure status); other groups
+(symbolic sizes, Triton) are called here on every call.
 """
 from __future__ import annotations
 

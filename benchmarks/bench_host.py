@@ -10,6 +10,10 @@ Cases (tiny, so that a call's time is Python, guards, autograd and launches):
                     block of width 16 (hidden 32) on 8 tokens, float32, gradients
                     set to None before each step
     pointwise_call  relu(a * 2 + b) on 1024 float32 elements, forward only
+    graph50         50 pointwise groups (sigmoid(x * 1.5 + b) - 0.25) on 1x1 float32
+                    tensors, each followed by a torch.mm with a 1x1 weight (an op
+                    Kitsune leaves to PyTorch), forward only: ~50 kernels and 50
+                    matmuls per call, so the time is the compiled graph's host time
 
 Method:
 
@@ -48,7 +52,7 @@ common.use_private_caches()
 
 import torch  # noqa: E402
 
-CASES = ("block_step", "pointwise_call")
+CASES = ("block_step", "pointwise_call", "graph50")
 
 
 def block_step_case(device):
@@ -81,8 +85,25 @@ def pointwise_call_case(device):
     return add_relu, make
 
 
+def graph50_case(device):
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, device=device)
+    w = torch.randn(1, 1, device=device) * 0.5
+    b = torch.randn(1, 1, device=device)
+
+    def chain(x, w, b):
+        for _ in range(50):
+            x = torch.cumsum(torch.sigmoid(x * 1.5 + b) - 0.25, 0) * w  # a group, then a scan left to PyTorch
+        return x
+
+    def make(fn):
+        return lambda: fn(x, w, b)
+    return chain, make
+
+
 def run_case(name, device, backends, rounds, calls, profile) -> dict:
-    target, make = {"block_step": block_step_case, "pointwise_call": pointwise_call_case}[name](device)
+    target, make = {"block_step": block_step_case, "pointwise_call": pointwise_call_case,
+                    "graph50": graph50_case}[name](device)
     steps = {}
     for backend in backends:
         fn = target if backend == "eager" else torch.compile(target, backend=backend, dynamic=False)

@@ -59,6 +59,22 @@ def fast_empty_strided(device: torch.device) -> Callable | None:
         return None
 
 
+def tensor_data_ptr_address() -> int | None:
+    """`torch._C._dynamo.guards._torchinductor_pyobject_tensor_data_ptr`: the
+    address of PyTorch's C helper `void *(PyObject *tensor)` that returns a
+    tensor's data pointer (what Inductor's CPU kernel bindings call instead of
+    `tensor.data_ptr()`). Kitsune's CPU launcher extension calls it the same
+    way. None where missing: the launcher is then given `data_ptr()` ints."""
+    try:
+        from torch._C._dynamo import guards
+        address = int(guards._torchinductor_pyobject_tensor_data_ptr)
+    except (ImportError, AttributeError, TypeError, ValueError) as error:
+        _unavailable("torch._C._dynamo.guards._torchinductor_pyobject_tensor_data_ptr", error,
+                     "CPU kernels are given data_ptr() ints")
+        return None
+    return address or None
+
+
 def _resolve_current_cuda_device() -> Callable[[], int]:
     """`torch._C._cuda_getDevice`: the current CUDA device's index without
     `torch.cuda.current_device()`'s lazy-initialisation check (read at every

@@ -1,12 +1,17 @@
 """Rewrite a captured graph so each fusion group becomes one call.
 
-The result is an ordinary `fx.GraphModule`: straight-line Python that calls
-the generated kernels (through `FusedGroupCall`) and PyTorch for everything
-else, in an order that respects every dependency.
+The result is a `CompiledGraph`, an `fx.GraphModule` whose graph calls the
+generated kernels (through `FusedGroupCall`) and PyTorch for everything
+else, in an order that respects every dependency: what analyses, the
+measurement of kernels and the tests read. Calling it runs one generated
+function instead (`runtime/wrapper.py`, written on the first call and again
+after the graph or a kernel changes): the hot path without `nn.Module`'s call,
+`FusedGroupCall` objects or `getitem`s.
 """
 from __future__ import annotations
 
 import heapq
+import logging
 import operator
 
 import torch
@@ -14,6 +19,47 @@ from torch import fx
 
 from kitsune.ir.graph import view_root
 from kitsune.runtime.fused_call import FusedGroupCall
+from kitsune.runtime.wrapper import flat_function
+
+log = logging.getLogger("kitsune")
+
+
+class CompiledGraph(fx.GraphModule):
+    """A compiled graph: an `fx.GraphModule` whose `forward` and `__call__` run
+    generated code.
+
+    `fx.GraphModule` makes a class per instance; `recompile()` (at construction,
+    and after a pass rewrote the graph) keeps fx's code as `fx_forward` (what
+    KITSUNE_DEBUG runs) and makes both `forward` and `__call__` one dispatch to
+    `flat`, the generated function: a call costs about what a Python function's
+    does (capture hands `forward` to AOTAutograd once, so `flat` is looked up
+    per call). `flat` is written on the first call, and again after every
+    recompile and every kernel change (`FusedGroupCall.kernel`)."""
+
+    def recompile(self):
+        code = super().recompile()
+        cls = type(self)
+        cls.fx_forward = cls.forward
+        cls.forward = cls.__call__ = _run
+        self.kernels_changed()
+        return code
+
+    def kernels_changed(self) -> None:
+        type(self).flat = _write_on_call
+
+
+def _run(self: CompiledGraph, *args):
+    return self.flat(*args)
+
+
+def _write_on_call(self: CompiledGraph, *args):
+    try:
+        flat = flat_function(self)
+    except Exception as error:  # noqa: BLE001 - the fx code computes the same
+        log.debug("compiled graph runs its fx code (no generated wrapper: %s: %s)", type(error).__name__, error)
+        flat = type(self).fx_forward
+    type(self).flat = flat
+    return flat(self, *args)
 
 
 def _units(graph: fx.Graph, group_of: dict) -> list:
@@ -77,7 +123,7 @@ def build_graph_module(gm: fx.GraphModule, calls: dict) -> fx.GraphModule:
             env[out] = graph.call_function(operator.getitem, (result, k))
             env[out].meta = dict(out.meta)
     graph.eliminate_dead_code()
-    return fx.GraphModule(gm, graph)
+    return CompiledGraph(gm, graph)
 
 
 aten = torch.ops.aten
@@ -116,4 +162,4 @@ def bind_fast_targets(gm: fx.GraphModule) -> int:
     return changed
 
 
-__all__ = ["FusedGroupCall", "bind_fast_targets", "build_graph_module"]
+__all__ = ["CompiledGraph", "FusedGroupCall", "bind_fast_targets", "build_graph_module"]

@@ -15,12 +15,18 @@ that every mismatching group shows up).
 Every call that runs the original ops at run time is counted, by reason, in
 `runtime_fallbacks` (reported by `kitsune.get_fusion_stats()`); only the slow
 path does that work, the fast path is unchanged.
+
+A compiled graph's generated wrapper (`runtime/wrapper.py`) launches CPU
+kernels of static sizes itself and comes here only on its rare path
+(`call_in_layout`: other strides, a kernel's failure status); other groups
+(symbolic sizes, Triton) are called here on every call.
 """
 from __future__ import annotations
 
 import logging
 import os
 import threading
+import weakref
 
 import torch
 from torch import fx
@@ -48,12 +54,16 @@ class FusedGroupCall:
     def __init__(self, spec: KernelSpec, fallback: fx.GraphModule, inputs: list, outputs: list):
         self.spec = spec
         self.fallback = fallback
-        self.kernel = None  # set by attach(); None means "run the fallback"
+        # compiled graphs whose generated code calls this group's kernel directly:
+        # told when the kernel changes (runtime/wrapper.py)
+        self._watchers = weakref.WeakSet()
+        self._kernel = None
         self.failure: str | None = None
         self.runtime_failure: str | None = None  # why the kernel was switched off at run time
         self.runtime_fallbacks: dict[str, int] = {}  # reason -> calls that ran the original ops
         # the call's arguments: the kernel's tensors, then symbolic sizes (ints) it reads
         self.n_tensors = sum(isinstance(v, torch.Tensor) for v in inputs)
+        self.n_outputs = len(outputs)
         self.sizes = SymbolicSizes.of(spec, inputs, outputs)  # None for static shapes
         if self.sizes is None:
             self.input_strides = [strides_of(v) for v in inputs]
@@ -66,6 +76,21 @@ class FusedGroupCall:
         # fx codegen names call_function targets by these
         self.__name__ = spec.name
         self.__module__ = __name__
+
+    @property
+    def kernel(self):
+        """The kernel this group runs; None means "run the fallback"."""
+        return self._kernel
+
+    @kernel.setter
+    def kernel(self, kernel) -> None:
+        self._kernel = kernel
+        for graph in list(self._watchers):
+            graph.kernels_changed()
+
+    def watch(self, graph) -> None:
+        """`graph.kernels_changed()` is called whenever this group's kernel changes."""
+        self._watchers.add(graph)
 
     def attach(self, kernel) -> None:
         self.kernel = kernel
@@ -88,6 +113,17 @@ class FusedGroupCall:
             if mismatch is not None:
                 return self._unfused(inputs, mismatch)
         return self._launch(kernel, inputs, inputs, self.output_meta)
+
+    def call_in_layout(self, *inputs):
+        """`self(*inputs)` with outputs in the compiled layout (a copy where the
+        original ops, run for other inputs' strides, gave another): the slow path
+        of generated code whose next kernels read these outputs unchecked."""
+        outputs = self(*inputs)
+        if self.sizes is not None or all(t.stride() == meta[1] for t, meta in zip(outputs, self.output_meta)):
+            return outputs
+        return tuple(t if t.stride() == stride or tuple(t.shape) != shape else
+                     torch.empty_strided(shape, stride, dtype=dtype, device=t.device).copy_(t)
+                     for t, (shape, stride, dtype) in zip(outputs, self.output_meta))
 
     def _call_symbolic(self, kernel, inputs):
         """A kernel over symbolic sizes: the sizes read from the inputs, the

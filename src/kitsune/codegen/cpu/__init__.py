@@ -5,23 +5,32 @@ library (one compiler run), cached on disk by a hash of its source and the
 toolchain, so a second process start loads it without compiling. If the
 combined build fails, each kernel is built alone so that only the broken
 ones fall back to PyTorch.
+
+Each kernel gets a uniform entry next to it, `<name>_entry(pointers, ints)`,
+through which the launcher extension (`launcher.py`) calls it without ctypes;
+`CpuKernel.direct_launch()` tells a compiled graph's generated code how.
 """
 from __future__ import annotations
 
 import ctypes
 import hashlib
 import logging
+import re
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from kitsune.cache import cache_dir, file_lock, write_atomic
 from kitsune.codegen.cpu.emit import FLOAT_ERF, PRELUDE, emit_kernel, math_declarations
 from kitsune.codegen.cpu.emit import VECTOR_MATH
+from kitsune.codegen.cpu.launcher import cpu_launcher
 from kitsune.codegen.cpu.toolchain import toolchain
 from kitsune.codegen.kernel import KernelError, KernelSpec
 from kitsune.sizes import compile_sizes
+from kitsune.tuning.launch import launch_choices
 from kitsune.planner.naming import function_name
 
 log = logging.getLogger("kitsune")
@@ -42,8 +51,38 @@ def library_source(specs: list[KernelSpec]) -> str:
         name = kernel_name(spec)
         if name not in seen:
             seen.add(name)
-            parts.append(emit_kernel(spec, name))
+            parts.append(_serial_if_small(spec, emit_kernel(spec, name)))
+            parts.append(_entry(spec, name))
     return "\n".join(parts)
+
+
+_PARALLEL_FOR = re.compile(r"^(\s*)#pragma omp parallel for( simd)?(.*)$", re.MULTILINE)
+
+
+def _serial_if_small(spec: KernelSpec, source: str) -> str:
+    """A kernel of static sizes below the parallel threshold without its OpenMP
+    regions: `omp parallel for ... if(numel >= N)` still enters libgomp when the
+    condition is false, about 2 us a call, most of a tiny kernel's time. Its
+    loops run as they would on one thread (`omp simd` kept, with its reductions)."""
+    if spec.sizes or spec.numel >= launch_choices().cpu_parallel_threshold:
+        return source
+
+    def serial(match: re.Match) -> str:
+        if not match.group(2):
+            return ""
+        reductions = " ".join(re.findall(r"reduction\([^)]*\)", match.group(3)))
+        return f"{match.group(1)}#pragma omp simd {reductions}".rstrip()
+    return _PARALLEL_FOR.sub(serial, source)
+
+
+def _entry(spec: KernelSpec, name: str) -> str:
+    """The kernel's uniform entry for the launcher extension: its pointers, then
+    numel, the symbolic sizes and the thread count, from two arrays."""
+    n = len(spec.inputs) + len(spec.outputs)
+    pointers = [f"p[{i}]" for i in range(n)]
+    ints = [f"i[{k}]" for k in range(1 + len(spec.sizes))] + [f"(int)i[{1 + len(spec.sizes)}]"]
+    return (f"int {name}_entry(void *const *p, const int64_t *i) {{\n"
+            f"  return {name}({', '.join(pointers + ints)});\n}}\n")
 
 
 def _build(specs: list[KernelSpec]) -> tuple[ctypes.CDLL, Path]:
@@ -86,6 +125,18 @@ def compile_kernels(specs: list[KernelSpec]) -> list:
         return list(pool.map(one, specs))
 
 
+@dataclass(frozen=True)
+class DirectLaunch:
+    """How generated code calls a kernel of static sizes with nothing in between:
+    `call(*prefix, *tensors, numel, threads)` returns the kernel's status (0:
+    success), where `tensors` are its inputs then its outputs, as they are when
+    `takes_tensors`, else as their `data_ptr()` ints."""
+    call: Callable
+    prefix: tuple
+    takes_tensors: bool
+    numel: int
+
+
 class CpuKernel:
     def __init__(self, spec: KernelSpec, library: ctypes.CDLL, source_path: Path):
         self.spec = spec
@@ -97,6 +148,20 @@ class CpuKernel:
         self._library = library  # keep it loaded
         # symbolic sizes: numel from the values of the spec's symbols, at each call
         self._numel = compile_sizes(spec.numel, spec.sizes) if spec.sizes else None
+        self._launcher = cpu_launcher()
+        self._entry = ctypes.cast(getattr(library, kernel_name(spec) + "_entry"), ctypes.c_void_p).value \
+            if self._launcher is not None else None
+
+    def direct_launch(self) -> DirectLaunch | None:
+        """How generated code calls this kernel directly; None for symbolic sizes
+        (their numel is computed per call, by `__call__`)."""
+        if self.spec.sizes:
+            return None
+        if self._launcher is not None:
+            n = len(self.spec.inputs) + len(self.spec.outputs)
+            return DirectLaunch(self._launcher.call, (self._entry, n), self._launcher.takes_tensors,
+                                self.spec.numel)
+        return DirectLaunch(self.fn, (), False, self.spec.numel)
 
     @property
     def source(self) -> str:
@@ -107,7 +172,14 @@ class CpuKernel:
         numel = self._numel(*sizes) if self._numel is not None else self.spec.numel
         if numel == 0:
             return
-        pointers = [t.data_ptr() for t in inputs] + [t.data_ptr() for t in outputs]
-        error = self.fn(*pointers, numel, *sizes, torch.get_num_threads())
-        if error:
-            raise RuntimeError("index out of range" if error & 2 else "ZeroDivisionError")
+        if self._launcher is not None:
+            status = self._launcher.call(self._entry, len(inputs) + len(outputs), *self._pointers(inputs),
+                                         *self._pointers(outputs), numel, *sizes, torch.get_num_threads())
+        else:
+            pointers = [t.data_ptr() for t in inputs] + [t.data_ptr() for t in outputs]
+            status = self.fn(*pointers, numel, *sizes, torch.get_num_threads())
+        if status:
+            raise RuntimeError("index out of range" if status & 2 else "ZeroDivisionError")
+
+    def _pointers(self, tensors):
+        return tensors if self._launcher.takes_tensors else [t.data_ptr() for t in tensors]

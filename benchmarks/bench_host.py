@@ -101,12 +101,14 @@ def graph50_case(device):
     return chain, make
 
 
-def run_case(name, device, backends, rounds, calls, profile) -> dict:
+def run_case(name, device, backends, rounds, calls, profile, cuda_graphs=True) -> dict:
     target, make = {"block_step": block_step_case, "pointwise_call": pointwise_call_case,
                     "graph50": graph50_case}[name](device)
     steps = {}
     for backend in backends:
-        fn = target if backend == "eager" else torch.compile(target, backend=backend, dynamic=False)
+        options = {"cuda_graphs": False} if backend == "kitsune" and not cuda_graphs else None
+        fn = target if backend == "eager" else torch.compile(target, backend=backend, dynamic=False,
+                                                             options=options)
         steps[backend] = make(fn)
         for _ in range(20):  # compilation, then warm-up (and CUDA-graph recordings)
             steps[backend]()
@@ -149,6 +151,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 15; quick 3)")
     parser.add_argument("--calls", type=int, default=None, help="calls per round (default 100; quick 10)")
     parser.add_argument("--profile", action="store_true", help="print a cProfile of 500 calls per backend")
+    parser.add_argument("--no-cuda-graphs", action="store_true",
+                        help="Kitsune without its CUDA graphs (each kernel launched from the host, as Inductor's)")
     args = parser.parse_args()
     device = torch.device(args.device)
     common.check_device(device)
@@ -164,7 +168,8 @@ def main() -> None:
     results = {"benchmark": "host", "environment": env, "cases": {}}
     for name in cases:
         results["cases"][name] = run_case(name, device, backends, args.rounds or (3 if args.quick else 15),
-                                          args.calls or (10 if args.quick else 100), args.profile)
+                                          args.calls or (10 if args.quick else 100), args.profile,
+                                          cuda_graphs=not args.no_cuda_graphs)
     print()
     print(f"{env['device_name']}, torch {env['torch']}, triton {env['triton']}, {env['date'][:10]}; host time, "
           f"us per call, best of interleaved rounds; vs = other / kitsune (> 1: kitsune faster)")

@@ -40,7 +40,10 @@ def _new_sources():
 def _kernels(source: str) -> list[str]:
     """The generated kernel functions of a library source (not its prelude)."""
     end = "\n  return kitsune_err;\n}\n"
-    return ["int kitsune_" + part[:part.index(end) + len(end)] for part in source.split("\nint kitsune_")[1:]]
+    parts = source.split("\nint kitsune_")[1:]
+    # each kernel's uniform `<name>_entry(pointers, ints)` (the launcher's way in) only forwards
+    return ["int kitsune_" + part[:part.index(end) + len(end)] for part in parts
+            if "_entry(void *const *p" not in part.split("\n", 1)[0]]
 
 
 def _gelu_fwd_bwd(x, grad, compiled: bool):

@@ -73,6 +73,11 @@ def numel_of(val: torch.Tensor):
     return product(shape_of(val))
 
 
+def max_offset(val: torch.Tensor):
+    """The largest element offset into a tensor of val's layout (an int, or sympy)."""
+    return sum(((n - 1) * st for n, st in zip(shape_of(val), strides_of(val))), 0)
+
+
 def product(sizes):
     total = 1
     for s in sizes:

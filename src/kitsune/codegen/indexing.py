@@ -25,13 +25,9 @@ from torch import fx
 
 from kitsune.ir.graph import meta
 from kitsune.ir.index import Index
-from kitsune.ir.ops import NotFusible, aten, arange_arguments
+from kitsune.ir.ops import NotFusible, aten, arange_arguments, norm_dim
 from kitsune.ir.scalar import Value, call, cast, check_index, const, coordinate, where
 from kitsune.sizes import is_symbolic, shape_of
-
-
-def _dim(dim: int, ndim: int) -> int:
-    return dim + ndim if dim < 0 else dim
 
 
 def _arg(node: fx.Node, position: int, name: str, default=None):
@@ -66,7 +62,7 @@ def lower_cat(lowering, node: fx.Node, idx: tuple) -> Value:
     """cat(tensors, dim): piece k where its range along `dim` holds, read at
     the coordinate less the sizes before it (type promotion as eager's)."""
     out = meta(node)
-    dim = _dim(_arg(node, 1, "dim", 0), out.dim())
+    dim = norm_dim(_arg(node, 1, "dim", 0), out.dim())
     # eager skips legacy empty 1-d pieces (shape [0]) whatever the other ranks
     pieces = [t for t in node.args[0] if not (meta(t).dim() == 1 and shape_of(meta(t))[0] == 0 and out.dim() > 1)]
     c = coordinate(idx[dim])
@@ -120,7 +116,7 @@ def lower_slice_scatter(lowering, node: fx.Node, idx: tuple) -> Value:
     coordinate is in the slice, self elsewhere."""
     base, src = node.args[0], node.args[1]
     out = meta(node)
-    dim = _dim(_arg(node, 2, "dim", 0), out.dim())
+    dim = norm_dim(_arg(node, 2, "dim", 0), out.dim())
     step = _static(_arg(node, 5, "step", 1), "a slice step")
     start, end = _slice_bounds(_static(shape_of(out)[dim], "a scattered dimension"),
                                _arg(node, 3, "start"), _arg(node, 4, "end"), step)
@@ -138,7 +134,7 @@ def lower_select_scatter(lowering, node: fx.Node, idx: tuple) -> Value:
     """select_scatter(self, src, dim, index): src at coordinate `index` along dim."""
     base, src = node.args[0], node.args[1]
     out = meta(node)
-    dim = _dim(node.args[2], out.dim())
+    dim = norm_dim(node.args[2], out.dim())
     size = _static(shape_of(out)[dim], "a scattered dimension")
     position = _static(node.args[3], "a select index")
     position = position + size if position < 0 else position
@@ -172,7 +168,7 @@ def lower_index_select(lowering, node: fx.Node, idx: tuple) -> Value:
     """index_select(x, dim, index): x read at index[i] along dim (no negative positions)."""
     source, index = node.args[0], node.args[2]
     out = meta(node)
-    dim = _dim(node.args[1], max(out.dim(), 1))
+    dim = norm_dim(node.args[1], max(out.dim(), 1))
     if out.dim() == 0:
         return lowering.read_at(source, [])
     index_idx = (idx[dim],) if meta(index).dim() == 1 else ()

@@ -14,24 +14,22 @@ from dataclasses import replace
 import torch
 from torch import fx
 
+from kitsune.codegen.indexing import INDEXING_LOWERINGS
 from kitsune.codegen.kernel import KernelInput, KernelOutput, KernelSpec, is_row_index
 from kitsune.ir.graph import is_view, meta, view_root
 from kitsune.ir.index import Index, delinearize, linearize, strided, within
-from kitsune.ir.ops import POINTWISE_OPS, REDUCTION_OPS, NotFusible, aten, op_name, prims, reduction_signature
+from kitsune.ir.ops import (POINTWISE_OPS, REDUCTION_OPS, NotFusible, aten, norm_dim, op_name, prims,
+                            reduction_signature)
 from kitsune.ir.scalar import (Value, call, cast, check_index, const, coordinate, load, load_at, load_where, reduce,
                                walk, where)
-from kitsune.sizes import (as_size, free_symbols, hint, is_symbolic, known, product, renderable, shape_of,
-                              strides_of)
+from kitsune.sizes import (as_size, free_symbols, hint, is_symbolic, known, max_offset, product, renderable,
+                           shape_of, strides_of)
 from kitsune.planner.pointwise import FusionGroup, group_outputs
 
 
 def _broadcast(idx: tuple, out_shape, in_shape) -> tuple:
     lead = len(out_shape) - len(in_shape)
     return tuple(Index.constant(0) if in_shape[j] == 1 else idx[lead + j] for j in range(len(in_shape)))
-
-
-def _norm_dim(dim: int, ndim: int) -> int:
-    return dim + ndim if dim < 0 else dim
 
 
 def view_source_index(node: fx.Node, idx: tuple) -> tuple:
@@ -46,13 +44,13 @@ def view_source_index(node: fx.Node, idx: tuple) -> tuple:
     if target is aten.permute.default:
         src = [None] * len(src_shape)
         for i, d in enumerate(args[1]):
-            src[_norm_dim(d, len(src_shape))] = idx[i]
+            src[norm_dim(d, len(src_shape))] = idx[i]
         return tuple(src)
     if target in (aten.transpose.int, aten.t.default):
         d0, d1 = (args[1], args[2]) if target is aten.transpose.int else (0, 1)
         src = list(idx)
         if len(src) >= 2:
-            d0, d1 = _norm_dim(d0, len(src)), _norm_dim(d1, len(src))
+            d0, d1 = norm_dim(d0, len(src)), norm_dim(d1, len(src))
             src[d0], src[d1] = src[d1], src[d0]
         return tuple(src)
     if target is aten.alias.default:
@@ -62,18 +60,18 @@ def view_source_index(node: fx.Node, idx: tuple) -> tuple:
         return tuple(Index.constant(0) if src_shape[i] == 1 and out_shape[d] != 1 else idx[d]
                      for i, d in enumerate(args[2]))
     if target is aten.unsqueeze.default:
-        dim = _norm_dim(args[1], len(out_shape))
+        dim = norm_dim(args[1], len(out_shape))
         return idx[:dim] + idx[dim + 1:]
     if target in (aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default):
         if target is aten.squeeze.default:
             dims = range(len(src_shape))
         else:
             dims = args[1] if isinstance(args[1], (list, tuple)) else [args[1]]
-        squeezed = {_norm_dim(d, len(src_shape)) for d in dims if src_shape[_norm_dim(d, len(src_shape))] == 1}
+        squeezed = {norm_dim(d, len(src_shape)) for d in dims if src_shape[norm_dim(d, len(src_shape))] == 1}
         rest = iter(idx)
         return tuple(Index.constant(0) if d in squeezed else next(rest) for d in range(len(src_shape)))
     if target is aten.slice.Tensor:
-        dim = _norm_dim(args[1] if len(args) > 1 else 0, len(src_shape))
+        dim = norm_dim(args[1] if len(args) > 1 else 0, len(src_shape))
         start = as_size(args[2]) if len(args) > 2 and args[2] is not None else 0
         step = as_size(args[4]) if len(args) > 4 else 1
         size = src_shape[dim]
@@ -86,7 +84,7 @@ def view_source_index(node: fx.Node, idx: tuple) -> tuple:
         src[dim] = idx[dim] * step + start
         return tuple(src)
     if target is aten.select.int:
-        dim = _norm_dim(args[1], len(src_shape))
+        dim = norm_dim(args[1], len(src_shape))
         index = as_size(args[2])
         if is_symbolic(index) or is_symbolic(src_shape[dim]):
             if not known(index >= 0):
@@ -146,7 +144,7 @@ class GroupLowering:
         slot = self.inputs.setdefault(node, len(self.inputs))
         if slot not in self.extents:
             val = meta(node)
-            self.extents[slot] = sum(((n - 1) * st for n, st in zip(shape_of(val), strides_of(val))), 1)
+            self.extents[slot] = max_offset(val) + 1
         return slot
 
     def read_at(self, node: fx.Node, coords: list) -> Value:
@@ -201,7 +199,6 @@ class GroupLowering:
             return self._apply_reduction(node, idx)
         opdef = POINTWISE_OPS[node.target]
         if opdef.compute == "indexing":
-            from kitsune.codegen.indexing import INDEXING_LOWERINGS
             result = INDEXING_LOWERINGS[node.target](self, node, idx)
             return cast(result, meta(node).dtype) if result.dtype != meta(node).dtype else result
         shape = shape_of(meta(node))
@@ -225,7 +222,7 @@ class GroupLowering:
         if opdef.wants_out:
             kwargs["out"] = meta(node)
         if opdef.coordinate is not None:
-            kwargs["_coord"] = coordinate(idx[_norm_dim(node.args[opdef.coordinate], len(shape))])
+            kwargs["_coord"] = coordinate(idx[norm_dim(node.args[opdef.coordinate], len(shape))])
         result = opdef.formula(*args, **kwargs)
         if not isinstance(result, Value):
             raise NotFusible(f"{op_name(node.target)}: formula gave {type(result).__name__}")

@@ -67,6 +67,11 @@ def _reduce(kind: str, arg: torch.Tensor, spec: KernelSpec) -> torch.Tensor:
     return fn(rows).repeat_interleave(R)
 
 
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """Every element of t's storage from its first element on, as a 1-d view."""
+    return t.as_strided((t.untyped_storage().nbytes() // t.element_size() - t.storage_offset(),), (1,))
+
+
 def run_reference(spec: KernelSpec, inputs, outputs) -> None:
     device = outputs[0].device if outputs else torch.device("cpu")
     x = torch.arange(spec.numel, dtype=torch.int64, device=device)
@@ -75,13 +80,11 @@ def run_reference(spec: KernelSpec, inputs, outputs) -> None:
         dtype = _OPMATH.get(v.dtype, v.dtype)
         if v.op == "load":
             slot, index = v.attr
-            flat = inputs[slot].as_strided((inputs[slot].untyped_storage().nbytes() // inputs[slot].element_size()
-                                            - inputs[slot].storage_offset(),), (1,))
+            flat = _flat(inputs[slot])
             values[v] = flat[evaluate_index(index, x)].to(dtype) if spec.numel else x.to(dtype)
         elif v.op == "load_at":
             slot, index = v.attr
-            flat = inputs[slot].as_strided((inputs[slot].untyped_storage().nbytes() // inputs[slot].element_size()
-                                            - inputs[slot].storage_offset(),), (1,))
+            flat = _flat(inputs[slot])
             R = spec.reduction
             position = values[v.args[0]].to(torch.int64).expand(spec.numel)
             inside = (position >= 0) & (position < R)
@@ -90,8 +93,7 @@ def run_reference(spec: KernelSpec, inputs, outputs) -> None:
             values[v] = torch.where(inside, picked, torch.zeros((), dtype=dtype, device=device))
         elif v.op == "load_where":
             slot, index, _ = v.attr
-            flat = inputs[slot].as_strided((inputs[slot].untyped_storage().nbytes() // inputs[slot].element_size()
-                                            - inputs[slot].storage_offset(),), (1,))
+            flat = _flat(inputs[slot])
             live = values[v.args[1]].expand(spec.numel)
             at = torch.where(live, evaluate_index(index, x) + values[v.args[0]], 0)
             picked = flat[at].to(dtype) if spec.numel else x.to(dtype)
@@ -115,8 +117,7 @@ def run_reference(spec: KernelSpec, inputs, outputs) -> None:
     for out, tensor in zip(spec.outputs, outputs):
         if spec.numel == 0:
             continue
-        flat = tensor.as_strided((tensor.untyped_storage().nbytes() // tensor.element_size()
-                                  - tensor.storage_offset(),), (1,))
+        flat = _flat(tensor)
         value = values[out.value].to(out.dtype)
         flat[evaluate_index(out.index, x)] = value.expand(spec.numel) if value.dim() == 0 else value
 

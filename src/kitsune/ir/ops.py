@@ -345,7 +345,8 @@ def _val(node) -> torch.Tensor:
     return node.meta["val"]
 
 
-def _dim_of(dim: int, ndim: int) -> int:
+def norm_dim(dim: int, ndim: int) -> int:
+    """A dim argument as eager reads it: negative counts from the end."""
     return dim + ndim if dim < 0 else dim
 
 
@@ -425,7 +426,7 @@ def scatter_blocker(node: "fx.Node") -> str | None:
     if any(hasattr(a, "meta") or is_symbolic(a) for a in args if a is not None):
         return f"{op_name(node.target)} at a symbolic position"
     out = _val(node)
-    dim = _dim_of(node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0), out.dim())
+    dim = norm_dim(node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0), out.dim())
     if is_symbolic(shape_of(out)[dim]):
         return f"{op_name(node.target)} along a symbolic dimension"
     if _val(node.args[1]).dtype != out.dtype:

@@ -35,7 +35,7 @@ from kitsune import _compat
 from kitsune.codegen.kernel import INDEX_LIMIT, KernelSpec
 from kitsune.codegen.lower import spec_size_exprs
 from kitsune.ir.ops import NotFusible
-from kitsune.sizes import as_size, compile_sizes, free_symbols, shape_of, strides_of
+from kitsune.sizes import as_size, compile_sizes, free_symbols, max_offset, shape_of, strides_of
 
 log = logging.getLogger("kitsune")
 _DEBUG = os.environ.get("KITSUNE_DEBUG", "") not in ("", "0")
@@ -211,7 +211,7 @@ class SymbolicSizes:
         self._dtypes = [v.dtype for v in outputs]
         # a narrow (32-bit) kernel: the largest offset into each tensor, checked per call
         self._extents = None if spec.wide_index() else compile_sizes(
-            tuple(_extent(v) for v in (*tensors, *outputs)), names)
+            tuple(max_offset(v) for v in (*tensors, *outputs)), names)
 
     @staticmethod
     def of(spec: KernelSpec, inputs: list, outputs: list) -> "SymbolicSizes | None":
@@ -256,7 +256,3 @@ class SymbolicSizes:
             return "offsets beyond 32-bit indexing at these sizes"
         return None
 
-
-def _extent(val: torch.Tensor):
-    """The largest element offset into a tensor of val's layout (sympy)."""
-    return sum(((n - 1) * st for n, st in zip(shape_of(val), strides_of(val))), 0)

@@ -80,30 +80,9 @@ TOKENS, BATCH, VOCAB = 32, 2, 1000
 # --------------------------------------------------------------------------- packages
 
 def import_torchvision():
-    """torchvision, or raise ImportError. The PyPI wheel is built against CUDA: on a
-    CPU-only torch its C++ ops do not load, which torchvision tolerates except for
-    two fake registrations (nms, qnms) that then fail with "operator torchvision::nms
-    does not exist". Only the model zoo is used here (no detection ops), so those two
-    schemas are defined and the import retried."""
-    try:
-        import torchvision
-        return torchvision
-    except RuntimeError as error:
-        if "torchvision::nms does not exist" not in str(error):
-            raise ImportError(f"torchvision failed to import: {error}") from error
-    for name in [m for m in sys.modules if m.startswith("torchvision")]:
-        del sys.modules[name]
-    global _TORCHVISION_SHIM
-    _TORCHVISION_SHIM = torch.library.Library("torchvision", "DEF")
-    for op in ("nms", "qnms"):
-        _TORCHVISION_SHIM.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    print("note: torchvision's C++ ops do not load with this torch (CUDA wheel, CPU torch); "
-          "its models need none of them")
-    import torchvision
-    return torchvision
-
-
-_TORCHVISION_SHIM = None
+    """torchvision, or raise ImportError (kitsune._compat: the CUDA wheel on a CPU torch)."""
+    from kitsune._compat import import_torchvision as load
+    return load()
 
 
 def import_timm():

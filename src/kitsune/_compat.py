@@ -24,6 +24,7 @@ import contextlib
 
 import importlib
 import logging
+import sys
 from typing import Callable
 
 import torch
@@ -410,3 +411,30 @@ def triton_interpreter_types() -> tuple[type, type] | None:
         _unavailable("triton.runtime.interpreter", error, "interpreted kernels cannot call libdevice functions")
         return None
     return InterpreterBuilder, TensorHandle
+
+
+def import_torchvision():
+    """torchvision, or raise ImportError. The PyPI wheel is built against CUDA: on a
+    CPU-only torch its C++ ops do not load, which torchvision tolerates except for
+    two fake registrations (nms, qnms) that then fail with "operator torchvision::nms
+    does not exist". Only the model zoo is used here (no detection ops), so those two
+    schemas are defined and the import retried."""
+    try:
+        import torchvision
+        return torchvision
+    except RuntimeError as error:
+        if "torchvision::nms does not exist" not in str(error):
+            raise ImportError(f"torchvision failed to import: {error}") from error
+    for name in [m for m in sys.modules if m.startswith("torchvision")]:
+        del sys.modules[name]
+    global _TORCHVISION_SHIM
+    _TORCHVISION_SHIM = torch.library.Library("torchvision", "DEF")
+    for op in ("nms", "qnms"):
+        _TORCHVISION_SHIM.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    logging.getLogger("kitsune").info("torchvision's C++ ops do not load with this torch (CUDA wheel, CPU torch); "
+                                      "its models need none of them")
+    import torchvision
+    return torchvision
+
+
+_TORCHVISION_SHIM = None

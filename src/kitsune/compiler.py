@@ -57,8 +57,9 @@ def compile_graph(gm: fx.GraphModule, example_inputs, kind: str = "graph",
     config = config or FusionConfig()
     stats = stats if stats is not None else default_sink()
     start = time.perf_counter()
-    record = GraphRecord(name=kind, kernels_before=eager_kernel_count(gm.graph, kind),
-                         aten_ops=captured_kernel_count(gm.graph), kernels_after=0)
+    record = GraphRecord(name=kind, kernels_before=eager_kernel_count(gm.graph, kind), kernels_after=0)
+    folds = _rewrite(gm, kind, config, record)
+    record.aten_ops = captured_kernel_count(gm.graph)
     try:
         with hints_from(example_inputs):
             compiled = _compile(gm, config, record)
@@ -84,10 +85,40 @@ def compile_graph(gm: fx.GraphModule, example_inputs, kind: str = "graph",
         record.cuda_graph = True
         runner = SizeKeyedRunner if any(not isinstance(t, torch.Tensor) for t in example_inputs) else CudaGraphRunner
         compiled = runner(compiled, f"{record.name} graph", training=training,
-                          copy_out=_user_outputs(gm) if kind == "forward" else ())
+                          copy_out=_user_outputs(gm) if kind == "forward" else (), before_replay=_refreshers(folds))
     record.compile_seconds = time.perf_counter() - start
     stats.record(record)
     return compiled
+
+
+def _rewrite(gm: fx.GraphModule, kind: str, config: FusionConfig, record: GraphRecord) -> list:
+    """Rewrites before planning (kitsune.capture): batch norms folded into the
+    convolutions before them (inference graphs) or decomposed. Returns the folds
+    (ConvBnFold, placeholder positions of what it reads). A rewrite that fails
+    leaves the graph as it was, logged."""
+    from kitsune.capture.fold import decompose_batch_norm, fold_conv_batch_norm
+    from kitsune.capture import rewrites as pending
+
+    record.rewrites.extend(pending.take())  # made on the Dynamo graph this one comes from
+    folds = []
+    try:
+        if kind == "inference" and config.pattern_enabled("conv_bn_activation"):
+            done, folds = fold_conv_batch_norm(gm)
+            record.rewrites.extend(done)
+        decompose_batch_norm(gm)
+    except Exception as error:  # noqa: BLE001 - never crash the user's model
+        log.warning("%s graph: batch-norm rewrite failed, it runs as captured: %s: %s", kind,
+                    type(error).__name__, error, exc_info=log.isEnabledFor(logging.DEBUG))
+        record.fallbacks.append(("batch norm rewrite", f"{type(error).__name__}: {error}"))
+    return folds
+
+
+def _refreshers(folds) -> tuple:
+    """Before a CUDA-graph replay: recompute folded weights whose sources changed
+    (a replay runs no Python, so the folds' own checks would not run)."""
+    def refresher(fold, positions):
+        return lambda args: fold.refresh(tuple(None if i is None else args[i] for i in positions))
+    return tuple(refresher(fold, positions) for fold, positions in folds)
 
 
 def _cuda_graph_blocker(gm, example_inputs, compiled, record, training) -> str | None:

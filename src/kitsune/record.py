@@ -34,6 +34,7 @@ class GraphRecord:
     config: object = None
     kernel_calls: dict = field(default_factory=dict)   # kernel name -> FusedGroupCall (every fused group)
     measured: dict = field(default_factory=dict)       # kernel name -> {"fused_s", "unfused_s", "speedup"}
+    rewrites: list = field(default_factory=list)       # kitsune.capture.rewrites.Rewrite: patterns run another way
     finalized: bool = False
     # Pattern detection (kitsune.planner.detect), run at compile time when the plan
     # needed it, else on first read of `units` or `opportunities`: () -> (units, opportunities)

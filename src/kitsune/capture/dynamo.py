@@ -51,26 +51,10 @@ def decomposition_table(reductions: bool = True) -> dict:
             # batch_norm in training stays whole: its decomposition is not functional
             # (AOTAutograd asserts on _native_batch_norm_legit)
         ]))
-        table[aten._native_batch_norm_legit_no_training.default] = _batch_norm_inference
+    # Inference batch norm stays whole here: Kitsune folds it into the convolution
+    # before it, or decomposes it, on the aten graph (kitsune.capture.fold).
+    table.pop(aten._native_batch_norm_legit_no_training.default, None)
     return table
-
-
-def _batch_norm_inference(input, weight, bias, running_mean, running_var, momentum, eps):
-    """Batch norm with frozen statistics (eval mode) as the pointwise chain it
-    is, so that it fuses with the convolution's consumers (ReLU, a residual
-    add); PyTorch's own decomposition goes through the mutating training op.
-    Computed in the input's opmath dtype, as eager's kernel and PyTorch's
-    `native_batch_norm_helper` do."""
-    acc = torch.float32 if input.dtype in (torch.float16, torch.bfloat16) else input.dtype
-    shape = [1, -1] + [1] * (input.dim() - 2)
-    invstd = torch.rsqrt(running_var.to(acc) + eps)
-    out = (input.to(acc) - running_mean.to(acc).view(shape)) * invstd.view(shape)
-    if weight is not None:
-        out = out * weight.to(acc).view(shape)
-    if bias is not None:
-        out = out + bias.to(acc).view(shape)
-    empty = input.new_zeros((0,), dtype=acc)
-    return out.to(input.dtype), empty, empty
 
 
 def _addmm_on_cpu(bias, mat1, mat2, *, beta=1, alpha=1):

@@ -84,7 +84,8 @@ def captured_kernel_count(graph: fx.Graph) -> int:
 def _launches(node: fx.Node) -> bool:
     """Does eager run this node as (part of) a kernel: an op with a tensor result
     that is not a view, an allocation or a tuple element?"""
-    if node.op != "call_function" or node.target in VIEW_OPS or node.target in _FREE:
+    if node.op != "call_function" or node.target in VIEW_OPS or node.target in _FREE \
+            or getattr(node.target, "kitsune_free", False):
         return False
     val = node.meta.get("val")
     values = val if isinstance(val, (tuple, list)) else (val,)

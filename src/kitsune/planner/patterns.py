@@ -235,6 +235,8 @@ class FusionOpportunity:
     fused_seconds: float = 0.0
     fx_nodes: list = field(default_factory=list, repr=False, compare=False)
     replaced_by: object = field(default=None, repr=False, compare=False)  # a user pattern's ReplacementCall
+    choice: str = ""    # a rewrite's: what runs instead (kitsune.capture.rewrites), e.g. "folded into ..."
+    rewrite: bool = False  # made from a Rewrite, not detected: its status is the rewrite's
 
     @property
     def memory_savings(self) -> int:
@@ -260,7 +262,7 @@ class FusionOpportunity:
         return {"pattern": self.pattern, "graph": self.graph, "ops": list(self.ops), "nodes": list(self.nodes),
                 "estimated_speedup": round(self.estimated_speedup, 3), "bytes_saved": self.bytes_saved,
                 "fusion_type": self.fusion_type, "status": self.status, "reason": self.reason,
-                "kernels": list(self.kernels), "custom": self.custom}
+                "kernels": list(self.kernels), "custom": self.custom, "choice": self.choice}
 
 
 def pattern_registry(custom: Iterable[FusionPattern] = (), extra: Iterable[FusionPattern] = ()) -> dict:

@@ -141,7 +141,8 @@ def tensor_vals(node) -> list:
 
 def is_kernel(node: fx.Node) -> bool:
     """Does eager PyTorch launch work for this node (not a view, not getitem)?"""
-    return node.op == "call_function" and node_kind(node) is not OpKind.VIEW and bool(tensor_vals(node))
+    return node.op == "call_function" and node_kind(node) is not OpKind.VIEW and bool(tensor_vals(node)) \
+        and not getattr(node.target, "kitsune_free", False)  # a cached value (capture.fold), no launch
 
 
 def nbytes(node) -> int:

@@ -42,6 +42,8 @@ def finalize(record) -> None:
                 reasons[name] = f"kernel {kernel} fell back to PyTorch at run time: {failure}"
     config = record.config
     for opp in record.opportunities:
+        if opp.rewrite:
+            continue
         compute = [n.name for n in opp.compute_nodes()]
         kernels = list(dict.fromkeys(kernel_of[n] for n in compute if n in kernel_of))
         missing = [n for n in compute if n not in kernel_of]
@@ -65,7 +67,32 @@ def finalize(record) -> None:
         else:
             opp.status = "not applied"
             opp.reason = steering or (_why(missing, reasons) if compute else "no kernel work in it")
+    _add_rewrites(record)
     record.finalized = True
+
+
+def _add_rewrites(record) -> None:
+    """The patterns a rewrite ran another way (kitsune.capture.rewrites) become
+    opportunities with their choice; a detected opportunity of the same pattern
+    over the rewritten nodes is the same place, counted once."""
+    from kitsune.planner.patterns import BUILTIN_PATTERNS, FusionOpportunity
+
+    rewrites = getattr(record, "rewrites", ())
+    if not rewrites:
+        return
+    covered = {(rw.pattern, name) for rw in rewrites for name in rw.nodes}
+    kept = [o for o in record.opportunities
+            if not o.rewrite and not any((o.pattern, name) in covered for name in o.nodes)]
+    for rw in rewrites:
+        pattern = BUILTIN_PATTERNS.get(rw.pattern)
+        kept.append(FusionOpportunity(
+            pattern=rw.pattern, nodes=tuple(rw.nodes), ops=tuple(rw.ops), estimated_speedup=1.0, bytes_saved=0,
+            fusion_type=pattern.fusion_type if pattern is not None else "custom", graph=record.name,
+            status="applied" if rw.applied else "not applied",
+            reason="" if rw.applied else f"rewrite declined: {rw.reason}",
+            kernels=(rw.choice,) if rw.applied else (), choice=rw.choice if rw.applied else "",
+            fused_seconds=rw.seconds or 0.0, rewrite=True))
+    record.opportunities = kept
 
 
 def _why(names, reasons) -> str:

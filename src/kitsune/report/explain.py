@@ -54,6 +54,7 @@ def explain_records(records, verbose: bool = False, config=None) -> str:
     lines = _summary_lines(records, summary, config)
     lines += _pattern_lines(summary)
     lines += _fused_kernel_lines(summary["groups"], verbose)
+    lines += _rewrite_lines(records)
     lines += _missed_lines(records, verbose)
     lines += _time_lines(records)
     lines += _fallback_lines(records, verbose)
@@ -141,6 +142,25 @@ def _fused_kernel_lines(groups, verbose: bool) -> list[str]:
         lines.append(f"  … {len(ordered) - 10} more kinds (explain(verbose=True) lists all)")
     if not groups:
         lines.append("  (none)")
+    return lines
+
+
+def _rewrite_lines(records) -> list[str]:
+    """Patterns run another way than as written (folded, re-associated, chunked), identical ones counted once."""
+    done: dict = {}
+    for record in records:
+        for opp in record.opportunities:
+            if opp.rewrite and opp.status == "applied":
+                key = (record.name, opp.pattern, opp.ops, opp.choice)
+                done.setdefault(key, []).append(opp)
+    if not done:
+        return []
+    lines = ["", "Rewritten (pattern: operations → what runs instead):"]
+    for (graph, pattern, ops, choice), opps in done.items():
+        count = f"{len(opps)}× " if len(opps) > 1 else ""
+        timed = [o.fused_seconds for o in opps if o.fused_seconds]
+        meas = f" (measured {_time(sum(timed) / len(timed))})" if timed else ""
+        lines.append(f"  {graph:<9} {count}{pattern}: {_ops(ops)} → {choice}{meas}")
     return lines
 
 

@@ -138,8 +138,10 @@ class SizeKeyedRunner:
     kept; an older one is dropped with its memory. Each runner warms up,
     records and checks its inputs as for a static graph."""
 
-    def __init__(self, fn, name: str, training: bool = False, copy_out=(), limit: int = MAX_SIZE_RECORDINGS):
+    def __init__(self, fn, name: str, training: bool = False, copy_out=(), limit: int = MAX_SIZE_RECORDINGS,
+                 before_replay=()):
         self.fn, self.name, self.training, self.copy_out, self.limit = fn, name, training, copy_out, limit
+        self.before_replay = before_replay
         self.runners: dict = {}  # size values -> runner, least recently used first
         self.dropped = 0
 
@@ -147,7 +149,8 @@ class SizeKeyedRunner:
         key = tuple(a for a in args if type(a) is int)
         runner = self.runners.pop(key, None)
         if runner is None:
-            runner = CudaGraphRunner(self.fn, f"{self.name} at sizes {key}", self.training, self.copy_out)
+            runner = CudaGraphRunner(self.fn, f"{self.name} at sizes {key}", self.training, self.copy_out,
+                                     self.before_replay)
             if len(self.runners) >= self.limit:
                 oldest = next(iter(self.runners))
                 self.runners.pop(oldest)._drop()
@@ -162,10 +165,15 @@ class SizeKeyedRunner:
 
 class CudaGraphRunner:
     """Runs `fn` normally for `WARMUP_CALLS` calls, then records it and replays.
-    `training`: outputs are handed out in place (see the module docstring)."""
+    `training`: outputs are handed out in place (see the module docstring).
+    `before_replay`: callables run with the call's arguments before each replay
+    (host work the recording skips: folded weights checked against their
+    sources, kitsune.capture.fold); they must keep the addresses the recording
+    reads."""
 
-    def __init__(self, fn, name: str, training: bool = False, copy_out=()):
+    def __init__(self, fn, name: str, training: bool = False, copy_out=(), before_replay=()):
         self.fn, self.name, self.training = fn, name, training
+        self.before_replay = tuple(before_replay)
         self.copy_out = frozenset(copy_out)  # training: outputs copied out all the same (the user's own)
         self.calls = 0
         self.graph = None
@@ -228,6 +236,8 @@ class CudaGraphRunner:
             static[i] = torch.empty_strided(args[i].shape, args[i].stride(), dtype=args[i].dtype,
                                             device=args[i].device)
             static[i].copy_(args[i])
+        for hook in self.before_replay:  # up to date now, so the recording launches none of their work
+            hook(args)
         device = next(a.device for a in args if isinstance(a, torch.Tensor))
         torch.cuda.synchronize(device)
         graph = torch.cuda.CUDAGraph()
@@ -280,6 +290,8 @@ class CudaGraphRunner:
             return self._output_alive(args)
         for i in self._copied:
             static[i].copy_(args[i])
+        for hook in self.before_replay:
+            hook(args)
         self.graph.replay()
         self.replays += 1
         if self.training:

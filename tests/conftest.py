@@ -21,6 +21,15 @@ settings.register_profile("fixed", derandomize=True, database=None)
 settings.register_profile("explore", derandomize=False, max_examples=300)
 settings.load_profile(os.environ.get("KITSUNE_HYPOTHESIS", "fixed"))
 
+# torchvision from PyPI is a CUDA build whose C++ ops do not load on CI's CPU torch;
+# its import (which transformers also attempts) then fails unless two schemas exist
+# (kitsune._compat.import_torchvision). Loaded once, before any test imports it.
+try:
+    from kitsune._compat import import_torchvision
+    import_torchvision()
+except ImportError:
+    pass
+
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():

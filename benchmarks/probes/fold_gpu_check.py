@@ -70,8 +70,12 @@ def median_ms(fn, x, reps=30):
 
 
 def profile(name, model, x, backends=("eager", "inductor", "kitsune")):
+    with torch.no_grad():
+        want = model(x)
+        want = (want.logits if hasattr(want, "logits") else want).float()
     for backend in backends:
         torch._dynamo.reset()
+        default_sink().reset()
         start = time.perf_counter()
         fn = model if backend == "eager" else torch.compile(model, backend=backend)
         with torch.no_grad():
@@ -84,7 +88,15 @@ def profile(name, model, x, backends=("eager", "inductor", "kitsune")):
                 for _ in range(5):
                     fn(x)
                 torch.cuda.synchronize()
-        print(f"==== {name} / {backend}: {ms:.3f} ms (first calls {compile_s:.1f} s)")
+        with torch.no_grad():
+            got = fn(x)
+            got = (got.logits if hasattr(got, "logits") else got).float()
+        diff = ((got - want).abs().max() / want.abs().max()).item()
+        print(f"==== {name} / {backend}: {ms:.3f} ms (first calls {compile_s:.1f} s), max diff / max {diff:.2e}")
+        if backend == "kitsune":
+            from kitsune.report.explain import explain_records
+            text = explain_records(default_sink().records())
+            print("\n".join(line for line in text.splitlines()[:40]))
         print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=80))
 
 

@@ -20,6 +20,7 @@ from dataclasses import replace
 import torch
 from torch import fx
 
+from kitsune.capture.chains import reassociate_matmul_chains
 from kitsune.capture.restore import restore_aten, restored_copy
 from kitsune.capture.simplify import simplify
 from kitsune.codegen.backends import Backend, backend_for
@@ -153,6 +154,8 @@ def _user_outputs(gm: fx.GraphModule) -> range:
 
 def _compile(gm: fx.GraphModule, config: FusionConfig, record: GraphRecord) -> fx.GraphModule:
     simplify(gm)
+    rewrites = reassociate_matmul_chains(gm)
+    record.rewrites.extend(rewrites)
     plan = plan_graph(gm, config, record.name)
     _record_plan(gm, plan, config, record)
     lowered = _lower(plan, record)

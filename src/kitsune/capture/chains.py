@@ -368,7 +368,7 @@ def _rebuild(gm: fx.GraphModule, chain: _Chain, tree) -> str | None:
     not (and leaves the graph as it was), or None when done."""
     emitter = _Emitter(gm.graph, chain.root)
     try:
-        new_root = _emit(emitter, chain, tree, top=True)
+        new_root = _emit_root(emitter, chain, tree)
     except Exception as error:  # noqa: BLE001 - the chain stays as written
         emitter.undo()
         return f"the new order does not trace: {type(error).__name__}: {error}"
@@ -392,24 +392,38 @@ def _rebuild(gm: fx.GraphModule, chain: _Chain, tree) -> str | None:
     return None
 
 
-def _emit(emitter: "_Emitter", chain: _Chain, tree, top: bool) -> fx.Node:
-    """The nodes computing `tree` (an operand index or (left, right))."""
-    if isinstance(tree, int):
-        return chain.operands[tree]
-    left = _emit(emitter, chain, tree[0], top=False)
-    right = _emit(emitter, chain, tree[1], top=False)
-    if chain.vector and _rightmost(tree) == len(chain.operands) - 1:  # a matrix times the vector
+def _emit_root(emitter: "_Emitter", chain: _Chain, tree) -> fx.Node:
+    """The nodes computing `tree` (a pair), its last product in the root's form."""
+    left = _emit(emitter, chain, tree[0])
+    if chain.vector:  # AOTAutograd's matrix-vector product, as the graph had it
+        last = len(chain.operands) - 1
+        if tree[1] == last:
+            right = chain.operands[last]
+        else:
+            right = emitter.call(aten.squeeze.dim, (_emit(emitter, chain, tree[1]), 1))
         product = emitter.call(aten.mul.Tensor, (left, right))
         return emitter.call(aten.sum.dim_IntList, (product, [1]))
-    if top and chain.top[0] == "addmm":
+    right = _emit(emitter, chain, tree[1])
+    if chain.top[0] == "addmm":
         _, bias, kwargs = chain.top
         return emitter.call(aten.addmm.default, (bias, left, right), kwargs)
-    target = aten.bmm.default if chain.kind == "bmm" else aten.mm.default
-    return emitter.call(target, (left, right))
+    return emitter.call(aten.bmm.default if chain.kind == "bmm" else aten.mm.default, (left, right))
 
 
-def _rightmost(tree) -> int:
-    return tree if isinstance(tree, int) else _rightmost(tree[1])
+def _emit(emitter: "_Emitter", chain: _Chain, tree) -> fx.Node:
+    """The nodes computing an inner `tree` (an operand index or a pair). A
+    vector inside is a column (k × 1) and its products are `mm`: as
+    `sum(mul(B, v), [1])`, the planner would fuse a row reduction with the
+    product that reads it along a row, which its kernels compute wrongly
+    where the two shapes coincide (A, B square)."""
+    if isinstance(tree, int):
+        node = chain.operands[tree]
+        if chain.vector and tree == len(chain.operands) - 1:
+            return emitter.call(aten.unsqueeze.default, (node, 1))
+        return node
+    left = _emit(emitter, chain, tree[0])
+    right = _emit(emitter, chain, tree[1])
+    return emitter.call(aten.bmm.default if chain.kind == "bmm" else aten.mm.default, (left, right))
 
 
 class _Emitter:

@@ -25,9 +25,10 @@ compiles), before planning:
   vector: each product with it is that same `mul` + `sum`.
 - the order with the fewest FLOPs comes from the classic O(n³) dynamic
   program on the sizes seen at capture (`sizes.hint`). The chain is rebuilt
-  only where that saves at least a quarter of the FLOPs and, with symbolic
-  sizes, only where the saving holds for every size the symbols can take
-  (a graph compiled for dynamic shapes serves the next sizes too).
+  only where that saves at least a quarter of the FLOPs there and, with
+  symbolic sizes, only where the new order costs no more than the old one
+  for every size the symbols can take (a graph compiled for dynamic shapes
+  serves the next sizes too, and must never get slower for them).
 - integer products keep the order written.
 
 Re-association changes the rounding (bf16 rounds every intermediate product):
@@ -249,7 +250,7 @@ def _review(gm: fx.GraphModule, chain: _Chain) -> Rewrite:
         if hint(new) > (1 - MIN_SAVING) * hint(old):
             rewrite.reason = f"the cheapest order saves less than {MIN_SAVING:.0%} ({summary})"
         elif not _never_worse(old, new):
-            rewrite.reason = f"the saving depends on the symbolic sizes ({summary})"
+            rewrite.reason = f"the new order may cost more for other values of the symbolic sizes ({summary})"
         else:
             failure = _rebuild(gm, chain, best)
             if failure:
@@ -289,6 +290,8 @@ def _cheapest_order(dims: list) -> object:
     """The classic O(n³) dynamic program: the tree over operands 0..n-1
     (operand i is dims[i] × dims[i+1]) with the fewest multiply-adds."""
     n = len(dims) - 1
+    if n < 1:
+        raise ValueError(f"_cheapest_order: dims must hold the sizes of at least one operand, got {dims}")
     cost = [[0] * n for _ in range(n)]
     split = [[0] * n for _ in range(n)]
     for length in range(2, n + 1):
@@ -318,11 +321,11 @@ def _flops(tree, dims: list, batch):
 
 
 def _never_worse(old, new) -> bool:
-    """Does new ≤ (1 - MIN_SAVING)·old hold for every size? Symbols are sizes
+    """Does new ≤ old hold for every size? Symbols are sizes
     of at least 2 (`kitsune.sizes`): with each s written t + 2 (t ≥ 0), a
     polynomial whose coefficients are all non-negative is non-negative. A
     sufficient test, so "no" may mean "not known"."""
-    gap = sympy.expand((1 - sympy.Rational(str(MIN_SAVING))) * old - new)
+    gap = sympy.expand(old - new)
     if not gap.free_symbols:
         return bool(gap >= 0)
     symbols = sorted(gap.free_symbols, key=str)

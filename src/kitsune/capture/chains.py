@@ -99,7 +99,13 @@ def reassociate_matmul_chains(gm: fx.GraphModule) -> list[Rewrite]:
         if chain is None or (len(chain.operands) < 3 and not chain.blocked):
             continue
         seen.update(chain.nodes)
-        rewrites.append(_review(gm, chain))
+        try:
+            rewrites.append(_review(gm, chain))
+        except Exception as error:  # noqa: BLE001 - never crash the compile: the chain stays as written
+            log.warning("matrix chain at %s left as written: %s: %s", node.name, type(error).__name__, error)
+            rewrites.append(Rewrite("matrix_chain", ("matmul",) * (len(chain.operands) - 1),
+                                    tuple(n.name for n in chain.nodes), choice="kept as written",
+                                    applied=False, reason=f"{type(error).__name__}: {error}"))
     if any(r.applied for r in rewrites):
         gm.graph.lint()
         gm.recompile()
@@ -231,8 +237,8 @@ def _review(gm: fx.GraphModule, chain: _Chain) -> Rewrite:
         rewrite.nodes = (product.name, *rewrite.nodes)
         rewrite.ops = ("matmul", "matmul")
         rewrite.choice = "kept as written"
-        rewrite.reason = (f"the product {product.name} has other users (a graph output, or saved for "
-                          "the backward): it is computed anyway")
+        rewrite.reason = (f"the product {product.name} is read elsewhere too (a graph output, saved for "
+                          "the backward, or read twice): it is computed anyway")
         return rewrite
     written = _text(chain.tree, chain)
     rewrite.choice = f"kept {written}"
@@ -247,7 +253,7 @@ def _review(gm: fx.GraphModule, chain: _Chain) -> Rewrite:
         old, new = _flops(chain.tree, dims, batch), _flops(best, dims, batch)
         seen = " at the sizes seen" if is_symbolic(old) or is_symbolic(new) else ""
         summary = f"{_flop_text(hint(old))} → {_flop_text(hint(new))}{seen}"
-        if hint(new) > (1 - MIN_SAVING) * hint(old):
+        if hint(old) == 0 or hint(new) > (1 - MIN_SAVING) * hint(old):
             rewrite.reason = f"the cheapest order saves less than {MIN_SAVING:.0%} ({summary})"
         elif not _never_worse(old, new):
             rewrite.reason = f"the new order may cost more for other values of the symbolic sizes ({summary})"

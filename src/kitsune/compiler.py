@@ -154,8 +154,9 @@ def _user_outputs(gm: fx.GraphModule) -> range:
 
 def _compile(gm: fx.GraphModule, config: FusionConfig, record: GraphRecord) -> fx.GraphModule:
     simplify(gm)
-    rewrites = reassociate_matmul_chains(gm)
-    record.rewrites.extend(rewrites)
+    if config.pattern_enabled("matrix_chain"):
+        rewrites = reassociate_matmul_chains(gm)
+        record.rewrites.extend(rewrites)
     plan = plan_graph(gm, config, record.name)
     _record_plan(gm, plan, config, record)
     lowered = _lower(plan, record)

@@ -258,11 +258,11 @@ def _review(gm: fx.GraphModule, chain: _Chain) -> Rewrite:
         elif not _never_worse(old, new):
             rewrite.reason = f"the new order may cost more for other values of the symbolic sizes ({summary})"
         else:
-            failure = _rebuild(gm, chain, best)
+            made, failure = _rebuild(gm, chain, best)
             if failure:
                 rewrite.reason = failure
             else:
-                rewrite.applied = True
+                rewrite.applied, rewrite.nodes = True, tuple(node.name for node in made)
                 rewrite.choice = f"re-associated {written} to {_text(best, chain)}: {summary}"
                 log.info("matrix chain at %s: %s", chain.root.name, rewrite.choice)
     if not rewrite.applied:
@@ -372,20 +372,20 @@ def _flop_text(flops) -> str:
 # -- rebuilding -----------------------------------------------------------------------------
 
 
-def _rebuild(gm: fx.GraphModule, chain: _Chain, tree) -> str | None:
-    """Compute the chain in the order `tree` in place of its nodes; returns why
-    not (and leaves the graph as it was), or None when done."""
+def _rebuild(gm: fx.GraphModule, chain: _Chain, tree) -> tuple[list, str | None]:
+    """Compute the chain in the order `tree` in place of its nodes: returns
+    (the nodes made, None), or ([], why not) leaving the graph as it was."""
     emitter = _Emitter(gm.graph, chain.root)
     try:
         new_root = _emit_root(emitter, chain, tree)
     except Exception as error:  # noqa: BLE001 - the chain stays as written
         emitter.undo()
-        return f"the new order does not trace: {type(error).__name__}: {error}"
+        return [], f"the new order does not trace: {type(error).__name__}: {error}"
     old, new = _val(chain.root), _val(new_root)
     if new is None or (new.dtype, new.device) != (old.dtype, old.device) or \
             shape_of(new) != shape_of(old) or strides_of(new) != strides_of(old):
         emitter.undo()
-        return "the new order gives the result another shape, layout or dtype"
+        return [], "the new order gives the result another shape, layout or dtype"
     for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
         if key in chain.root.meta:
             new_root.meta[key] = chain.root.meta[key]
@@ -398,7 +398,7 @@ def _rebuild(gm: fx.GraphModule, chain: _Chain, tree) -> str | None:
         for node in dead:
             gm.graph.erase_node(node)
             pending.remove(node)
-    return None
+    return emitter.made, None
 
 
 def _emit_root(emitter: "_Emitter", chain: _Chain, tree) -> fx.Node:

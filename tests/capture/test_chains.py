@@ -44,7 +44,8 @@ def _close(out, fn, *args, rtol=1e-4):
 
 
 def _counts(nodes):
-    return {name: sum(n.target is op for n in nodes) for name, op in (("mm", aten.mm.default), ("bmm", aten.bmm.default))}
+    ops = (("mm", aten.mm.default), ("bmm", aten.bmm.default))
+    return {name: sum(n.target is op for n in nodes) for name, op in ops}
 
 
 # -- the order ------------------------------------------------------------------------------

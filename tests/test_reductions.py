@@ -535,3 +535,18 @@ def test_argmax_argmin(backend, name, dtype):
         torch.testing.assert_close(a, b, equal_nan=True, rtol=0, atol=0)
     stats = kitsune.get_fusion_stats()
     assert stats["fallbacks"] == [] and stats["num_fused"] >= 1, stats
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_row_result_read_along_the_rows_is_not_its_own_row(monkeypatch, backend):
+    """`A * x.sum(1)` broadcasts the row sums along A's last dim: element (i, j) needs
+    row j's sum, which a kernel over x's rows does not have (it gave row i's when A
+    and x were square). The sums and the product are then separate kernels."""
+    monkeypatch.setenv("KITSUNE_BACKEND", backend)
+    torch._dynamo.reset()
+    a, x = torch.randn(5, 5), torch.randn(5, 5)
+
+    def f(a, x):
+        return a * x.sum(1), a * x.sum(1, keepdim=True), (a * x.amax(1)).sum(1)
+    for got, want in zip(torch.compile(f, backend="kitsune")(a, x), f(a, x)):
+        torch.testing.assert_close(got, want)

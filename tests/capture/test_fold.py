@@ -215,7 +215,7 @@ def test_explain_says_what_was_folded():
     with torch.no_grad():
         _compiled(block)(torch.randn(1, 3, 5, 5))
     text = explain_records(_records())
-    assert "Rewritten" in text
+    assert "Applied as" in text
     assert "conv_bn_activation: conv → batch_norm → folded into the convolution's weights (bias added in the kernel" \
         in text  # the first: its ReLU adds the bias
     assert "conv_bn_activation: conv → batch_norm → folded into the convolution's weights and bias" in text

@@ -240,6 +240,11 @@ class GroupLowering:
             raise NotFusible(f"{node.name} reduces another iteration space than its group")
         kept = [d for d in range(len(in_shape)) if d not in dims]
         kept_idx = [idx[d] for d in kept] if keepdim else list(idx)
+        rows = frame_index(self.frame, [in_shape[d] for d in kept], self.walk)
+        if any(a != b and not _is_zero_extent(in_shape[d]) for a, b, d in zip(kept_idx, rows, kept)):
+            # a row's result read at another row (`A * x.sum(1)` broadcasts the sums
+            # along A's rows): the kernel only has its own row's
+            raise NotFusible(f"{node.name} is read at another row than the one it reduces")
         r_idx = reduced_index(in_shape, dims, self.walk)
         full, k, j = [], iter(kept_idx), iter(r_idx)
         for d in range(len(in_shape)):
@@ -385,6 +390,11 @@ def _digits(flat: Index, shape, dims, walk) -> dict:
     """dim -> its index at `flat`, walking `dims` in the order of `walk` (default: logical)."""
     order = [d for d in walk if d in dims] if walk is not None else list(dims)
     return dict(zip(order, delinearize(flat, [shape[d] for d in order])))
+
+
+def _is_zero_extent(size) -> bool:
+    """A dim of one element (or none): every index into it is 0."""
+    return isinstance(size, int) and size <= 1
 
 
 def reduced_index(in_shape, dims, walk=None) -> list:

@@ -41,6 +41,7 @@ def finalize(record) -> None:
             for name in names:
                 reasons[name] = f"kernel {kernel} fell back to PyTorch at run time: {failure}"
     config = record.config
+    nodes_by_name = {n.name: n for n in record.graph.nodes} if record.graph is not None else {}
     for opp in record.opportunities:
         if opp.rewrite:
             continue
@@ -58,6 +59,10 @@ def finalize(record) -> None:
             opp.status, opp.reason = "disabled", "not in FusionConfig.enabled_patterns"
         elif compute and not missing and len(kernels) == 1:
             opp.status, opp.reason = "applied", ""
+        elif len(kernels) == 1 and missing and all(_library_product(nodes_by_name.get(n)) for n in missing):
+            # a matmul/convolution by the vendor library, everything after it in one kernel
+            opp.status, opp.reason = "applied", ""
+            opp.choice = f"{_library_name(nodes_by_name[missing[0]])} + its epilogue in one generated kernel"
         elif kernels:
             opp.status = "partial"
             if missing:
@@ -93,6 +98,22 @@ def _add_rewrites(record) -> None:
             kernels=(rw.choice,) if rw.applied else (), choice=rw.choice if rw.applied else "",
             fused_seconds=rw.seconds or 0.0, rewrite=True))
     record.opportunities = kept
+
+
+def _library_product(node) -> bool:
+    """A matmul or convolution (run by cuBLAS/cuDNN/MKL/oneDNN) that the pattern starts with."""
+    from kitsune.ir.ops import OpKind
+    from kitsune.planner.units import node_kind
+    return node is not None and node_kind(node) in (OpKind.MATMUL, OpKind.CONV)
+
+
+def _library_name(node) -> str:
+    from kitsune.ir.ops import OpKind
+    from kitsune.planner.units import node_kind
+    cuda = getattr(node.meta.get("val"), "is_cuda", False)
+    if node_kind(node) is OpKind.CONV:
+        return "cuDNN convolution" if cuda else "oneDNN convolution"
+    return "cuBLAS matmul" if cuda else "CPU BLAS matmul"
 
 
 def _why(names, reasons) -> str:

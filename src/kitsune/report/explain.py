@@ -146,19 +146,20 @@ def _fused_kernel_lines(groups, verbose: bool) -> list[str]:
 
 
 def _rewrite_lines(records) -> list[str]:
-    """Patterns run another way than as written (folded, re-associated, chunked), identical ones counted once."""
+    """How applied patterns with a choice run (folded, re-associated, chunked, a library
+    product and its epilogue kernel), identical ones counted once."""
     done: dict = {}
     for record in records:
         for opp in record.opportunities:
-            if opp.rewrite and opp.status == "applied":
+            if opp.choice and opp.status == "applied":
                 key = (record.name, opp.pattern, opp.ops, opp.choice)
                 done.setdefault(key, []).append(opp)
     if not done:
         return []
-    lines = ["", "Rewritten (pattern: operations → what runs instead):"]
+    lines = ["", "Applied as (pattern: operations → how it runs):"]
     for (graph, pattern, ops, choice), opps in done.items():
         count = f"{len(opps)}× " if len(opps) > 1 else ""
-        timed = [o.fused_seconds for o in opps if o.fused_seconds]
+        timed = [o.fused_seconds for o in opps if o.rewrite and o.fused_seconds]  # a rewrite's measured time
         meas = f" (measured {_time(sum(timed) / len(timed))})" if timed else ""
         lines.append(f"  {graph:<9} {count}{pattern}: {_ops(ops)} → {choice}{meas}")
     return lines

@@ -720,10 +720,12 @@ def parse_arguments():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_standard_arguments(parser)
     parser.add_argument("--tiny", dest="quick", action="store_true",
-                        help="tiny configs and batches (the same as --quick): runs on the CPU in a minute or two")
+                        help="tiny configs and batches (the same as --quick): a check that it runs, on the CPU "
+                             "(minutes; its numbers mean nothing)")
     parser.add_argument("--cases", default=",".join(CASES), help="comma-separated (default: all): %(default)s")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per backend (default 50; tiny 3)")
-    parser.add_argument("--no-inductor", action="store_true", help="leave Inductor out (its compiles are the slow part)")
+    parser.add_argument("--no-inductor", action="store_true",
+                        help="leave Inductor out (its compiles are the slow part)")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="start no new case after this many seconds (the rest are reported as skipped)")
     args = parser.parse_args()

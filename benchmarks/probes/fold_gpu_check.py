@@ -31,11 +31,11 @@ def check_replay():
     c = torch.compile(net, backend="kitsune")
     with torch.no_grad():
         for i in range(6):
-            torch.testing.assert_close(c(x), net(x))
+            torch.testing.assert_close(c(x), net(x), rtol=5e-3, atol=5e-3)  # TF32 convolutions
         net[1].running_var.mul_(2.0)
         net[3].weight.mul_(-1.0)
         for i in range(3):
-            torch.testing.assert_close(c(x), net(x))
+            torch.testing.assert_close(c(x), net(x), rtol=5e-3, atol=5e-3)  # TF32 convolutions
     rec = default_sink().records()[-1]
     print("replay check ok: cuda_graph", rec.cuda_graph, "rewrites", sum(r.applied for r in rec.rewrites))
 

@@ -27,3 +27,14 @@ def test_only_large_misaligned_cuda_matmuls_are_rewritten():
         if node.op == "call_function":
             node.meta["val"] = torch.empty(4096, 50257, dtype=torch.bfloat16, device="meta")
     assert align_matmuls(gm) == 0  # meta/CPU tensors: cuBLAS is not involved
+
+
+def test_transposed_weight_is_padded_along_its_rows():
+    """A Linear's weight arrives as weight.t(): its padded copy keeps that layout
+    (contiguous rows copied), and the product is unchanged."""
+    from kitsune.runtime.matmul import _padded, aligned_mm
+    weight, a = torch.randn(13, 8), torch.randn(5, 8)
+    padded = _padded(weight.t())
+    assert padded.shape == (8, 16) and padded.stride() == (1, 8)
+    torch.testing.assert_close(padded[:, :13], weight.t())
+    torch.testing.assert_close(aligned_mm(a, weight.t()), a @ weight.t())

@@ -79,6 +79,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs, kind: str = "graph",
         _cuda_graph_blocker(gm, example_inputs, compiled, record, training) is None
     if compiled is not gm and isinstance(compiled, fx.GraphModule):  # Kitsune's own copy, fallback included
         bind_fast_targets(compiled)  # after every analysis that reads its aten targets
+    # outputs a padded matmul returns as views, to be copied into eager's strides
+    strides = getattr(compiled, "meta", {}).get("kitsune_restride") if isinstance(compiled, fx.GraphModule) else None
     # measured on the first real call, before a CUDA-graph runner records the graph
     compiled = measured(compiled, gm, record, config, profile)
     if replay:
@@ -86,7 +88,11 @@ def compile_graph(gm: fx.GraphModule, example_inputs, kind: str = "graph",
         record.cuda_graph = True
         runner = SizeKeyedRunner if any(not isinstance(t, torch.Tensor) for t in example_inputs) else CudaGraphRunner
         compiled = runner(compiled, f"{record.name} graph", training=training,
-                          copy_out=_user_outputs(gm) if kind == "forward" else (), before_replay=_refreshers(folds))
+                          copy_out=_user_outputs(gm) if kind == "forward" else (), before_replay=_refreshers(folds),
+                          restride=strides or {})
+    elif strides:
+        from kitsune.runtime.matmul import restrided
+        compiled = restrided(compiled, strides)
     record.compile_seconds = time.perf_counter() - start
     stats.record(record)
     return compiled
@@ -170,7 +176,7 @@ def _compile(gm: fx.GraphModule, config: FusionConfig, record: GraphRecord) -> f
     # aligning matmuls rewrite it, and the record keeps the graph as planned
     result = build_graph_module(gm, calls) if calls else fx.GraphModule(gm, copy.deepcopy(gm.graph))
     restore_aten(result)  # what PyTorch runs: the user's aten ops, not prims.* leftovers
-    aligned = align_matmuls(result)
+    aligned = align_matmuls(result, padded_outputs=record.name == "inference")
     if aligned:
         log.info("%d matmul(s) write padded rows (fast cuBLAS kernels for odd widths)", aligned)
     return result

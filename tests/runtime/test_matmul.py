@@ -38,3 +38,26 @@ def test_transposed_weight_is_padded_along_its_rows():
     assert padded.shape == (8, 16) and padded.stride() == (1, 8)
     torch.testing.assert_close(padded[:, :13], weight.t())
     torch.testing.assert_close(aligned_mm(a, weight.t()), a @ weight.t())
+
+
+def test_restride_copies_only_the_outputs_in_other_strides():
+    from kitsune.runtime.matmul import restride, restrided
+    padded = torch.randn(4, 16)[:, :13]          # a padded product's view
+    other = torch.randn(3, 3)
+    out = restride((padded, other), {0: (13, 1)})
+    assert isinstance(out, tuple) and out[0].stride() == (13, 1) and out[1] is other
+    torch.testing.assert_close(out[0], padded)
+    same = torch.randn(4, 13)
+    assert restride([same], {0: (13, 1)})[0] is same  # already in those strides: no copy
+    fn = restrided(lambda a: (a[:, :13],), {0: (13, 1)})
+    assert fn(torch.randn(4, 16))[0].is_contiguous()
+
+
+def test_replay_copy_out_uses_the_given_strides():
+    from kitsune.runtime.cuda_graphs import _fresh
+    padded = torch.randn(4, 16)[:, :13]
+    nested = [torch.randn(2).expand(3, 2)]
+    out = _fresh((padded, nested), {0: (13, 1)})
+    assert out[0].stride() == (13, 1) and out[0].data_ptr() != padded.data_ptr()
+    torch.testing.assert_close(out[0], padded)
+    torch.testing.assert_close(out[1][0], nested[0])

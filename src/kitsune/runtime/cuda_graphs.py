@@ -139,9 +139,9 @@ class SizeKeyedRunner:
     records and checks its inputs as for a static graph."""
 
     def __init__(self, fn, name: str, training: bool = False, copy_out=(), limit: int = MAX_SIZE_RECORDINGS,
-                 before_replay=()):
+                 before_replay=(), restride=None):
         self.fn, self.name, self.training, self.copy_out, self.limit = fn, name, training, copy_out, limit
-        self.before_replay = before_replay
+        self.before_replay, self.restride = before_replay, restride or {}
         self.runners: dict = {}  # size values -> runner, least recently used first
         self.dropped = 0
 
@@ -150,7 +150,7 @@ class SizeKeyedRunner:
         runner = self.runners.pop(key, None)
         if runner is None:
             runner = CudaGraphRunner(self.fn, f"{self.name} at sizes {key}", self.training, self.copy_out,
-                                     self.before_replay)
+                                     self.before_replay, self.restride)
             if len(self.runners) >= self.limit:
                 oldest = next(iter(self.runners))
                 self.runners.pop(oldest)._drop()
@@ -169,9 +169,18 @@ class CudaGraphRunner:
     `before_replay`: callables run with the call's arguments before each replay
     (host work the recording skips: folded weights checked against their
     sources, kitsune.capture.fold); they must keep the addresses the recording
-    reads."""
+    reads.
+    `restride` (inference graphs): {output position: strides}: outputs that `fn`
+    returns in other strides (a padded matmul's view, kitsune.runtime.matmul)
+    and that reach the caller in these, copied once (out of the recording, or
+    after a normal run)."""
 
-    def __init__(self, fn, name: str, training: bool = False, copy_out=(), before_replay=()):
+    def __init__(self, fn, name: str, training: bool = False, copy_out=(), before_replay=(), restride=None):
+        self.restride = dict(restride or {})
+        self.record_fn = fn
+        if self.restride:
+            from kitsune.runtime.matmul import restrided
+            fn = restrided(fn, self.restride)
         self.fn, self.name, self.training = fn, name, training
         self.before_replay = tuple(before_replay)
         self.copy_out = frozenset(copy_out)  # training: outputs copied out all the same (the user's own)
@@ -243,7 +252,7 @@ class CudaGraphRunner:
         graph = torch.cuda.CUDAGraph()
         # thread-local: a backward graph is recorded on autograd's device thread
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            outputs = self.fn(*static)
+            outputs = self.record_fn(*static)
         if self.training:  # keeps only what it hands out from the recording's memory
             self._handout, self._watch, outputs = _handout_plan(outputs, static, copied, self.copy_out)
             for ref, _ in self._watch:
@@ -296,7 +305,7 @@ class CudaGraphRunner:
         self.replays += 1
         if self.training:
             return _hand_out(self._handout, args)
-        return _fresh(self._outputs)
+        return _fresh(self._outputs, self.restride)
 
     def _settled(self, args) -> list:
         """The inputs copied in at every replay that have now arrived at one address
@@ -450,14 +459,18 @@ def _hand_out(handout, args):
     return result[0] if kind is None else kind(result)
 
 
-def _fresh(outputs):
+def _fresh(outputs, strides=None):
+    """Outputs copied out of the recording, in their own strides or, at the top-level
+    positions of `strides`, in those."""
     if isinstance(outputs, torch.Tensor):
         # empty_strided keeps every stride (clone makes a non-dense layout dense);
         # an expanded (overlapping) output cannot be written that way
-        if any(st == 0 and n > 1 for st, n in zip(outputs.stride(), outputs.shape)):
+        stride = outputs.stride() if strides is None else strides
+        if any(st == 0 and n > 1 for st, n in zip(stride, outputs.shape)):
             return outputs.clone()
-        fresh = torch.empty_strided(outputs.shape, outputs.stride(), dtype=outputs.dtype, device=outputs.device)
+        fresh = torch.empty_strided(outputs.shape, stride, dtype=outputs.dtype, device=outputs.device)
         return fresh.copy_(outputs)
     if isinstance(outputs, (list, tuple)):
-        return type(outputs)(_fresh(o) for o in outputs)
+        strides = strides or {}
+        return type(outputs)(_fresh(o, strides.get(i)) for i, o in enumerate(outputs))
     return outputs

@@ -8,6 +8,11 @@ matrix whose width is padded to 16 bytes (so the product's rows are too),
 multiply, and return the product with eager's (contiguous) layout: a copy
 of the weight and one of the output buy the fast kernel (GPT-2's logits on
 an H100: 3.3 ms in eager's kernel; cuBLAS's Hopper kernel takes 0.45 ms).
+
+A product that is an output of an inference graph returns the padded view
+instead (`aligned_mm_view`), and the graph's caller copies it into eager's
+strides once (`restride`): a graph replayed as a CUDA graph copies its outputs
+out of the recording anyway, so the two copies of the logits become one.
 """
 from __future__ import annotations
 
@@ -53,13 +58,50 @@ def aligned_addmm(bias, a, b, *, beta=1, alpha=1):
     return torch.addmm(_padded(bias), a, _padded(b), beta=beta, alpha=alpha)[:, :n].contiguous()
 
 
+def aligned_mm_view(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[1]
+    return torch.mm(a, _padded(b))[:, :n]
+
+
+def aligned_addmm_view(bias, a, b, *, beta=1, alpha=1):
+    n = b.shape[1]
+    if bias.dim() != 1 or bias.shape[0] != n:
+        return torch.addmm(bias, a, b, beta=beta, alpha=alpha)
+    return torch.addmm(_padded(bias), a, _padded(b), beta=beta, alpha=alpha)[:, :n]
+
+
 _REPLACEMENT = {aten.mm.default: aligned_mm, aten.addmm.default: aligned_addmm}
+_VIEW_REPLACEMENT = {aten.mm.default: aligned_mm_view, aten.addmm.default: aligned_addmm_view}
 
 
-def align_matmuls(gm: fx.GraphModule) -> int:
+def restride(outputs, strides: dict):
+    """`outputs` (a graph's tuple or list) with the tensor at each position of
+    `strides` given those strides (copied where it has others)."""
+    out = list(outputs)
+    for position, stride in strides.items():
+        t = out[position]
+        if isinstance(t, torch.Tensor) and t.stride() != stride:
+            out[position] = torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device).copy_(t)
+    return type(outputs)(out) if isinstance(outputs, tuple) else out
+
+
+def restrided(fn, strides: dict):
+    """fn, whose outputs at the positions of `strides` are given those strides."""
+    def run(*args):
+        return restride(fn(*args), strides)
+    return run
+
+
+def align_matmuls(gm: fx.GraphModule, padded_outputs: bool = False) -> int:
     """Point large CUDA mm/addmm nodes with misaligned output rows at the
-    aligned versions; returns how many were changed."""
+    aligned versions; returns how many were changed. `padded_outputs`: a
+    product read only as a graph output returns the padded view, and
+    `gm.meta["kitsune_restride"]` ({output position: eager's strides}) tells the
+    caller which outputs to copy into eager's strides."""
     changed = 0
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    flat = list(output.args[0]) if isinstance(output.args[0], (list, tuple)) else [output.args[0]]
+    strides = {}
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target not in _REPLACEMENT:
             continue
@@ -73,8 +115,14 @@ def align_matmuls(gm: fx.GraphModule) -> int:
             continue
         if (width * val.element_size()) % 16 == 0:
             continue
-        node.target = _REPLACEMENT[node.target]
+        if padded_outputs and set(node.users) == {output}:
+            strides.update({i: val.stride() for i, item in enumerate(flat) if item is node})
+            node.target = _VIEW_REPLACEMENT[node.target]
+        else:
+            node.target = _REPLACEMENT[node.target]
         changed += 1
+    if strides:
+        gm.meta["kitsune_restride"] = strides
     if changed:
         gm.recompile()
     return changed

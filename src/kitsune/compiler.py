@@ -101,7 +101,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs, kind: str = "graph",
 def _rewrite(gm: fx.GraphModule, kind: str, config: FusionConfig, record: GraphRecord) -> list:
     """Rewrites before planning (kitsune.capture): batch norms folded into the
     convolutions before them (inference graphs; on CUDA, a ReLU after them into
-    cuDNN's fused call where that measures faster) or decomposed. Returns the folds
+    cuDNN's fused call where that measures faster) or decomposed; on CUDA, a
+    Linear's ReLU/GELU into cuBLASLt's epilogue where that measures faster. Returns the folds
     (ConvBnFold, placeholder positions of what it reads). A rewrite that fails
     leaves the graph as it was, logged."""
     from kitsune.capture.fold import decompose_batch_norm, fold_conv_batch_norm
@@ -116,11 +117,14 @@ def _rewrite(gm: fx.GraphModule, kind: str, config: FusionConfig, record: GraphR
             if _on_cuda(gm):
                 from kitsune.capture.conv_epilogue import fuse_conv_relu
                 fuse_conv_relu(gm, record.rewrites)
+        if kind == "inference" and config.pattern_enabled("linear_activation") and _on_cuda(gm):
+            from kitsune.capture.matmul_epilogue import fuse_addmm_activation
+            fuse_addmm_activation(gm, record.rewrites)
         decompose_batch_norm(gm)
     except Exception as error:  # noqa: BLE001 - never crash the user's model
-        log.warning("%s graph: batch-norm rewrite failed, it runs as captured: %s: %s", kind,
+        log.warning("%s graph: a rewrite failed, it runs as captured: %s: %s", kind,
                     type(error).__name__, error, exc_info=log.isEnabledFor(logging.DEBUG))
-        record.fallbacks.append(("batch norm rewrite", f"{type(error).__name__}: {error}"))
+        record.fallbacks.append(("rewrite", f"{type(error).__name__}: {error}"))
     return folds
 
 

@@ -45,7 +45,7 @@ MAX_CHAIN = 8
 
 _CE_SIGNATURE = inspect.signature(F.cross_entropy)
 _LINEAR_SIGNATURE = inspect.signature(lambda input, weight, bias=None: None)
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def fuse_lm_head_loss(gm: fx.GraphModule) -> list[Rewrite]:
@@ -216,6 +216,7 @@ def _replace(graph: fx.Graph, ce: fx.Node, plan) -> None:
     args = _linear_args(linear)
     matmul_dtype = _value(linear).dtype
     ce_args = plan["ce_args"]
+    before = ce.prev
     with graph.inserting_before(ce):
         hidden = _cast(graph, args["input"], matmul_dtype)  # autocast's cast, made explicit
         for step in plan["steps"]:
@@ -230,9 +231,23 @@ def _replace(graph: fx.Graph, ce: fx.Node, plan) -> None:
             "label_smoothing": float(ce_args.get("label_smoothing", 0.0)),
             "reduction": ce_args.get("reduction", "mean"),
             "dtype": _value(ce).dtype})
+    loss.meta["example_value"] = _value(ce)  # the same loss: shape [], ce's dtype
+    node = before.next
+    while node is not ce:  # the nodes just inserted
+        _inherit_meta(node, ce)
+        node = node.next
     ce.replace_all_uses_with(loss)
     for node in (ce, *chain, linear):
         graph.erase_node(node)
+
+
+def _inherit_meta(node: fx.Node, ce: fx.Node) -> None:
+    """The user's source of the loss, for the aten nodes AOTAutograd makes of `node` (reports,
+    kernel counts, measured baselines read `source_fn_stack`)."""
+    for key in ("stack_trace", "nn_module_stack"):
+        if key in ce.meta:
+            node.meta.setdefault(key, ce.meta[key])
+    node.meta.setdefault("source_fn_stack", [(node.name, node.target)])
 
 
 def _cast(graph, node, dtype):

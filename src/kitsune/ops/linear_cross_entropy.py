@@ -52,8 +52,9 @@ def linear_cross_entropy_op(hidden: torch.Tensor, weight: torch.Tensor, bias: to
                             compute_grads: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, grad_hidden, grad_weight, grad_bias) of
     `F.cross_entropy(hidden @ weight.T + bias, target, ignore_index=..., label_smoothing=..., reduction=...)`.
-    The loss is float32 (float64 for float64 inputs); the gradients are those of a loss gradient of 1, in the dtypes of hidden,
-    weight and bias (empty tensors where compute_grads is False, and grad_bias where bias is None)."""
+    The loss is float32 (float64 for float64 inputs); the gradients are those of a loss gradient
+    of 1, in the dtypes of hidden, weight and bias (empty tensors where compute_grads is False,
+    and grad_bias where bias is None)."""
     _check_op_arguments(hidden, weight, bias, target, label_smoothing, reduction)
     # The casts autocast asks for were made before this op (see _autocast_kernel); inside it,
     # float32 must stay float32 (the weight gradient's accumulator).

@@ -83,17 +83,39 @@ def test_rewrite_keeps_loss_and_gradients(monkeypatch, make_loss):
     _grads_match(loss, make_loss(model)(tokens, labels), list(model.parameters()))
 
 
-def _declined_cases():
-    def returned(m):
-        def fn(x, y):
-            logits = m(x)
-            return F.cross_entropy(logits.view(-1, V), y.view(-1)), logits
-        return fn
+def _returned_too(model):
+    def fn(x, y):  # HF's models return the logits with the loss
+        logits = model(x)
+        return F.cross_entropy(logits.float().view(-1, V), y.view(-1), label_smoothing=0.1), logits * 2
+    return fn
 
+
+def test_logits_used_elsewhere_are_still_computed(monkeypatch):
+    monkeypatch.setattr(lm_head, "MIN_LOGITS", 0)
+    model, tokens, labels = _model_and_batch()
+    (loss, logits), rewrites, (gm,) = _rewritten(_returned_too(model), tokens, labels)
+    assert [r.applied for r in rewrites] == [True] and "still computed for mul" in rewrites[0].choice
+    assert F.linear in {n.target for n in gm.graph.nodes}
+    ref_loss, ref_logits = _returned_too(model)(tokens, labels)
+    torch.testing.assert_close(logits, ref_logits)
+    params = list(model.parameters())  # the gradient of both outputs: through the op and the linear
+    got = torch.autograd.grad(loss + logits.square().mean(), params)
+    for g, want in zip(got, torch.autograd.grad(ref_loss + ref_logits.square().mean(), params)):
+        torch.testing.assert_close(g, want)
+
+
+def test_logits_used_elsewhere_stay_when_asked(monkeypatch):
+    monkeypatch.setattr(lm_head, "MIN_LOGITS", 0)
+    monkeypatch.setattr(lm_head, "REWRITE_SHARED_LOGITS", False)
+    model, tokens, labels = _model_and_batch()
+    _, rewrites, _ = _rewritten(_returned_too(model), tokens, labels)
+    assert [r.applied for r in rewrites] == [False] and "also used by mul" in rewrites[0].reason
+
+
+def _declined_cases():
     def weighted(m):
         return lambda x, y: F.cross_entropy(m(x).view(-1, V), y.view(-1), weight=torch.ones(V))
     return [
-        (returned, "also used", True),
         (lambda m: lambda x, y: F.cross_entropy(m(x).view(-1, V), y.view(-1), reduction="none"), "reduction", True),
         (weighted, "weight", True),
         (lambda m: lambda x, y: F.cross_entropy((m(x) / 2).view(-1, V), y.view(-1)), "not a view", True),
@@ -208,7 +230,7 @@ def test_hf_gpt2_loss(monkeypatch, with_logits):
     torch.testing.assert_close(out, ref)
     loss, ref_loss = (out[0], ref[0]) if with_logits else (out, ref)
     _grads_match(loss, ref_loss, [p for p in model.parameters()])
-    assert [r.applied for r in seen] == [not with_logits], seen
+    assert [r.applied for r in seen] == [True], seen
 
 
 def _peak_bytes(step) -> int:

@@ -19,6 +19,12 @@ lce = importlib.import_module("kitsune.ops.linear_cross_entropy")  # the module;
 N, H, V = 37, 16, 64  # 37 rows: chunks of 16 (Liger's rule), the last one partial
 
 
+@pytest.fixture(autouse=True)
+def _small_chunks(monkeypatch):
+    """Chunks by Liger's rule alone, so that these small shapes take several chunks."""
+    monkeypatch.setattr(lce, "MIN_CHUNK_LOGITS", 0)
+
+
 def _inputs(dtype, bias=True, rows=N, ignored=True, seed=0):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(rows, H, generator=g).to(dtype).requires_grad_()
@@ -52,11 +58,13 @@ def _check(hidden, weight, bias, target, **kwargs):
         torch.testing.assert_close(got, want, equal_nan=True, **scale)
 
 
-def test_chunks_are_partial_here():
+def test_chunk_rows(monkeypatch):
     rows = chunk_rows(N, V, H)
-    assert rows == 16 and N % rows != 0
+    assert rows == 16 and N % rows != 0  # the shapes below take partial chunks
     assert chunk_rows(0, V, H) == 1 and chunk_rows(1, 10 ** 6, 8) == 1
-    assert chunk_rows(10 ** 7, 8, 4096) == MAX_CHUNK_ROWS
+    monkeypatch.setattr(lce, "MIN_CHUNK_LOGITS", 1 << 19)  # the default floor: chunks of >= 2 MB of logits
+    assert chunk_rows(512, 8192, 64) == 64 and chunk_rows(8192, 50257, 768) == 128
+    assert chunk_rows(1, 10 ** 6, 8) == 1 and chunk_rows(10 ** 7, 8, 4096) == MAX_CHUNK_ROWS
     assert all(chunk_rows(n, 50257, 768) & (chunk_rows(n, 50257, 768) - 1) == 0 for n in (1, 100, 8192))
 
 

@@ -15,9 +15,11 @@ works on torch-level ops (`torch._C._nn.linear`, `F.cross_entropy`, tensor
 methods), before AOTAutograd, so the forward aten graph holds one
 `kitsune::linear_cross_entropy` node and the backward only multiplies.
 
-It never changes a result: where anything is not understood (another use of
-the logits, class weights, reduction "none", an op it does not know between
-the two) the graph stays as it is and the `Rewrite` record says why.
+Logits used elsewhere too (an HF model returns them with the loss) are still
+computed for that use by the linear, which stays (`REWRITE_SHARED_LOGITS`).
+It never changes a result: where anything is not understood (class weights,
+reduction "none", an op it does not know between the two) the graph stays as
+it is and the `Rewrite` record says why.
 """
 from __future__ import annotations
 
@@ -42,6 +44,12 @@ CHOICE = "chunked linear+cross-entropy (kitsune::linear_cross_entropy)"
 MIN_LOGITS = 1 << 20
 # How far back from a cross_entropy to look for the linear that made its logits.
 MAX_CHAIN = 8
+# Logits with another use (a graph output: an HF model returns them beside the loss):
+# the linear stays for that use and the loss still runs chunked. The forward then runs
+# the head's matmul twice, and AOTAutograd hands the backward a tangent of zeros for
+# the returned logits (as it does without the rewrite), but no float32 [N, V]
+# log-softmax or gradient is ever made. False: such a loss stays as it is.
+REWRITE_SHARED_LOGITS = True
 
 _CE_SIGNATURE = inspect.signature(F.cross_entropy)
 _LINEAR_SIGNATURE = inspect.signature(lambda input, weight, bias=None: None)
@@ -90,10 +98,14 @@ def _lm_head_loss(ce: fx.Node):
     reason, steps = _chain_refusal(linear, chain)
     if reason is None:
         reason = _loss_refusal(ce, ce_args, linear, chain)
+    shared = _other_uses(linear, chain, ce)
+    if reason is None and shared and not REWRITE_SHARED_LOGITS:
+        reason = f"the logits are also used by {shared}"
     if reason is not None:
         return _declined(names, reason), None
     plan = {"linear": linear, "chain": chain, "steps": steps, "ce_args": ce_args}
-    return Rewrite(pattern=PATTERN, ops=OPS, nodes=names, choice=CHOICE), plan
+    choice = CHOICE + (f"; the logits are still computed for {shared}" if shared else "")
+    return Rewrite(pattern=PATTERN, ops=OPS, nodes=names, choice=choice), plan
 
 
 def _chain_to_linear(node):
@@ -118,21 +130,20 @@ def _chain_refusal(linear, chain):
     steps = []
     producer = linear
     for node in reversed(chain):
-        if len(producer.users) != 1:
-            return f"the logits ({producer.name}) are also used by {_other_users(producer, node)}", None
         step = _replay_step(node, _value(producer), logits.shape[-1])
         if isinstance(step, str):
             return step, None
         steps.append(step)
         producer = node
-    if len(producer.users) != 1:
-        return f"the logits ({producer.name}) are also used elsewhere", None
     return None, steps
 
 
-def _other_users(node, expected) -> str:
-    others = [u.name for u in node.users if u is not expected]
-    return ", ".join(others) if others else "the graph's output"
+def _other_uses(linear, chain, ce) -> str:
+    """The users of the logits (the linear or a node of the chain) other than the chain and
+    the loss, by name ("output" for the graph's output); "" when there are none."""
+    own = set(chain) | {ce}
+    others = [u.name for n in (linear, *chain) for u in n.users if u not in own]
+    return ", ".join(dict.fromkeys(others))
 
 
 def _replay_step(node, before, vocab):
@@ -210,8 +221,8 @@ def _loss_refusal(ce, ce_args, linear, chain):
 
 
 def _replace(graph: fx.Graph, ce: fx.Node, plan) -> None:
-    """Insert the chunked loss before `ce`, hand it ce's users, and erase ce, the chain and
-    the linear (they have no other users)."""
+    """Insert the chunked loss before `ce`, hand it ce's users, and erase ce, and the chain
+    and the linear where nothing else uses them."""
     linear, chain = plan["linear"], plan["chain"]
     args = _linear_args(linear)
     matmul_dtype = _value(linear).dtype
@@ -237,8 +248,10 @@ def _replace(graph: fx.Graph, ce: fx.Node, plan) -> None:
         _inherit_meta(node, ce)
         node = node.next
     ce.replace_all_uses_with(loss)
-    for node in (ce, *chain, linear):
-        graph.erase_node(node)
+    graph.erase_node(ce)
+    for node in (*chain, linear):  # what is left without users: all of it unless the logits are shared
+        if not node.users:
+            graph.erase_node(node)
 
 
 def _inherit_meta(node: fx.Node, ce: fx.Node) -> None:

@@ -128,19 +128,22 @@ def _chunk(hidden, weight, bias, target, valid, label_smoothing, scale, grads, s
     logits = torch.addmm(bias, hidden, weight.t()) if bias is not None else torch.mm(hidden, weight.t())
     # eager's loss upcasts low-precision logits; the same tensor when they are float32 or float64
     z = logits.to(_accumulator_dtype(logits.dtype))
-    lse = torch.logsumexp(z, dim=1)
+    del logits
     safe_target = torch.where(valid, target, 0).unsqueeze(1)
-    row_loss = lse - (1.0 - label_smoothing) * z.gather(1, safe_target).squeeze(1)
+    row_loss = -(1.0 - label_smoothing) * z.gather(1, safe_target).squeeze(1)
     if label_smoothing:
         # PyTorch's smoothing: (1-eps) * nll + eps/V * sum_c(-log p_c) = lse - (1-eps) z_t - eps * mean(z)
-        row_loss = row_loss - label_smoothing * z.mean(dim=1)
+        row_loss -= label_smoothing * z.mean(dim=1)
+    row_max = z.amax(dim=1, keepdim=True)
+    probs = z.sub_(row_max).exp_()  # exp(z - max) in place of the logits: one chunk in memory
+    row_sum = probs.sum(dim=1, keepdim=True)
+    row_loss += (row_max + row_sum.log()).squeeze(1)  # + logsumexp(z)
     chunk_loss = torch.where(valid, row_loss, 0.0).sum()
     if grads is not None:
         row_scale = torch.where(valid, scale, 0.0).unsqueeze(1)
-        grad = z.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place of the float32 logits
+        grad = probs.mul_(row_scale / row_sum)  # softmax, scaled for the reduction (0 on ignored rows)
         if label_smoothing:
-            grad.sub_(label_smoothing / weight.shape[0])
-        grad.mul_(row_scale)
+            grad.sub_(row_scale * (label_smoothing / weight.shape[0]))
         grad.scatter_add_(1, safe_target, row_scale * -(1.0 - label_smoothing))
         grads.add(grad, hidden, weight, start)
     return chunk_loss

@@ -175,3 +175,14 @@ def test_bad_arguments_name_the_argument(change, error):
     name = next(iter(change))
     with pytest.raises(error, match=name):
         linear_cross_entropy(**kwargs)
+
+
+def test_under_torch_compile_fullgraph():
+    hidden, weight, _, target = _inputs(torch.float32)
+    fn = lambda h, w, t: linear_cross_entropy(h, w, None, t, label_smoothing=0.1)  # noqa: E731
+    loss, grads = _loss_and_grads(lambda h, w, b, t: torch.compile(fn, backend="aot_eager", fullgraph=True)(h, w, t),
+                                  hidden, weight, None, target)
+    ref_loss, ref_grads = _loss_and_grads(_eager, hidden, weight, None, target, label_smoothing=0.1)
+    torch.testing.assert_close(loss, ref_loss)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want)

@@ -92,6 +92,7 @@ def _returned_too(model):
 
 def test_logits_used_elsewhere_are_still_computed(monkeypatch):
     monkeypatch.setattr(lm_head, "MIN_LOGITS", 0)
+    monkeypatch.setattr(lm_head, "REWRITE_SHARED_LOGITS", True)
     model, tokens, labels = _model_and_batch()
     (loss, logits), rewrites, (gm,) = _rewritten(_returned_too(model), tokens, labels)
     assert [r.applied for r in rewrites] == [True] and "still computed for mul" in rewrites[0].choice
@@ -104,9 +105,8 @@ def test_logits_used_elsewhere_are_still_computed(monkeypatch):
         torch.testing.assert_close(g, want)
 
 
-def test_logits_used_elsewhere_stay_when_asked(monkeypatch):
+def test_logits_used_elsewhere_stay_by_default(monkeypatch):
     monkeypatch.setattr(lm_head, "MIN_LOGITS", 0)
-    monkeypatch.setattr(lm_head, "REWRITE_SHARED_LOGITS", False)
     model, tokens, labels = _model_and_batch()
     _, rewrites, _ = _rewritten(_returned_too(model), tokens, labels)
     assert [r.applied for r in rewrites] == [False] and "also used by mul" in rewrites[0].reason
@@ -230,7 +230,7 @@ def test_hf_gpt2_loss(monkeypatch, with_logits):
     torch.testing.assert_close(out, ref)
     loss, ref_loss = (out[0], ref[0]) if with_logits else (out, ref)
     _grads_match(loss, ref_loss, [p for p in model.parameters()])
-    assert [r.applied for r in seen] == [True], seen
+    assert [r.applied for r in seen] == [not with_logits], seen
 
 
 def _peak_bytes(step) -> int:

@@ -240,7 +240,7 @@ def _autocast_cast(tensor, device_type, dtype):
     return tensor.to(dtype)
 
 
-_LIBRARY = torch.library.Library("kitsune", "IMPL")  # noqa: the registrations live as long as the module
+_LIBRARY = torch.library.Library("kitsune", "IMPL")  # kept: its registrations live as long as it does
 for _device in ("cpu", "cuda"):
     _LIBRARY.impl("linear_cross_entropy", _autocast_kernel(_device), "Autocast" + _device.upper())
 

@@ -49,7 +49,7 @@ MAX_CHAIN = 8
 # float32 [N, V] log-softmax or gradient is made, but the head's matmul runs twice in
 # the forward and AOTAutograd's backward multiplies a tangent of zeros for the returned
 # logits (as without the rewrite). On the CPU (GPT-2-like, V=50257, H=128, N=512, one
-# thread) that took the step's peak from 403 to 307 MiB and its time from 1.1 to 2.2 s,
+# thread) that took the step's peak from 403 to 307 MiB and its time from 1.0-1.1 to 1.7-2.2 s,
 # so it is off until a GPU measurement says it pays: such a loss stays as it is.
 REWRITE_SHARED_LOGITS = False
 

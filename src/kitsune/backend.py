@@ -85,7 +85,8 @@ def options_backend(config: FusionConfig | None, compile_fn):
     `config` and hands each aten graph to `compile_fn(gm, example_inputs, kind, config=...)`."""
     def backend(gm, example_inputs, mode=None, options=None, **kwargs):
         used = apply_compile_options(config, mode, options)
-        compiler = aot_backend(functools.partial(compile_fn, config=used), reductions=used.enable_reduction)
+        compiler = aot_backend(functools.partial(compile_fn, config=used), reductions=used.enable_reduction,
+                               lm_head_loss=used.pattern_enabled("softmax_cross_entropy"))
         return compiler(gm, example_inputs, **kwargs)
     backend.__name__ = "kitsune"
     return backend

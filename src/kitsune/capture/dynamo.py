@@ -73,9 +73,11 @@ def _addmm_on_cpu(bias, mat1, mat2, *, beta=1, alpha=1):
 _TORCH_ADDMM = get_decompositions([aten.addmm.default]).get(aten.addmm.default)
 
 
-def aot_backend(compile_graph, reductions: bool = True):
+def aot_backend(compile_graph, reductions: bool = True, lm_head_loss: bool = True):
     """A Dynamo backend that hands each forward/backward aten graph to
-    `compile_graph(gm, example_inputs, name)` and runs what it returns."""
+    `compile_graph(gm, example_inputs, name)` and runs what it returns. With
+    `lm_head_loss`, a `linear -> cross_entropy` of the Dynamo graph becomes the chunked
+    `kitsune::linear_cross_entropy` first (kitsune.capture.lm_head)."""
     from kitsune._compat import aot_autograd, make_boxed_func, min_cut_partitioner
     min_cut_rematerialization_partition = min_cut_partitioner()
 
@@ -96,9 +98,14 @@ def aot_backend(compile_graph, reductions: bool = True):
     )
 
     def backend(gm, example_inputs, **kwargs):
+        from kitsune.capture import rewrites
         token = _USER_GRAPH.set(gm)
         try:
-            return aot(gm, example_inputs, **kwargs)
+            with rewrites.collecting():  # the first aten graph's record takes them
+                if lm_head_loss:
+                    from kitsune.capture.lm_head import fuse_lm_head_loss
+                    rewrites.note(fuse_lm_head_loss(gm))
+                return aot(gm, example_inputs, **kwargs)
         finally:
             _USER_GRAPH.reset(token)
     return backend

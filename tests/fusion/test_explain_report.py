@@ -43,10 +43,12 @@ def test_explain_on_a_known_graph(engine):
     assert "Kernels: eager PyTorch ≈ 3 | captured aten ops 3 | Kitsune 2 (1 fused kernel)" in text
     table = {line.split()[0]: line.split()[1:] for line in lines if line.startswith("  ") and
              line.split()[0] in ("linear_activation", "elementwise_chain")}
-    assert table == {"linear_activation": ["1", "0", "1", "0", "0"], "elementwise_chain": ["1", "1", "0", "0", "0"]}
+    assert table == {"linear_activation": ["1", "1", "0", "0", "0"], "elementwise_chain": ["1", "1", "0", "0", "0"]}
     (fused,) = [line for line in lines if "kitsune_pointwise" in line and "ops," in line]
     assert "relu → mul: 2 ops" in fused and "[elementwise_chain, linear_activation]" in fused
-    assert any("linear_activation (partial): matmul → relu: mm: mm is opaque" in line for line in lines)
+    # the matmul by the library, the rest in one kernel: applied, and said how
+    assert any("linear_activation: matmul → relu → CPU BLAS matmul + its epilogue in one generated kernel" in line
+               for line in lines)
     assert any("mm (matmul) [PyTorch]" in line for line in lines if "%" in line)
     out = io.StringIO()
     engine.explain(file=out)
@@ -60,7 +62,7 @@ def test_report_is_self_contained_and_shows_the_groups(engine, tmp_path):
     assert page.count(kernel) >= 3  # graph box, groups table, opportunities
     assert "<svg" in page and "show source" in page
     assert "load(in0)" in page  # the reference backend has no source text: the spec is rendered
-    assert 'class="partial"' in page and "mm is opaque" in page
+    assert 'class="applied"' in page and "CPU BLAS matmul + its epilogue in one generated kernel" in page
     assert not re.search(r"(src|href)\s*=\s*[\"']?(https?:)?//", page)
     assert "<link" not in page and "@import" not in page
     assert page.rstrip().endswith("</html>")

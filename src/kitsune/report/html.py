@@ -392,8 +392,8 @@ _OPPORTUNITY_STATUS = {"applied": "fused"}  # the filter's classes: everything e
 
 def _opportunities_table(records) -> list[str]:
     """Every opportunity; those with the same pattern, ops, status and reason (up to node names) counted once."""
-    items = [(r, o, reason_template(o.reason, ops)) for r in records for ops in [unnumbered_names(r)]
-             for o in r.opportunities]
+    items = [(r, o, reason_template(o.reason or o.choice, ops)) for r in records for ops in [unnumbered_names(r)]
+             for o in r.opportunities]  # an applied pattern's reason column says how it runs
     out = ["<h2>Opportunities</h2><table><tr><th>count</th><th>graph</th><th>pattern</th><th>operations</th>"
            "<th>status</th><th>reason</th><th>kernels</th><th>est. speed-up</th><th>bytes saved (est.)</th></tr>"]
     key = (lambda it: (it[0].name, it[1].pattern, bool(it[1].custom), it[1].describe(), it[1].status, it[2]))

@@ -355,7 +355,7 @@ def test_a_cuda_graph_runner_records_what_the_measurement_decided(monkeypatch, t
     runners = []
 
     class Runner:
-        def __init__(self, fn, name, training=False, copy_out=()):
+        def __init__(self, fn, name, training=False, copy_out=(), **hooks):
             self.fn, self.calls, self.recorded = fn, 0, None
             runners.append(self)
 

@@ -65,9 +65,10 @@ class _Builder:
 
 
 def _fake_mode_of(node: fx.Node):
-    from torch._guards import detect_fake_mode
+    from kitsune._compat import detect_fake_mode
     vals = [a.meta.get("val") for a in node.all_input_nodes]
-    return detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+    mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+    return getattr(mode, "fake_mode", mode)  # the compat fallback names a fake tensor, which knows its mode
 
 
 def _opmath(dtype: torch.dtype) -> torch.dtype:

@@ -17,7 +17,7 @@ from torch import fx
 from kitsune.codegen.indexing import INDEXING_LOWERINGS
 from kitsune.codegen.kernel import KernelInput, KernelOutput, KernelSpec, is_row_index
 from kitsune.ir.graph import is_view, meta, view_root
-from kitsune.ir.index import Index, delinearize, linearize, strided, within
+from kitsune.ir.index import Index, delinearize, linearize, same_on, strided, within
 from kitsune.ir.ops import (POINTWISE_OPS, REDUCTION_OPS, NotFusible, aten, norm_dim, op_name, prims,
                             reduction_signature)
 from kitsune.ir.scalar import (Value, call, cast, check_index, const, coordinate, load, load_at, load_where, reduce,
@@ -241,7 +241,7 @@ class GroupLowering:
         kept = [d for d in range(len(in_shape)) if d not in dims]
         kept_idx = [idx[d] for d in kept] if keepdim else list(idx)
         rows = frame_index(self.frame, [in_shape[d] for d in kept], self.walk)
-        if any(a != b and not _is_zero_extent(in_shape[d]) for a, b, d in zip(kept_idx, rows, kept)):
+        if not self._same_row(kept_idx, rows, in_shape):
             # a row's result read at another row (`A * x.sum(1)` broadcasts the sums
             # along A's rows): the kernel only has its own row's
             raise NotFusible(f"{node.name} is read at another row than the one it reduces")
@@ -272,6 +272,17 @@ class GroupLowering:
             result = call("truediv", result, const(count, result.dtype))
         return cast(result, out_dtype)
 
+
+    def _same_row(self, kept_idx, rows, in_shape) -> bool:
+        """Whether the reduction is read, at every element of the kernel, at the row
+        the kernel reduces there (the same index, or one that takes the same values)."""
+        if all(a == b for a, b in zip(kept_idx, rows)):
+            return True
+        try:
+            numel = int(hint(product(in_shape)))
+            return all(same_on(a, b, numel) for a, b in zip(kept_idx, rows))
+        except (TypeError, ValueError):  # a size without a hint: not provably the same row
+            return False
 
     def _arg_reduction(self, kind: str, arg: Value, in_shape, dims) -> Value:
         """argmax/argmin: the row's extreme (NaN if the row holds one, as eager),
@@ -390,11 +401,6 @@ def _digits(flat: Index, shape, dims, walk) -> dict:
     """dim -> its index at `flat`, walking `dims` in the order of `walk` (default: logical)."""
     order = [d for d in walk if d in dims] if walk is not None else list(dims)
     return dict(zip(order, delinearize(flat, [shape[d] for d in order])))
-
-
-def _is_zero_extent(size) -> bool:
-    """A dim of one element (or none): every index into it is 0."""
-    return isinstance(size, int) and size <= 1
 
 
 def reduced_index(in_shape, dims, walk=None) -> list:

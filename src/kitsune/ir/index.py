@@ -116,6 +116,34 @@ class Index:
         return render(self, "x")
 
 
+def evaluate(index: Index, x: int) -> int:
+    """The index's value at iteration x (sizes at their hints)."""
+    from kitsune.sizes import hint
+    total = int(hint(index.const))
+    for t in index.terms:
+        base = x if t.base is None else evaluate(t.base, x)
+        v = base // int(hint(t.div))
+        if t.mod is not None:
+            v %= int(hint(t.mod))
+        total += int(hint(t.coef)) * v
+    return total
+
+
+def same_on(a: Index, b: Index, numel: int, samples: int = 4096) -> bool:
+    """Whether a and b take the same value at every x < numel: all of them when
+    there are at most `samples`, else `samples` points spread over the range
+    (the first and last rows among them) — a check, not a proof, there."""
+    if a == b:
+        return True
+    if numel <= samples:
+        points = range(numel)
+    else:
+        step = max(1, numel // samples)
+        points = list(range(0, min(numel, 256))) + list(range(256, numel, step)) + \
+            list(range(max(0, numel - 256), numel))
+    return all(evaluate(a, x) == evaluate(b, x) for x in points)
+
+
 def _term_index(t: Term) -> Index:
     return Index(0, (t,))
 

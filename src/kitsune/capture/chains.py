@@ -46,7 +46,7 @@ import sympy
 import torch
 from torch import fx
 
-from kitsune.capture.rewrites import Rewrite
+from kitsune.capture.rewrites import NodeBuilder, Rewrite
 from kitsune.sizes import hint, is_symbolic, shape_of, strides_of
 
 log = logging.getLogger("kitsune")
@@ -375,7 +375,7 @@ def _flop_text(flops) -> str:
 def _rebuild(gm: fx.GraphModule, chain: _Chain, tree) -> tuple[list, str | None]:
     """Compute the chain in the order `tree` in place of its nodes: returns
     (the nodes made, None), or ([], why not) leaving the graph as it was."""
-    emitter = _Emitter(gm.graph, chain.root)
+    emitter = NodeBuilder(gm.graph, chain.root)
     try:
         new_root = _emit_root(emitter, chain, tree)
     except Exception as error:  # noqa: BLE001 - the chain stays as written
@@ -401,7 +401,7 @@ def _rebuild(gm: fx.GraphModule, chain: _Chain, tree) -> tuple[list, str | None]
     return emitter.made, None
 
 
-def _emit_root(emitter: "_Emitter", chain: _Chain, tree) -> fx.Node:
+def _emit_root(emitter: NodeBuilder, chain: _Chain, tree) -> fx.Node:
     """The nodes computing `tree` (a pair), its last product in the root's form."""
     left = _emit(emitter, chain, tree[0])
     if chain.vector:  # AOTAutograd's matrix-vector product, as the graph had it
@@ -409,17 +409,17 @@ def _emit_root(emitter: "_Emitter", chain: _Chain, tree) -> fx.Node:
         if tree[1] == last:
             right = chain.operands[last]
         else:
-            right = emitter.call(aten.squeeze.dim, (_emit(emitter, chain, tree[1]), 1))
-        product = emitter.call(aten.mul.Tensor, (left, right))
-        return emitter.call(aten.sum.dim_IntList, (product, [1]))
+            right = emitter(aten.squeeze.dim, _emit(emitter, chain, tree[1]), 1)
+        product = emitter(aten.mul.Tensor, left, right)
+        return emitter(aten.sum.dim_IntList, product, [1])
     right = _emit(emitter, chain, tree[1])
     if chain.top[0] == "addmm":
         _, bias, kwargs = chain.top
-        return emitter.call(aten.addmm.default, (bias, left, right), kwargs)
-    return emitter.call(aten.bmm.default if chain.kind == "bmm" else aten.mm.default, (left, right))
+        return emitter(aten.addmm.default, bias, left, right, **kwargs)
+    return emitter(aten.bmm.default if chain.kind == "bmm" else aten.mm.default, left, right)
 
 
-def _emit(emitter: "_Emitter", chain: _Chain, tree) -> fx.Node:
+def _emit(emitter: NodeBuilder, chain: _Chain, tree) -> fx.Node:
     """The nodes computing an inner `tree` (an operand index or a pair). A
     vector inside is a column (k × 1) and its products are `mm`: as
     `sum(mul(B, v), [1])`, the planner would fuse a row reduction with the
@@ -428,30 +428,8 @@ def _emit(emitter: "_Emitter", chain: _Chain, tree) -> fx.Node:
     if isinstance(tree, int):
         node = chain.operands[tree]
         if chain.vector and tree == len(chain.operands) - 1:
-            return emitter.call(aten.unsqueeze.default, (node, 1))
+            return emitter(aten.unsqueeze.default, node, 1)
         return node
     left = _emit(emitter, chain, tree[0])
     right = _emit(emitter, chain, tree[1])
-    return emitter.call(aten.bmm.default if chain.kind == "bmm" else aten.mm.default, (left, right))
-
-
-class _Emitter:
-    """Inserts aten calls before a node, each with its `val` (the op run on the
-    fake values of its inputs), and can take them out again."""
-
-    def __init__(self, graph: fx.Graph, before: fx.Node):
-        self.graph, self.before, self.made = graph, before, []
-
-    def call(self, target, args: tuple, kwargs: dict | None = None) -> fx.Node:
-        kwargs = kwargs or {}
-        with self.graph.inserting_before(self.before):
-            made = self.graph.call_function(target, args, kwargs)
-        self.made.append(made)
-        fake_args, fake_kwargs = fx.node.map_arg((args, kwargs), lambda a: a.meta["val"])
-        made.meta["val"] = target(*fake_args, **fake_kwargs)
-        return made
-
-    def undo(self) -> None:
-        for made in reversed(self.made):
-            self.graph.erase_node(made)
-        self.made.clear()
+    return emitter(aten.bmm.default if chain.kind == "bmm" else aten.mm.default, left, right)

@@ -26,13 +26,13 @@ import torch
 from torch import fx
 
 from kitsune.capture.rewrites import Rewrite
+from kitsune.capture.timing import random_like, refusal_by_time, time_ms
 
 log = logging.getLogger("kitsune")
 
 aten = torch.ops.aten
 # configuration -> (fused ms, unfused ms): measured once per process
 _MEASURED: dict = {}
-MIN_GAIN = 0.97  # the fused call must be at least 3 % faster
 
 
 def fuse_conv_relu(gm: fx.GraphModule, rewrites: list, measure=None, devices=("cuda",)) -> int:
@@ -53,13 +53,8 @@ def fuse_conv_relu(gm: fx.GraphModule, rewrites: list, measure=None, devices=("c
         conv, bias, residual, chain = match
         why = _refusal(conv, residual, relu, devices)
         if why is None:
-            try:
-                fused_ms, plain_ms = measure(conv, residual)
-            except Exception as error:  # noqa: BLE001 - an unsupported configuration stays as it is
-                why = f"cuDNN's fused convolution failed: {type(error).__name__}: {error}"
-            else:
-                if fused_ms >= MIN_GAIN * plain_ms:
-                    why = f"cuDNN's fused call measured {fused_ms:.3f} ms, plain + kernel {plain_ms:.3f} ms"
+            why, fused_ms, plain_ms = refusal_by_time(measure, (conv, residual), "cuDNN's fused call",
+                                                      "conv + kernel")
         ops = ("conv", "add", "relu") if residual is not None else ("conv", "relu")
         folded = by_conv.get(conv.name)
         if why is not None:
@@ -164,24 +159,6 @@ def _replace(graph: fx.Graph, conv, bias, residual, relu) -> None:
     relu.replace_all_uses_with(node)
 
 
-def _real(val: torch.Tensor) -> torch.Tensor:
-    return torch.empty_strided(tuple(val.shape), val.stride(), dtype=val.dtype, device=val.device).normal_()
-
-
-def _time_ms(fn, repeats: int = 5) -> float:
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
 def _measure(conv: fx.Node, residual) -> tuple[float, float]:
     """(fused ms, plain conv + one elementwise pass ms) for this configuration."""
     x_val, w_val, out_val = conv.args[0].meta["val"], conv.args[1].meta["val"], conv.meta["val"]
@@ -190,9 +167,9 @@ def _measure(conv: fx.Node, residual) -> tuple[float, float]:
            str(x_val.device), tuple(stride), tuple(padding), tuple(dilation), groups, residual is not None)
     if key not in _MEASURED:
         with torch.no_grad():
-            x, w = _real(x_val), _real(w_val)
+            x, w = random_like(x_val), random_like(w_val)
             b = torch.randn(out_val.shape[1], dtype=out_val.dtype, device=out_val.device)
-            z = _real(out_val) if residual is not None else None
+            z = random_like(out_val) if residual is not None else None
             if z is None:
                 fused = lambda: aten.cudnn_convolution_relu(x, w, b, stride, padding, dilation, groups)  # noqa: E731
             else:
@@ -205,5 +182,5 @@ def _measure(conv: fx.Node, residual) -> tuple[float, float]:
             def plain():
                 y = aten.convolution(x, w, None, stride, padding, dilation, False, [0, 0], groups)
                 return y.clone() if z is None else torch.add(y, z)
-            _MEASURED[key] = (_time_ms(fused), _time_ms(plain))
+            _MEASURED[key] = (time_ms(fused), time_ms(plain))
     return _MEASURED[key]

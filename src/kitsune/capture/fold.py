@@ -32,7 +32,7 @@ import weakref
 import torch
 from torch import fx
 
-from kitsune.capture.rewrites import Rewrite
+from kitsune.capture.rewrites import USER_OP_META, NodeBuilder, Rewrite
 
 log = logging.getLogger("kitsune")
 
@@ -40,46 +40,17 @@ aten = torch.ops.aten
 prims = torch.ops.prims
 BATCH_NORM = aten._native_batch_norm_legit_no_training.default
 _CASTS = (prims.convert_element_type.default, aten._to_copy.default)
-_META_KEYS = ("source_fn_stack", "original_aten", "seq_nr", "nn_module_stack", "stack_trace", "from_node")
-
-
-class _Builder:
-    """Inserts aten nodes before `anchor`, each with the meta of `source` (the
-    user op it implements) and its `val` computed on the inputs' fake values."""
-
-    def __init__(self, graph: fx.Graph, anchor: fx.Node, source: fx.Node):
-        self.graph, self.anchor = graph, anchor
-        self.inherited = {k: source.meta[k] for k in _META_KEYS if k in source.meta}
-        self.fake_mode = _fake_mode_of(source)
-
-    def __call__(self, target, *args, val=None, **kwargs) -> fx.Node:
-        with self.graph.inserting_before(self.anchor):
-            node = self.graph.call_function(target, args, kwargs)
-        node.meta.update(self.inherited)
-        if val is None:
-            fake = fx.node.map_arg((args, kwargs), lambda n: n.meta["val"])
-            with self.fake_mode:
-                val = target(*fake[0], **fake[1])
-        node.meta["val"] = val
-        return node
-
-
-def _fake_mode_of(node: fx.Node):
-    from kitsune._compat import detect_fake_mode
-    vals = [a.meta.get("val") for a in node.all_input_nodes]
-    mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
-    return getattr(mode, "fake_mode", mode)  # the compat fallback names a fake tensor, which knows its mode
 
 
 def _opmath(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _channel_view(builder: _Builder, node: fx.Node, ndim: int) -> fx.Node:
+def _channel_view(builder: NodeBuilder, node: fx.Node, ndim: int) -> fx.Node:
     return builder(aten.view.default, node, [1, -1] + [1] * (ndim - 2))
 
 
-def _cast(builder: _Builder, node: fx.Node, dtype: torch.dtype) -> fx.Node:
+def _cast(builder: NodeBuilder, node: fx.Node, dtype: torch.dtype) -> fx.Node:
     if node.meta["val"].dtype == dtype:
         return node
     return builder(prims.convert_element_type.default, node, dtype)
@@ -102,7 +73,7 @@ def decompose_batch_norm(gm: fx.GraphModule) -> int:
 
 def _decompose(graph: fx.Graph, bn: fx.Node) -> None:
     x, weight, bias, mean, var, _momentum, eps = bn.args
-    build = _Builder(graph, bn, bn)
+    build = NodeBuilder(graph, bn, bn)
     ndim, dtype = x.meta["val"].dim(), x.meta["val"].dtype
     acc = _opmath(dtype)
     invstd = build(aten.rsqrt.default, build(aten.add.Tensor, _cast(build, var, acc), eps))
@@ -258,7 +229,7 @@ def _fold(graph: fx.Graph, conv: fx.Node, bn: fx.Node):
     sources = (_weight_source(weight_in), conv_bias, bn_weight, bn_bias, mean, var)
     weight_val = weight_in.meta["val"]
     fold = ConvBnFold(float(eps), weight_val.dtype)
-    build = _Builder(graph, bn, bn)
+    build = NodeBuilder(graph, bn, bn)
     out_val = conv.meta["val"]
     acc = _opmath(out_val.dtype)
     folded_weight = build(fold.weight, *sources, val=_fake_like(build, weight_val))
@@ -271,7 +242,7 @@ def _fold(graph: fx.Graph, conv: fx.Node, bn: fx.Node):
     in_conv = out_val.dtype == acc and all(_reads_whole(u) for u in bn.users)
     conv_args = (x, folded_weight, folded_bias if in_conv else None) + tuple(conv.args[3:])
     new_conv = build(aten.convolution.default, *conv_args, val=out_val)
-    new_conv.meta.update({k: conv.meta[k] for k in _META_KEYS if k in conv.meta})
+    new_conv.meta.update({k: conv.meta[k] for k in USER_OP_META if k in conv.meta})
     if in_conv:
         result, choice = new_conv, "folded into the convolution's weights and bias"
     else:
@@ -289,7 +260,7 @@ def _reads_whole(getitem: fx.Node) -> bool:
     return all(u.op == "output" or u.target is aten.convolution.default for u in getitem.users)
 
 
-def _fake_like(build: _Builder, val: torch.Tensor, dtype=None, shape=None) -> torch.Tensor:
+def _fake_like(build: NodeBuilder, val: torch.Tensor, dtype=None, shape=None) -> torch.Tensor:
     """A fake tensor with `val`'s device and layout (and `dtype`/`shape` where given)."""
     with build.fake_mode:
         if shape is not None:

@@ -24,14 +24,13 @@ import logging
 import torch
 from torch import fx
 
-from kitsune.capture.conv_epilogue import _time_ms
 from kitsune.capture.rewrites import Rewrite
+from kitsune.capture.timing import random_like, refusal_by_time, time_ms
 
 log = logging.getLogger("kitsune")
 
 aten = torch.ops.aten
 _MEASURED: dict = {}
-MIN_GAIN = 0.97
 _LOW = (torch.float16, torch.bfloat16)
 
 
@@ -50,13 +49,8 @@ def fuse_addmm_activation(gm: fx.GraphModule, rewrites: list, measure=None, devi
         result, use_gelu, nodes = found
         why = _refusal(addmm, result, use_gelu, devices)
         if why is None:
-            try:
-                fused_ms, plain_ms = measure(addmm, use_gelu)
-            except Exception as error:  # noqa: BLE001 - an unsupported configuration stays as it is
-                why = f"cuBLASLt's epilogue failed: {type(error).__name__}: {error}"
-            else:
-                if fused_ms >= MIN_GAIN * plain_ms:
-                    why = f"cuBLASLt's epilogue measured {fused_ms:.3f} ms, addmm + kernel {plain_ms:.3f} ms"
+            why, fused_ms, plain_ms = refusal_by_time(measure, (addmm, use_gelu), "cuBLASLt's epilogue",
+                                                      "addmm + kernel")
         ops = ("linear", "gelu" if use_gelu else "relu")
         names = (addmm.name,) + tuple(n.name for n in nodes)
         if why is not None:
@@ -131,18 +125,14 @@ def _replace(graph: fx.Graph, addmm: fx.Node, result: fx.Node, use_gelu: bool) -
     result.replace_all_uses_with(node)
 
 
-def _real(val: torch.Tensor) -> torch.Tensor:
-    return torch.empty_strided(tuple(val.shape), val.stride(), dtype=val.dtype, device=val.device).normal_()
-
-
 def _measure(addmm: fx.Node, use_gelu: bool) -> tuple[float, float]:
     """(fused ms, addmm + one elementwise pass ms) for this configuration."""
     vals = [n.meta["val"] for n in addmm.args]
     key = tuple((tuple(v.shape), v.stride(), v.dtype, str(v.device)) for v in vals) + (use_gelu,)
     if key not in _MEASURED:
         with torch.no_grad():
-            bias, a, b = (_real(v) for v in vals)
+            bias, a, b = (random_like(v) for v in vals)
             act = torch.nn.functional.gelu if use_gelu else torch.relu
-            _MEASURED[key] = (_time_ms(lambda: aten._addmm_activation(bias, a, b, use_gelu=use_gelu)),
-                              _time_ms(lambda: act(torch.addmm(bias, a, b))))
+            _MEASURED[key] = (time_ms(lambda: aten._addmm_activation(bias, a, b, use_gelu=use_gelu)),
+                              time_ms(lambda: act(torch.addmm(bias, a, b))))
     return _MEASURED[key]

@@ -17,6 +17,12 @@ import contextlib
 import contextvars
 from dataclasses import dataclass
 
+import torch
+from torch import fx
+
+# the meta of the user op a node implements (kitsune.planner.units groups nodes by it)
+USER_OP_META = ("source_fn_stack", "original_aten", "seq_nr", "nn_module_stack", "stack_trace", "from_node")
+
 
 @dataclass
 class Rewrite:
@@ -67,3 +73,39 @@ def take() -> list:
     out = list(pending)
     pending.clear()
     return out
+
+
+class NodeBuilder:
+    """Inserts aten calls before `anchor`, each with the user-op meta of `source`
+    (where given) and its `val` computed on the inputs' fake values (or `val=`);
+    `undo()` takes the inserted nodes out again, newest first."""
+
+    def __init__(self, graph: fx.Graph, anchor: fx.Node, source: fx.Node | None = None):
+        self.graph, self.anchor, self.made = graph, anchor, []
+        self.inherited = {k: source.meta[k] for k in USER_OP_META if k in source.meta} if source is not None else {}
+        self.fake_mode = _fake_mode_of(source if source is not None else anchor)
+
+    def __call__(self, target, *args, val=None, **kwargs) -> fx.Node:
+        with self.graph.inserting_before(self.anchor):
+            node = self.graph.call_function(target, args, kwargs)
+        self.made.append(node)
+        node.meta.update(self.inherited)
+        if val is None:
+            fake = fx.node.map_arg((args, kwargs), lambda n: n.meta["val"])
+            with self.fake_mode:
+                val = target(*fake[0], **fake[1])
+        node.meta["val"] = val
+        return node
+
+    def undo(self) -> None:
+        for node in reversed(self.made):
+            self.graph.erase_node(node)
+        self.made.clear()
+
+
+def _fake_mode_of(node: fx.Node):
+    from kitsune._compat import detect_fake_mode
+    vals = [a.meta.get("val") for a in node.all_input_nodes]
+    mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+    mode = getattr(mode, "fake_mode", mode)  # the compat fallback names a fake tensor, which knows its mode
+    return mode if mode is not None else contextlib.nullcontext()

@@ -117,17 +117,17 @@ def test_fold_recomputes_only_on_change_and_in_place():
     gamma, beta, mean, var = torch.rand(4) + 0.5, torch.randn(4), torch.randn(4), torch.rand(4) + 0.5
     fold = ConvBnFold(1e-5, torch.float32)
     tensors = (weight, bias, gamma, beta, mean, var)
-    w1, b1 = fold.weight(*tensors), fold.bias(*tensors)
+    w1, b1 = fold.folded(*tensors)
     scale = gamma / torch.sqrt(var + 1e-5)
     torch.testing.assert_close(w1, weight * scale.view(-1, 1, 1, 1))
     torch.testing.assert_close(b1, (bias - mean) * scale + beta)
-    fold.weight(*tensors)
+    fold.folded(*tensors)
     assert fold.refolds == 1
     var.add_(1.0)
-    w2 = fold.weight(*tensors)
+    w2, _ = fold.folded(*tensors)
     assert fold.refolds == 2 and w2.data_ptr() == w1.data_ptr()  # recomputed where it was
     torch.testing.assert_close(w2, weight * (gamma / torch.sqrt(var + 1e-5)).view(-1, 1, 1, 1))
-    fold.weight(weight.clone(), *tensors[1:])  # another tensor with the same version: recomputed
+    fold.folded(weight.clone(), *tensors[1:])  # another tensor with the same version: recomputed
     assert fold.refolds == 3
 
 

@@ -27,6 +27,7 @@ still be seen).
 from __future__ import annotations
 
 import logging
+import operator
 import weakref
 
 import torch
@@ -90,7 +91,6 @@ def _decompose(graph: fx.Graph, bn: fx.Node) -> None:
 
 def _only_output_used(bn: fx.Node) -> bool:
     """Only the normalised tensor (getitem 0) of the batch norm is read."""
-    import operator
     return bool(bn.users) and all(u.op == "call_function" and u.target is operator.getitem and u.args[1] == 0
                                   for u in bn.users)
 
@@ -100,9 +100,9 @@ def _only_output_used(bn: fx.Node) -> bool:
 class ConvBnFold:
     """The folded weight and bias of one convolution + batch norm.
 
-    `weight(...)` and `bias(...)` take the six tensors the fold reads (the
-    convolution's weight and bias, the norm's weight, bias, running mean and
-    running variance; absent ones None) and return the folded tensors,
+    `folded(...)` takes the six tensors the fold reads (the convolution's
+    weight and bias, the norm's weight, bias, running mean and running
+    variance; absent ones None) and returns the folded weight and bias,
     recomputing them only when one of those tensors is another object or has
     been changed in place since the last call. A recomputation writes into the
     tensors it returned before when their shape and dtype still fit, so their
@@ -116,13 +116,10 @@ class ConvBnFold:
         self._weight = self._bias = None
         self.refolds = 0  # how many times the folded tensors were computed
 
-    def weight(self, *tensors) -> torch.Tensor:
+    def folded(self, *tensors) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight, bias), checked against their sources once per call."""
         self.refresh(tensors)
-        return self._weight
-
-    def bias(self, *tensors) -> torch.Tensor:
-        self.refresh(tensors)
-        return self._bias
+        return self._weight, self._bias
 
     def refresh(self, tensors) -> None:
         versions = tuple(None if t is None else t._version for t in tensors)
@@ -155,8 +152,7 @@ class ConvBnFold:
 
 
 # a call that returns cached tensors launches nothing (kitsune.ir.eager_count, planner.units)
-ConvBnFold.weight.kitsune_free = True
-ConvBnFold.bias.kitsune_free = True
+ConvBnFold.folded.kitsune_free = True
 
 
 def _fits(old: torch.Tensor, new: torch.Tensor) -> bool:
@@ -232,11 +228,12 @@ def _fold(graph: fx.Graph, conv: fx.Node, bn: fx.Node):
     build = NodeBuilder(graph, bn, bn)
     out_val = conv.meta["val"]
     acc = _opmath(out_val.dtype)
-    folded_weight = build(fold.weight, *sources, val=_fake_like(build, weight_val))
-    folded_bias = build(fold.bias, *sources,
-                        val=_fake_like(build, mean.meta["val"], dtype=acc, shape=(weight_val.shape[0],)))
-    folded_weight.meta.pop("original_aten", None)
-    folded_bias.meta.pop("original_aten", None)
+    weight_fake = _fake_like(build, weight_val)
+    bias_fake = _fake_like(build, mean.meta["val"], dtype=acc, shape=(weight_val.shape[0],))
+    pair = build(fold.folded, *sources, val=(weight_fake, bias_fake))
+    pair.meta.pop("original_aten", None)  # a cached value, no user op's kernel
+    folded_weight = build(operator.getitem, pair, 0, val=weight_fake)
+    folded_bias = build(operator.getitem, pair, 1, val=bias_fake)
     # The bias joins the kernel after the convolution (its ReLU, residual add); where
     # nothing pointwise follows, the convolution adds it (no kernel of its own).
     in_conv = out_val.dtype == acc and all(_reads_whole(u) for u in bn.users)

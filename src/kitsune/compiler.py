@@ -110,14 +110,15 @@ def _rewrite(gm: fx.GraphModule, kind: str, config: FusionConfig, record: GraphR
 
     record.rewrites.extend(pending.take())  # made on the Dynamo graph this one comes from
     folds = []
+    cuda = kind == "inference" and _on_cuda(gm)
     try:
         if kind == "inference" and config.pattern_enabled("conv_bn_activation"):
             done, folds = fold_conv_batch_norm(gm)
             record.rewrites.extend(done)
-            if _on_cuda(gm):
+            if cuda:
                 from kitsune.capture.conv_epilogue import fuse_conv_relu
                 fuse_conv_relu(gm, record.rewrites)
-        if kind == "inference" and config.pattern_enabled("linear_activation") and _on_cuda(gm):
+        if cuda and config.pattern_enabled("linear_activation"):
             from kitsune.capture.matmul_epilogue import fuse_addmm_activation
             fuse_addmm_activation(gm, record.rewrites)
         decompose_batch_norm(gm)

@@ -177,22 +177,23 @@ class _GradientSums:
 
 def _accumulate_outer(total, grad, low, hidden) -> None:
     """total (float32 [V, H]) += grad^T @ hidden. In float32 on the CPU and for float32 inputs.
-    On a GPU in low precision the product runs in that precision with a float32 result
-    (`mm` with `out_dtype`, tensor cores) where torch has it: a float32 GEMM there is an
-    order of magnitude slower."""
+    On a GPU in low precision the product runs in that precision and accumulates into the
+    float32 sum in place (`addmm` with `out_dtype`, tensor cores, no [V, H] temporary) where
+    torch has it: a float32 GEMM there is an order of magnitude slower."""
     if hidden.dtype == total.dtype:
         total.addmm_(grad.t(), hidden)
         return
-    if hidden.device.type == "cuda" and _MM_OUT_DTYPE is not None:
+    if hidden.device.type == "cuda" and _ADDMM_OUT_DTYPE is not None:
         try:
-            total.add_(_MM_OUT_DTYPE(low.t(), hidden, torch.float32))
+            _ADDMM_OUT_DTYPE(total, low.t(), hidden, torch.float32, out=total)
             return
         except RuntimeError as error:  # an older torch without the CUDA kernel
-            log.debug("linear_cross_entropy: mm with out_dtype failed (%s); float32 product", error)
+            log.debug("linear_cross_entropy: addmm with out_dtype failed (%s); float32 product", error)
     total.addmm_(grad.t(), hidden.float())
 
 
-_MM_OUT_DTYPE = getattr(torch.ops.aten.mm, "dtype", None)  # torch.mm(a, b, out_dtype) where torch has it
+# torch.addmm(total, a, b, out_dtype=float32, out=total) where torch has it
+_ADDMM_OUT_DTYPE = getattr(torch.ops.aten.addmm, "dtype_out", None)
 
 
 def _accumulator_dtype(dtype):

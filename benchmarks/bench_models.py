@@ -726,6 +726,9 @@ def parse_arguments():
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per backend (default 50; tiny 3)")
     parser.add_argument("--no-inductor", action="store_true",
                         help="leave Inductor out (its compiles are the slow part)")
+    parser.add_argument("--shared-logits", action="store_true",
+                        help="rewrite an LM-head loss whose logits are also returned (HF models with labels): "
+                             "kitsune.capture.lm_head.REWRITE_SHARED_LOGITS, off by default")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="start no new case after this many seconds (the rest are reported as skipped)")
     args = parser.parse_args()
@@ -752,6 +755,9 @@ def main() -> None:
     logging.getLogger("kitsune").setLevel(logging.WARNING)
     import kitsune  # noqa: F401  (registers the backend)
     common.ensure_kitsune_backend()
+    if args.shared_logits:
+        from kitsune.capture import lm_head
+        lm_head.REWRITE_SHARED_LOGITS = True
     env = dict(common.environment(args.device), **versions())
     print(" ".join(f"{k}={env[k]}" for k in ("device_name", "torch", "triton", "transformers", "torchvision",
                                              "cudnn_allow_tf32", "kitsune_file")))

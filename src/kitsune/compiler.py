@@ -15,11 +15,13 @@ import copy
 import functools
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 
 import torch
 from torch import fx
 
+from kitsune.capture import clock as _capture
 from kitsune.capture.chains import reassociate_matmul_chains
 from kitsune.capture.restore import restore_aten, restored_copy
 from kitsune.capture.simplify import simplify
@@ -59,7 +61,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs, kind: str = "graph",
     stats = stats if stats is not None else default_sink()
     start = time.perf_counter()
     record = GraphRecord(name=kind, kernels_before=eager_kernel_count(gm.graph, kind), kernels_after=0)
-    folds = _rewrite(gm, kind, config, record)
+    with phase(record, "rewrite"):
+        folds = _rewrite(gm, kind, config, record)
     record.aten_ops = captured_kernel_count(gm.graph)
     try:
         with hints_from(example_inputs):
@@ -89,13 +92,29 @@ def compile_graph(gm: fx.GraphModule, example_inputs, kind: str = "graph",
         runner = SizeKeyedRunner if any(not isinstance(t, torch.Tensor) for t in example_inputs) else CudaGraphRunner
         compiled = runner(compiled, f"{record.name} graph", training=training,
                           copy_out=_user_outputs(gm) if kind == "forward" else (), before_replay=_refreshers(folds),
-                          restride=strides or {})
+                          restride=strides or {}, on_record=functools.partial(add_phase, record, "cuda_graph"))
     elif strides:
         from kitsune.runtime.matmul import restrided
         compiled = restrided(compiled, strides)
     record.compile_seconds = time.perf_counter() - start
+    record.phases["other"] = max(0.0, record.compile_seconds - sum(record.phases.values()))
+    _capture.compiled(record)
     stats.record(record)
     return compiled
+
+
+@contextmanager
+def phase(record: GraphRecord, name: str):
+    """Adds the time spent in the block to `record.phases[name]`."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        add_phase(record, name, time.perf_counter() - start)
+
+
+def add_phase(record: GraphRecord, name: str, seconds: float) -> None:
+    record.phases[name] = record.phases.get(name, 0.0) + seconds
 
 
 def _rewrite(gm: fx.GraphModule, kind: str, config: FusionConfig, record: GraphRecord) -> list:
@@ -164,14 +183,23 @@ def _user_outputs(gm: fx.GraphModule) -> range:
 
 
 def _compile(gm: fx.GraphModule, config: FusionConfig, record: GraphRecord) -> fx.GraphModule:
-    simplify(gm)
-    if config.pattern_enabled("matrix_chain"):
-        rewrites = reassociate_matmul_chains(gm)
-        record.rewrites.extend(rewrites)
-    plan = plan_graph(gm, config, record.name)
-    _record_plan(gm, plan, config, record)
-    lowered = _lower(plan, record)
-    _build(plan, lowered, record)
+    with phase(record, "rewrite"):
+        simplify(gm)
+        if config.pattern_enabled("matrix_chain"):
+            record.rewrites.extend(reassociate_matmul_chains(gm))
+    with phase(record, "plan"):
+        plan = plan_graph(gm, config, record.name)
+        _record_plan(gm, plan, config, record)
+    with phase(record, "lower"):
+        lowered = _lower(plan, record)
+    with phase(record, "build"):
+        _build(plan, lowered, record)
+    with phase(record, "assemble"):
+        return _assemble(gm, plan, lowered, record)
+
+
+def _assemble(gm: fx.GraphModule, plan: FusionPlan, lowered: list, record: GraphRecord) -> fx.GraphModule:
+    """The graph module that runs: fused groups as kernel calls, the rest as aten ops."""
     calls = {id(g): (g, call, ins, outs) for g, call, ins, outs, _ in lowered if call.kernel is not None}
     if not calls and (why := plan.why_nothing_fused()) is not None:  # never silent: once per graph
         log.info("%s graph: nothing fused, it runs through PyTorch: %s", record.name, why)

@@ -29,6 +29,10 @@ class GraphRecord:
     fallbacks: list = field(default_factory=list)   # (what, reason) that run through PyTorch
     decisions: list = field(default_factory=list)   # planner Decisions
     compile_seconds: float = 0.0
+    # seconds by phase: Kitsune's compile ("rewrite", "plan", "lower", "build", "assemble", "other": they
+    # add up to compile_seconds), before it ("capture": Dynamo's tracing and AOTAutograd, on the first
+    # graph of a capture) and on the first call ("measure", "cuda_graph": recording) (kitsune.compiler)
+    phases: dict = field(default_factory=dict)
     cuda_graph: bool = False      # replayed as one CUDA graph (kitsune.runtime.cuda_graphs)
     graph: object = None          # the captured fx.Graph, as planned
     config: object = None

@@ -476,7 +476,7 @@ def test_size_keyed_runner_keeps_one_recording_per_size_and_drops_the_oldest(mon
     made, dropped = [], []
 
     class Recorder:  # stands in for CudaGraphRunner (recording needs a GPU)
-        def __init__(self, fn, name, training=False, copy_out=(), before_replay=(), restride=None):
+        def __init__(self, fn, name, training=False, copy_out=(), before_replay=(), restride=None, on_record=None):
             self.fn, self.name, self.replays = fn, name, 0
             made.append(name)
 

@@ -98,10 +98,10 @@ def aot_backend(compile_graph, reductions: bool = True, lm_head_loss: bool = Tru
     )
 
     def backend(gm, example_inputs, **kwargs):
-        from kitsune.capture import rewrites
+        from kitsune.capture import clock, rewrites
         token = _USER_GRAPH.set(gm)
         try:
-            with rewrites.collecting():  # the first aten graph's record takes them
+            with clock.capturing(), rewrites.collecting():  # the first aten graph's record takes them
                 if lm_head_loss:
                     from kitsune.capture.lm_head import fuse_lm_head_loss
                     rewrites.note(fuse_lm_head_loss(gm))

@@ -66,6 +66,8 @@ def _summary_lines(records, summary, config) -> list[str]:
     names = ", ".join(r.name for r in records)
     compile_s = sum(r.compile_seconds for r in records)
     lines = [f"Kitsune fusion report: {len(records)} graph(s) ({names}), compiled in {compile_s:.2f} s"]
+    if phases := _phase_line(records):
+        lines.append(phases)
     eager = sum(eager_kernel_count(r) for r in records)
     captured = sum(r.aten_ops for r in records)
     after = sum(r.kernels_after for r in records)
@@ -82,6 +84,23 @@ def _summary_lines(records, summary, config) -> list[str]:
     if config is not None and not (config.enable_elementwise or config.enable_reduction):
         lines.append("Fusion is disabled (enable_fusion=False or all enable_* off): patterns are only detected.")
     return lines
+
+
+def _phase_line(records) -> str:
+    """Compile time by phase: PyTorch's capture, Kitsune's own phases, the first call's."""
+    from kitsune.report.stats import compile_phases
+    phases = compile_phases(records)
+    if not phases:
+        return ""
+    first_call = ("measure", "cuda_graph")
+    own = ", ".join(f"{name} {seconds:.2f}" for name, seconds in phases.items()
+                    if name not in first_call and name != "capture")
+    parts = [f"Compile time by phase (s): Kitsune {own}"]
+    if "capture" in phases:
+        parts.append(f"before it, Dynamo + AOTAutograd {phases['capture']:.2f}")
+    if later := ", ".join(f"{name} {phases[name]:.2f}" for name in first_call if name in phases):
+        parts.append(f"first call: {later}")
+    return "; ".join(parts)
 
 
 def _measured_line(records) -> str:

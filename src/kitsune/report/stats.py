@@ -33,6 +33,11 @@ Keys (all graphs compiled into this stats object):
                       (inputs laid out otherwise than compiled for; the kernel stays on),
                       "KITSUNE_DEBUG: output k differs from eager"
     compile_seconds   time spent in Kitsune's compiler (not Dynamo's capture)
+    compile_phases    seconds by phase, summed over the graphs: Kitsune's own ("rewrite", "plan",
+                      "lower", "build" (Triton/C kernels), "assemble", "other": they add up to
+                      compile_seconds), PyTorch's before it ("capture": Dynamo's tracing and
+                      AOTAutograd) and Kitsune's on the first call ("measure": timing groups on
+                      first inputs; "cuda_graph": recording)
     groups            (kernel name, nodes fused, backend) per fused group
     group_details     one dict per fused group: kernel, graph, backend, nodes, ops, patterns,
                       unfused_seconds/fused_seconds (estimated), unfused_kernels, bytes_saved,
@@ -85,10 +90,24 @@ class FusionStats(RecordSink):
             "fallbacks": [f for g in graphs for f in g.fallbacks],
             "runtime_fallbacks": runtime_fallbacks(graphs),
             "compile_seconds": round(sum(g.compile_seconds for g in graphs), 3),
+            "compile_phases": compile_phases(graphs),
             "groups": [grp for g in graphs for grp in g.groups],
             "group_details": summary["groups"],
             "measured": measured_groups(graphs),
         }
+
+
+PHASES = ("capture", "rewrite", "plan", "lower", "build", "assemble", "other", "measure", "cuda_graph")
+
+
+def compile_phases(records) -> dict:
+    """{phase: seconds} summed over `records`, in pipeline order (phases no record has left out)."""
+    totals = {}
+    for record in records:
+        for name, seconds in list(record.phases.items()):
+            totals[name] = totals.get(name, 0.0) + seconds
+    ordered = [p for p in PHASES if p in totals] + sorted(set(totals) - set(PHASES))
+    return {name: round(totals[name], 4) for name in ordered}
 
 
 def measured_groups(records) -> list:

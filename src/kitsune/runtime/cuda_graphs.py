@@ -44,6 +44,7 @@ gradients, and its intermediates) for as long as the compiled model lives.
 from __future__ import annotations
 
 import logging
+import time
 import weakref
 
 import torch
@@ -139,9 +140,9 @@ class SizeKeyedRunner:
     records and checks its inputs as for a static graph."""
 
     def __init__(self, fn, name: str, training: bool = False, copy_out=(), limit: int = MAX_SIZE_RECORDINGS,
-                 before_replay=(), restride=None):
+                 before_replay=(), restride=None, on_record=None):
         self.fn, self.name, self.training, self.copy_out, self.limit = fn, name, training, copy_out, limit
-        self.before_replay, self.restride = before_replay, restride or {}
+        self.before_replay, self.restride, self.on_record = before_replay, restride or {}, on_record
         self.runners: dict = {}  # size values -> runner, least recently used first
         self.dropped = 0
 
@@ -150,7 +151,7 @@ class SizeKeyedRunner:
         runner = self.runners.pop(key, None)
         if runner is None:
             runner = CudaGraphRunner(self.fn, f"{self.name} at sizes {key}", self.training, self.copy_out,
-                                     self.before_replay, self.restride)
+                                     self.before_replay, self.restride, self.on_record)
             if len(self.runners) >= self.limit:
                 oldest = next(iter(self.runners))
                 self.runners.pop(oldest)._drop()
@@ -175,8 +176,10 @@ class CudaGraphRunner:
     and that reach the caller in these, copied once (out of the recording, or
     after a normal run)."""
 
-    def __init__(self, fn, name: str, training: bool = False, copy_out=(), before_replay=(), restride=None):
+    def __init__(self, fn, name: str, training: bool = False, copy_out=(), before_replay=(), restride=None,
+                 on_record=None):
         self.restride = dict(restride or {})
+        self.on_record = on_record  # on_record(seconds) after each recording (the compile-time report)
         self.record_fn = fn
         if self.restride:
             from kitsune.runtime.matmul import restrided
@@ -249,6 +252,7 @@ class CudaGraphRunner:
             hook(args)
         device = next(a.device for a in args if isinstance(a, torch.Tensor))
         torch.cuda.synchronize(device)
+        start = time.perf_counter()
         graph = torch.cuda.CUDAGraph()
         # thread-local: a backward graph is recorded on autograd's device thread
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
@@ -273,6 +277,8 @@ class CudaGraphRunner:
             out = f", {sum(how == 'copy' for how, _ in plan)} of {len(plan)} outputs copied out"
         log.info("%s recorded as one CUDA graph (%d of %d inputs copied in per call%s)",
                  self.name, len(copied), len(args), out)
+        if self.on_record is not None:
+            self.on_record(time.perf_counter() - start)
 
     def _replay(self, args):
         static = self._static_inputs

@@ -91,6 +91,7 @@ def measured(compiled, aten_gm: fx.GraphModule, record, config: FusionConfig, pr
             return forward(*args)
         pending.clear()
         measurer = _Measurer(compiled, record, config, baselines)
+        start = time.perf_counter()
         try:
             with torch.no_grad(), _outside_dispatch_modes():
                 measurer.run(*args)
@@ -99,6 +100,7 @@ def measured(compiled, aten_gm: fx.GraphModule, record, config: FusionConfig, pr
         finally:
             measurer.progress(end=True)
             baselines.clear()
+            record.phases["measure"] = record.phases.get("measure", 0.0) + time.perf_counter() - start
         return forward(*args)
 
     run.__wrapped__ = compiled

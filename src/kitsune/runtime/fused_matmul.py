@@ -31,7 +31,7 @@ from kitsune.cache import cache_dir, write_atomic
 from kitsune.codegen.kernel import KernelError, KernelSpec
 from kitsune.codegen.triton.libm import INTERPRETED
 from kitsune.codegen.triton.matmul import CONFIGS, MatmulConfig, MatmulEpilogue, emit_matmul
-from kitsune.ir.index import Index
+from kitsune.ir.index import Index, within
 
 log = logging.getLogger("kitsune")
 
@@ -128,7 +128,7 @@ def new_outputs(epi: MatmulEpilogue, device) -> list[torch.Tensor]:
     """The epilogue's outputs, contiguous in the product's shape (each must be written at x itself)."""
     shape = (epi.batch, epi.m, epi.n) if epi.batch > 1 else (epi.m, epi.n)
     for out in epi.spec.outputs:
-        if out.index != Index.var() and epi.spec.numel:
+        if epi.spec.numel and out.index not in (Index.var(), within(Index.var(), epi.spec.numel)):
             raise ValueError(f"output {out.name} is not written in the product's order: pass `outputs`")
     return [torch.empty(shape, dtype=o.dtype, device=device) for o in epi.spec.outputs]
 
@@ -142,6 +142,8 @@ def fused_matmul(a: torch.Tensor, b, epilogue_spec: KernelSpec, inputs: Sequence
     `inputs`: the spec's inputs in slot order (the product slots' entries are
     not read: None is fine). `bias`/`alpha`/`beta`: addmm's
     (product = alpha * a @ b + beta * bias, rounded once). 3-d a and b: bmm."""
+    if not isinstance(epilogue_spec, KernelSpec):
+        raise TypeError(f"epilogue_spec must be a KernelSpec, got {type(epilogue_spec).__name__}")
     bs, slots = _as_list(b), _as_list(product_slot)
     if len(bs) != len(slots):
         raise ValueError(f"product_slot: one slot per b, got {len(slots)} slot(s) for {len(bs)} b")

@@ -41,7 +41,7 @@ from kitsune.codegen.kernel import INDEX_LIMIT, KernelError, KernelSpec
 from kitsune.codegen.triton.emit import _pointer, pointwise_body
 from kitsune.codegen.triton.libm import INTERPRETED
 from kitsune.codegen.triton.ops import TL_DTYPE
-from kitsune.ir.index import Index
+from kitsune.ir.index import Index, within
 from kitsune.ir.scalar import Value
 
 MATMUL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -152,11 +152,12 @@ def epilogue_refusal(epi: MatmulEpilogue) -> str | None:
         return "symbolic sizes"
     if spec.numel != epi.batch * epi.m * epi.n:
         return f"the epilogue iterates over {spec.numel} elements, the product has {epi.batch * epi.m * epi.n}"
+    at_x = (Index.var(), within(Index.var(), spec.numel))  # x itself (a single element: 0)
     for v in spec.values():
         if v.op in ("load_at", "reduce"):
             return f"the epilogue uses {v.op}"
         slot = v.attr[0] if v.op in ("load", "load_where") else None
-        if slot in epi.products and not (v.op == "load" and v.attr[1] == Index.var()):
+        if slot in epi.products and spec.numel and not (v.op == "load" and v.attr[1] in at_x):
             return "the epilogue reads a product at another element than the one it writes"
     if not any(v.op == "load" and v.attr[0] in epi.products for v in spec.values()):
         return "the epilogue does not read the product"
@@ -291,5 +292,6 @@ def _epilogue(epi: MatmulEpilogue, c: MatmulConfig) -> list[str]:
         value = f"tl.broadcast_to({names[out.value]}, {shape})"
         if out.dtype == torch.bfloat16:
             value = f"round_bf16({value})"
-        lines.append(f"tl.store({_pointer(out, 'x', N)}, {value}.to({TL_DTYPE[out.dtype]}), xmask)")
+        pointer = f"tl.broadcast_to({_pointer(out, 'x', N)}, {shape})"  # an index of row (or r) alone is 1-wide
+        lines.append(f"tl.store({pointer}, {value}.to({TL_DTYPE[out.dtype]}), xmask)")
     return lines

@@ -50,7 +50,7 @@ class FusedMatmulKernel:
 
     def __init__(self, epi: MatmulEpilogue, config: MatmulConfig):
         from kitsune.codegen.triton import load_generated
-        self.epi, self.config = epi, config.for_dtype(epi.dtype)
+        self.epi, self.config = epi, config.fitted(epi.dtype, len(epi.products))
         fn_name = f"kitsune_matmul_{epi.spec.structure_key()[:12]}"
         self.source = emit_matmul(epi, fn_name, config)
         module, self.path = load_generated(fn_name, self.source)

@@ -31,7 +31,7 @@ runs, cannot check TMA, and an unchecked kernel is worse than a slower one.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -81,12 +81,13 @@ class MatmulConfig:
     def label(self) -> str:
         return f"{self.block_m}x{self.block_n}x{self.block_k} w{self.num_warps} s{self.num_stages}"
 
-    def for_dtype(self, dtype: torch.dtype) -> "MatmulConfig":
-        """float32 tiles take twice the shared memory: half the K block."""
-        if dtype == torch.float32 and self.block_k > 32:
-            return MatmulConfig(self.block_m, self.block_n, self.block_k // 2, self.group_m, self.num_warps,
-                                self.num_stages)
-        return self
+    def fitted(self, dtype: torch.dtype, products: int = 1) -> "MatmulConfig":
+        """This tiling within an H100's shared memory and registers: float32
+        tiles take twice the shared memory (half the K block); each further
+        product keeps another accumulator (at most 128 columns then)."""
+        block_k = self.block_k // 2 if dtype == torch.float32 and self.block_k > 32 else self.block_k
+        block_n = min(self.block_n, 128) if products > 1 else self.block_n
+        return replace(self, block_n=block_n, block_k=block_k)
 
 
 # The configurations measured on the first real inputs (issue 15): square and
@@ -196,7 +197,7 @@ def kernel_params(epi: MatmulEpilogue) -> list[str]:
 def emit_matmul(epi: MatmulEpilogue, fn_name: str, config: MatmulConfig) -> str:
     """Source of a module defining the @triton.jit kernel `fn_name`: the
     matmul of `epi` tiled by `config`, its epilogue applied before the store."""
-    config = config.for_dtype(epi.dtype)
+    config = config.fitted(epi.dtype, len(epi.products))
     lines = _prologue(epi, config) + _main_loop(epi, config) + _epilogue(epi, config)
     header = "\n".join(f"# {line}" for line in (epi.spec.description or epi.spec.name).splitlines())
     return "\n".join([
@@ -229,10 +230,10 @@ def _prologue(epi: MatmulEpilogue, c: MatmulConfig) -> list[str]:
         f"pid_n = (pid % {in_group}) // group_rows",
         f"rm = pid_m * {c.block_m} + tl.arange(0, {c.block_m})",
         f"rn = pid_n * {c.block_n} + tl.arange(0, {c.block_n})",
-        # rows and columns past the edge read row/column 0 (in bounds): the K loop
-        # needs no mask for them, and the store leaves them out
-        f"ram = tl.max_contiguous(tl.multiple_of(rm % {M}, {c.block_m}), {c.block_m})",
-        f"rbn = tl.max_contiguous(tl.multiple_of(rn % {N}, {c.block_n}), {c.block_n})",
+        # rows and columns past the edge read rows/columns from the start (in
+        # bounds): the K loop needs no mask for them, and the store leaves them out
+        _wrapped("ram", "rm", M, c.block_m),
+        _wrapped("rbn", "rn", N, c.block_n),
         f"rk = tl.arange(0, {c.block_k})",
         "a_ptrs = a_ptr + batch * stride_ab + ram[:, None] * stride_am + rk[None, :] * stride_ak",
     ]
@@ -241,6 +242,16 @@ def _prologue(epi: MatmulEpilogue, c: MatmulConfig) -> list[str]:
                   f"+ rbn[None, :] * stride_b{j}n",
                   f"acc{j} = tl.zeros([{c.block_m}, {c.block_n}], dtype=tl.float32)"]
     return lines
+
+
+def _wrapped(name: str, offsets: str, size: int, block: int) -> str:
+    """`offsets % size`, with the hint that a block is `block` contiguous
+    offsets from a multiple of `block` (vector loads along a contiguous M or N)
+    only where that holds: `size` a multiple of `block` (at a partial last
+    block the wrap breaks the run, and a vector load would read past the end)."""
+    if size % block:
+        return f"{name} = {offsets} % {size}"
+    return f"{name} = tl.max_contiguous(tl.multiple_of({offsets} % {size}, {block}), {block})"
 
 
 def _main_loop(epi: MatmulEpilogue, c: MatmulConfig) -> list[str]:

@@ -264,8 +264,7 @@ def test_runner_keeps_the_faster_and_reports_both_times(fused_wins, tmp_path, mo
     a, b, bias, inputs, epi, expected = _runner_case()
     times = iter([1.0] + [0.5 if fused_wins else 2.0] * len(CONFIGS[:2]))
     runner = MatmulEpilogueRunner(epi, configs=CONFIGS[:2], timer=lambda fn: (fn(), next(times))[1])
-    out = [torch.empty(33, 7, dtype=torch.bfloat16)]
-    runner(a, [b], [None], inputs, out)
+    out = runner(a, [b], [None], inputs)
     torch.testing.assert_close(out[0], expected, **_tol(torch.bfloat16))
     choice = runner.choice
     assert choice.fused == fused_wins and choice.plain_ms == 1.0
@@ -274,15 +273,14 @@ def test_runner_keeps_the_faster_and_reports_both_times(fused_wins, tmp_path, mo
     assert rewrite.pattern == "linear_activation" and rewrite.choice == choice.text
     assert list(tmp_path.glob("decisions/matmul_*.json"))  # cached on disk
     again = MatmulEpilogueRunner(epi, configs=CONFIGS[:2], timer=lambda fn: pytest.fail("measured again"))
-    again(a, [b], [None], inputs, out)
+    again(a, [b], [None], inputs)
     assert again.choice.to_json() == choice.to_json()
 
 
 def test_runner_on_the_cpu_runs_the_unfused_path():
     a, b, bias, inputs, epi, expected = _runner_case()
     runner = MatmulEpilogueRunner(epi)
-    out = [torch.empty(33, 7, dtype=torch.bfloat16)]
-    runner(a, [b], [None], inputs, out)
+    out = runner(a, [b], [None], inputs)
     assert runner.choice is None
     torch.testing.assert_close(out[0], expected, **_tol(torch.bfloat16))
 

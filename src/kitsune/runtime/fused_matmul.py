@@ -156,24 +156,30 @@ def fused_matmul(a: torch.Tensor, b, epilogue_spec: KernelSpec, inputs: Sequence
     return outputs
 
 
+def products(epi: MatmulEpilogue, a, bs, biases, inputs) -> list:
+    """`inputs` with each product slot holding its product, computed by PyTorch (cuBLAS/MKL)."""
+    inputs = list(inputs)
+    for slot, b, bias in zip(epi.products, bs, biases):
+        if bias is None:
+            product = torch.bmm(a, b) if a.dim() == 3 else torch.mm(a, b)
+            if epi.alpha != 1.0:
+                product = product * epi.alpha
+        else:
+            product = (torch.baddbmm if a.dim() == 3 else torch.addmm)(bias, a, b, beta=epi.beta, alpha=epi.alpha)
+        inputs[slot] = product.contiguous()
+    return inputs
+
+
 def unfused_path(epi: MatmulEpilogue) -> Callable:
-    """(a, bs, biases, inputs, outputs) -> None: the products by PyTorch
+    """(a, bs, biases, inputs) -> outputs: the products by PyTorch
     (cuBLAS/MKL), then the epilogue's own generated kernel (choice (a))."""
     from kitsune.codegen.triton import compile_kernel
     kernel = compile_kernel(epi.spec)
 
-    def run(a, bs, biases, inputs, outputs):
-        inputs = list(inputs)
-        for slot, b, bias in zip(epi.products, bs, biases):
-            if bias is None:
-                product = torch.bmm(a, b) if a.dim() == 3 else torch.mm(a, b)
-                if epi.alpha != 1.0:
-                    product = product * epi.alpha
-            else:
-                product = (torch.baddbmm if a.dim() == 3 else torch.addmm)(bias, a, b, beta=epi.beta,
-                                                                            alpha=epi.alpha)
-            inputs[slot] = product.contiguous()
-        kernel(inputs, list(outputs))
+    def run(a, bs, biases, inputs):
+        outputs = new_outputs(epi, a.device)
+        kernel(products(epi, a, bs, biases, inputs), outputs)
+        return outputs
     return run
 
 
@@ -244,19 +250,19 @@ def _store_choice(key: str, choice: MatmulChoice) -> None:
         log.debug("cannot cache matmul choice %s: %s", key, error)
 
 
-def measure_choice(epi: MatmulEpilogue, unfused: Callable, args: tuple, outputs: list,
+def measure_choice(epi: MatmulEpilogue, unfused: Callable, fused: Callable, args: tuple,
                    configs: Sequence[MatmulConfig] = CONFIGS, timer=None) -> MatmulChoice:
-    """Time `unfused(*args, outputs)` against the fused kernel in each tiling
+    """Time `unfused(*args)` against `fused(config)(*args)` for each tiling
     of `configs` on these very tensors (`args` = (a, bs, biases, inputs));
     `timer` (tests): fn -> ms, default CUDA events (`capture.timing.time_ms`)."""
     from kitsune.capture.timing import MIN_GAIN, time_ms
     timer = timer or time_ms
-    plain_ms = timer(lambda: unfused(*args, outputs))
+    plain_ms = timer(lambda: unfused(*args))
     times = {}
     for config in configs:
         try:
-            kernel = kernel_for(epi, config)
-            times[config.label] = timer(lambda: kernel(*args, outputs))
+            run = fused(config)
+            times[config.label] = timer(lambda: run(*args))
         except Exception as error:  # noqa: BLE001 - a tiling that does not build (shared memory) is skipped
             log.debug("fused matmul tiling %s failed: %s", config.label, error)
             times[config.label] = float("inf")
@@ -268,29 +274,45 @@ def measure_choice(epi: MatmulEpilogue, unfused: Callable, args: tuple, outputs:
 class MatmulEpilogueRunner:
     """cuBLAS + the epilogue kernel, or the fused Triton matmul: whichever
     measured faster on the first real inputs (CUDA), cached per configuration.
-    Call it as `runner(a, bs, biases, inputs, outputs)`; `choice` is None until
-    the first call (and on the CPU, where the unfused path always runs)."""
+    `runner(a, bs, biases, inputs)` returns the epilogue's outputs; `choice` is
+    None until the first call (and on the CPU, where the unfused path always runs).
 
-    def __init__(self, epi: MatmulEpilogue, unfused: Callable | None = None,
-                 configs: Sequence[MatmulConfig] = CONFIGS, timer=None):
-        self.epi, self.configs, self.timer = epi, tuple(configs), timer
+    unfused:  (a, bs, biases, inputs) -> outputs (default: `unfused_path(epi)`)
+    allocate: (device) -> the outputs the fused kernel writes (default: `new_outputs`)
+    on_choice: called with the `MatmulChoice` once it is made (a record's rewrites)
+    """
+
+    def __init__(self, epi: MatmulEpilogue, unfused: Callable | None = None, allocate: Callable | None = None,
+                 configs: Sequence[MatmulConfig] = CONFIGS, timer=None, on_choice: Callable | None = None):
+        self.epi, self.configs, self.timer, self.on_choice = epi, tuple(configs), timer, on_choice
         self.unfused = unfused or unfused_path(epi)
+        self.allocate = allocate or (lambda device: new_outputs(epi, device))
         self.choice: MatmulChoice | None = None
         self._run: Callable | None = None
 
-    def __call__(self, a, bs, biases, inputs, outputs) -> None:
+    def fused(self, config: MatmulConfig) -> Callable:
+        """(a, bs, biases, inputs) -> outputs through the generated kernel in tiling `config`."""
+        kernel = kernel_for(self.epi, config)
+
+        def run(a, bs, biases, inputs):
+            outputs = self.allocate(a.device)
+            kernel(a, bs, biases, inputs, outputs)
+            return outputs
+        return run
+
+    def __call__(self, a, bs, biases, inputs) -> list:
         if self._run is None:
-            self._run = self._decide(a, bs, biases, inputs, outputs)
+            self._run = self._decide(a, bs, biases, inputs)
         try:
-            self._run(a, bs, biases, inputs, outputs)
+            return self._run(a, bs, biases, inputs)
         except (KernelError, RuntimeError) as error:
             if self._run is self.unfused:
                 raise
             log.warning("fused matmul %s failed (%s); cuBLAS + kernel from now on", self.epi.spec.name, error)
             self._run = self.unfused
-            self.unfused(a, bs, biases, inputs, outputs)
+            return self.unfused(a, bs, biases, inputs)
 
-    def _decide(self, a, bs, biases, inputs, outputs) -> Callable:
+    def _decide(self, a, bs, biases, inputs) -> Callable:
         if a.device.type != "cuda" and not (INTERPRETED and self.timer is not None):
             return self.unfused  # the CPU keeps MKL + the generated C epilogue
         key = decision_key(self.epi, [a, *bs, *biases, *inputs])
@@ -298,7 +320,7 @@ class MatmulEpilogueRunner:
         if choice is None:
             try:
                 with torch.no_grad():
-                    choice = measure_choice(self.epi, self.unfused, (a, bs, biases, inputs), outputs,
+                    choice = measure_choice(self.epi, self.unfused, self.fused, (a, bs, biases, inputs),
                                             self.configs, self.timer)
             except Exception as error:  # noqa: BLE001 - never crash the model over a measurement
                 log.warning("fused matmul %s not measured (%s): cuBLAS + kernel", self.epi.spec.name, error)
@@ -306,4 +328,6 @@ class MatmulEpilogueRunner:
             _store_choice(key, choice)
         _CHOICES[key] = self.choice = choice
         log.info("%s: %s", self.epi.spec.name, choice.text)
-        return kernel_for(self.epi, choice.config) if choice.fused else self.unfused
+        if self.on_choice is not None:
+            self.on_choice(choice)
+        return self.fused(choice.config) if choice.fused else self.unfused

@@ -284,7 +284,9 @@ class MatmulEpilogueRunner:
 
     def __init__(self, epi: MatmulEpilogue, unfused: Callable | None = None, allocate: Callable | None = None,
                  configs: Sequence[MatmulConfig] = CONFIGS, timer=None, on_choice: Callable | None = None):
-        self.epi, self.configs, self.timer, self.on_choice = epi, tuple(configs), timer, on_choice
+        # tilings as they run for this dtype and product count (two may fit to one)
+        fitted = dict.fromkeys(c.fitted(epi.dtype, len(epi.products)) for c in configs)
+        self.epi, self.configs, self.timer, self.on_choice = epi, tuple(fitted), timer, on_choice
         self.unfused = unfused or unfused_path(epi)
         self.allocate = allocate or (lambda device: new_outputs(epi, device))
         self.choice: MatmulChoice | None = None

@@ -297,3 +297,20 @@ def test_source_reads_the_bias_by_column_and_never_stores_the_product():
     assert "tl.load(in" in source and "+ (r)" in source  # the bias at its column: no division
     assert source.count("tl.store(") == len(epi.spec.outputs)
     assert unfused_path(epi) is not None
+
+
+def test_runner_falls_back_to_the_unfused_path_when_the_fused_kernel_fails(tmp_path, monkeypatch):
+    monkeypatch.setenv("KITSUNE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(fused_matmul_module, "_CHOICES", {})
+    a, b, bias, inputs, epi, expected = _runner_case()
+    times = iter([1.0, 0.5])
+    runner = MatmulEpilogueRunner(epi, configs=CONFIGS[:1], timer=lambda fn: (fn(), next(times))[1])
+    runner(a, [b], [None], inputs)
+    assert runner.choice.fused
+
+    def broken(*args):
+        raise KernelError("launch failed")
+    runner._run = broken
+    out = runner(a, [b], [None], inputs)  # logged, then cuBLAS + kernel from now on
+    torch.testing.assert_close(out[0], expected, **_tol(torch.bfloat16))
+    assert runner._run is runner.unfused

@@ -94,3 +94,15 @@ def test_the_cpu_is_left_alone():
     x, w, r = torch.randn(7, 33), torch.randn(33, 16), torch.randn(7, 16)
     gm, record = _compiled(lambda x, w, r: torch.relu(x @ w + r) * 2, x, w, r)
     assert fuse_matmul_epilogues(gm, record) == 0  # devices=("cuda",)
+
+
+def test_inputs_in_other_strides_run_the_group_call():
+    """The epilogue kernel was generated for its inputs' compiled strides: other
+    strides go through cuBLAS + the group's own call (which checks them)."""
+    x, w, r = torch.randn(7, 33), torch.randn(33, 16), torch.randn(7, 16)
+    fn = (lambda x, w, r: torch.relu(x @ w + r) * 2)
+    gm, record = _compiled(fn, x, w, r)
+    assert fuse_matmul_epilogues(gm, record, devices=("cpu",), timer=_fake_timer(True)) == 1
+    r_t = torch.randn(16, 7).t()
+    torch.testing.assert_close(_first(gm(x, w, r_t)), fn(x, w, r_t))
+    assert _fused_calls(gm)[0].runner.choice is None  # never measured: not the compiled layout

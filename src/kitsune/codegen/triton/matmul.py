@@ -155,7 +155,7 @@ def epilogue_refusal(epi: MatmulEpilogue) -> str | None:
         return f"the epilogue iterates over {spec.numel} elements, the product has {epi.batch * epi.m * epi.n}"
     at_x = (Index.var(), within(Index.var(), spec.numel))  # x itself (a single element: 0)
     for v in spec.values():
-        if v.op in ("load_at", "reduce"):
+        if v.op in ("load_at", "reduce", "check_index"):  # check_index: a device assert needs a debug build
             return f"the epilogue uses {v.op}"
         slot = v.attr[0] if v.op in ("load", "load_where") else None
         if slot in epi.products and spec.numel and not (v.op == "load" and v.attr[1] in at_x):

@@ -314,3 +314,15 @@ def test_runner_falls_back_to_the_unfused_path_when_the_fused_kernel_fails(tmp_p
     out = runner(a, [b], [None], inputs)  # logged, then cuBLAS + kernel from now on
     torch.testing.assert_close(out[0], expected, **_tol(torch.bfloat16))
     assert runner._run is runner.unfused
+
+
+def test_wide_offsets_compute_the_same():
+    """The 64-bit variant (an operand past 2^31 elements) on a tiny product."""
+    from dataclasses import replace
+    a, b, bias, inputs, epi, expected = _runner_case()
+    wide = replace(epi, wide=True)
+    kernel = kernel_for(wide, SMALL)
+    assert "tl.program_id(0).to(tl.int64)" in kernel.source
+    out = [torch.empty(33, 7, dtype=torch.bfloat16)]
+    kernel(a, [b], [None], inputs, out)
+    torch.testing.assert_close(out[0], expected, **_tol(torch.bfloat16))

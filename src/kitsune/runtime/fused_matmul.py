@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 import torch
 
 from kitsune.cache import cache_dir, write_atomic
-from kitsune.codegen.kernel import KernelError, KernelSpec
+from kitsune.codegen.kernel import INDEX_LIMIT, KernelError, KernelSpec
 from kitsune.codegen.triton.libm import INTERPRETED
 from kitsune.codegen.triton.matmul import CONFIGS, MatmulConfig, MatmulEpilogue, emit_matmul
 from kitsune.ir.index import Index, within
@@ -37,7 +37,6 @@ log = logging.getLogger("kitsune")
 
 _KERNELS: dict = {}   # (epilogue, config) -> FusedMatmulKernel, per process
 _CHOICES: dict = {}   # decision key -> MatmulChoice, per process
-INDEX_LIMIT = 2**31 - 2**16
 
 
 def _extent(t: torch.Tensor) -> int:

@@ -326,3 +326,16 @@ def test_wide_offsets_compute_the_same():
     out = [torch.empty(33, 7, dtype=torch.bfloat16)]
     kernel(a, [b], [None], inputs, out)
     torch.testing.assert_close(out[0], expected, **_tol(torch.bfloat16))
+
+
+@pytest.mark.parametrize("batch", [None, 2])
+def test_persistent_programs_walk_several_tiles(batch):
+    """Two programs (the interpreter's count) over 3 x 3 tiles of 16: each walks several."""
+    persistent = MatmulConfig(16, 16, 16, group_m=2, persistent=True)
+    a, b = _operands(33, 40, 33, torch.float32, batch=batch)
+    bias = torch.randn(40)
+    out, expected = _run(lambda p, c: torch.relu(p + c), a, b, [bias], config=persistent)
+    torch.testing.assert_close(out[0], expected[0], **_tol(torch.float32))
+    assert "for tile in range(tl.program_id(0), 9, num_programs):" in kernel_for(
+        describe(a, [b], _epilogue(lambda p, c: torch.relu(p + c), torch.bmm(a, b) if batch else a @ b, bias)[0],
+                 [0]), persistent).source

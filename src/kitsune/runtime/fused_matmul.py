@@ -55,7 +55,9 @@ class FusedMatmulKernel:
         module, self.path = load_generated(fn_name, self.source)
         self.fn = getattr(module, fn_name)
         c = self.config
-        self.grid = (-(-epi.m // c.block_m) * -(-epi.n // c.block_n), epi.batch)
+        tiles = -(-epi.m // c.block_m) * -(-epi.n // c.block_n)
+        self.programs = min(tiles, _persistent_programs(epi.batch)) if c.persistent else tiles
+        self.grid = (self.programs, epi.batch)
 
     def __call__(self, a, bs: Sequence[torch.Tensor], biases: Sequence, inputs: Sequence, outputs: Sequence) -> None:
         epi = self.epi
@@ -68,10 +70,21 @@ class FusedMatmulKernel:
         for bias in biases:
             if bias is not None:
                 args += _strides3(bias.expand(epi.batch, epi.m, epi.n) if a.dim() == 3 else bias.expand(epi.m, epi.n))
+        if self.config.persistent:
+            args.append(self.programs)
         if INTERPRETED:
             self.fn[self.grid](*args)
         else:
             self.fn[self.grid](*args, num_warps=self.config.num_warps, num_stages=self.config.num_stages)
+
+
+def _persistent_programs(batch: int) -> int:
+    """Programs per batch of a persistent kernel: the SMs shared by the batches
+    (the interpreter: 2, so that a program walks several tiles)."""
+    if INTERPRETED or not torch.cuda.is_available():
+        return 2
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return max(1, sms // batch)
 
 
 def _strides3(t: torch.Tensor) -> list[int]:

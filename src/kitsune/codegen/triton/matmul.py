@@ -70,6 +70,9 @@ class MatmulConfig:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
+    # one program per SM walking the tiles (`num_programs` of them, a kernel
+    # argument) instead of one program per tile
+    persistent: bool = False
 
     def __post_init__(self):
         for name in ("block_m", "block_n", "block_k"):
@@ -79,7 +82,8 @@ class MatmulConfig:
 
     @property
     def label(self) -> str:
-        return f"{self.block_m}x{self.block_n}x{self.block_k} w{self.num_warps} s{self.num_stages}"
+        return (f"{self.block_m}x{self.block_n}x{self.block_k} w{self.num_warps} s{self.num_stages}"
+                + (" persistent" if self.persistent else ""))
 
     def fitted(self, dtype: torch.dtype, products: int = 1) -> "MatmulConfig":
         """This tiling within an H100's shared memory and registers: float32
@@ -97,6 +101,7 @@ CONFIGS = (
     MatmulConfig(128, 128, 64, 8, 8, 3),
     MatmulConfig(128, 256, 64, 8, 8, 3),
     MatmulConfig(64, 128, 64, 8, 4, 4),
+    MatmulConfig(128, 256, 64, 8, 8, 3, persistent=True),
 )
 
 
@@ -180,7 +185,7 @@ def _wide(epi: MatmulEpilogue) -> bool:
     return epi.wide or epi.spec.wide_index() or max(b * m * k, b * k * n, b * m * n) >= INDEX_LIMIT
 
 
-def kernel_params(epi: MatmulEpilogue) -> list[str]:
+def kernel_params(epi: MatmulEpilogue, config: MatmulConfig) -> list[str]:
     """The generated kernel's arguments, in order (the launcher passes them so)."""
     inputs = [i.name for s, i in enumerate(epi.spec.inputs) if s not in epi.products]
     params = ["a_ptr", *[f"b{j}_ptr" for j in range(len(epi.products))],
@@ -191,7 +196,7 @@ def kernel_params(epi: MatmulEpilogue) -> list[str]:
     for j, has in enumerate(epi.biases):
         if has:
             params += [f"stride_bias{j}b", f"stride_bias{j}m", f"stride_bias{j}n"]
-    return params
+    return params + (["num_programs"] if config.persistent else [])
 
 
 def emit_matmul(epi: MatmulEpilogue, fn_name: str, config: MatmulConfig) -> str:
@@ -199,6 +204,11 @@ def emit_matmul(epi: MatmulEpilogue, fn_name: str, config: MatmulConfig) -> str:
     matmul of `epi` tiled by `config`, its epilogue applied before the store."""
     config = config.fitted(epi.dtype, len(epi.products))
     lines = _prologue(epi, config) + _main_loop(epi, config) + _epilogue(epi, config)
+    if config.persistent:  # the same tile's work, for each tile this program walks
+        tiles = -(-epi.m // config.block_m) * -(-epi.n // config.block_n)
+        pid, rest = lines[0], lines[1:]
+        lines = [f"for tile in range(tl.program_id(0), {tiles}, num_programs):",
+                 "    " + pid.replace("tl.program_id(0)", "tile"), *[f"    {line}" for line in rest]]
     header = "\n".join(f"# {line}" for line in (epi.spec.description or epi.spec.name).splitlines())
     return "\n".join([
         "import triton",
@@ -210,7 +220,7 @@ def emit_matmul(epi: MatmulEpilogue, fn_name: str, config: MatmulConfig) -> str:
         f"tiles {config.label}, then the epilogue:",
         header,
         "@triton.jit",
-        f"def {fn_name}({', '.join(kernel_params(epi))}):",
+        f"def {fn_name}({', '.join(kernel_params(epi, config))}):",
         *[f"    {line}" for line in lines],
     ]) + "\n"
 

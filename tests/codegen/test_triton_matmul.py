@@ -339,3 +339,11 @@ def test_persistent_programs_walk_several_tiles(batch):
     assert "for tile in range(tl.program_id(0), 9, num_programs):" in kernel_for(
         describe(a, [b], _epilogue(lambda p, c: torch.relu(p + c), torch.bmm(a, b) if batch else a @ b, bias)[0],
                  [0]), persistent).source
+
+
+def test_whole_tiles_store_without_a_mask():
+    a, b = _operands(32, 48, 16, torch.float32)
+    bias = torch.randn(48)
+    tiles = MatmulConfig(16, 16, 16, group_m=2)
+    out, expected = _run(lambda p, c: torch.relu(p + c), a, b, [bias], config=tiles)
+    torch.testing.assert_close(out[0], expected[0], **_tol(torch.float32))

@@ -287,10 +287,14 @@ def _epilogue(epi: MatmulEpilogue, c: MatmulConfig) -> list[str]:
     """Each product rounded as eager stores it, the epilogue's values over the
     tile, and its outputs stored where the tile is inside the product."""
     M, N, spec = epi.m, epi.n, epi.spec
-    lines = [f"row = (batch * {M} + rm)[:, None]  # the product's row, batches stacked",
-             "r = rn[None, :]  # its column",
+    # Positions past the edge are wrapped (ram, rbn): every epilogue read is then
+    # in bounds without a mask (a bias stays a [1, BLOCK_N] load), and what the
+    # wrapped lanes compute is never stored.
+    lines = [f"row = (batch * {M} + ram)[:, None]  # the product's row, batches stacked",
+             "r = rbn[None, :]  # its column",
              f"x = row * {N} + r  # the epilogue kernel's flat index",
-             f"xmask = (rm[:, None] < {M}) & (r < {N})"]
+             f"xmask = (rm[:, None] < {M}) & (rn[None, :] < {N})  # the tile's part inside the product"]
+    full = M % c.block_m == 0 and N % c.block_n == 0  # every tile is whole: stores need no mask
     given: dict[Value, str] = {}
     for j, slot in enumerate(epi.products):
         acc = f"acc{j}"
@@ -304,7 +308,7 @@ def _epilogue(epi: MatmulEpilogue, c: MatmulConfig) -> list[str]:
         for v in spec.values():
             if v.op == "load" and v.attr[0] == slot:
                 given[v] = f"p{j}"
-    names, body = pointwise_body(spec, given, mask="xmask", rows=N)
+    names, body = pointwise_body(spec, given, mask=None, rows=N)
     lines += body
     shape = f"[{c.block_m}, {c.block_n}]"
     for out in spec.outputs:
@@ -314,5 +318,5 @@ def _epilogue(epi: MatmulEpilogue, c: MatmulConfig) -> list[str]:
         if out.dtype == torch.bfloat16:
             value = f"round_bf16({value})"
         pointer = f"tl.broadcast_to({_pointer(out, 'x', N)}, {shape})"  # an index of row (or r) alone is 1-wide
-        lines.append(f"tl.store({pointer}, {value}.to({TL_DTYPE[out.dtype]}), xmask)")
+        lines.append(f"tl.store({pointer}, {value}.to({TL_DTYPE[out.dtype]}){'' if full else ', xmask'})")
     return lines

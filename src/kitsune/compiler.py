@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import os
 import time
 from dataclasses import replace
 
@@ -38,7 +39,6 @@ from kitsune.record import GraphRecord, default_sink
 from kitsune.runtime.compiled_graph import bind_fast_targets, build_graph_module
 from kitsune.runtime.fused_call import FusedGroupCall
 from kitsune.runtime.matmul import align_matmuls
-from kitsune.runtime import matmul_fusion
 from kitsune.tuning.measure import measured
 
 log = logging.getLogger("kitsune")
@@ -181,8 +181,10 @@ def _compile(gm: fx.GraphModule, config: FusionConfig, record: GraphRecord) -> f
     # with nothing fused the runtime still gets its own graph: binding fast targets and
     # aligning matmuls rewrite it, and the record keeps the graph as planned
     result = build_graph_module(gm, calls) if calls else fx.GraphModule(gm, copy.deepcopy(gm.graph))
-    if calls and matmul_fusion.enabled() and config.pattern_enabled("linear_activation") and _on_cuda(gm):
-        matmul_fusion.fuse_matmul_epilogues(result, record)  # cuBLAS + kernel or one Triton matmul: measured
+    if calls and os.environ.get("KITSUNE_TRITON_MATMUL", "") not in ("", "0") \
+            and config.pattern_enabled("linear_activation") and _on_cuda(gm):
+        from kitsune.runtime.matmul_fusion import fuse_matmul_epilogues  # imports Triton
+        fuse_matmul_epilogues(result, record)  # cuBLAS + kernel or one Triton matmul: measured
     restore_aten(result)  # what PyTorch runs: the user's aten ops, not prims.* leftovers
     aligned = align_matmuls(result, padded_outputs=record.name == "inference")
     if aligned:

@@ -13,13 +13,13 @@ The choice reaches `explain()` as a `Rewrite` of the `linear_activation`
 pattern, with both times ("Triton matmul + epilogue (…)" or "cuBLAS + kernel
 (…)"). CUDA only: on the CPU MKL and the generated C epilogue stay.
 
-Off unless asked for (``KITSUNE_TRITON_MATMUL=1``): the first call compiles
-and times several tilings per configuration.
+Off unless asked for (``KITSUNE_TRITON_MATMUL=1``, read by `compiler._compile`,
+which calls `fuse_matmul_epilogues` after `build_graph_module`): the first
+call compiles and times several tilings per configuration.
 """
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 from torch import fx
@@ -32,10 +32,6 @@ log = logging.getLogger("kitsune")
 aten = torch.ops.aten
 
 _MATMULS = {aten.mm.default: "mm", aten.addmm.default: "addmm", aten.bmm.default: "bmm"}
-
-
-def enabled() -> bool:
-    return os.environ.get("KITSUNE_TRITON_MATMUL", "") not in ("", "0")
 
 
 class FusedMatmulCall:
@@ -154,4 +150,4 @@ def _recorder(record, ops: tuple, names: tuple):
     return on_choice
 
 
-__all__ = ["FusedMatmulCall", "enabled", "fuse_matmul_epilogues"]
+__all__ = ["FusedMatmulCall", "fuse_matmul_epilogues"]

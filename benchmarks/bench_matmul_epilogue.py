@@ -19,6 +19,7 @@ Variants, each checked against eager before it is timed:
 * inductor-autotune (with --autotune): `mode="max-autotune-no-cudagraphs"`, Inductor's Triton matmul templates
 * kitsune:          `torch.compile(fn, backend="kitsune")` as configured (KITSUNE_TRITON_MATMUL unset: cuBLAS + kernel)
 * kitsune-choice:   the same with KITSUNE_TRITON_MATMUL=1 (the measured choice between the two below)
+* cublaslt:         `aten._addmm_activation(use_gelu=True)`, cuBLASLt's own (tanh) GELU epilogue (GELU cases)
 * cublas+kernel:    `runtime.fused_matmul.unfused_path`: torch.mm, then the planner's epilogue kernel
 * triton <tiling>:  the generated fused kernel in each tiling of `codegen.triton.matmul.CONFIGS`
 
@@ -45,7 +46,7 @@ CASES = [
     ("swiglu 8192x11008x4096", "swiglu", 8192, 11008, 4096),
 ]
 QUICK = [("linear+bias+gelu 129x96x80", "gelu", 129, 96, 80), ("swiglu 65x48x80", "swiglu", 65, 48, 80)]
-VARIANTS = ["eager", "inductor", "kitsune", "kitsune-choice", "cublas+kernel", "triton"]
+VARIANTS = ["eager", "inductor", "kitsune", "kitsune-choice", "cublaslt", "cublas+kernel", "triton"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -130,6 +131,8 @@ def compiled_variants(kind: str, names: list, autotune: bool) -> dict:
         found["inductor-autotune"] = torch.compile(fn, mode="max-autotune-no-cudagraphs")
     if "kitsune" in names:
         found["kitsune"] = torch.compile(fn, backend="kitsune")
+    if "cublaslt" in names and kind == "gelu":
+        found["cublaslt"] = lambda x, w, b: torch.ops.aten._addmm_activation(b, x, w.t(), use_gelu=True)
     if "kitsune-choice" in names:
         compiled = torch.compile(fn, backend="kitsune")
 
@@ -160,8 +163,8 @@ def run_case(case, args, device) -> list[dict]:
         expected = fns["eager"](*tensors)
         rows = []
         for variant, fn in fns.items():
-            call = (lambda fn=fn: fn(*tensors)) if variant in ("eager", "inductor", "inductor-autotune", "kitsune",
-                                                                 "kitsune-choice") else fn
+            generated = variant == "cublas+kernel" or variant.startswith("triton")
+            call = fn if generated else (lambda fn=fn: fn(*tensors))
             out = call()
             error = common.check_output(out, expected, expected.double()) if variant != "eager" else None
             ms = common.time_ms(call, device, repeats=3 if args.quick else 50).median_ms

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import replace
@@ -208,6 +209,10 @@ def _assemble(gm: fx.GraphModule, plan: FusionPlan, lowered: list, record: Graph
     # with nothing fused the runtime still gets its own graph: binding fast targets and
     # aligning matmuls rewrite it, and the record keeps the graph as planned
     result = build_graph_module(gm, calls) if calls else fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    if calls and os.environ.get("KITSUNE_TRITON_MATMUL", "") not in ("", "0") \
+            and config.pattern_enabled("linear_activation") and _on_cuda(gm):
+        from kitsune.runtime.matmul_fusion import fuse_matmul_epilogues  # imports Triton
+        fuse_matmul_epilogues(result, record)  # cuBLAS + kernel or one Triton matmul: measured
     restore_aten(result)  # what PyTorch runs: the user's aten ops, not prims.* leftovers
     aligned = align_matmuls(result, padded_outputs=record.name == "inference")
     if aligned:

@@ -33,6 +33,13 @@ def compile_kernel(spec: KernelSpec) -> "TritonKernel":
     choices = launch_choices()
     fn_name = function_name(spec)
     source = emit_triton(spec, fn_name, choices)
+    module, path = load_generated(fn_name, source)
+    return TritonKernel(spec, getattr(module, fn_name), path, getattr(module, f"{fn_name}_finish", None), choices)
+
+
+def load_generated(fn_name: str, source: str):
+    """(module, path): `source` written to the cache directory under a name of
+    `fn_name` and its content hash, and imported (once per process)."""
     path = cache_dir("triton") / f"{fn_name}_{hashlib.sha256(source.encode()).hexdigest()[:8]}.py"
     if not path.exists() or path.read_text() != source:
         write_atomic(path, source.encode())
@@ -46,7 +53,7 @@ def compile_kernel(spec: KernelSpec) -> "TritonKernel":
         except Exception as error:
             raise KernelError(f"generated Triton module {path} does not import: {error}") from error
         sys.modules[module_name] = module
-    return TritonKernel(spec, getattr(module, fn_name), path, getattr(module, f"{fn_name}_finish", None), choices)
+    return module, path
 
 
 from kitsune._compat import raw_cuda_stream as _raw_stream  # noqa: E402

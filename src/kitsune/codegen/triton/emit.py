@@ -84,23 +84,7 @@ def emit_triton(spec: KernelSpec, fn_name: str, choices: LaunchChoices | None = 
     if spec.reduction:
         return _emit_reduction(spec, fn_name, choices or launch_choices())
     wide = spec.wide_index()
-    names: dict[Value, str] = {}
-    inputs = [i.name for i in spec.inputs]
-    body: list[str] = []
-    sums = one_plus_erf_sums(spec)
-    gelus = gelu_products(spec, sums)
-    live = _live(spec, {**sums, **gelus})
-    for v in spec.values():
-        if v not in live:
-            continue
-        names[v] = f"v{len(names)}"
-        if v in gelus:
-            text = f"gelu_erf({names[gelus[v]]})"
-        elif v in sums:
-            text = f"one_plus_erf({names[sums[v]]})"
-        else:
-            text = _expr(v, names, inputs)
-        body.append(f"{names[v]} = {text}")
+    names, body = pointwise_body(spec)
     for out in spec.outputs:
         value = names[out.value]
         if not _is_block(out.value):
@@ -126,6 +110,36 @@ def emit_triton(spec: KernelSpec, fn_name: str, choices: LaunchChoices | None = 
     ]
     lines += [f"    {line}" for line in body]
     return _with_checks("\n".join(lines) + "\n")
+
+
+def pointwise_body(spec: KernelSpec, given: dict[Value, str] | None = None, mask: str | None = "xmask",
+                   rows: int | None = None) -> tuple[dict[Value, str], list[str]]:
+    """({value: name}, lines) computing every value the outputs of a pointwise
+    spec need, at the flat index `x` (GELU's decomposition as `gelu_erf`).
+    `given`: values already computed, by the text that stands for them (a
+    fused matmul's accumulator for the load of its product); `mask`, `rows`:
+    as for `_expr` (a 2-d tile renders with rows = its width, `row` and `r` in scope)."""
+    names: dict[Value, str] = {}
+    inputs = [i.name for i in spec.inputs]
+    body: list[str] = []
+    given = given or {}
+    sums = one_plus_erf_sums(spec)
+    gelus = gelu_products(spec, sums)
+    live = _live(spec, {**sums, **gelus})
+    for v in spec.values():
+        if v not in live:
+            continue
+        names[v] = f"v{len(names)}"
+        if v in given:
+            text = given[v]
+        elif v in gelus:
+            text = f"gelu_erf({names[gelus[v]]})"
+        elif v in sums:
+            text = f"one_plus_erf({names[sums[v]]})"
+        else:
+            text = _expr(v, names, inputs, mask=mask, rows=rows)
+        body.append(f"{names[v]} = {text}")
+    return names, body
 
 
 def _with_checks(source: str) -> str:

@@ -196,10 +196,11 @@ def _compile(gm: fx.GraphModule, config: FusionConfig, record: GraphRecord) -> f
     with phase(record, "build"):
         _build(plan, lowered, record)
     with phase(record, "assemble"):
-        return _assemble(gm, plan, lowered, record)
+        return _assemble(gm, plan, lowered, config, record)
 
 
-def _assemble(gm: fx.GraphModule, plan: FusionPlan, lowered: list, record: GraphRecord) -> fx.GraphModule:
+def _assemble(gm: fx.GraphModule, plan: FusionPlan, lowered: list, config: FusionConfig,
+              record: GraphRecord) -> fx.GraphModule:
     """The graph module that runs: fused groups as kernel calls, the rest as aten ops."""
     calls = {id(g): (g, call, ins, outs) for g, call, ins, outs, _ in lowered if call.kernel is not None}
     if not calls and (why := plan.why_nothing_fused()) is not None:  # never silent: once per graph

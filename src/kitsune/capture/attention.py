@@ -187,7 +187,7 @@ def _match(pv: fx.Node):
     post, softmax = _back_to_softmax(args["input"])
     if softmax is None:
         return None
-    plan = {"post": post, "softmax": softmax, "v": args["other"], "out": pv}
+    plan = {"post": post, "softmax": softmax, "v": args["other"], "v_in": args["other"], "out": pv}
     names = [softmax.name, *(n.name for n in reversed(post)), pv.name]
     try:
         plan["dropout_p"] = _post_steps(post)
@@ -498,17 +498,17 @@ def _operands(qk, plan) -> dict:
 
 def _check_users(plan) -> None:
     """The scores, probabilities and every step between them feed only the next step."""
-    for node in (*plan["post"], plan["softmax"], *plan["chain"], plan["qk"]):
-        users = list(node.users)
-        if len(users) != 1:
-            others = ", ".join(u.name for u in users)
-            raise Refused(f"{node.name} (an intermediate result of the attention) is also used by {others}")
+    steps = [plan["qk"], *reversed(plan["chain"]), plan["softmax"], *reversed(plan["post"]), plan["out"]]
+    for node, nxt in zip(steps, steps[1:]):
+        others = [u.name for u in node.users if u is not nxt]
+        if others:
+            raise Refused(f"{node.name} (an intermediate result of the attention) is also used by {', '.join(others)}")
 
 
 def _check_shapes(plan) -> None:
     """Shapes, ranks and dtypes agree with attention()'s meaning (on the repeated k/v the
     graph used)."""
-    q, kt, v, out, s = (_value(plan[key]) for key in ("q_in", "kt", "v", "out", "qk"))
+    q, kt, v, out, s = (_value(plan[key]) for key in ("q_in", "kt", "v_in", "out", "qk"))
     if any(t is None for t in (q, kt, v, out, s)):
         raise Refused("an operand without an example value")
     if not (q.dim() == kt.dim() == v.dim() >= 3):

@@ -234,3 +234,88 @@ def test_graph_holds_one_attention_call_and_no_softmax():
     torch.testing.assert_close(torch.compile(fn, backend=backend)(q, k, v), fn(q, k, v))
     names = [getattr(n.target, "__name__", str(n.target)) for n in graphs[0].graph.nodes if n.op != "placeholder"]
     assert names.count("attention") == 1 and "softmax" not in names and "matmul" not in names, names
+
+
+def _hf_models():
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    eager = {"attn_implementation": "eager"}
+    return {
+        "gpt2": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            n_layer=1, n_embd=32, n_head=4, vocab_size=64, n_positions=16, resid_pdrop=0.0, embd_pdrop=0.0,
+            attn_pdrop=0.0, **eager)),
+        "bert": lambda: transformers.BertForMaskedLM(transformers.BertConfig(
+            num_hidden_layers=1, hidden_size=32, num_attention_heads=4, intermediate_size=64, vocab_size=64,
+            max_position_embeddings=16, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **eager)),
+        "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            num_hidden_layers=1, hidden_size=32, num_attention_heads=4, num_key_value_heads=1,
+            intermediate_size=64, vocab_size=64, max_position_embeddings=16, **eager)),
+        "t5": lambda: transformers.T5ForConditionalGeneration(transformers.T5Config(
+            num_layers=1, num_decoder_layers=1, d_model=32, d_kv=8, num_heads=4, d_ff=64, vocab_size=64,
+            dropout_rate=0.0, **eager)),
+    }
+
+
+# model -> (attentions matched, a text every match's choice has)
+HF_EXPECTED = {"gpt2": (1, "mask additive"), "bert": (1, "mask additive"), "llama": (1, "GQA 4x"),
+               "t5": (3, "scale 1, mask additive")}
+
+
+@pytest.mark.parametrize("name", list(HF_EXPECTED))
+def test_hf_model_attention_is_matched_with_eager_outputs_and_gradients(name):
+    torch.manual_seed(0)
+    model = _hf_models()[name]().train()  # dropout probabilities are 0: eager's and Kitsune's runs agree
+    assert model.config._attn_implementation == "eager"
+    tokens = torch.randint(1, 64, (2, 7))
+    mask = torch.ones_like(tokens)
+    mask[1, 5:] = 0  # padding: a key-padding mask
+    extra = {"decoder_input_ids": tokens[:, :5]} if name == "t5" else {}
+
+    def step(model):
+        logits = model(tokens, attention_mask=mask, **extra).logits
+        grads = torch.autograd.grad((logits * torch.linspace(-1, 1, logits.shape[-1])).sum(),
+                                    [p for p in model.parameters() if p.requires_grad], allow_unused=True)
+        return logits, grads
+    want_logits, want_grads = step(model)
+    compiled = torch.compile(model, backend="kitsune")
+    default_sink().reset()
+    got_logits, got_grads = step(compiled)
+    torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-4)
+    for got, want in zip(got_grads, want_grads):
+        if want is not None:
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    rewrites = [r for record in default_sink().records() for r in getattr(record, "rewrites", ())
+                if r.pattern == "attention"]
+    count, text = HF_EXPECTED[name]
+    assert [r.applied for r in rewrites] == [True] * count, rewrites
+    assert all(text in r.choice for r in rewrites), [r.choice for r in rewrites]
+
+
+def test_torchvision_vit_keeps_sdpa_whole():
+    """torchvision's ViT attends through nn.MultiheadAttention, which Dynamo keeps as one
+    `F.multi_head_attention_forward` call; AOTAutograd turns it into SDPA's fused CPU kernel
+    (forward and backward), which Kitsune leaves whole: nothing to rewrite, eager's values."""
+    from kitsune._compat import import_torchvision
+    try:
+        torchvision = import_torchvision()
+    except ImportError:
+        pytest.skip("torchvision is not installed")
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(image_size=32, patch_size=16, num_layers=2, num_heads=2,
+                                                 hidden_dim=16, mlp_dim=32, num_classes=5, dropout=0.0,
+                                                 attention_dropout=0.0)
+    images = torch.randn(2, 3, 32, 32)
+    params = list(model.parameters())
+    want = model(images)
+    want_grads = torch.autograd.grad(want.sum(), params)
+    default_sink().reset()
+    got = torch.compile(model, backend="kitsune")(images)
+    got_grads = torch.autograd.grad(got.sum(), params)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+    targets = [str(n.target) for record in default_sink().records() if record.graph is not None
+               for n in record.graph.nodes]
+    assert sum("_scaled_dot_product_flash_attention_for_cpu.default" in t for t in targets) == 2
+    assert sum("_scaled_dot_product_flash_attention_for_cpu_backward" in t for t in targets) == 2
+    assert not any("aten.bmm" in t or "_softmax" in t for t in targets)

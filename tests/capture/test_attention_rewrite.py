@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from kitsune.capture.attention import fuse_attention
 from kitsune.record import default_sink
 from kitsune.report.analysis import finalize
+from kitsune.report.explain import explain_records
 
 B, H, L, D = 2, 4, 6, 8
 
@@ -37,7 +38,7 @@ def _compiled(fn, *args):
 
 def _same_as_eager(fn, args, grads=True, **tol):
     """Compiled output and gradients (of every input that requires them) equal eager's."""
-    out, rewrites, records = _compiled(fn, *args)
+    out, rewrites, _ = _compiled(fn, *args)
     ref = fn(*args)
     outs, refs = (out, ref) if isinstance(out, tuple) else ((out,), (ref,))
     for got, want in zip(outs, refs):
@@ -49,7 +50,7 @@ def _same_as_eager(fn, args, grads=True, **tol):
         want = torch.autograd.grad(refs, leaves, cotangent)
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, equal_nan=True, **tol)
-    return rewrites, records
+    return rewrites, default_sink().records()  # with the backward graph's record
 
 
 def _causal_keep(lq=L, lk=L):
@@ -214,12 +215,29 @@ def test_form_left_alone_is_correct_and_says_why(form):
 
 def test_explain_reports_the_attention_as_applied_with_its_form():
     q, k, v = _qkv()
-    _, _, records = _compiled(FORMS["causal_masked_fill"][0], q, k, v)
+    out, _, records = _compiled(FORMS["causal_masked_fill"][0], q, k, v)
+    out.sum().backward()
     for record in records:
         finalize(record)
-    found = [o for r in records for o in r.opportunities if o.pattern == "attention" and o.rewrite]
-    assert [o.status for o in found] == ["applied"]
-    assert "scale 0.3, mask bool fill -inf, causal no, GQA 1x, dropout 0" in found[0].choice
+    found = [o for r in records for o in r.opportunities if o.pattern == "attention"]
+    assert [(o.status, o.rewrite) for o in found] == [("applied", True)]  # the SDPA it became is the same place
+    form = "scale 0.3, mask bool fill -inf, causal no, GQA 1x, dropout 0"
+    assert form in found[0].choice
+    text = explain_records(records)
+    assert form in text and "attention: matmul → softmax → matmul" in text
+
+
+def test_sdpa_call_is_reported_as_pytorchs_fused_kernel():
+    q, k, v = _qkv()
+    rewrites, records = _same_as_eager(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), (q, k, v))
+    assert rewrites == []  # left as it is: it already is one fused ATen op
+    for record in records:
+        finalize(record)
+    found = [o for r in records for o in r.opportunities if o.pattern == "attention"]
+    assert [o.status for o in found] == ["applied"] and "fused attention kernel" in found[0].choice
+    ops = [str(n.target) for r in records for n in r.graph.nodes]
+    assert any("_scaled_dot_product_flash_attention_for_cpu_backward" in op for op in ops)
+    assert not any("bmm" in op or "softmax" in op for op in ops)
 
 
 def test_graph_holds_one_attention_call_and_no_softmax():
@@ -234,6 +252,23 @@ def test_graph_holds_one_attention_call_and_no_softmax():
     torch.testing.assert_close(torch.compile(fn, backend=backend)(q, k, v), fn(q, k, v))
     names = [getattr(n.target, "__name__", str(n.target)) for n in graphs[0].graph.nodes if n.op != "placeholder"]
     assert names.count("attention") == 1 and "softmax" not in names and "matmul" not in names, names
+
+
+def test_3d_attention_runs_as_4d_fused_attention():
+    """torch.bmm attention ([B, L, D]) reaches SDPA's fused kernel through [B, 1, L, D] views."""
+    q, k, v = (t.detach().flatten(0, 1).requires_grad_() for t in _qkv())
+    keep = torch.rand(B * H, L, L) > 0.3
+    keep[..., 0] = True
+
+    bias = torch.randn(L, L)  # a bias that needs a gradient takes SDPA's math path
+
+    def fn(q, k, v, keep, bias):
+        s = torch.bmm(q, k.transpose(1, 2)) * 0.3 + bias
+        return torch.bmm(torch.softmax(s.masked_fill(~keep, float("-inf")), -1), v)
+    rewrites, records = _same_as_eager(fn, (q, k, v, keep, bias))
+    assert [r.applied for r in rewrites] == [True], rewrites
+    ops = [str(n.target) for r in records for n in r.graph.nodes]
+    assert any("_scaled_dot_product_flash_attention_for_cpu" in op for op in ops) and not any("bmm" in op for op in ops)
 
 
 def _hf_models():

@@ -164,7 +164,8 @@ def fuse_attention(gm: fx.GraphModule) -> list[Rewrite]:
         rewrite, plan = found
         if plan is not None:
             try:
-                _replace(gm.graph, node, plan)
+                made = _replace(gm.graph, node, plan)
+                rewrite.nodes = (*rewrite.nodes, made.name)  # the aten ops made of it say so (source_fn_stack)
             except Exception as error:  # noqa: BLE001 - never break the user's graph
                 rewrite = _declined(rewrite.nodes, f"rewrite failed: {type(error).__name__}: {error}")
         if not rewrite.applied:
@@ -546,33 +547,44 @@ def _choice_text(plan) -> str:
             f"GQA {plan['groups']}x, dropout {plan['dropout_p']:g})")
 
 
-def _replace(graph: fx.Graph, pv: fx.Node, plan) -> None:
+def _replace(graph: fx.Graph, pv: fx.Node, plan) -> fx.Node:
     """Insert the attention call before `pv` (the matmul with v), hand it pv's users, erase
     the chain, and erase what only the chain used (transposes, scales, repeats of k/v)."""
     first_new = pv.prev
+    # [B, L, D] operands (torch.bmm) as [B, 1, L, D]: SDPA's fused kernels take 4-D only
+    heads = _value(plan["q_in"]).dim() == 3
     with graph.inserting_before(pv):
+        def four_d(node):
+            if heads and node is not None and _value(node) is not None and _value(node).dim() == 3:
+                return graph.call_method("unsqueeze", (node, 1))
+            return node
         k = graph.call_method("transpose", (plan["k"], -2, -1)) if plan["k_flip"] else plan["k"]
         bias = None
         for term in plan["biases"]:
-            bias = term if bias is None else graph.call_function(operator.add, (bias, term))
+            bias = four_d(term) if bias is None else graph.call_function(operator.add, (bias, four_d(term)))
         mask = None
         for node, invert in plan["masks"]:
-            keep = graph.call_function(torch.logical_not, (node,)) if invert else node
+            keep = graph.call_function(torch.logical_not, (four_d(node),)) if invert else four_d(node)
             mask = keep if mask is None else graph.call_function(operator.and_, (mask, keep))
-        out = graph.call_function(attention, (plan["q"], k, plan["v"]), {
+        q, v = four_d(plan["q"]), four_d(plan["v"])
+        k = graph.call_method("unsqueeze", (k, 1)) if heads else k
+        made = out = graph.call_function(attention, (q, k, v), {
             "bias": bias, "mask": mask, "mask_fill": plan["fill"], "scale": plan["scale"],
             "causal": False, "dropout_p": plan["dropout_p"]})
+        if heads:
+            out = graph.call_method("squeeze", (made, 1))
+    made.meta["example_value"] = _value(pv).unsqueeze(1) if heads else _value(pv)
     node = first_new.next
     while node is not pv:  # the nodes just inserted: example values and the user's source
         _set_example_value(node)
         _inherit_meta(node, pv)
         node = node.next
-    out.meta["example_value"] = _value(pv)
     pv.replace_all_uses_with(out)
     graph.erase_node(pv)
     for node in (*plan["post"], plan["softmax"], *plan["chain"], plan["qk"], *plan["maybe_dead"]):
         if not getattr(node, "_erased", False) and not node.users and node.op in ("call_function", "call_method"):
             graph.erase_node(node)
+    return made
 
 
 def _set_example_value(node: fx.Node) -> None:

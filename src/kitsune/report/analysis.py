@@ -57,6 +57,11 @@ def finalize(record) -> None:
                 if failure else ("applied", "")
         elif config is not None and not config.pattern_enabled(opp.pattern):
             opp.status, opp.reason = "disabled", "not in FusionConfig.enabled_patterns"
+        elif opp.pattern == "attention" and _fused_attention(nodes_by_name, compute):
+            # PyTorch's fused attention kernel (flash/efficient/CPU flash): a library call, like mm
+            opp.status, opp.reason = "applied", ""
+            opp.choice = f"PyTorch's fused attention kernel ({_fused_attention(nodes_by_name, compute)})"
+            opp.kernels = (opp.choice,)
         elif compute and not missing and len(kernels) == 1:
             opp.status, opp.reason = "applied", ""
         elif len(kernels) == 1 and missing and all(_library_product(nodes_by_name.get(n)) for n in missing):
@@ -86,8 +91,10 @@ def _add_rewrites(record) -> None:
     if not rewrites:
         return
     covered = {(rw.pattern, name) for rw in rewrites for name in rw.nodes}
+    nodes_by_name = {n.name: n for n in record.graph.nodes} if record.graph is not None else {}
     kept = [o for o in record.opportunities
-            if not o.rewrite and not any((o.pattern, name) in covered for name in o.nodes)]
+            if not o.rewrite and not any((o.pattern, name) in covered
+                                         for name in (*o.nodes, *_user_ops(nodes_by_name, o.nodes)))]
     for rw in rewrites:
         pattern = BUILTIN_PATTERNS.get(rw.pattern)
         kept.append(FusionOpportunity(
@@ -98,6 +105,31 @@ def _add_rewrites(record) -> None:
             kernels=(rw.choice,) if rw.applied else (), choice=rw.choice if rw.applied else "",
             fused_seconds=rw.seconds or 0.0, rewrite=True))
     record.opportunities = kept
+
+
+# PyTorch's fused attention ops: SDPA's kernels, kept whole by the decomposition table
+FUSED_ATTENTION_OPS = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+                       "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
+
+
+def _fused_attention(nodes_by_name, names) -> str:
+    """The name of the fused SDPA kernel among `names` ("" if none)."""
+    for name in names:
+        node = nodes_by_name.get(name)
+        op = getattr(getattr(node, "target", None), "__name__", "").split(".")[0]
+        if op in FUSED_ATTENTION_OPS or op.removesuffix("_backward") in FUSED_ATTENTION_OPS:
+            return op
+    return ""
+
+
+def _user_ops(nodes_by_name, names) -> list:
+    """The Dynamo-graph nodes (user ops) the aten nodes `names` were made from."""
+    out = []
+    for name in names:
+        stack = getattr(nodes_by_name.get(name), "meta", {}).get("source_fn_stack") or ()
+        if stack and isinstance(stack[-1], tuple):
+            out.append(stack[-1][0])
+    return out
 
 
 def _library_product(node) -> bool:

@@ -207,11 +207,14 @@ def _match(pv: fx.Node):
 def _back_to_softmax(node):
     """(the nodes from the matmul's first operand back to a softmax, nearest first; the
     softmax) following first operands; (.., None) if no softmax is that near."""
-    post = []
+    post, shape = [], getattr(_value(node), "shape", None)
     while isinstance(node, fx.Node) and len(post) <= 4:
         kind, args = _call(node)
         if kind == "softmax":
             return post, node
+        # only steps on the probabilities themselves (elementwise: same shape; no matmul)
+        if kind == "matmul" or _value(node) is None or not _same(tuple(_value(node).shape), tuple(shape)):
+            return post, None
         post.append(node)
         node = args.get("input") if kind else (node.args[0] if node.args else None)
     return post, None
@@ -241,7 +244,8 @@ def _post_steps(post) -> float:
 
 def _check_cast(node) -> None:
     before, after = _value(node.args[0]), _value(node)
-    if before is None or after is None or after.shape != before.shape or after.dtype not in _FLOATS \
+    if before is None or after is None or not _same(tuple(after.shape), tuple(before.shape)) \
+            or after.dtype not in _FLOATS \
             or before.dtype not in _FLOATS or after.device != before.device:
         raise Refused(f"{node.name}: .{node.target}() is not a float cast of the same tensor")
 

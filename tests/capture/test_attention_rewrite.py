@@ -83,6 +83,7 @@ FORMS = {
         (q @ k.mT).masked_fill(~_causal_keep(), -1e9) / 4, -1) @ v, "scale 0.25, mask bool finite fill -2.5e+08"),
     "padding_bias": (lambda q, k, v: torch.softmax(q @ k.mT * 0.3 + _padding_bias(), -1) @ v, "mask additive"),
     "float_upcast": (lambda q, k, v: torch.softmax((q @ k.mT * 0.3).float(), -1).to(q.dtype) @ v, "mask none"),
+    "softmax_dtype": (lambda q, k, v: (q @ k.mT).softmax(-1, torch.float64).to(q.dtype) @ v, "scale 1,"),
     "eval_dropout": (lambda q, k, v: F.dropout(torch.softmax(q @ k.mT, -1), 0.1, training=False) @ v, "dropout 0)"),
 }
 
@@ -354,3 +355,36 @@ def test_torchvision_vit_keeps_sdpa_whole():
     assert sum("_scaled_dot_product_flash_attention_for_cpu.default" in t for t in targets) == 2
     assert sum("_scaled_dot_product_flash_attention_for_cpu_backward" in t for t in targets) == 2
     assert not any("aten.bmm" in t or "_softmax" in t for t in targets)
+
+
+# SDPBackend value -> the ATen op eager's SDPA runs for it (torch.nn.attention.SDPBackend)
+_FUSED_SDPA = {1: "_scaled_dot_product_flash_attention", 2: "_scaled_dot_product_efficient_attention",
+               3: "_scaled_dot_product_cudnn_attention"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="SDPA's GPU kernels")
+@pytest.mark.parametrize("dtype,masked", [(torch.bfloat16, False), (torch.bfloat16, True), (torch.float32, True)])
+def test_sdpa_in_a_training_graph_runs_eagers_fused_kernel_on_the_gpu(dtype, masked):
+    """Issue 16 item 3: the aten graphs AOTAutograd traces on fake tensors hold the fused
+    kernel eager's SDPA picks for these tensors (not the math path), forward and backward."""
+    from kitsune.capture.dynamo import aot_backend
+    q, k, v = (torch.randn(2, 4, 128, 64, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+    mask = None
+    if masked:  # BERT's key-padding mask: [B, 1, 1, L] expanded to [B, 1, L, L]
+        mask = torch.zeros(2, 1, 1, 128, device="cuda", dtype=dtype)
+        mask[1, ..., 100:] = torch.finfo(dtype).min
+        mask = mask.expand(2, 1, 128, 128)
+    choice = int(torch._fused_sdp_choice(q, k, v, attn_mask=mask))
+    if choice not in _FUSED_SDPA:
+        pytest.skip(f"eager SDPA itself takes backend {choice} here")
+    graphs = {}
+
+    def keep(gm, example_inputs, kind):
+        graphs[kind] = [str(n.target) for n in gm.graph.nodes]
+        return gm
+    fn = lambda q, k, v, mask: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # noqa: E731
+    torch.compile(fn, backend=aot_backend(keep))(q, k, v, mask).float().sum().backward()
+    op = _FUSED_SDPA[choice]
+    assert any(op in t and "backward" not in t for t in graphs["forward"]), graphs["forward"]
+    assert any(f"{op}_backward" in t for t in graphs["backward"]), graphs["backward"]
+    assert not any("bmm" in t for t in graphs["forward"] + graphs["backward"])

@@ -67,7 +67,8 @@ _SIGNATURES = {
     "mul": _sig(lambda input, other: None),
     "div": _sig(lambda input, other, rounding_mode=None: None),
     "add": _sig(lambda input, other, alpha=1: None),
-    "softmax": _sig(lambda input, dim=None, _stacklevel=3, dtype=None: None),
+    "softmax": _sig(lambda input, dim=None, _stacklevel=3, dtype=None: None),  # F.softmax
+    "torch_softmax": _sig(lambda input, dim, dtype=None: None),  # torch.softmax, Tensor.softmax
     "masked_fill": _sig(lambda input, mask, value: None),
     "where": _sig(lambda condition, input, other: None),
     "where_method": _sig(lambda input, condition, other: None),
@@ -87,7 +88,7 @@ _FUNCTIONS = {
     torch.matmul: "matmul", operator.matmul: "matmul", torch.bmm: "matmul",
     operator.mul: "mul", torch.mul: "mul", operator.truediv: "div", torch.div: "div", torch.true_divide: "div",
     operator.add: "add", torch.add: "add",
-    F.softmax: "softmax", torch.softmax: "softmax",
+    F.softmax: "softmax", torch.softmax: "torch_softmax",
     torch.masked_fill: "masked_fill", torch.where: "where",
     F.dropout: "dropout", torch.dropout: "torch_dropout",
     torch.transpose: "transpose", torch.permute: "permute", torch.repeat_interleave: "repeat_interleave",
@@ -96,7 +97,7 @@ _FUNCTIONS = {
 _METHODS = {
     "matmul": "matmul", "bmm": "matmul", "__matmul__": "matmul", "mul": "mul", "__mul__": "mul",
     "div": "div", "__truediv__": "div", "true_divide": "div", "add": "add", "__add__": "add",
-    "softmax": "softmax", "masked_fill": "masked_fill", "where": "where_method",
+    "softmax": "torch_softmax", "masked_fill": "masked_fill", "where": "where_method",
     "transpose": "transpose", "permute": "permute", "repeat_interleave": "repeat_interleave",
     "expand": "expand", "reshape": "reshape", "view": "reshape", "unsqueeze": "unsqueeze",
     "float": "cast", "to": "cast", "type": "cast", "half": "cast", "bfloat16": "cast", "double": "cast",
@@ -130,6 +131,8 @@ def _call(node):
     args = dict(bound.arguments)
     if kind == "where_method":
         kind = "where"
+    elif kind == "torch_softmax":
+        kind = "softmax"
     elif kind == "torch_dropout":
         kind, args["training"] = "dropout", args.pop("train")
     return kind, args

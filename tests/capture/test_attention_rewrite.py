@@ -77,6 +77,9 @@ FORMS = {
         (q @ k.mT * 0.3).masked_fill(~_causal_keep(), float("-inf")), -1) @ v, "bool fill -inf"),
     "causal_where_min": (lambda q, k, v: torch.softmax(torch.where(
         _causal_keep(), q @ k.mT, torch.finfo(torch.float32).min), -1) @ v, "bool finite fill"),
+    "where_tensor_fill": (lambda q, k, v: torch.softmax(torch.where(
+        _causal_keep(), q @ k.mT, torch.full([], torch.finfo(q.dtype).min, dtype=q.dtype)), -1) @ v,
+        "bool finite fill -3.4e+38"),
     "where_fill_first": (lambda q, k, v: torch.softmax(torch.where(
         ~_causal_keep(), -1e4, q @ k.mT), -1) @ v, "bool finite fill -1e+04"),
     "mask_then_scale": (lambda q, k, v: torch.softmax(

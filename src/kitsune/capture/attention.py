@@ -361,6 +361,7 @@ def _bool_mask(node, kind, args, scores, fills):
         fill, invert = (args["other"], False) if keeps_where_true else (args["input"], True)
     if _value(mask) is None or _value(mask).dtype != torch.bool:
         raise Refused(f"{node.name}: the mask is not a bool tensor")
+    fill = _constant_scalar(fill)
     if not _number(fill):
         raise Refused(f"{node.name}: the fill value is {_describe(fill)}, not a constant number")
     fill = float(fill)
@@ -371,6 +372,18 @@ def _bool_mask(node, kind, args, scores, fills):
         fill = float(torch.tensor(fill, dtype=dtype))
     fills.append(fill)
     return mask, invert
+
+
+def _constant_scalar(x):
+    """A fill value given as a 0-dim constant tensor made in the graph (GPT-2/GPT-J's
+    `torch.full([], finfo.min)`, `torch.tensor(value)`) as its number; `x` otherwise."""
+    if not isinstance(x, fx.Node) or x.op != "call_function" or _value(x) is None or _value(x).dim() != 0:
+        return x
+    if x.target is torch.full and len(x.args) == 2 and tuple(x.args[0]) == () and _number(x.args[1]):
+        return x.args[1]
+    if x.target is torch.tensor and len(x.args) == 1 and _number(x.args[0]):
+        return x.args[0]
+    return x
 
 
 def _describe(x) -> str:

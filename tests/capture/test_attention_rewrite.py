@@ -80,6 +80,8 @@ FORMS = {
     "where_tensor_fill": (lambda q, k, v: torch.softmax(torch.where(
         _causal_keep(), q @ k.mT, torch.full([], torch.finfo(q.dtype).min, dtype=q.dtype)), -1) @ v,
         "bool finite fill -3.4e+38"),
+    "tensor_scale": (lambda q, k, v: torch.softmax(q @ k.mT / torch.full([], D ** 0.5, dtype=q.dtype), -1) @ v,
+                     f"scale {1 / D ** 0.5:.6g}"),
     "where_fill_first": (lambda q, k, v: torch.softmax(torch.where(
         ~_causal_keep(), -1e4, q @ k.mT), -1) @ v, "bool finite fill -1e+04"),
     "mask_then_scale": (lambda q, k, v: torch.softmax(

@@ -325,6 +325,7 @@ def _read_chain(chain) -> dict:
         if kind == "cast":
             _check_cast(node)
         elif kind in ("mul", "div"):
+            other = _constant_scalar(other)
             if not _number(other) or (kind == "div" and (args["input"] is not scores or args["rounding_mode"])):
                 raise Refused(f"{node.name}: the scores are scaled by {_describe(other)} (not a constant number)")
             if other == 0 or not math.isfinite(other):
@@ -375,15 +376,19 @@ def _bool_mask(node, kind, args, scores, fills):
 
 
 def _constant_scalar(x):
-    """A fill value given as a 0-dim constant tensor made in the graph (GPT-2/GPT-J's
-    `torch.full([], finfo.min)`, `torch.tensor(value)`) as its number; `x` otherwise."""
+    """A scale or fill value given as a 0-dim float constant made in the graph (GPT-2/GPT-J's
+    `torch.full([], finfo.min)` or `/ torch.full([], d ** 0.5)`, `torch.tensor(value)`) as
+    its number; `x` otherwise."""
     if not isinstance(x, fx.Node) or x.op != "call_function" or _value(x) is None or _value(x).dim() != 0:
         return x
     if x.target is torch.full and len(x.args) == 2 and tuple(x.args[0]) == () and _number(x.args[1]):
-        return x.args[1]
-    if x.target is torch.tensor and len(x.args) == 1 and _number(x.args[0]):
-        return x.args[0]
-    return x
+        number = x.args[1]
+    elif x.target is torch.tensor and len(x.args) == 1 and _number(x.args[0]):
+        number = x.args[0]
+    else:
+        return x
+    dtype = _value(x).dtype
+    return float(torch.tensor(number, dtype=dtype)) if dtype in _FLOATS else x  # the value the tensor holds
 
 
 def _describe(x) -> str:

@@ -393,3 +393,15 @@ def test_sdpa_in_a_training_graph_runs_eagers_fused_kernel_on_the_gpu(dtype, mas
     assert any(op in t and "backward" not in t for t in graphs["forward"]), graphs["forward"]
     assert any(f"{op}_backward" in t for t in graphs["backward"]), graphs["backward"]
     assert not any("bmm" in t for t in graphs["forward"] + graphs["backward"])
+
+
+@pytest.mark.parametrize("shape", ["no_keys", "no_batch", "strided"])
+def test_zero_size_and_non_contiguous_operands(shape):
+    if shape == "strided":  # q, k, v as heads-transposed views of [B, L, H, D] projections
+        q, k, v = (torch.randn(B, L, H, D).transpose(1, 2).requires_grad_() for _ in range(3))
+    else:
+        q, k, v = _qkv(*((B, H, L, D) if shape == "no_keys" else (0, H, L, D)))
+        if shape == "no_keys":
+            k, v = (t.detach()[:, :, :0].requires_grad_() for t in (k, v))
+    rewrites, _ = _same_as_eager(FORMS["padding_bias" if shape == "strided" else "transpose_mul"][0], (q, k, v))
+    assert [r.applied for r in rewrites] == [True], rewrites

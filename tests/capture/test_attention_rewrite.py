@@ -74,12 +74,18 @@ FORMS = {
     "bmm_3d": (lambda q, k, v: torch.bmm(torch.softmax(torch.bmm(q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2)),
                                                        -1), v.flatten(0, 1)), "scale 1,"),
     "causal_masked_fill": (lambda q, k, v: torch.softmax(
-        (q @ k.mT * 0.3).masked_fill(~_causal_keep(), float("-inf")), -1) @ v, "bool fill -inf"),
+        (q @ k.mT * 0.3).masked_fill(~_causal_keep(), float("-inf")), -1) @ v, "mask none, causal yes"),
+    "causal_triu_finite": (lambda q, k, v: torch.softmax((q @ k.mT).masked_fill(
+        torch.ones(L, L, dtype=torch.bool).triu(1), torch.finfo(q.dtype).min), -1) @ v, "mask none, causal yes"),
+    "tril_masked_is_not_causal": (lambda q, k, v: torch.softmax((q @ k.mT).masked_fill(
+        torch.ones(L, L, dtype=torch.bool).triu(), -1e9), -1) @ v, "bool finite fill -1e+09, causal no"),
     "causal_where_min": (lambda q, k, v: torch.softmax(torch.where(
-        _causal_keep(), q @ k.mT, torch.finfo(torch.float32).min), -1) @ v, "bool finite fill"),
+        _causal_keep(), q @ k.mT, torch.finfo(torch.float32).min), -1) @ v, "causal yes"),
+    "causal_with_bias": (lambda q, k, v: torch.softmax(torch.where(
+        _causal_keep(), q @ k.mT + _padding_bias(), -1e30), -1) @ v, "additive + bool finite fill -1e+30, causal no"),
     "where_tensor_fill": (lambda q, k, v: torch.softmax(torch.where(
         _causal_keep(), q @ k.mT, torch.full([], torch.finfo(q.dtype).min, dtype=q.dtype)), -1) @ v,
-        "bool finite fill -3.4e+38"),
+        "mask none, causal yes"),
     "tensor_scale": (lambda q, k, v: torch.softmax(q @ k.mT / torch.full([], D ** 0.5, dtype=q.dtype), -1) @ v,
                      f"scale {1 / D ** 0.5:.6g}"),
     "where_fill_first": (lambda q, k, v: torch.softmax(torch.where(
@@ -227,7 +233,7 @@ def test_explain_reports_the_attention_as_applied_with_its_form():
         finalize(record)
     found = [o for r in records for o in r.opportunities if o.pattern == "attention"]
     assert [(o.status, o.rewrite) for o in found] == [("applied", True)]  # the SDPA it became is the same place
-    form = "scale 0.3, mask bool fill -inf, causal no, GQA 1x, dropout 0"
+    form = "scale 0.3, mask none, causal yes (top-left), GQA 1x, dropout 0"
     assert form in found[0].choice
     text = explain_records(records)
     assert form in text and "attention: matmul → softmax → matmul" in text

@@ -28,7 +28,11 @@ second matmul other than casts and dropout (a mask after the softmax), a scale
 that is a tensor (depends on data), a scale after the bias or mask (it would
 scale them too), a bias after a bool mask, scores or probabilities used
 elsewhere (an attention-weights output), shapes or dtypes that do not agree.
-Causal masks stay bool masks (no `causal=True` guess). On the CPU the rewrite
+A mask that is the only one, with no bias, a fill of -inf (or a finite one
+at or below -1e9, which exp() turns into the same 0), and is the square lower
+triangle of a bool `torch.ones(L, L)` (`.tril()` kept, or `.triu(1)` masked,
+possibly through `~`) becomes `causal=True`; every other causal mask (HF's,
+merged with padding; `arange` comparisons) stays a bool mask. On the CPU the rewrite
 always applies (no timing): `attention()` runs SDPA's fused CPU kernel, which
 never materialises the scores.
 """
@@ -199,6 +203,7 @@ def _match(pv: fx.Node):
         chain, qk = _scores_chain(scores)
         names = [qk.name, *(n.name for n in reversed(chain))] + names
         plan.update(_read_chain(chain), chain=chain, qk=qk)
+        plan["causal"] = _causal(plan, _value(qk))
         plan.update(_operands(qk, plan))
         _check_users(plan)
         _check_shapes(plan)
@@ -391,6 +396,52 @@ def _constant_scalar(x):
     return float(torch.tensor(number, dtype=dtype)) if dtype in _FLOATS else x  # the value the tensor holds
 
 
+def _causal(plan, scores) -> bool:
+    """Whether the only mask is the square lower triangle `ones(L, L, dtype=bool).tril()` (kept)
+    or `.triu(1)` (masked) and nothing else is added: then it is `causal=True` (top-left),
+    which lets the kernels skip the masked tiles; removes it from plan["masks"]."""
+    if len(plan["masks"]) != 1 or plan["biases"] or scores is None or scores.dim() < 2:
+        return False
+    fill = plan["fill"]
+    # a fill this far below any score gives exp() == 0 as -inf does: no row is fully masked
+    if fill != float("-inf") and fill > -1e9:
+        return False
+    node, invert = plan["masks"][0]
+    dead = [node]
+    while isinstance(node, fx.Node) and (node.target in (operator.invert, torch.logical_not, "logical_not",
+                                                         "__invert__", "bitwise_not")) and len(node.args) == 1:
+        node, invert = node.args[0], not invert
+        dead.append(node)
+    kind, diagonal = _triangle(node)
+    if (kind, diagonal) not in (("tril", 0), ("triu", 1)) or (kind == "tril") == invert:
+        return False
+    lq, lk = scores.shape[-2], scores.shape[-1]
+    mask = _value(node)
+    if not (_same(lq, lk) and mask.dim() == 2 and _same(tuple(mask.shape), (lq, lk))):
+        return False
+    plan["masks"], plan["fill"] = [], float("-inf")
+    plan["causal_dead"] = [*dead, node.args[0] if node.args else node]  # the mask's nodes, if unused after
+    return True
+
+
+def _triangle(node):
+    """("tril" or "triu", diagonal) for a triangle of a bool `torch.ones`; (None, None) otherwise."""
+    if not isinstance(node, fx.Node):
+        return None, None
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    if node.op not in ("call_method", "call_function") or name not in ("tril", "triu") or \
+            node.target not in ("tril", "triu", torch.tril, torch.triu):
+        return None, None
+    bound = _sig(lambda input, diagonal=0: None).bind(*node.args, **node.kwargs)
+    bound.apply_defaults()
+    ones = bound.arguments["input"]
+    if not (isinstance(ones, fx.Node) and ones.op == "call_function" and ones.target is torch.ones
+            and _value(ones) is not None and _value(ones).dtype == torch.bool):
+        return None, None
+    diagonal = bound.arguments["diagonal"]
+    return (name, diagonal) if isinstance(diagonal, int) else (None, None)
+
+
 def _describe(x) -> str:
     if isinstance(x, fx.Node):
         return f"a tensor ({x.name})" if _value(x) is not None else x.name
@@ -568,7 +619,8 @@ def _mask_kind(plan) -> str:
 
 
 def _choice_text(plan) -> str:
-    return (f"{CHOICE} (scale {plan['scale']:.6g}, mask {_mask_kind(plan)}, causal no, "
+    return (f"{CHOICE} (scale {plan['scale']:.6g}, mask {_mask_kind(plan)}, "
+            f"causal {'yes (top-left)' if plan['causal'] else 'no'}, "
             f"GQA {plan['groups']}x, dropout {plan['dropout_p']:g})")
 
 
@@ -595,7 +647,7 @@ def _replace(graph: fx.Graph, pv: fx.Node, plan) -> fx.Node:
         k = graph.call_method("unsqueeze", (k, 1)) if heads else k
         made = out = graph.call_function(attention, (q, k, v), {
             "bias": bias, "mask": mask, "mask_fill": plan["fill"], "scale": plan["scale"],
-            "causal": False, "dropout_p": plan["dropout_p"]})
+            "causal": plan["causal"], "dropout_p": plan["dropout_p"]})
         if heads:
             out = graph.call_method("squeeze", (made, 1))
     made.meta["example_value"] = _value(pv).unsqueeze(1) if heads else _value(pv)
@@ -606,7 +658,8 @@ def _replace(graph: fx.Graph, pv: fx.Node, plan) -> fx.Node:
         node = node.next
     pv.replace_all_uses_with(out)
     graph.erase_node(pv)
-    for node in (*plan["post"], plan["softmax"], *plan["chain"], plan["qk"], *plan["maybe_dead"]):
+    for node in (*plan["post"], plan["softmax"], *plan["chain"], plan["qk"], *plan["maybe_dead"],
+                 *plan.get("causal_dead", ())):
         if not getattr(node, "_erased", False) and not node.users and node.op in ("call_function", "call_method"):
             graph.erase_node(node)
     return made

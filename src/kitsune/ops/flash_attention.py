@@ -7,7 +7,7 @@ the scores (and their softmax, and in training their gradient) through memory,
 B*H*Lq*Lk elements each time; for 16 heads of 1024 tokens that is 32 MB per
 batch element in bf16, against 4 MB of q, k and v. The flash form keeps a tile
 of scores in registers, with the online softmax (a running max and sum per
-row), and saves only the row's log-sum-exp for the backward, which recomputes
+row), and saves only the row's log-sum-exp (as its max and log-sum) for the backward, which recomputes
 the scores tile by tile (FlashAttention-2).
 
 What the kernels handle: fp16 / bf16 / fp32 inputs with float32 accumulation
@@ -23,7 +23,7 @@ the only place a score-sized float32 tensor is made, and only when the bias
 requires grad). Dropout is not implemented: `attention()` sends dropout_p > 0
 to the reference.
 
-`kitsune::flash_attention` (out, lse) and `kitsune::flash_attention_backward`
+`kitsune::flash_attention` (out, row stats) and `kitsune::flash_attention_backward`
 are `torch.library` custom ops (fake implementations, autograd), so AOTAutograd
 traces them as one node each; `flash_attention(...)` is the function to call.
 On CPU tensors they run only under Triton's interpreter (TRITON_INTERPRET=1):
@@ -74,29 +74,30 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, bias: 
 def flash_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
                        mask: torch.Tensor | None, mask_fill: float, scale: float,
                        causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out [*, Hq, Lq, Dv] in q's dtype, lse [*, Hq, Lq] float32): attention and each row's
-    log-sum-exp of its scores (-inf for a row with no finite score)."""
+    """(out [*, Hq, Lq, Dv] in q's dtype, stats [*, Hq, Lq, 2] float32): attention, and each row's
+    log-sum-exp of its scores as (max, log2(sum of exp(score - max))) (-inf, -inf for a row with
+    no finite score): kept apart, as a finite fill of finfo.min would swallow the sum's log."""
     _check_shapes(q, k, v, bias, mask)
     out = q.new_empty(_out_shape(q, v))
-    lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+    stats = q.new_empty((*q.shape[:-1], 2), dtype=torch.float32)
     if out.numel() == 0:
-        return out, lse
+        return out, stats
     if k.shape[-2] == 0:  # no keys: the formula's empty softmax times an empty v is zero, as eager
-        return out.zero_(), lse.fill_(float("-inf"))
-    _launch_forward(_Problem(q, k, v, bias, mask, mask_fill, scale, causal), out, lse)
-    return out, lse
+        return out.zero_(), stats.fill_(float("-inf"))
+    _launch_forward(_Problem(q, k, v, bias, mask, mask_fill, scale, causal), out, stats)
+    return out, stats
 
 
 @flash_attention_op.register_fake
 def _fake_forward(q, k, v, bias, mask, mask_fill, scale, causal):
     _check_shapes(q, k, v, bias, mask)
-    return q.new_empty(_out_shape(q, v)), q.new_empty(q.shape[:-1], dtype=torch.float32)
+    return q.new_empty(_out_shape(q, v)), q.new_empty((*q.shape[:-1], 2), dtype=torch.float32)
 
 
 @torch.library.custom_op("kitsune::flash_attention_backward", mutates_args=())
 def flash_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                 bias: torch.Tensor | None, mask: torch.Tensor | None, out: torch.Tensor,
-                                lse: torch.Tensor, mask_fill: float, scale: float, causal: bool,
+                                stats: torch.Tensor, mask_fill: float, scale: float, causal: bool,
                                 bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dbias) for grad_out; dbias has bias's shape and dtype when bias_grad, else is empty."""
     dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
@@ -104,33 +105,33 @@ def flash_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torc
     if q.numel() == 0 or k.numel() == 0 or grad_out.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_(), dbias.zero_()
     problem = _Problem(q, k, v, bias, mask, mask_fill, scale, causal)
-    scores = _launch_backward(problem, grad_out, out, lse, dq, dk, dv, bias_grad)
+    scores = _launch_backward(problem, grad_out, out, stats, dq, dk, dv, bias_grad)
     if bias_grad:
         dbias.copy_(scores.reshape(_score_shape(q, k)).sum_to_size(bias.shape))
     return dq, dk, dv, dbias
 
 
 @flash_attention_backward_op.register_fake
-def _fake_backward(grad_out, q, k, v, bias, mask, out, lse, mask_fill, scale, causal, bias_grad):
+def _fake_backward(grad_out, q, k, v, bias, mask, out, stats, mask_fill, scale, causal, bias_grad):
     dbias = bias.new_empty(bias.shape) if bias_grad else q.new_empty(_EMPTY)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, bias, mask, mask_fill, scale, causal = inputs
-    out, lse = output
-    ctx.mark_non_differentiable(lse)
+    out, stats = output
+    ctx.mark_non_differentiable(stats)
     ctx.bias_grad = bias is not None and ctx.needs_input_grad[3]
     ctx.has_bias, ctx.has_mask = bias is not None, mask is not None
     ctx.flags = (mask_fill, scale, causal)
-    ctx.save_for_backward(q, k, v, bias, mask, out, lse)
+    ctx.save_for_backward(q, k, v, bias, mask, out, stats)
 
 
-def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, bias, mask, out, lse = ctx.saved_tensors
+def _backward(ctx, grad_out, _grad_stats):
+    q, k, v, bias, mask, out, stats = ctx.saved_tensors
     bias = bias if ctx.has_bias else None
     mask = mask if ctx.has_mask else None
-    dq, dk, dv, dbias = flash_attention_backward_op(grad_out, q, k, v, bias, mask, out, lse, *ctx.flags,
+    dq, dk, dv, dbias = flash_attention_backward_op(grad_out, q, k, v, bias, mask, out, stats, *ctx.flags,
                                                     ctx.bias_grad)
     return dq, dk, dv, dbias if ctx.bias_grad else None, None, None, None, None
 
@@ -214,7 +215,7 @@ def _pow2(n: int) -> int:
     return max(16, 1 << (n - 1).bit_length())
 
 
-def _launch_forward(problem: _Problem, out, lse) -> None:
+def _launch_forward(problem: _Problem, out, stats) -> None:
     from kitsune.ops.flash_attention_kernels import attention_forward_kernel
     from kitsune.ops.flash_attention_tuning import forward_blocks
     p = problem
@@ -224,13 +225,13 @@ def _launch_forward(problem: _Problem, out, lse) -> None:
     bias, mask, extra_strides = p.extras()
     grid = (triton_cdiv(p.lq, block_m), p.z * p.h)
     attention_forward_kernel[grid](
-        p.q, p.k, p.v, bias, mask, out4, lse,
+        p.q, p.k, p.v, bias, mask, out4, stats,
         *p.q.stride(), *p.k.stride(), *p.v.stride(), *out4.stride(), *extra_strides,
         p.h, p.group, p.lq, p.lk, p.d, p.dv, p.scale, p.mask_fill, **p.flags(),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv, num_warps=warps, num_stages=stages)
 
 
-def _launch_backward(problem: _Problem, grad_out, out, lse, dq, dk, dv, bias_grad):
+def _launch_backward(problem: _Problem, grad_out, out, stats, dq, dk, dv, bias_grad):
     """Fills dq, dk, dv; returns the float32 score gradients [Z, H, Lq, Lk] when bias_grad, else None."""
     from kitsune.ops import flash_attention_kernels as kernels
     from kitsune.ops.flash_attention_tuning import backward_blocks
@@ -242,18 +243,19 @@ def _launch_backward(problem: _Problem, grad_out, out, lse, dq, dk, dv, bias_gra
     kernels.attention_delta_kernel[(triton_cdiv(p.lq, blocks.delta_m), p.z * p.h)](
         out4, grad4, delta, p.h, p.lq, p.dv, *out4.stride(), *grad4.stride(),
         BLOCK_M=blocks.delta_m, BLOCK_DV=block_dv)
-    scores = torch.empty((p.z, p.h, p.lq, p.lk), dtype=torch.float32, device=p.q.device) if bias_grad else None
+    # zeros: causal programs skip the future scores, whose gradient is 0
+    scores = torch.zeros((p.z, p.h, p.lq, p.lk), dtype=torch.float32, device=p.q.device) if bias_grad else None
     bias, mask, extra_strides = p.extras()
     flags = p.flags()
     common = (*p.q.stride(), *p.k.stride(), *p.v.stride(), *grad4.stride(), *extra_strides)
     kernels.attention_dkdv_kernel[(triton_cdiv(p.lk, blocks.kv_n), p.z * p.hkv)](
-        p.q, p.k, p.v, bias, mask, grad4, lse, delta, dk4, dv4, scores if bias_grad else delta,
+        p.q, p.k, p.v, bias, mask, grad4, stats, delta, dk4, dv4, scores if bias_grad else delta,
         *common, *dk4.stride(), *dv4.stride(),
         p.h, p.hkv, p.group, p.lq, p.lk, p.d, p.dv, p.scale, p.mask_fill, **flags, STORE_DBIAS=bias_grad,
         BLOCK_M=blocks.kv_m, BLOCK_N=blocks.kv_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
         num_warps=blocks.warps, num_stages=blocks.stages)
     kernels.attention_dq_kernel[(triton_cdiv(p.lq, blocks.q_m), p.z * p.h)](
-        p.q, p.k, p.v, bias, mask, grad4, lse, delta, dq4,
+        p.q, p.k, p.v, bias, mask, grad4, stats, delta, dq4,
         *common, *dq4.stride(),
         p.h, p.group, p.lq, p.lk, p.d, p.dv, p.scale, p.mask_fill, **flags,
         BLOCK_M=blocks.q_m, BLOCK_N=blocks.q_n, BLOCK_D=block_d, BLOCK_DV=block_dv,

@@ -11,7 +11,7 @@ the scores themselves by log2(e) would overflow a finite float32 `mask_fill`
 
 Forward: one program per (query tile, batch x head); keys in tiles with the
 online softmax (running max m, running sum l, float32 accumulator), the row's
-log-sum-exp m + log(l) kept for the backward. Backward (FlashAttention-2): a
+(m, log2(l)) kept for the backward. Backward (FlashAttention-2): a
 preprocess for delta = rowsum(dO * O); one program per (key tile, batch x kv
 head) for dk and dv, looping over every query head of its group and every
 query tile, so the GQA sum happens in registers without atomics (and d-bias,
@@ -21,10 +21,24 @@ but float atomics make the gradients non-deterministic.
 """
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+# Triton's interpreter multiplies bfloat16 blocks wrongly (their raw bits; 3.9): there
+# they are widened to float32 first, which is exact. A GPU never takes that branch.
+INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
+
+
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr):
+    if INTERPRETED:
+        if a.dtype == tl.bfloat16:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision=PRECISION)
 
 
 @triton.jit
@@ -33,7 +47,7 @@ def _scores(q, k_t, rows, cols, bias_ptrs, mask_ptrs, LQ, LK, scale, mask_fill,
     """The [BLOCK_M, BLOCK_N] tile of scores, in the order of the formula: q.k * scale,
     + bias, causal -inf, mask's fill (a `where`, so a finite fill replaces even -inf),
     then -inf past the last key (a padded key is never a key, whatever the fill)."""
-    s = tl.dot(q, k_t, input_precision=PRECISION) * scale
+    s = _dot(q, k_t, PRECISION) * scale
     inside = (rows[:, None] < LQ) & (cols[None, :] < LK)
     if HAS_BIAS:
         s += tl.load(bias_ptrs, mask=inside, other=0.0).to(tl.float32)
@@ -57,7 +71,7 @@ def _kept_grad(ds, mask_ptrs, rows, cols, LQ, LK, HAS_MASK: tl.constexpr):
 
 @triton.jit
 def attention_forward_kernel(
-        Q, K, V, Bias, Mask, Out, Lse,
+        Q, K, V, Bias, Mask, Out, Stats,
         sqz, sqh, sqm, sqd, skz, skh, skn, skd, svz, svh, svn, svd, soz, soh, som, sod,
         sbz, sbh, sbm, sbn, smz, smh, smm, smn,
         H, GROUP, LQ, LK, D, DV, scale, mask_fill,
@@ -98,12 +112,15 @@ def attention_forward_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + cols[:, None] * svn + offs_dv[None, :] * svd,
                     mask=(cols[:, None] < LK) & (offs_dv[None, :] < DV), other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
         m_i = m_new
     out = acc / l_i[:, None]  # 0 / 0: a row with every score -inf is NaN, as eager's softmax
     tl.store(Out + z * soz + h * soh + rows[:, None] * som + offs_dv[None, :] * sod, out.to(Out.dtype.element_ty),
              mask=(rows[:, None] < LQ) & (offs_dv[None, :] < DV))
-    tl.store(Lse + zh * LQ + rows, m_i + tl.log(l_i), mask=rows < LQ)
+    # (max, log2 of the sum) rather than their sum, the log-sum-exp: a finite fill of
+    # finfo.min as max would swallow log(sum) (a fully masked row would lose its 1 / Lk)
+    tl.store(Stats + (zh * LQ + rows) * 2, m_i, mask=rows < LQ)
+    tl.store(Stats + (zh * LQ + rows) * 2 + 1, tl.log2(l_i), mask=rows < LQ)
 
 
 @triton.jit
@@ -125,7 +142,7 @@ def attention_delta_kernel(Out, Grad, Delta, H, LQ, DV,
 
 @triton.jit
 def attention_dkdv_kernel(
-        Q, K, V, Bias, Mask, Grad, Lse, Delta, DK, DV_, DBias,
+        Q, K, V, Bias, Mask, Grad, Stats, Delta, DK, DV_, DBias,
         sqz, sqh, sqm, sqd, skz, skh, skn, skd, svz, svh, svn, svd, sgz, sgh, sgm, sgd,
         sbz, sbh, sbm, sbn, smz, smh, smm, smn, sdkz, sdkh, sdkn, sdkd, sdvz, sdvh, sdvn, sdvd,
         H, HKV, GROUP, LQ, LK, D, DV, scale, mask_fill,
@@ -159,20 +176,21 @@ def attention_dkdv_kernel(
                         mask=(rows[:, None] < LQ) & (offs_d[None, :] < D), other=0.0)
             do = tl.load(Grad + z * sgz + h * sgh + rows[:, None] * sgm + offs_dv[None, :] * sgd,
                          mask=(rows[:, None] < LQ) & (offs_dv[None, :] < DV), other=0.0)
-            lse = tl.load(Lse + zh * LQ + rows, mask=rows < LQ, other=0.0)
+            row_max = tl.load(Stats + (zh * LQ + rows) * 2, mask=rows < LQ, other=0.0)
+            log2_sum = tl.load(Stats + (zh * LQ + rows) * 2 + 1, mask=rows < LQ, other=0.0)
             delta = tl.load(Delta + zh * LQ + rows, mask=rows < LQ, other=0.0)
             bias_ptrs = Bias + z * sbz + h * sbh + rows[:, None] * sbm + cols[None, :] * sbn
             mask_ptrs = Mask + z * smz + h * smh + rows[:, None] * smm + cols[None, :] * smn
             s = _scores(q, k_t, rows, cols, bias_ptrs, mask_ptrs, LQ, LK, scale, mask_fill,
                         HAS_BIAS, HAS_MASK, CAUSAL, PRECISION)
-            p = tl.exp2((s - lse[:, None]) * LOG2E)  # -inf - -inf: a fully masked row stays NaN, as eager's
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-            dp = tl.dot(do, v_t, input_precision=PRECISION)
+            p = tl.exp2((s - row_max[:, None]) * LOG2E - log2_sum[:, None])  # -inf - -inf: a fully masked row stays NaN, as eager's
+            dv += _dot(tl.trans(p.to(do.dtype)), do, PRECISION)
+            dp = _dot(do, v_t, PRECISION)
             ds = _kept_grad(p * (dp - delta[:, None]), mask_ptrs, rows, cols, LQ, LK, HAS_MASK)
             if STORE_DBIAS:
                 tl.store(DBias + (zh * LQ + rows[:, None]) * LK + cols[None, :], ds,
                          mask=(rows[:, None] < LQ) & (cols[None, :] < LK))
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+            dk += _dot(tl.trans(ds.to(q.dtype)), q, PRECISION)
     tl.store(DK + z * sdkz + kvh * sdkh + cols[:, None] * sdkn + offs_d[None, :] * sdkd,
              (dk * scale).to(DK.dtype.element_ty), mask=(cols[:, None] < LK) & (offs_d[None, :] < D))
     tl.store(DV_ + z * sdvz + kvh * sdvh + cols[:, None] * sdvn + offs_dv[None, :] * sdvd,
@@ -181,7 +199,7 @@ def attention_dkdv_kernel(
 
 @triton.jit
 def attention_dq_kernel(
-        Q, K, V, Bias, Mask, Grad, Lse, Delta, DQ,
+        Q, K, V, Bias, Mask, Grad, Stats, Delta, DQ,
         sqz, sqh, sqm, sqd, skz, skh, skn, skd, svz, svh, svn, svd, sgz, sgh, sgm, sgd,
         sbz, sbh, sbm, sbn, smz, smh, smm, smn, sdqz, sdqh, sdqm, sdqd,
         H, GROUP, LQ, LK, D, DV, scale, mask_fill,
@@ -200,7 +218,8 @@ def attention_dq_kernel(
                 mask=(rows[:, None] < LQ) & (offs_d[None, :] < D), other=0.0)
     do = tl.load(Grad + z * sgz + h * sgh + rows[:, None] * sgm + offs_dv[None, :] * sgd,
                  mask=(rows[:, None] < LQ) & (offs_dv[None, :] < DV), other=0.0)
-    lse = tl.load(Lse + zh * LQ + rows, mask=rows < LQ, other=0.0)
+    row_max = tl.load(Stats + (zh * LQ + rows) * 2, mask=rows < LQ, other=0.0)
+    log2_sum = tl.load(Stats + (zh * LQ + rows) * 2 + 1, mask=rows < LQ, other=0.0)
     delta = tl.load(Delta + zh * LQ + rows, mask=rows < LQ, other=0.0)
     k_base = K + z * skz + kvh * skh
     v_base = V + z * svz + kvh * svh
@@ -219,9 +238,9 @@ def attention_dq_kernel(
         mask_ptrs = mask_base + cols[None, :] * smn
         s = _scores(q, tl.trans(k), rows, cols, bias_base + cols[None, :] * sbn, mask_ptrs,
                     LQ, LK, scale, mask_fill, HAS_BIAS, HAS_MASK, CAUSAL, PRECISION)
-        p = tl.exp2((s - lse[:, None]) * LOG2E)
-        dp = tl.dot(do, v_t, input_precision=PRECISION)
+        p = tl.exp2((s - row_max[:, None]) * LOG2E - log2_sum[:, None])
+        dp = _dot(do, v_t, PRECISION)
         ds = _kept_grad(p * (dp - delta[:, None]), mask_ptrs, rows, cols, LQ, LK, HAS_MASK)
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        dq += _dot(ds.to(k.dtype), k, PRECISION)
     tl.store(DQ + z * sdqz + h * sdqh + rows[:, None] * sdqm + offs_d[None, :] * sdqd,
              (dq * scale).to(DQ.dtype.element_ty), mask=(rows[:, None] < LQ) & (offs_d[None, :] < D))

@@ -56,7 +56,8 @@ def _flash(q, k, v, bias, mask, mask_fill, scale, causal, dropout_p):
     """Kitsune's flash kernel; the reference where it fails (a GPU that cannot fit its tiles, say)."""
     from kitsune.ops.flash_attention import flash_attention
     try:
-        return flash_attention(q, k, v, bias=bias, mask=mask, mask_fill=mask_fill, scale=scale, causal=causal)
+        return flash_attention(q, k, v, bias=bias, mask=mask, mask_fill=mask_fill, scale=scale, causal=causal,
+                               dropout_p=dropout_p)
     except Exception as error:  # noqa: BLE001 - never crash the model: the reference computes the same
         log.warning("attention: the flash kernel failed (%s: %s); the reference runs", type(error).__name__, error)
         return _reference(q, k, v, bias, mask, mask_fill, scale, causal, dropout_p)

@@ -4,8 +4,8 @@ otherwise), chosen by measuring both once per configuration.
 
 A configuration is what changes the time and not the values: the shapes of q, k
 and v, their layout class (stride order, broadcast dimensions), the bias's and
-the mask's broadcast pattern, the dtype, causal, whether the fill is finite and
-whether gradients are wanted (then forward + backward is timed). Each is timed
+the mask's broadcast pattern, the dtype, causal, whether the fill is finite, dropout,
+and whether gradients are wanted (then forward + backward is timed). Each is timed
 once per process on random tensors of those shapes (kitsune.capture.timing),
 outside any fake mode or tracing (AOTAutograd calls `attention` with
 FakeTensors: the choice is then made on real tensors of the same shapes), and
@@ -67,19 +67,19 @@ def choose_implementation(q, k, v, bias, mask, mask_fill, scale, causal, dropout
     if _symbolic(q, k, v, bias, mask):
         _log_once("attention runs the reference: symbolic shapes cannot be measured")
         return REFERENCE
-    key = config_key(q, k, v, bias, mask, mask_fill, causal)
+    key = config_key(q, k, v, bias, mask, mask_fill, causal, dropout_p)
     if key not in _CHOICES:
-        _CHOICES[key] = _measure(key, q, k, v, bias, mask, mask_fill, scale, causal, reference)
+        _CHOICES[key] = _measure(key, q, k, v, bias, mask, mask_fill, scale, causal, dropout_p, reference)
     return _CHOICES[key][0]
 
 
-def config_key(q, k, v, bias, mask, mask_fill, causal) -> tuple:
+def config_key(q, k, v, bias, mask, mask_fill, causal, dropout_p=0.0) -> tuple:
     training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias))
     finite_fill = mask is not None and mask_fill != float("-inf")
     scores = (*q.shape[:-1], k.shape[-2])
     extras = tuple(None if t is None else (_layout(t.expand(scores)), t.dtype) for t in (bias, mask))
     return (tuple(q.shape), tuple(k.shape), tuple(v.shape), tuple(_layout(t) for t in (q, k, v)), extras,
-            q.dtype, bool(causal), finite_fill, training)
+            q.dtype, bool(causal), finite_fill, dropout_p > 0.0, training)
 
 
 def _layout(tensor: torch.Tensor) -> tuple:
@@ -94,7 +94,7 @@ def _symbolic(*tensors) -> bool:
     return any(t is not None and not all(isinstance(s, int) for s in (*t.shape, *t.stride())) for t in tensors)
 
 
-def _measure(key, q, k, v, bias, mask, mask_fill, scale, causal, reference) -> tuple[str, float, float]:
+def _measure(key, q, k, v, bias, mask, mask_fill, scale, causal, dropout_p, reference) -> tuple[str, float, float]:
     """(choice, kitsune ms, reference ms), timed on real random tensors of the call's shapes."""
     from kitsune.capture.timing import MIN_GAIN
     from kitsune.ops.flash_attention import flash_attention
@@ -103,13 +103,14 @@ def _measure(key, q, k, v, bias, mask, mask_fill, scale, causal, reference) -> t
         inputs = [_random(t, grad=training and t.requires_grad) if t is not None else None
                   for t in (q, k, v, bias, mask)]
         try:
-            reference_ms = _time(lambda *a: reference(*a, mask_fill, scale, causal, 0.0), inputs, training)
+            reference_ms = _time(lambda *a: reference(*a, mask_fill, scale, causal, dropout_p), inputs, training)
         except Exception as error:  # noqa: BLE001 - the reference is what runs anyway
             log.info("attention %s: the reference failed to run (%s); the kernel runs", key, error)
             return TRITON, math.nan, math.nan
         try:
             kitsune_ms = _time(lambda q_, k_, v_, b_, m_: flash_attention(
-                q_, k_, v_, bias=b_, mask=m_, mask_fill=mask_fill, scale=scale, causal=causal), inputs, training)
+                q_, k_, v_, bias=b_, mask=m_, mask_fill=mask_fill, scale=scale, causal=causal,
+                dropout_p=dropout_p), inputs, training)
         except Exception as error:  # noqa: BLE001 - a kernel that fails to compile or launch is not chosen
             log.info("attention %s: the kernel failed (%s: %s); the reference runs", key, type(error).__name__, error)
             return REFERENCE, math.nan, reference_ms

@@ -17,11 +17,16 @@ with masks), any Lq and Lk, GQA by indexing the kv head (no copy), causal
 (top-left) by index arithmetic with fully-future tiles skipped, an additive
 float bias and a bool mask read through their broadcast (stride-0) strides,
 `mask_fill` applied as a `where` (a finite fill fully masking a row gives the
-uniform average; a row of -inf gives NaN, as eager). Gradients: q, k, v (GQA:
+uniform average; a row of -inf gives NaN, as eager; in the backward that row's
+dq is NaN and so are dk and dv of the keys its tiles visit, where eager's NaN
+reaches every key of the head: causal tiles the kernel skips stay finite). Gradients: q, k, v (GQA:
 summed over each kv head's group) and the bias (summed to its broadcast shape;
 the only place a score-sized float32 tensor is made, and only when the bias
-requires grad). Dropout is not implemented: `attention()` sends dropout_p > 0
-to the reference.
+requires grad). Dropout (training): a probability is kept where a Philox number
+(tl.rand) for its place, keyed by a per-call seed (an int64 tensor drawn from
+torch's generator, so `torch.manual_seed` reproduces it, saved for the backward),
+is >= dropout_p; the same seed gives the same output. Its stream is not
+torch's: with dropout the values differ from the reference's, not the law.
 
 `kitsune::flash_attention` (out, row stats) and `kitsune::flash_attention_backward`
 are `torch.library` custom ops (fake implementations, autograd), so AOTAutograd
@@ -43,8 +48,6 @@ _EMPTY = (0,)
 
 def unsupported(q, k, v, bias, mask, dropout_p) -> str | None:
     """Why the kernels cannot compute this call (the caller then uses the reference), or None."""
-    if dropout_p > 0.0:
-        return "dropout is not implemented in the kernel"
     if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         return f"dtypes {q.dtype}, {k.dtype}, {v.dtype} (the kernel takes one of fp16, bf16, fp32)"
     if bias is not None and bias.dtype not in DTYPES:
@@ -63,34 +66,42 @@ def unsupported(q, k, v, bias, mask, dropout_p) -> str | None:
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, bias: torch.Tensor | None = None,
                     mask: torch.Tensor | None = None, mask_fill: float = float("-inf"), scale: float | None = None,
-                    causal: bool = False) -> torch.Tensor:
-    """`attention(q, k, v, ...)` (kitsune.ops.attention) through the Triton kernels, without dropout."""
+                    causal: bool = False, dropout_p: float = 0.0,
+                    seed: torch.Tensor | None = None) -> torch.Tensor:
+    """`attention(q, k, v, ...)` (kitsune.ops.attention) through the Triton kernels. With dropout,
+    `seed` (an int64 tensor of one element on q's device) picks the dropped probabilities;
+    drawn from torch's generator when None."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    out, _ = flash_attention_op(q, k, v, bias, mask, float(mask_fill), scale, bool(causal))
+    if dropout_p > 0.0 and seed is None:
+        seed = torch.randint(0, 2 ** 31 - 1, (1,), dtype=torch.int64, device=q.device)
+    out, _ = flash_attention_op(q, k, v, bias, mask, float(mask_fill), scale, bool(causal), float(dropout_p),
+                                seed if dropout_p > 0.0 else None)
     return out
 
 
 @torch.library.custom_op("kitsune::flash_attention", mutates_args=())
 def flash_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
-                       mask: torch.Tensor | None, mask_fill: float, scale: float,
-                       causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                       mask: torch.Tensor | None, mask_fill: float, scale: float, causal: bool,
+                       dropout_p: float, seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [*, Hq, Lq, Dv] in q's dtype, stats [*, Hq, Lq, 2] float32): attention, and each row's
     log-sum-exp of its scores as (max, log2(sum of exp(score - max))) (-inf, -inf for a row with
     no finite score): kept apart, as a finite fill of finfo.min would swallow the sum's log."""
     _check_shapes(q, k, v, bias, mask)
+    _check_dropout(dropout_p, seed)
     out = q.new_empty(_out_shape(q, v))
     stats = q.new_empty((*q.shape[:-1], 2), dtype=torch.float32)
     if out.numel() == 0:
         return out, stats
     if k.shape[-2] == 0:  # no keys: the formula's empty softmax times an empty v is zero, as eager
         return out.zero_(), stats.fill_(float("-inf"))
-    _launch_forward(_Problem(q, k, v, bias, mask, mask_fill, scale, causal), out, stats)
+    _launch_forward(_Problem(q, k, v, bias, mask, mask_fill, scale, causal, dropout_p, seed), out, stats)
     return out, stats
 
 
 @flash_attention_op.register_fake
-def _fake_forward(q, k, v, bias, mask, mask_fill, scale, causal):
+def _fake_forward(q, k, v, bias, mask, mask_fill, scale, causal, dropout_p, seed):
     _check_shapes(q, k, v, bias, mask)
+    _check_dropout(dropout_p, seed)
     return q.new_empty(_out_shape(q, v)), q.new_empty((*q.shape[:-1], 2), dtype=torch.float32)
 
 
@@ -98,13 +109,14 @@ def _fake_forward(q, k, v, bias, mask, mask_fill, scale, causal):
 def flash_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                 bias: torch.Tensor | None, mask: torch.Tensor | None, out: torch.Tensor,
                                 stats: torch.Tensor, mask_fill: float, scale: float, causal: bool,
+                                dropout_p: float, seed: torch.Tensor | None,
                                 bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dbias) for grad_out; dbias has bias's shape and dtype when bias_grad, else is empty."""
     dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
     dbias = bias.new_empty(bias.shape) if bias_grad else q.new_empty(_EMPTY)
     if q.numel() == 0 or k.numel() == 0 or grad_out.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_(), dbias.zero_()
-    problem = _Problem(q, k, v, bias, mask, mask_fill, scale, causal)
+    problem = _Problem(q, k, v, bias, mask, mask_fill, scale, causal, dropout_p, seed)
     scores = _launch_backward(problem, grad_out, out, stats, dq, dk, dv, bias_grad)
     if bias_grad:
         dbias.copy_(scores.reshape(_score_shape(q, k)).sum_to_size(bias.shape))
@@ -112,28 +124,30 @@ def flash_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torc
 
 
 @flash_attention_backward_op.register_fake
-def _fake_backward(grad_out, q, k, v, bias, mask, out, stats, mask_fill, scale, causal, bias_grad):
+def _fake_backward(grad_out, q, k, v, bias, mask, out, stats, mask_fill, scale, causal, dropout_p, seed,
+                   bias_grad):
     dbias = bias.new_empty(bias.shape) if bias_grad else q.new_empty(_EMPTY)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, bias, mask, mask_fill, scale, causal = inputs
+    q, k, v, bias, mask, mask_fill, scale, causal, dropout_p, seed = inputs
     out, stats = output
     ctx.mark_non_differentiable(stats)
     ctx.bias_grad = bias is not None and ctx.needs_input_grad[3]
-    ctx.has_bias, ctx.has_mask = bias is not None, mask is not None
-    ctx.flags = (mask_fill, scale, causal)
-    ctx.save_for_backward(q, k, v, bias, mask, out, stats)
+    ctx.has_bias, ctx.has_mask, ctx.has_seed = bias is not None, mask is not None, seed is not None
+    ctx.flags = (mask_fill, scale, causal, dropout_p)
+    ctx.save_for_backward(q, k, v, bias, mask, out, stats, seed)
 
 
 def _backward(ctx, grad_out, _grad_stats):
-    q, k, v, bias, mask, out, stats = ctx.saved_tensors
+    q, k, v, bias, mask, out, stats, seed = ctx.saved_tensors
     bias = bias if ctx.has_bias else None
     mask = mask if ctx.has_mask else None
-    dq, dk, dv, dbias = flash_attention_backward_op(grad_out, q, k, v, bias, mask, out, stats, *ctx.flags,
+    seed = seed if ctx.has_seed else None
+    dq, dk, dv, dbias = flash_attention_backward_op(grad_out, q, k, v, bias, mask, out, stats, *ctx.flags, seed,
                                                     ctx.bias_grad)
-    return dq, dk, dv, dbias if ctx.bias_grad else None, None, None, None, None
+    return dq, dk, dv, dbias if ctx.bias_grad else None, None, None, None, None, None, None
 
 
 flash_attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -156,6 +170,13 @@ def _check_shapes(q, k, v, bias, mask) -> None:
                                  f"scores {tuple(_score_shape(q, k))}") from error
     if mask is not None and mask.dtype != torch.bool:
         raise TypeError(f"flash_attention: mask must be bool (True keeps), got {mask.dtype}")
+
+
+def _check_dropout(dropout_p, seed) -> None:
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"flash_attention: dropout_p must be in [0, 1), got {dropout_p}")
+    if dropout_p > 0.0 and (seed is None or seed.numel() != 1 or seed.dtype != torch.int64):
+        raise ValueError("flash_attention: dropout needs a seed, an int64 tensor of one element")
 
 
 def _out_shape(q, v):
@@ -181,7 +202,7 @@ class _Problem:
     """One call's tensors as the kernels see them: 4-D views, bias and mask expanded
     to the scores (stride 0 where broadcast), the sizes and the flags."""
 
-    def __init__(self, q, k, v, bias, mask, mask_fill, scale, causal):
+    def __init__(self, q, k, v, bias, mask, mask_fill, scale, causal, dropout_p=0.0, seed=None):
         scores = _score_shape(q, k)
         self.q, self.k, self.v = _as_4d(q), _as_4d(k), _as_4d(v)
         self.bias = None if bias is None else _as_4d(bias.expand(scores))
@@ -191,6 +212,8 @@ class _Problem:
         self.hkv, self.lk, self.dv = self.k.shape[1], self.k.shape[2], self.v.shape[3]
         self.group = self.h // self.hkv
         self.mask_fill, self.scale, self.causal = float(mask_fill), float(scale), bool(causal)
+        self.dropout_p = float(dropout_p)
+        self.seed = seed if self.dropout_p > 0.0 else self.q  # a stand-in pointer, never read
 
     def extras(self):
         """(bias, mask, their 8 strides): a stand-in pointer (q) and zero strides where absent."""
@@ -204,7 +227,7 @@ class _Problem:
         # A finite fill makes masked future keys count (fill, not -inf): those tiles cannot be skipped.
         finite_fill = self.mask is not None and self.mask_fill != float("-inf")
         return dict(HAS_BIAS=self.bias is not None, HAS_MASK=self.mask is not None, CAUSAL=self.causal,
-                    SKIP_FUTURE=self.causal and not finite_fill,
+                    SKIP_FUTURE=self.causal and not finite_fill, DROPOUT=self.dropout_p > 0.0,
                     PRECISION="ieee" if self.q.dtype == torch.float32 else "tf32")
 
     def head_blocks(self):
@@ -225,9 +248,9 @@ def _launch_forward(problem: _Problem, out, stats) -> None:
     bias, mask, extra_strides = p.extras()
     grid = (triton_cdiv(p.lq, block_m), p.z * p.h)
     attention_forward_kernel[grid](
-        p.q, p.k, p.v, bias, mask, out4, stats,
+        p.q, p.k, p.v, bias, mask, out4, stats, p.seed,
         *p.q.stride(), *p.k.stride(), *p.v.stride(), *out4.stride(), *extra_strides,
-        p.h, p.group, p.lq, p.lk, p.d, p.dv, p.scale, p.mask_fill, **p.flags(),
+        p.h, p.group, p.lq, p.lk, p.d, p.dv, p.scale, p.mask_fill, p.dropout_p, **p.flags(),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv, num_warps=warps, num_stages=stages)
 
 
@@ -249,15 +272,16 @@ def _launch_backward(problem: _Problem, grad_out, out, stats, dq, dk, dv, bias_g
     flags = p.flags()
     common = (*p.q.stride(), *p.k.stride(), *p.v.stride(), *grad4.stride(), *extra_strides)
     kernels.attention_dkdv_kernel[(triton_cdiv(p.lk, blocks.kv_n), p.z * p.hkv)](
-        p.q, p.k, p.v, bias, mask, grad4, stats, delta, dk4, dv4, scores if bias_grad else delta,
+        p.q, p.k, p.v, bias, mask, grad4, stats, delta, p.seed, dk4, dv4, scores if bias_grad else delta,
         *common, *dk4.stride(), *dv4.stride(),
-        p.h, p.hkv, p.group, p.lq, p.lk, p.d, p.dv, p.scale, p.mask_fill, **flags, STORE_DBIAS=bias_grad,
+        p.h, p.hkv, p.group, p.lq, p.lk, p.d, p.dv, p.scale, p.mask_fill, p.dropout_p, **flags,
+        STORE_DBIAS=bias_grad,
         BLOCK_M=blocks.kv_m, BLOCK_N=blocks.kv_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
         num_warps=blocks.warps, num_stages=blocks.stages)
     kernels.attention_dq_kernel[(triton_cdiv(p.lq, blocks.q_m), p.z * p.h)](
-        p.q, p.k, p.v, bias, mask, grad4, stats, delta, dq4,
+        p.q, p.k, p.v, bias, mask, grad4, stats, delta, p.seed, dq4,
         *common, *dq4.stride(),
-        p.h, p.group, p.lq, p.lk, p.d, p.dv, p.scale, p.mask_fill, **flags,
+        p.h, p.group, p.lq, p.lk, p.d, p.dv, p.scale, p.mask_fill, p.dropout_p, **flags,
         BLOCK_M=blocks.q_m, BLOCK_N=blocks.q_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
         num_warps=blocks.warps, num_stages=blocks.stages)
     return scores

@@ -16,7 +16,9 @@ preprocess for delta = rowsum(dO * O); one program per (key tile, batch x kv
 head) for dk and dv, looping over every query head of its group and every
 query tile, so the GQA sum happens in registers without atomics (and d-bias,
 when asked, is written once per score with no atomics either); one program per
-(query tile, batch x head) for dq. Atomics would let dq share the dk/dv pass,
+(query tile, batch x head) for dq. Dropout keeps p where Philox's number for the
+score's place is >= dropout_p (tl.rand, seeded per call: the same seed gives the
+same dropout). Atomics would let dq share the dk/dv pass,
 but float atomics make the gradients non-deterministic.
 """
 from __future__ import annotations
@@ -60,6 +62,15 @@ def _scores(q, k_t, rows, cols, bias_ptrs, mask_ptrs, LQ, LK, scale, mask_fill,
 
 
 @triton.jit
+def _dropout_keep(Seed, zh, rows, cols, LK, dropout_p):
+    """Which probabilities dropout keeps: Philox (tl.rand) keyed by the call's seed and the
+    (batch x head), counted by the score's place (i * Lk + j), so the forward and both
+    backward programs draw the same numbers whatever their tiles."""
+    seed = tl.load(Seed) + zh
+    return tl.rand(seed, rows[:, None] * LK + cols[None, :]) >= dropout_p
+
+
+@triton.jit
 def _kept_grad(ds, mask_ptrs, rows, cols, LQ, LK, HAS_MASK: tl.constexpr):
     """ds with the masked scores' gradient zeroed: a filled score does not depend on q, k or bias."""
     if HAS_MASK:
@@ -71,12 +82,12 @@ def _kept_grad(ds, mask_ptrs, rows, cols, LQ, LK, HAS_MASK: tl.constexpr):
 
 @triton.jit
 def attention_forward_kernel(
-        Q, K, V, Bias, Mask, Out, Stats,
+        Q, K, V, Bias, Mask, Out, Stats, Seed,
         sqz, sqh, sqm, sqd, skz, skh, skn, skd, svz, svh, svn, svd, soz, soh, som, sod,
         sbz, sbh, sbm, sbn, smz, smh, smm, smn,
-        H, GROUP, LQ, LK, D, DV, scale, mask_fill,
+        H, GROUP, LQ, LK, D, DV, scale, mask_fill, dropout_p,
         HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, SKIP_FUTURE: tl.constexpr,
-        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     pid_m = tl.program_id(0)
     zh = tl.program_id(1).to(tl.int64)
@@ -109,7 +120,9 @@ def attention_forward_kernel(
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2((s - m_safe[:, None]) * LOG2E)
         alpha = tl.exp2((m_i - m_safe) * LOG2E)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha + tl.sum(p, 1)  # the softmax's sum is of the probabilities before dropout
+        if DROPOUT:
+            p = tl.where(_dropout_keep(Seed, zh, rows, cols, LK, dropout_p), p / (1.0 - dropout_p), 0.0)
         v = tl.load(v_base + cols[:, None] * svn + offs_dv[None, :] * svd,
                     mask=(cols[:, None] < LK) & (offs_dv[None, :] < DV), other=0.0)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
@@ -142,12 +155,12 @@ def attention_delta_kernel(Out, Grad, Delta, H, LQ, DV,
 
 @triton.jit
 def attention_dkdv_kernel(
-        Q, K, V, Bias, Mask, Grad, Stats, Delta, DK, DV_, DBias,
+        Q, K, V, Bias, Mask, Grad, Stats, Delta, Seed, DK, DV_, DBias,
         sqz, sqh, sqm, sqd, skz, skh, skn, skd, svz, svh, svn, svd, sgz, sgh, sgm, sgd,
         sbz, sbh, sbm, sbn, smz, smh, smm, smn, sdkz, sdkh, sdkn, sdkd, sdvz, sdvh, sdvn, sdvd,
-        H, HKV, GROUP, LQ, LK, D, DV, scale, mask_fill,
+        H, HKV, GROUP, LQ, LK, D, DV, scale, mask_fill, dropout_p,
         HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, SKIP_FUTURE: tl.constexpr,
-        STORE_DBIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        DROPOUT: tl.constexpr, STORE_DBIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     pid_n = tl.program_id(0)
     zkh = tl.program_id(1).to(tl.int64)
@@ -184,8 +197,14 @@ def attention_dkdv_kernel(
             s = _scores(q, k_t, rows, cols, bias_ptrs, mask_ptrs, LQ, LK, scale, mask_fill,
                         HAS_BIAS, HAS_MASK, CAUSAL, PRECISION)
             p = tl.exp2((s - row_max[:, None]) * LOG2E - log2_sum[:, None])  # -inf - -inf: a fully masked row stays NaN, as eager's
-            dv += _dot(tl.trans(p.to(do.dtype)), do, PRECISION)
+            p_kept = p
+            if DROPOUT:  # out = dropout(p) @ v: dv sees the kept, rescaled p; dp flows back through the same
+                keep = _dropout_keep(Seed, zh, rows, cols, LK, dropout_p)
+                p_kept = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+            dv += _dot(tl.trans(p_kept.to(do.dtype)), do, PRECISION)
             dp = _dot(do, v_t, PRECISION)
+            if DROPOUT:
+                dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
             ds = _kept_grad(p * (dp - delta[:, None]), mask_ptrs, rows, cols, LQ, LK, HAS_MASK)
             if STORE_DBIAS:
                 tl.store(DBias + (zh * LQ + rows[:, None]) * LK + cols[None, :], ds,
@@ -199,12 +218,12 @@ def attention_dkdv_kernel(
 
 @triton.jit
 def attention_dq_kernel(
-        Q, K, V, Bias, Mask, Grad, Stats, Delta, DQ,
+        Q, K, V, Bias, Mask, Grad, Stats, Delta, Seed, DQ,
         sqz, sqh, sqm, sqd, skz, skh, skn, skd, svz, svh, svn, svd, sgz, sgh, sgm, sgd,
         sbz, sbh, sbm, sbn, smz, smh, smm, smn, sdqz, sdqh, sdqm, sdqd,
-        H, GROUP, LQ, LK, D, DV, scale, mask_fill,
+        H, GROUP, LQ, LK, D, DV, scale, mask_fill, dropout_p,
         HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, SKIP_FUTURE: tl.constexpr,
-        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     pid_m = tl.program_id(0)
     zh = tl.program_id(1).to(tl.int64)
@@ -240,6 +259,8 @@ def attention_dq_kernel(
                     LQ, LK, scale, mask_fill, HAS_BIAS, HAS_MASK, CAUSAL, PRECISION)
         p = tl.exp2((s - row_max[:, None]) * LOG2E - log2_sum[:, None])
         dp = _dot(do, v_t, PRECISION)
+        if DROPOUT:
+            dp = tl.where(_dropout_keep(Seed, zh, rows, cols, LK, dropout_p), dp / (1.0 - dropout_p), 0.0)
         ds = _kept_grad(p * (dp - delta[:, None]), mask_ptrs, rows, cols, LQ, LK, HAS_MASK)
         dq += _dot(ds.to(k.dtype), k, PRECISION)
     tl.store(DQ + z * sdqz + h * sdqh + rows[:, None] * sdqm + offs_d[None, :] * sdqd,

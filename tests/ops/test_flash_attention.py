@@ -251,3 +251,19 @@ def test_dropout_reproduces_and_matches_its_mask():
     torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=2e-5)
     for got, expected in zip(grads, want_grads):
         torch.testing.assert_close(got.double(), expected, atol=2e-5, rtol=2e-5)
+
+
+def test_measurement_runs_outside_tracing():
+    """What the dispatch measures under AOTAutograd's fake tracing runs on real tensors and is not traced."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch.fx.experimental.proxy_tensor import make_fx
+    seen = []
+
+    def traced(x):
+        with attention_dispatch.real_tensors():
+            seen.append(torch.ones(3) * 2)
+        return x + 1
+
+    graph = make_fx(traced, tracing_mode="fake")(torch.randn(4))
+    assert not isinstance(seen[0], FakeTensor) and torch.equal(seen[0], torch.full((3,), 2.0))
+    assert [str(n.target) for n in graph.graph.nodes if n.op == "call_function"] == ["aten.add.Tensor"]

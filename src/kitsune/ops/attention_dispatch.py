@@ -99,7 +99,7 @@ def _measure(key, q, k, v, bias, mask, mask_fill, scale, causal, dropout_p, refe
     from kitsune.capture.timing import MIN_GAIN
     from kitsune.ops.flash_attention import flash_attention
     training = key[-1]
-    with _real_tensors():
+    with real_tensors():
         inputs = [_random(t, grad=training and t.requires_grad) if t is not None else None
                   for t in (q, k, v, bias, mask)]
         try:
@@ -143,11 +143,12 @@ def _random(tensor: torch.Tensor, grad: bool) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _real_tensors():
-    """Outside FakeTensor mode and proxy tracing: what runs here is neither faked nor recorded."""
+def real_tensors():
+    """Outside every dispatch mode (AOTAutograd's FakeTensor, proxy tracing, functionalization):
+    what runs here is real, neither faked nor recorded in the traced graph."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
-    from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
-    with disable_proxy_modes_tracing(), unset_fake_temporarily():
+    from torch.utils._python_dispatch import _disable_current_modes
+    with unset_fake_temporarily(), _disable_current_modes():
         yield
 
 

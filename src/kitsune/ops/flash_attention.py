@@ -88,6 +88,7 @@ def flash_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: 
     no finite score): kept apart, as a finite fill of finfo.min would swallow the sum's log."""
     _check_shapes(q, k, v, bias, mask)
     _check_dropout(dropout_p, seed)
+    _check_device(q)
     out = q.new_empty(_out_shape(q, v))
     stats = q.new_empty((*q.shape[:-1], 2), dtype=torch.float32)
     if out.numel() == 0:
@@ -112,6 +113,7 @@ def flash_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torc
                                 dropout_p: float, seed: torch.Tensor | None,
                                 bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dbias) for grad_out; dbias has bias's shape and dtype when bias_grad, else is empty."""
+    _check_device(q)
     dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
     dbias = bias.new_empty(bias.shape) if bias_grad else q.new_empty(_EMPTY)
     if q.numel() == 0 or k.numel() == 0 or grad_out.numel() == 0:
@@ -177,6 +179,12 @@ def _check_dropout(dropout_p, seed) -> None:
         raise ValueError(f"flash_attention: dropout_p must be in [0, 1), got {dropout_p}")
     if dropout_p > 0.0 and (seed is None or seed.numel() != 1 or seed.dtype != torch.int64):
         raise ValueError("flash_attention: dropout needs a seed, an int64 tensor of one element")
+
+
+def _check_device(q) -> None:
+    if q.device.type != "cuda" and not _interpreted():
+        raise RuntimeError(f"kitsune::flash_attention runs Triton kernels: it needs CUDA tensors (got {q.device}), "
+                           f"or TRITON_INTERPRET=1 set before Triton is imported")
 
 
 def _out_shape(q, v):

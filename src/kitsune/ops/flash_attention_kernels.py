@@ -197,14 +197,13 @@ def attention_dkdv_kernel(
             s = _scores(q, k_t, rows, cols, bias_ptrs, mask_ptrs, LQ, LK, scale, mask_fill,
                         HAS_BIAS, HAS_MASK, CAUSAL, PRECISION)
             p = tl.exp2((s - row_max[:, None]) * LOG2E - log2_sum[:, None])  # -inf - -inf: a fully masked row stays NaN, as eager's
-            p_kept = p
             if DROPOUT:  # out = dropout(p) @ v: dv sees the kept, rescaled p; dp flows back through the same
                 keep = _dropout_keep(Seed, zh, rows, cols, LK, dropout_p)
-                p_kept = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-            dv += _dot(tl.trans(p_kept.to(do.dtype)), do, PRECISION)
-            dp = _dot(do, v_t, PRECISION)
-            if DROPOUT:
-                dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+                dv += _dot(tl.trans(tl.where(keep, p / (1.0 - dropout_p), 0.0).to(do.dtype)), do, PRECISION)
+                dp = tl.where(keep, _dot(do, v_t, PRECISION) / (1.0 - dropout_p), 0.0)
+            else:
+                dv += _dot(tl.trans(p.to(do.dtype)), do, PRECISION)
+                dp = _dot(do, v_t, PRECISION)
             ds = _kept_grad(p * (dp - delta[:, None]), mask_ptrs, rows, cols, LQ, LK, HAS_MASK)
             if STORE_DBIAS:
                 tl.store(DBias + (zh * LQ + rows[:, None]) * LK + cols[None, :], ds,

@@ -28,7 +28,7 @@ import os
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 # Triton's interpreter multiplies bfloat16 blocks wrongly (their raw bits; 3.9): there
 # they are widened to float32 first, which is exact. A GPU never takes that branch.
 INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))

@@ -8,6 +8,7 @@ backward, in one process.
     python3 benchmarks/bench_attention.py --cases hand,d128 --backends sdpa,kitsune --json out.json
     python3 benchmarks/bench_attention.py --device cpu --quick   # does it run? (Triton's interpreter, tiny)
     python3 benchmarks/bench_attention.py --list          # the cases, nothing run
+    python3 benchmarks/bench_attention.py --sweep --cases d64,d128   # Kitsune's kernel over tile configurations
 
 Cases (bf16; batch x heads x tokens x head dim):
 
@@ -33,6 +34,10 @@ import sys
 import time
 
 BACKENDS = ("eager", "sdpa", "inductor", "kitsune", "kitsune_auto")
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward; (kv_m, kv_n, q_m, q_n, warps, stages) of the backward
+SWEEP_FWD = ("128,64,4,3", "128,64,8,3", "128,32,8,2", "128,128,8,2", "64,64,4,3", "64,32,4,2", "128,64,4,2")
+SWEEP_BWD = ("32,64,64,32,4,2", "32,64,64,32,8,2", "64,64,64,64,8,2", "32,128,128,32,8,2", "16,64,64,16,4,3",
+             "32,32,32,32,4,2")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -45,6 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-backward", action="store_true", help="forward only")
     parser.add_argument("--json", default=None, help="write every number to this file")
     parser.add_argument("--list", action="store_true", help="print the cases and exit")
+    parser.add_argument("--sweep", action="store_true",
+                        help="time Kitsune's kernel under every tile configuration of SWEEP_FWD / SWEEP_BWD "
+                             "(through KITSUNE_FLASH_FWD / KITSUNE_FLASH_BWD) instead of the backends")
     args = parser.parse_args(argv)
     unknown = set(args.backends.split(",")) - set(BACKENDS)
     if unknown:
@@ -129,7 +137,8 @@ def run_case(case: dict, backends: list[str], device: str, backward: bool) -> li
         mask[..., -case["l"] // 4:] = False
     scale = 1.0 / math.sqrt(case["d"])
     fns = implementations(case, scale, mask, backends)
-    want = fns["sdpa"](q, k, v) if "sdpa" in fns else None
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=case["causal"],
+                                                            scale=scale)
     measure = timer(device)
     rows = []
     for name, fn in fns.items():
@@ -137,8 +146,8 @@ def run_case(case: dict, backends: list[str], device: str, backward: bool) -> li
                    pad=case["pad"], backend=name)
         try:
             out = fn(q, k, v)
-            row["max_err"] = None if want is None else (out.float() - want.float()).abs().max().item()
-            if row["max_err"] is not None and not row["max_err"] < 0.05:
+            row["max_err"] = (out.float() - want.float()).abs().max().item()
+            if not row["max_err"] < 0.05:
                 row["error"] = "wrong result, not timed"
                 rows.append(report(row))
                 continue
@@ -152,6 +161,23 @@ def run_case(case: dict, backends: list[str], device: str, backward: bool) -> li
         rows.append(report(row))
         if device == "cuda":
             torch.cuda.empty_cache()
+    return rows
+
+
+def sweep_case(case: dict, device: str, backward: bool) -> list[dict]:
+    """Kitsune's kernel alone under each forward (then backward) tile configuration."""
+    rows = []
+    settings = [("KITSUNE_FLASH_FWD", c) for c in SWEEP_FWD] + ([("KITSUNE_FLASH_BWD", c) for c in SWEEP_BWD]
+                                                             if backward else [])
+    for variable, config in settings:
+        os.environ[variable] = config
+        try:
+            row = run_case(case, ["kitsune"], device, backward=variable == "KITSUNE_FLASH_BWD")[0]
+        finally:
+            del os.environ[variable]
+        row["config"] = f"{variable}={config}"
+        print(f"      {row['config']}", flush=True)
+        rows.append(row)
     return rows
 
 
@@ -171,7 +197,7 @@ def report(row: dict) -> dict:
         print(f"{row['case']:5} {shape:28} {row['backend']:13} {row['error']}", flush=True)
         return row
     bwd = f"{row['fwd_bwd_ms']:9.3f} ms {row['fwd_bwd_tflops']:6.1f} TF/s" if "fwd_bwd_ms" in row else ""
-    err = "" if row["max_err"] is None else f"  err {row['max_err']:.2e}"
+    err = f"  err {row['max_err']:.2e}"
     print(f"{row['case']:5} {shape:28} {row['backend']:13} fwd {row['fwd_ms']:8.3f} ms {row['fwd_tflops']:6.1f} TF/s"
           f"   fwd+bwd {bwd}{err}", flush=True)
     return row
@@ -194,7 +220,10 @@ def main(argv=None) -> int:
         backends = [b for b in backends if b != "inductor"]  # Inductor's CPU build is not what this measures
     rows = []
     for case in chosen:
-        rows += run_case(case, backends, device, backward=not args.no_backward)
+        if args.sweep:
+            rows += sweep_case(case, device, backward=not args.no_backward)
+        else:
+            rows += run_case(case, backends, device, backward=not args.no_backward)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(dict(device=device, rows=rows), handle, indent=1)

@@ -14,9 +14,15 @@ is the measurement to run before changing them).
 - float32 inputs (exact `ieee` dots, twice the bytes) halve the query tile.
 - Under Triton's interpreter (the CPU tests) 16 x 16 tiles: the fewest wasted
   lanes on tiny shapes, and tl.dot's minimum on a GPU.
+
+To try others without editing this file (benchmarks/bench_attention.py --sweep does):
+KITSUNE_FLASH_FWD="BLOCK_M,BLOCK_N,num_warps,num_stages" and
+KITSUNE_FLASH_BWD="kv_m,kv_n,q_m,q_n,num_warps,num_stages" override every head dim
+(powers of two, at least 16).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +32,9 @@ def forward_blocks(block_d: int, dtype: torch.dtype, interpreted: bool) -> tuple
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward kernel."""
     if interpreted:
         return 16, 16, 1, 1
+    override = _override("KITSUNE_FLASH_FWD", 4)
+    if override:
+        return tuple(override)
     if block_d <= 64:
         block_m, block_n, warps, stages = 128, 64, 4, 3
     elif block_d <= 128:
@@ -51,6 +60,9 @@ class BackwardBlocks:
 def backward_blocks(block_d: int, dtype: torch.dtype, interpreted: bool) -> BackwardBlocks:
     if interpreted:
         return BackwardBlocks(16, 16, 16, 16, 16, 1, 1)
+    override = _override("KITSUNE_FLASH_BWD", 6)
+    if override:
+        return BackwardBlocks(64, *override)
     if block_d <= 128:
         blocks = BackwardBlocks(64, 32, 64, 64, 32, 4 if block_d <= 64 else 8, 2)
     else:
@@ -58,3 +70,16 @@ def backward_blocks(block_d: int, dtype: torch.dtype, interpreted: bool) -> Back
     if dtype == torch.float32:
         blocks = BackwardBlocks(64, 32, 32, 32, 32, blocks.warps, 1)
     return blocks
+
+
+def _override(name: str, count: int) -> list[int] | None:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return None
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != count or any(v < 1 for v in values):
+        raise ValueError(f"{name} must be {count} positive integers separated by commas, got {text!r}")
+    return values

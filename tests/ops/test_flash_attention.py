@@ -267,3 +267,35 @@ def test_measurement_runs_outside_tracing():
     graph = make_fx(traced, tracing_mode="fake")(torch.randn(4))
     assert not isinstance(seen[0], FakeTensor) and torch.equal(seen[0], torch.full((3,), 2.0))
     assert [str(n.target) for n in graph.graph.nodes if n.op == "call_function"] == ["aten.add.Tensor"]
+
+
+@pytest.mark.parametrize("kernel_ms,choice", [(0.5, "triton"), (0.99, "sdpa")])
+def test_measured_choice_under_fake_tracing(monkeypatch, caplog, kernel_ms, choice):
+    """The measurement (timer stubbed: tests never time) runs the kernel and the reference, forward and
+    backward, on real tensors even while AOT-style fake tracing is on, picks by MIN_GAIN and logs both times."""
+    import logging
+    import kitsune.capture.timing as timing
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from kitsune.ops.attention import _reference
+    times = iter([1.0, kernel_ms])
+
+    def fake_time_ms(fn, repeats=5):
+        fn()  # what would be timed runs once
+        return next(times)
+
+    monkeypatch.setattr(timing, "time_ms", fake_time_ms)
+    results = []
+
+    def traced(q, k, v, bias):
+        key = attention_dispatch.config_key(q, k, v, bias, None, float("-inf"), True)
+        results.append(attention_dispatch._measure(key, q, k, v, bias, None, float("-inf"), 0.25, True, 0.0,
+                                                   _reference))
+        return q * 2
+
+    q, k, v = leaves(*qkv(1, 2, 1, 5, 17, 32))
+    bias = torch.randn(1, 1, 1, 17, requires_grad=True)
+    with caplog.at_level(logging.INFO, logger="kitsune"):
+        graph = make_fx(traced, tracing_mode="fake")(q, k, v, bias)
+    assert results == [(choice, kernel_ms, 1.0)]
+    assert f"{choice} (kitsune {kernel_ms:.3f} ms" in caplog.text
+    assert [str(n.target) for n in graph.graph.nodes if n.op == "call_function"] == ["aten.mul.Tensor"]

@@ -68,6 +68,9 @@ def choose_implementation(q, k, v, bias, mask, mask_fill, scale, causal, dropout
         _log_once("attention runs the reference: symbolic shapes cannot be measured")
         return REFERENCE
     key = config_key(q, k, v, bias, mask, mask_fill, causal, dropout_p)
+    if key not in _CHOICES and _dynamo_tracing():  # Dynamo tracing this Python: nothing may run for real
+        _log_once("attention runs the reference: called while Dynamo traces, with no measurement cached")
+        return REFERENCE
     if key not in _CHOICES:
         _CHOICES[key] = _measure(key, q, k, v, bias, mask, mask_fill, scale, causal, dropout_p, reference)
     return _CHOICES[key][0]
@@ -77,17 +80,33 @@ def config_key(q, k, v, bias, mask, mask_fill, causal, dropout_p=0.0) -> tuple:
     training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias))
     finite_fill = mask is not None and mask_fill != float("-inf")
     scores = (*q.shape[:-1], k.shape[-2])
-    extras = tuple(None if t is None else (_layout(t.expand(scores)), t.dtype) for t in (bias, mask))
-    return (tuple(q.shape), tuple(k.shape), tuple(v.shape), tuple(_layout(t) for t in (q, k, v)), extras,
+    extras = tuple(None if t is None else (_layout(t, len(scores)), t.dtype) for t in (bias, mask))
+    return (tuple(q.shape), tuple(k.shape), tuple(v.shape), tuple(_layout(t, t.dim()) for t in (q, k, v)), extras,
             q.dtype, bool(causal), finite_fill, dropout_p > 0.0, training)
 
 
-def _layout(tensor: torch.Tensor) -> tuple:
-    """The stride class: which dimensions are broadcast, their order by stride, a unit last stride."""
-    strides = tensor.stride()
-    broadcast = tuple(st == 0 or size == 1 for size, st in zip(tensor.shape, strides))
-    order = tuple(sorted(range(tensor.dim()), key=lambda i: -strides[i]))
+def describe(key: tuple) -> str:
+    """A configuration in a line: shapes, dtype and flags."""
+    q_shape, k_shape, v_shape, _, extras, dtype, causal, finite_fill, dropout, training = key
+    flags = [name for name, on in (("bias", extras[0] is not None), ("mask", extras[1] is not None),
+                                   ("causal", causal), ("finite fill", finite_fill), ("dropout", dropout),
+                                   ("fwd+bwd", training)) if on]
+    return f"q {list(q_shape)} k {list(k_shape)} v {list(v_shape)} {str(dtype).replace('torch.', '')} {' '.join(flags)}"
+
+
+def _layout(tensor: torch.Tensor, rank: int) -> tuple:
+    """The stride class of `tensor` broadcast to `rank` dimensions (computed, not expanded: no op
+    is recorded while tracing): which dimensions are broadcast, their order by stride, a unit last stride."""
+    pad = rank - tensor.dim()
+    shape, strides = (1,) * pad + tuple(tensor.shape), (0,) * pad + tuple(tensor.stride())
+    broadcast = tuple(st == 0 or size == 1 for size, st in zip(shape, strides))
+    order = tuple(sorted(range(rank), key=lambda i: -strides[i]))
     return broadcast, order, strides[-1] == 1 if strides else True
+
+
+def _dynamo_tracing() -> bool:
+    is_compiling = getattr(torch.compiler, "is_dynamo_compiling", None) or torch._dynamo.is_compiling
+    return bool(is_compiling())
 
 
 def _symbolic(*tensors) -> bool:
@@ -105,17 +124,19 @@ def _measure(key, q, k, v, bias, mask, mask_fill, scale, causal, dropout_p, refe
         try:
             reference_ms = _time(lambda *a: reference(*a, mask_fill, scale, causal, dropout_p), inputs, training)
         except Exception as error:  # noqa: BLE001 - the reference is what runs anyway
-            log.info("attention %s: the reference failed to run (%s); the kernel runs", key, error)
+            log.info("attention %s: the reference failed to run (%s); the kernel runs", describe(key), error)
             return TRITON, math.nan, math.nan
         try:
             kitsune_ms = _time(lambda q_, k_, v_, b_, m_: flash_attention(
                 q_, k_, v_, bias=b_, mask=m_, mask_fill=mask_fill, scale=scale, causal=causal,
                 dropout_p=dropout_p), inputs, training)
         except Exception as error:  # noqa: BLE001 - a kernel that fails to compile or launch is not chosen
-            log.info("attention %s: the kernel failed (%s: %s); the reference runs", key, type(error).__name__, error)
+            log.info("attention %s: the kernel failed (%s: %s); the reference runs", describe(key),
+                     type(error).__name__, error)
             return REFERENCE, math.nan, reference_ms
     choice = TRITON if kitsune_ms < MIN_GAIN * reference_ms else REFERENCE
-    log.info("attention %s: %s (kitsune %.3f ms, sdpa/reference %.3f ms)", key, choice, kitsune_ms, reference_ms)
+    log.info("attention %s: %s (kitsune %.3f ms, sdpa/reference %.3f ms)", describe(key), choice, kitsune_ms,
+             reference_ms)
     return choice, kitsune_ms, reference_ms
 
 

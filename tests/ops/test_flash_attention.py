@@ -177,6 +177,8 @@ def test_bad_arguments_raise():
         flash_attention(q, k, v, mask=torch.ones(5, 5))
     with pytest.raises(ValueError, match="bias"):
         flash_attention(q, k, v, bias=torch.ones(3, 5))
+    with pytest.raises(ValueError, match="bias"):
+        flash_attention(q, k, v, bias=torch.ones(2, 2, 5, 5))
     with pytest.raises(ValueError, match="heads"):
         flash_attention(q, *qkv(1, 2, 3, 5, 5, 32)[1:])
 
@@ -187,6 +189,8 @@ def test_unsupported_calls_have_reasons():
     assert unsupported(q, k, v, None, None, 0.1) is None
     assert "head dim" in unsupported(*qkv(1, 2, 2, 5, 5, 512), None, None, 0.0)
     assert "dtype" in unsupported(q.double(), k.double(), v.double(), None, None, 0.0)
+    assert "enlarges" in unsupported(q, k, v, torch.randn(3, 1, 1, 5), None, 0.0)
+    assert "batch" in unsupported(q, k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1), None, None, 0.0)
 
 
 def test_attention_dispatch_forced(monkeypatch):

@@ -58,6 +58,9 @@ def unsupported(q, k, v, bias, mask, dropout_p) -> str | None:
         return "q, k and v have different batch dimensions (broadcast batches are not implemented)"
     if q.device.type != "cuda" and not _interpreted():
         return f"tensors on {q.device.type} (the kernel needs CUDA, or TRITON_INTERPRET=1)"
+    for name, extra in (("bias", bias), ("mask", mask)):
+        if extra is not None and not _broadcasts_to(extra, _score_shape(q, k)):
+            return f"{name} of shape {tuple(extra.shape)} enlarges the scores {tuple(_score_shape(q, k))}"
     for name, tensor in (("k", k), ("v", v), ("bias", bias), ("mask", mask)):
         if tensor is not None and tensor.device != q.device:
             return f"{name} is on {tensor.device}, q on {q.device}"
@@ -164,14 +167,18 @@ def _check_shapes(q, k, v, bias, mask) -> None:
     if q.dim() >= 4 and (k.shape[-3] == 0 or q.shape[-3] % k.shape[-3] != 0):
         raise ValueError(f"flash_attention: query heads ({q.shape[-3]}) must be a multiple of kv heads ({k.shape[-3]})")
     for name, extra in (("bias", bias), ("mask", mask)):
-        if extra is not None:
-            try:
-                torch.broadcast_shapes(extra.shape, _score_shape(q, k))
-            except RuntimeError as error:
-                raise ValueError(f"flash_attention: {name} of shape {tuple(extra.shape)} does not broadcast to the "
-                                 f"scores {tuple(_score_shape(q, k))}") from error
+        if extra is not None and not _broadcasts_to(extra, _score_shape(q, k)):
+            raise ValueError(f"flash_attention: {name} of shape {tuple(extra.shape)} does not broadcast to the "
+                             f"scores {tuple(_score_shape(q, k))}")
     if mask is not None and mask.dtype != torch.bool:
         raise TypeError(f"flash_attention: mask must be bool (True keeps), got {mask.dtype}")
+
+
+def _broadcasts_to(tensor, shape) -> bool:
+    """Whether `tensor` expands to `shape` (the scores: a bias that would enlarge them is not taken)."""
+    if tensor.dim() > len(shape):
+        return False
+    return all(size in (1, want) for size, want in zip(reversed(tensor.shape), reversed(shape)))
 
 
 def _check_dropout(dropout_p, seed) -> None:

@@ -27,9 +27,9 @@ SCRIPT = textwrap.dedent('''
         source = ASTSource(fn=fn, signature=signature, constexprs={(names.index(n),): v for n, v in constants.items()})
         triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=2))
 
-    blocks = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_D=64, BLOCK_DV=64)
+    blocks = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_D=64, BLOCK_DV=64, D=64, DV=48)
     build(kernels.attention_forward_kernel, dict(FLAGS, **blocks))
-    build(kernels.attention_delta_kernel, dict(BLOCK_M=64, BLOCK_DV=64))
+    build(kernels.attention_delta_kernel, dict(BLOCK_M=64, BLOCK_DV=64, DV=48))
     build(kernels.attention_dkdv_kernel, dict(FLAGS, STORE_DBIAS=True, **blocks))
     build(kernels.attention_dq_kernel, dict(FLAGS, **blocks))
     print("compiled")

@@ -1,6 +1,10 @@
 """The Triton kernels of Kitsune's flash attention (kitsune.ops.flash_attention
 launches them; its module docstring says what they compute).
 
+The head dims D and Dv are compile-time constants (a kernel per head dim, as with
+the block sizes): a mask `d < D` with D known folds away where D is the block's
+width, and the loads along the head dim stay vectorised.
+
 All tensors arrive as 4-D [Z, H, L, D] views with their own strides (GQA: k and
 v have HKV heads, query head h reads kv head h // GROUP); bias and mask arrive
 expanded to the score shape [Z, H, LQ, LK], so a broadcast dimension has
@@ -82,7 +86,8 @@ def _kept_grad(ds, mask_ptrs, rows, cols, LQ, LK, HAS_MASK: tl.constexpr):
 
 @triton.jit
 def _forward_tiles(acc, m_i, l_i, q, start_n0, end_n, rows, k_base, v_base, bias_base, mask_base,
-                   skn, skd, svn, svd, sbn, smn, LQ, LK, D, DV, scale, mask_fill, dropout_p, Seed, zh,
+                   skn, skd, svn, svd, sbn, smn, LQ, LK, D: tl.constexpr, DV: tl.constexpr, scale, mask_fill,
+                   dropout_p, Seed, zh,
                    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
                    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     """The online softmax over the key tiles start_n0.. end_n of one query tile."""
@@ -115,7 +120,7 @@ def attention_forward_kernel(
         Q, K, V, Bias, Mask, Out, Stats, Seed,
         sqz, sqh, sqm, sqd, skz, skh, skn, skd, svz, svh, svn, svd, soz, soh, som, sod,
         sbz, sbh, sbm, sbn, smz, smh, smm, smn,
-        H, GROUP, LQ, LK, D, DV, scale, mask_fill, dropout_p,
+        H, GROUP, LQ, LK, D: tl.constexpr, DV: tl.constexpr, scale, mask_fill, dropout_p,
         HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, SKIP_FUTURE: tl.constexpr,
         DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
@@ -162,7 +167,7 @@ def attention_forward_kernel(
 
 
 @triton.jit
-def attention_delta_kernel(Out, Grad, Delta, H, LQ, DV,
+def attention_delta_kernel(Out, Grad, Delta, H, LQ, DV: tl.constexpr,
                            soz, soh, som, sod, sgz, sgh, sgm, sgd,
                            BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
     """delta[z, h, i] = sum_d dO * O (float32): the softmax backward's row term."""
@@ -180,7 +185,8 @@ def attention_delta_kernel(Out, Grad, Delta, H, LQ, DV,
 
 @triton.jit
 def _dkdv_tiles(dk, dv, k_t, v_t, start_m0, end_m, cols, zh, q_base, grad_base, bias_base, mask_base,
-                Stats, Delta, Seed, DBias, sqm, sqd, sgm, sgd, sbm, smm, LQ, LK, D, DV, scale, mask_fill, dropout_p,
+                Stats, Delta, Seed, DBias, sqm, sqd, sgm, sgd, sbm, smm, LQ, LK, D: tl.constexpr, DV: tl.constexpr,
+                scale, mask_fill, dropout_p,
                 HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
                 STORE_DBIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
@@ -222,7 +228,7 @@ def attention_dkdv_kernel(
         Q, K, V, Bias, Mask, Grad, Stats, Delta, Seed, DK, DV_, DBias,
         sqz, sqh, sqm, sqd, skz, skh, skn, skd, svz, svh, svn, svd, sgz, sgh, sgm, sgd,
         sbz, sbh, sbm, sbn, smz, smh, smm, smn, sdkz, sdkh, sdkn, sdkd, sdvz, sdvh, sdvn, sdvd,
-        H, HKV, GROUP, LQ, LK, D, DV, scale, mask_fill, dropout_p,
+        H, HKV, GROUP, LQ, LK, D: tl.constexpr, DV: tl.constexpr, scale, mask_fill, dropout_p,
         HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, SKIP_FUTURE: tl.constexpr,
         DROPOUT: tl.constexpr, STORE_DBIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
@@ -273,7 +279,8 @@ def attention_dkdv_kernel(
 
 @triton.jit
 def _dq_tiles(dq, q, do, row_max, log2_sum, delta, start_n0, end_n, rows, k_base, v_base, bias_base, mask_base,
-              skn, skd, svn, svd, sbn, smn, LQ, LK, D, DV, scale, mask_fill, dropout_p, Seed, zh,
+              skn, skd, svn, svd, sbn, smn, LQ, LK, D: tl.constexpr, DV: tl.constexpr, scale, mask_fill,
+              dropout_p, Seed, zh,
               HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
               PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     """dq's sum over the key tiles start_n0.. end_n of one query tile."""
@@ -303,7 +310,7 @@ def attention_dq_kernel(
         Q, K, V, Bias, Mask, Grad, Stats, Delta, Seed, DQ,
         sqz, sqh, sqm, sqd, skz, skh, skn, skd, svz, svh, svn, svd, sgz, sgh, sgm, sgd,
         sbz, sbh, sbm, sbn, smz, smh, smm, smn, sdqz, sdqh, sdqm, sdqd,
-        H, GROUP, LQ, LK, D, DV, scale, mask_fill, dropout_p,
+        H, GROUP, LQ, LK, D: tl.constexpr, DV: tl.constexpr, scale, mask_fill, dropout_p,
         HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, SKIP_FUTURE: tl.constexpr,
         DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):

@@ -303,3 +303,30 @@ def test_measured_choice_under_fake_tracing(monkeypatch, caplog, kernel_ms, choi
     assert results == [(choice, kernel_ms, 1.0)]
     assert f"{choice} (kitsune {kernel_ms:.3f} ms" in caplog.text
     assert [str(n.target) for n in graph.graph.nodes if n.op == "call_function"] == ["aten.mul.Tensor"]
+
+
+def test_aot_autograd_traces_one_node_each_way(monkeypatch):
+    """Under AOTAutograd (fake tensors), attention() with the kernel chosen is one forward node and one
+    backward node, and the compiled function's gradients are the formula's."""
+    from functorch.compile import aot_function, make_boxed_func
+    monkeypatch.setenv("KITSUNE_ATTENTION", "triton")
+    graphs = []
+
+    def keep(graph, _inputs):
+        graphs.append({str(n.target) for n in graph.graph.nodes if n.op == "call_function"})
+        return make_boxed_func(graph.forward)
+
+    bias = torch.randn(1, 1, 1, 17)
+    compiled = aot_function(lambda q, k, v, b: attention(q, k, v, bias=b, causal=True), fw_compiler=keep,
+                            bw_compiler=keep)
+    q, k, v = leaves(*qkv(1, 4, 2, 5, 17, 32))
+    out = compiled(q, k, v, bias)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    rq, rk, rv = leaves(q, k, v, dtype=torch.float64)
+    want = formula(rq, rk, rv, bias=bias.double(), causal=True)
+    want_grads = torch.autograd.grad(want.sum(), (rq, rk, rv))
+    assert "kitsune.flash_attention.default" in graphs[0]
+    assert "kitsune.flash_attention_backward.default" in graphs[1]
+    torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=2e-5)
+    for got, expected in zip(grads, want_grads):
+        torch.testing.assert_close(got.double(), expected, atol=2e-5, rtol=2e-5)

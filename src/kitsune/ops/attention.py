@@ -19,17 +19,24 @@ A row whose scores are all -inf gives NaN, as eager's softmax does; a finite
 of v, as eager does.
 
 This module holds the reference implementation (PyTorch's SDPA where it computes
-exactly this, the formula above otherwise); the GPU kernel and the choice between
-them by measurement live beside it.
+exactly this, the formula above otherwise). On CUDA tensors `attention` runs
+either Kitsune's flash kernel (kitsune.ops.flash_attention) or the reference,
+whichever measured faster for the call's configuration
+(kitsune.ops.attention_dispatch, which also reads KITSUNE_ATTENTION=auto|triton|sdpa);
+on CPU tensors the reference.
 """
 from __future__ import annotations
 
+import logging
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 
 __all__ = ["attention"]
+
+log = logging.getLogger("kitsune")
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, bias: torch.Tensor | None = None,
@@ -38,6 +45,26 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, bias: torch.
     """softmax(q @ kᵀ * scale + bias, masked) @ v; see the module docstring for the exact meaning."""
     _check(q, k, v, bias, mask, dropout_p)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if q.device.type == "cuda" or os.environ.get("KITSUNE_ATTENTION"):
+        from kitsune.ops.attention_dispatch import TRITON, choose_implementation
+        if choose_implementation(q, k, v, bias, mask, mask_fill, scale, causal, dropout_p, _reference) == TRITON:
+            return _flash(q, k, v, bias, mask, mask_fill, scale, causal, dropout_p)
+    return _reference(q, k, v, bias, mask, mask_fill, scale, causal, dropout_p)
+
+
+def _flash(q, k, v, bias, mask, mask_fill, scale, causal, dropout_p):
+    """Kitsune's flash kernel; the reference where it fails (a GPU that cannot fit its tiles, say)."""
+    from kitsune.ops.flash_attention import flash_attention
+    try:
+        return flash_attention(q, k, v, bias=bias, mask=mask, mask_fill=mask_fill, scale=scale, causal=causal,
+                               dropout_p=dropout_p)
+    except Exception as error:  # noqa: BLE001 - never crash the model: the reference computes the same
+        log.warning("attention: the flash kernel failed (%s: %s); the reference runs", type(error).__name__, error)
+        return _reference(q, k, v, bias, mask, mask_fill, scale, causal, dropout_p)
+
+
+def _reference(q, k, v, bias, mask, mask_fill, scale, causal, dropout_p):
+    """SDPA where it computes exactly the module docstring's formula, the formula otherwise."""
     k, v = _expand_groups(q, k), _expand_groups(q, v)
     finite_fill = mask is not None and mask_fill != float("-inf")
     if finite_fill or (causal and (bias is not None or mask is not None)):

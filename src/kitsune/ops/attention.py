@@ -69,8 +69,23 @@ def _reference(q, k, v, bias, mask, mask_fill, scale, causal, dropout_p):
     finite_fill = mask is not None and mask_fill != float("-inf")
     if finite_fill or (causal and (bias is not None or mask is not None)):
         return _formula(q, k, v, bias, mask, mask_fill, scale, causal, dropout_p)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=_sdpa_mask(q, bias, mask), dropout_p=dropout_p,
-                                          is_causal=causal, scale=scale)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=_sdpa_mask(q, bias, mask), dropout_p=dropout_p,
+                                         is_causal=causal, scale=scale)
+    return _dead_rows_nan(out, bias, mask)
+
+
+def _dead_rows_nan(out, bias, mask):
+    """out with NaN on the rows whose every score is -inf, as eager's softmax gives (SDPA's fused
+    kernels give 0 there). Reads the mask and the bias once more; no data-dependent Python
+    branch, so that it traces (AOTAutograd traces this function with fake tensors)."""
+    if mask is None and bias is None:
+        return out
+    if bias is None:
+        dead = ~mask.any(dim=-1)
+    else:  # a row is dead where each key is masked or has a -inf bias
+        lost = torch.isneginf(bias) if mask is None else torch.isneginf(bias) | ~mask
+        dead = lost.all(dim=-1)
+    return out.masked_fill(dead.unsqueeze(-1), float("nan"))
 
 def _check(q, k, v, bias, mask, dropout_p) -> None:
     if q.dim() < 3 or k.dim() != q.dim() or v.dim() != q.dim():

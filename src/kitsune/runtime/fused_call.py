@@ -151,7 +151,8 @@ class FusedGroupCall:
             kernel(tensors, outputs, *size_args)
         except Exception as error:  # noqa: BLE001 - whatever broke, eager semantics decide
             result = self.fallback(*inputs)  # raises eager's own error if the inputs are invalid
-            self.disable(f"kernel launch failed: {type(error).__name__}: {error}", at_run_time=True)
+            log.debug("%s: kernel launch failed: %s", self.spec.name, error)
+            self.disable(f"kernel launch failed: {type(error).__name__}: {error_summary(error)}", at_run_time=True)
             self._count(self.runtime_failure)
             return result
         if _DEBUG:
@@ -255,4 +256,13 @@ class SymbolicSizes:
         if self._extents is not None and max(self._extents(*values), default=0) >= INDEX_LIMIT:
             return "offsets beyond 32-bit indexing at these sizes"
         return None
+
+
+def error_summary(error: BaseException) -> str:
+    """An error's message with its cause first: Triton's CompilationError puts the kernel's
+    source before the line that says what is wrong, which a shortened report would cut."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    if len(lines) <= 2:
+        return " ".join(lines)
+    return f"{lines[-1].strip()} ({lines[0].strip()}; full message at DEBUG)"
 

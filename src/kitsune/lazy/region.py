@@ -1,0 +1,398 @@
+"""The lazy region: a TorchDispatchMode that records instead of running.
+
+Each aten call inside `kitsune.lazy()` reaches `LazyRegion.__torch_dispatch__`.
+A recordable op (`kitsune.lazy.ops`) on tensors of one device becomes a node of
+the pending graph and returns a `LazyTensor` with eager's metadata (fake-tensor
+propagation, cached per op and argument layouts, so an error such as a shape
+mismatch is raised at the op that causes it). Anything else is a sync point:
+the pending graph is flushed (`flush`) and the op runs eagerly on real tensors.
+
+In-place ops are recorded as their functional form: on a LazyTensor the
+placeholder moves to the new node; on a real tensor the write is deferred and
+the flush copies the result into it (reads of that tensor inside the region see
+the pending value; a read through another alias of its storage flushes first).
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from torch._subclasses import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+from kitsune.ir.scalar import SUPPORTED_DTYPES
+from kitsune.lazy import ops as lazy_ops
+from kitsune.lazy.graph import GRAPH_CACHE, NODE, PendingGraph, call_compiled, compile_pending, run_eagerly
+from kitsune.lazy.tensor import LazyTensor, fake_from_meta, meta_of
+
+log = logging.getLogger("kitsune")
+aten = torch.ops.aten
+_LIFTABLE = (torch.float32, torch.float64)
+
+
+@dataclass
+class LazyStats:
+    """What lazy regions did in this process (`kitsune.lazy_stats()`)."""
+    ops_recorded: int = 0
+    ops_eager: int = 0          # ops that ran eagerly inside a region (sync points and pass-through)
+    ops_small: int = 0          # ops on tensors below min_tensor_size, run eagerly
+    graphs_flushed: int = 0     # flushes that computed something
+    graphs_compiled: int = 0    # flushes that ran a Kitsune-compiled graph
+    cache_hits: int = 0
+    cache_misses: int = 0
+    sync_reasons: Counter = field(default_factory=Counter)
+
+    def as_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["sync_reasons"] = dict(self.sync_reasons)
+        total = self.cache_hits + self.cache_misses
+        d["cache_hit_rate"] = self.cache_hits / total if total else 0.0
+        return d
+
+
+STATS = LazyStats()
+_META_CACHE: dict = {}   # (op, argument signature) -> result Meta, or a reason to run eagerly
+_FAKE_MODE: FakeTensorMode | None = None
+
+
+class _Eager(Exception):
+    """This op runs eagerly; args[0] is the reason."""
+
+
+def _fake_mode() -> FakeTensorMode:
+    global _FAKE_MODE
+    if _FAKE_MODE is None:
+        _FAKE_MODE = FakeTensorMode()
+    return _FAKE_MODE
+
+
+class LazyRegion(TorchDispatchMode):
+    """One `with kitsune.lazy():` (see the module docstring)."""
+
+    def __init__(self, min_tensor_size: int, config, max_pending_ops: int):
+        super().__init__()
+        self.min_tensor_size = min_tensor_size
+        self.config = config
+        self.max_pending_ops = max_pending_ops
+        self._reset()
+
+    def _reset(self) -> None:
+        self.graph = PendingGraph()
+        self.wrappers: list = []       # every LazyTensor made since the last flush
+        self.writes: dict = {}         # id(real tensor) -> (tensor, node) deferred in-place writes
+        self.write_storages: set = set()
+        self.forwarding: list = []     # materialised placeholders the swap refused (retried at exit)
+
+    # -- dispatch -------------------------------------------------------------------
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        act = lazy_ops.action(func)
+        if act != lazy_ops.EAGER:
+            try:
+                return self._record(func, act, args, kwargs)
+            except _Eager as why:
+                reason = why.args[0]
+        else:
+            reason = "unsupported op"
+        return self._run_eager(func, args, kwargs, reason)
+
+    def _run_eager(self, func, args, kwargs, reason: str):
+        """Run `func` through PyTorch, first flushing the pending graph if the op reads
+        or writes what it holds (`reason` is counted as the sync's reason)."""
+        if reason == "small tensors":
+            STATS.ops_small += 1
+        else:
+            STATS.ops_eager += 1
+        if (self.graph.nodes or self.writes) and self._touches_pending(func, args, kwargs):
+            if func is aten._local_scalar_dense.default:
+                reason = "value read (item/bool/tolist)"
+            log.debug("lazy sync before %s: %s", func, reason)
+            self.flush(reason)
+        args, kwargs = torch.utils._pytree.tree_map_only(LazyTensor, LazyTensor.value, (args, kwargs))
+        return func(*args, **kwargs)
+
+    def _touches_pending(self, func, args, kwargs) -> bool:
+        if func._schema.is_mutable:
+            return True  # it may write what a pending node reads
+        for t in torch.utils._pytree.tree_leaves((args, kwargs)):
+            if isinstance(t, LazyTensor) and t.pending:
+                return True
+            if isinstance(t, torch.Tensor) and self.writes and (
+                    id(t) in self.writes or _storage(t) in self.write_storages):
+                return True
+        return False
+
+    # -- recording ------------------------------------------------------------------
+    def _record(self, func, act, args, kwargs):
+        if act == lazy_ops.INPLACE:
+            return self._record_inplace(func, args, kwargs)
+        if len(self.graph) >= self.max_pending_ops:
+            self.flush("max pending ops")
+        graph = self.graph
+        marks = len(graph.inputs), len(graph.scalars)
+        try:
+            refs = _Refs(self, func, args)
+            args_t, args_s = zip(*(refs.template(a, i) for i, a in enumerate(args))) if args else ((), ())
+            kwargs_t = tuple((k, refs.template(v, -1)) for k, v in kwargs.items())
+            refs.check(func, kwargs)
+            signature = (args_s, tuple((k, s) for k, (_, s) in kwargs_t))
+            kwargs_t = tuple((k, t) for k, (t, _) in kwargs_t)
+            meta = self._meta(func, args, kwargs, signature)
+        except _Eager:
+            graph.rollback(*marks)
+            raise
+        if act == lazy_ops.DECOMPOSE:
+            return self._decompose(func, args, kwargs, meta)
+        node = graph.add(func, tuple(args_t), kwargs_t, meta, signature)
+        STATS.ops_recorded += 1
+        view_of = None
+        if act == lazy_ops.VIEW and isinstance(args[0], LazyTensor) and args[0].pending:
+            args[0]._has_views = True
+            view_of = (args[0], func, args[1:], kwargs)
+        result = LazyTensor(self, node, meta, view_of)
+        self.wrappers.append(result)
+        return result
+
+    def _meta(self, func, args, kwargs, signature):
+        """Eager's metadata for the result, from fake tensors (cached by the argument
+        layouts). A failing fake run makes the op run eagerly: it raises there, at the op."""
+        key = (func, signature)
+        meta = _META_CACHE.get(key)
+        if meta is None:
+            meta = _META_CACHE[key] = _fake_meta(func, args, kwargs)
+        if type(meta) is str:
+            raise _Eager(meta)
+        return meta
+
+    def _decompose(self, func, args, kwargs, meta):
+        """Record `func` as its decomposition (run with this mode active); eager's
+        layout is checked once per signature, and a different one runs eagerly."""
+        with self:
+            result = lazy_ops.decompositions()[func](*args, **kwargs)
+        if result is NotImplemented or not isinstance(result, LazyTensor) or result._meta[:2] != meta[:2] \
+                or result._meta[3:] != meta[3:]:
+            raise _Eager("decomposition differs from eager")
+        return result
+
+    def _record_inplace(self, func, args, kwargs):
+        target = args[0]
+        functional = lazy_ops.functional_of(func)
+        if isinstance(target, LazyTensor) and not target.pending:
+            target = target.value()
+        lazy_target = isinstance(target, LazyTensor)
+        if lazy_target and (target._view_of is not None or target._has_views):
+            raise _Eager("in-place write through a view")
+        if not lazy_target and self.writes and id(target) not in self.writes and \
+                _storage(target) in self.write_storages:
+            raise _Eager("in-place write to an alias")
+        result = self._record(functional, lazy_ops.action(functional), args, kwargs)
+        want = target._meta if lazy_target else meta_of(target)
+        if result._meta[3] != want[3]:
+            if not torch.can_cast(result._meta[3], want[3]):
+                raise _Eager("in-place result cannot be cast")
+            result = self._record(aten._to_copy.default, lazy_ops.RECORD, (result,), {"dtype": want[3]})
+        if result._meta[:2] != want[:2]:
+            raise _Eager("in-place result of another shape or layout")
+        if lazy_target:
+            target._node = result._node
+        else:
+            self.writes[id(target)] = (target, result._node)
+            self.write_storages.add(_storage(target))
+        return args[0]
+
+    # -- flushing -------------------------------------------------------------------
+    def flush(self, reason: str) -> None:
+        """Compute what the pending graph holds that is still wanted: the live
+        placeholders (they become real tensors) and the deferred writes."""
+        if not self.graph.nodes and not self.writes:
+            self.graph.device = None
+            return
+        with _disable_current_modes():
+            self._flush(reason)
+
+    def _flush(self, reason: str) -> None:
+        graph, writes = self.graph, list(self.writes.values())
+        live = [w for w in _live(self.wrappers) if w._view_of is None]
+        views = [w for w in _live(self.wrappers) if w._view_of is not None]
+        forwarding = self.forwarding
+        self._reset()
+        self.forwarding = forwarding
+        outputs = tuple(dict.fromkeys([w._node for w in live] + [node for _, node in writes]))
+        STATS.sync_reasons[reason] += 1
+        log.debug("lazy region flush (%s): %d ops recorded, %d values wanted", reason, len(graph), len(outputs))
+        if not outputs:
+            return
+        STATS.graphs_flushed += 1
+        values = dict(zip(outputs, self._compute(graph, outputs)))
+        for w in live:
+            self._bind(w, values[w._node])
+        for w in views:
+            base, func, rest, kwargs = w._view_of
+            self._bind(w, func(base.value(), *rest, **kwargs))
+        for target, node in writes:
+            target.copy_(values[node])
+
+    def _compute(self, graph: PendingGraph, outputs: tuple) -> list:
+        if graph.largest < self.min_tensor_size or not self.config.cpu_fusion and graph.device.type == "cpu":
+            return run_eagerly(graph, outputs)
+        key = graph.key(outputs)
+        compiled = GRAPH_CACHE.get(key)
+        if compiled is None:
+            STATS.cache_misses += 1
+            try:
+                compiled = compile_pending(graph, outputs, self.config)
+            except Exception as error:  # noqa: BLE001 - never crash the user's code
+                log.warning("lazy region: the recorded graph runs eagerly: %s: %s", type(error).__name__, error,
+                            exc_info=log.isEnabledFor(logging.DEBUG))
+                compiled = _EagerGraph(outputs)
+            GRAPH_CACHE.put(key, compiled)
+        else:
+            STATS.cache_hits += 1
+        if isinstance(compiled, _EagerGraph):
+            return run_eagerly(graph, outputs)
+        STATS.graphs_compiled += 1
+        return call_compiled(compiled, graph)
+
+    def _bind(self, wrapper: LazyTensor, value: torch.Tensor) -> None:
+        shape, stride, offset, dtype, _ = wrapper._meta
+        if value.stride() != stride and value.numel() > 1 or value.dtype != dtype:
+            value = torch.empty_strided(shape, stride, dtype=dtype, device=value.device).copy_(value)
+        wrapper._real = value
+        if offset == value.storage_offset() or value.numel() == 0:
+            try:
+                torch.utils.swap_tensors(wrapper, value)
+                return
+            except RuntimeError:
+                pass
+        self.forwarding.append(wrapper)
+
+    def finish(self) -> None:
+        """At the end of the region: flush, then make the placeholders that could not
+        become real tensors during dispatch real now."""
+        self.flush("region exit")
+        with _disable_current_modes():
+            for w in self.forwarding:
+                if type(w) is LazyTensor and w._real is not None:
+                    try:
+                        torch.utils.swap_tensors(w, w._real)
+                    except RuntimeError:
+                        pass
+        self.forwarding = []
+
+
+class _EagerGraph:
+    """Cache entry of a graph that failed to compile: it runs eagerly."""
+
+    def __init__(self, outputs):
+        self.outputs = outputs
+
+
+def _live(wrappers: list):
+    """Placeholders referenced from anywhere but this list (sys.getrefcount counts the
+    list and its own argument): the values the user can still read."""
+    for i in range(len(wrappers)):
+        if sys.getrefcount(wrappers[i]) > 2:
+            yield wrappers[i]
+
+
+def _storage(t: torch.Tensor):
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+def _fake_meta(func, args, kwargs):
+    """Eager's result metadata for these arguments, or the reason the op runs eagerly."""
+    mode = _fake_mode()
+    to_fake = lambda t: fake_from_meta(t._meta if isinstance(t, LazyTensor) and t.pending else meta_of(t), mode)
+    try:
+        fargs, fkwargs = torch.utils._pytree.tree_map_only(torch.Tensor, to_fake, (args, kwargs))
+        with mode:
+            out = func(*fargs, **fkwargs)
+    except Exception as error:  # noqa: BLE001 - the eager run raises the user's error, at the op
+        return f"no fake result ({type(error).__name__})"
+    if not isinstance(out, torch.Tensor):
+        return "result is not a tensor"
+    return meta_of(out)
+
+
+class _Refs:
+    """Turns one op's arguments into a graph template and a metadata signature,
+    checking that the op can be recorded (one device, supported dtypes, no autograd)."""
+
+    def __init__(self, region: LazyRegion, func, args):
+        self.region = region
+        self.graph = region.graph
+        self.lazy = False
+        self.largest = 0
+        self.device = None
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        self.lift = lazy_ops.scalar_positions(func) if tensors and all(
+            t.dtype in _LIFTABLE for t in tensors) else frozenset()
+
+    def template(self, value, position: int):
+        """(graph template, signature item) of one argument: tensors become references and
+        their metadata; constants stay, tagged with their type (1, 1.0, True and -0.0 differ)."""
+        if isinstance(value, torch.Tensor):
+            return self._tensor(value)
+        if type(value) in (list, tuple):
+            pairs = [self.template(v, -1) for v in value]
+            return tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
+        if type(value) is float:
+            if position in self.lift:
+                return self.graph.scalar_ref(value), float
+            return value, (float, value.hex())
+        return value, (type(value), value)
+
+    def _tensor(self, t: torch.Tensor):
+        if isinstance(t, LazyTensor):
+            if t.pending and t._region is self.region:
+                self.lazy = True
+                self._see(t._meta)
+                return (NODE, t._node), t._meta
+            t = t.value()
+        if t.requires_grad and torch.is_grad_enabled():
+            raise _Eager("requires_grad")
+        pending = self.region.writes.get(id(t)) if self.region.writes else None
+        if pending is not None:
+            self.lazy = True
+            meta = self.graph.metas[pending[1]]
+            self._see(meta)
+            return (NODE, pending[1]), meta
+        if self.region.writes and _storage(t) in self.region.write_storages:
+            raise _Eager("read of an alias of a pending write")
+        meta = meta_of(t)
+        self._see(meta)
+        return self.graph.input_ref(t, meta), meta
+
+    def _see(self, meta) -> None:
+        shape, _, _, dtype, device = meta
+        if dtype not in SUPPORTED_DTYPES:
+            raise _Eager(f"{dtype} tensors")
+        if self.device is None:
+            self.device = device
+        elif device != self.device:
+            raise _Eager("tensors on several devices")
+        n = 1
+        for s in shape:
+            n *= s
+        self.largest = max(self.largest, n)
+
+    def check(self, func, kwargs) -> None:
+        """After the template: refuse what would make the graph wrong or not worth it."""
+        graph = self.graph
+        if self.device is None:
+            raise _Eager("no tensor arguments")
+        if func is aten._to_copy.default and kwargs.get("device") not in (None, self.device):
+            raise _Eager("device transfer")
+        if not self.lazy and self.largest < self.region.min_tensor_size:
+            raise _Eager("small tensors")
+        if graph.device is None:
+            graph.device = self.device
+        elif graph.device != self.device:
+            raise _Eager("tensors on another device than the pending graph")
+        graph.largest = max(graph.largest, self.largest)

@@ -32,6 +32,8 @@ _NEVER = {"dropout", "native_dropout", "bernoulli", "rand", "rand_like", "randn_
 _FILL = {"full", "scalar_tensor", "arange", "full_like"}
 
 _ACTIONS: dict = {}
+_FUNCTIONAL: dict = {}
+_SCALAR_POSITIONS: dict = {}
 _DECOMPOSITIONS: dict | None = None
 
 
@@ -75,8 +77,14 @@ def _classify(op) -> str:
 
 
 def functional_of(op):
-    """The functional overload of an in-place op that writes only its first
+    """(cached) The functional overload of an in-place op that writes only its first
     argument (`add_.Tensor` -> `add.Tensor`), or None."""
+    if op not in _FUNCTIONAL:
+        _FUNCTIONAL[op] = _functional_of(op)
+    return _FUNCTIONAL[op]
+
+
+def _functional_of(op):
     schema = op._schema
     written = [a for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
     if len(written) != 1 or written[0] is not schema.arguments[0] or len(schema.returns) != 1:
@@ -94,6 +102,10 @@ def functional_of(op):
 
 
 def scalar_positions(op) -> frozenset:
-    """Positions of `Tensor` arguments (where a Python float may stand in for a tensor
+    """(cached) Positions of `Tensor` arguments (where a Python float may stand in for a tensor
     and can be lifted into a graph input without changing the result's dtype)."""
-    return frozenset(i for i, a in enumerate(op._schema.arguments) if str(a.type) == "Tensor")
+    found = _SCALAR_POSITIONS.get(op)
+    if found is None:
+        found = _SCALAR_POSITIONS[op] = frozenset(
+            i for i, a in enumerate(op._schema.arguments) if str(a.type) == "Tensor")
+    return found

@@ -146,7 +146,7 @@ class LazyRegion(TorchDispatchMode):
             raise
         if act == lazy_ops.DECOMPOSE:
             return self._decompose(func, args, kwargs, meta)
-        node = graph.add(func, tuple(args_t), kwargs_t, meta, signature)
+        node = graph.add(func, tuple(args_t), kwargs_t, meta, (signature, tuple(refs.floats)))
         STATS.ops_recorded += 1
         view_of = None
         if act == lazy_ops.VIEW and isinstance(args[0], LazyTensor) and args[0].pending:
@@ -328,6 +328,7 @@ class _Refs:
         self.region = region
         self.graph = region.graph
         self.lazy = False
+        self.floats: list = []  # the graph's float constants, exactly
         self.largest = 0
         self.device = None
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
@@ -343,9 +344,10 @@ class _Refs:
             pairs = [self.template(v, -1) for v in value]
             return tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
         if type(value) is float:
-            if position in self.lift:
-                return self.graph.scalar_ref(value), float
-            return value, (float, value.hex())
+            if position not in self.lift:  # a constant of the graph; -0.0 and 0.0 differ
+                self.floats.append(value.hex())
+                return value, float
+            return self.graph.scalar_ref(value), float
         return value, (type(value), value)
 
     def _tensor(self, t: torch.Tensor):

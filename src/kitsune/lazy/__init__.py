@@ -16,9 +16,8 @@ import functools
 import threading
 
 from kitsune.config import FusionConfig
-from kitsune.lazy.graph import GRAPH_CACHE
-from kitsune.lazy.region import STATS, LazyRegion, LazyStats
-from kitsune.lazy.tensor import LazyTensor
+
+# torch is imported on first use (the region modules), not by `import kitsune`.
 
 __all__ = ["lazy", "sync", "lazy_stats", "reset_lazy_stats", "LazyStats", "LazyTensor"]
 
@@ -41,9 +40,8 @@ class lazy:  # noqa: N801 - used as `kitsune.lazy()`, like torch.no_grad
                  max_pending_ops: int = DEFAULT_MAX_PENDING_OPS):
         if config is not None and not isinstance(config, FusionConfig):
             raise TypeError(f"kitsune.lazy: config must be a FusionConfig, got {type(config).__name__}")
-        config = config or FusionConfig(cuda_graphs=False)
         if min_tensor_size is None:
-            min_tensor_size = config.min_tensor_size or DEFAULT_MIN_TENSOR_SIZE
+            min_tensor_size = (config.min_tensor_size if config is not None else 0) or DEFAULT_MIN_TENSOR_SIZE
         if isinstance(min_tensor_size, bool) or not isinstance(min_tensor_size, int) or min_tensor_size < 0:
             raise ValueError(f"kitsune.lazy: min_tensor_size must be an int >= 0, got {min_tensor_size!r}")
         if isinstance(max_pending_ops, bool) or not isinstance(max_pending_ops, int) or max_pending_ops < 1:
@@ -68,7 +66,10 @@ class lazy:  # noqa: N801 - used as `kitsune.lazy()`, like torch.no_grad
         if getattr(_active, "region", None) is not None:  # nested: the outer region records
             self._regions.append(None)
             return self
-        region = LazyRegion(*self._settings)
+        from kitsune.lazy.region import LazyRegion
+
+        min_tensor_size, config, max_pending_ops = self._settings
+        region = LazyRegion(min_tensor_size, config or FusionConfig(cuda_graphs=False), max_pending_ops)
         region.__enter__()
         _active.region = region
         self._regions.append(region)
@@ -95,6 +96,8 @@ def lazy_stats(reset: bool = False) -> dict:
     """Counts over every lazy region of this process: ops_recorded, ops_eager, ops_small,
     graphs_flushed, graphs_compiled, cache_hits, cache_misses, cache_hit_rate and
     sync_reasons (a count per reason). `reset=True` returns them and starts from zero."""
+    from kitsune.lazy.region import STATS
+
     result = STATS.as_dict()
     if reset:
         reset_lazy_stats()
@@ -103,7 +106,19 @@ def lazy_stats(reset: bool = False) -> dict:
 
 def reset_lazy_stats(clear_cache: bool = False) -> None:
     """Start the counts from zero (and with `clear_cache`, forget the compiled graphs)."""
-    fresh = LazyStats()
-    STATS.__dict__.update(fresh.__dict__)
+    from kitsune.lazy.graph import GRAPH_CACHE
+    from kitsune.lazy.region import STATS, LazyStats
+
+    STATS.__dict__.update(LazyStats().__dict__)
     if clear_cache:
         GRAPH_CACHE.clear()
+
+
+def __getattr__(name):
+    if name == "LazyStats":
+        from kitsune.lazy.region import LazyStats
+        return LazyStats
+    if name == "LazyTensor":
+        from kitsune.lazy.tensor import LazyTensor
+        return LazyTensor
+    raise AttributeError(f"module 'kitsune.lazy' has no attribute {name!r}")

@@ -90,6 +90,9 @@ class LazyRegion(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         act = lazy_ops.action(func)
+        if act == lazy_ops.VIEW and not (isinstance(args[0], LazyTensor) and args[0].pending):
+            # a view of a real tensor stays one (writes through it reach the tensor)
+            return self._run_eager(func, args, kwargs, "view of a real tensor")
         if act != lazy_ops.EAGER:
             try:
                 return self._record(func, act, args, kwargs)
@@ -228,10 +231,16 @@ class LazyRegion(TorchDispatchMode):
         STATS.graphs_flushed += 1
         values = dict(zip(outputs, self._compute(graph, outputs)))
         for w in live:
-            self._bind(w, values[w._node])
-        for w in views:
+            w._real = _restrided(values[w._node], w._meta)
+        for w in views:  # views of the values, as eager's are views of its tensors
             base, func, rest, kwargs = w._view_of
-            self._bind(w, func(base.value(), *rest, **kwargs))
+            w._real = func(base._real if isinstance(base, LazyTensor) else base, *rest, **kwargs)
+        # views first: a view placeholder holds its base's placeholder (autograd's view
+        # tracking), which blocks the base's swap until the view's is done
+        for w in reversed(views):
+            self._swap(w)
+        for w in live:
+            self._swap(w)
         for target, node in writes:
             target.copy_(values[node])
 
@@ -256,17 +265,16 @@ class LazyRegion(TorchDispatchMode):
         STATS.graphs_compiled += 1
         return call_compiled(compiled, graph)
 
-    def _bind(self, wrapper: LazyTensor, value: torch.Tensor) -> None:
-        shape, stride, offset, dtype, _ = wrapper._meta
-        if value.stride() != stride and value.numel() > 1 or value.dtype != dtype:
-            value = torch.empty_strided(shape, stride, dtype=dtype, device=value.device).copy_(value)
-        wrapper._real = value
-        if offset == value.storage_offset() or value.numel() == 0:
+    def _swap(self, wrapper: LazyTensor) -> None:
+        """Make the placeholder the real tensor (else it forwards to `_real`)."""
+        value = wrapper._real
+        if wrapper._meta[2] == value.storage_offset() or value.numel() == 0:
+            wrapper._real = None  # else the swapped-out placeholder would keep itself alive
             try:
                 torch.utils.swap_tensors(wrapper, value)
                 return
             except RuntimeError:
-                pass
+                wrapper._real = value
         self.forwarding.append(wrapper)
 
     def finish(self) -> None:
@@ -276,10 +284,11 @@ class LazyRegion(TorchDispatchMode):
         with _disable_current_modes():
             for w in self.forwarding:
                 if type(w) is LazyTensor and w._real is not None:
+                    value, w._real = w._real, None
                     try:
-                        torch.utils.swap_tensors(w, w._real)
-                    except RuntimeError:
-                        pass
+                        torch.utils.swap_tensors(w, value)
+                    except RuntimeError:  # e.g. the base of views: it keeps forwarding
+                        w._real = value
         self.forwarding = []
 
 
@@ -296,6 +305,14 @@ def _live(wrappers: list):
     for i in range(len(wrappers)):
         if sys.getrefcount(wrappers[i]) > 2:
             yield wrappers[i]
+
+
+def _restrided(value: torch.Tensor, meta) -> torch.Tensor:
+    """`value` with eager's strides and dtype (a copy only where they differ)."""
+    shape, stride, _, dtype, _ = meta
+    if value.stride() != stride and value.numel() > 1 or value.dtype != dtype:
+        return torch.empty_strided(shape, stride, dtype=dtype, device=value.device).copy_(value)
+    return value
 
 
 def _storage(t: torch.Tensor):

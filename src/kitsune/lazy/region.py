@@ -89,6 +89,9 @@ class LazyRegion(TorchDispatchMode):
     # -- dispatch -------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if not self.graph.nodes and not self.writes and self._all_small(args):
+            STATS.ops_small += 1  # nothing pending and nothing worth recording: eager's cost
+            return func(*args, **kwargs)
         act = lazy_ops.action(func)
         if act == lazy_ops.VIEW and not (isinstance(args[0], LazyTensor) and args[0].pending):
             # a view of a real tensor stays one (writes through it reach the tensor)
@@ -101,6 +104,16 @@ class LazyRegion(TorchDispatchMode):
         else:
             reason = "unsupported op"
         return self._run_eager(func, args, kwargs, reason)
+
+    def _all_small(self, args) -> bool:
+        """Every top-level argument is a real tensor below min_tensor_size, or not a tensor."""
+        limit, seen = self.min_tensor_size, False
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                if type(a) is not torch.Tensor or a.numel() >= limit:
+                    return False
+                seen = True
+        return seen
 
     def _run_eager(self, func, args, kwargs, reason: str):
         """Run `func` through PyTorch, first flushing the pending graph if the op reads

@@ -24,6 +24,7 @@ from torch._subclasses import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from kitsune.ir.scalar import SUPPORTED_DTYPES
+from kitsune.lazy import macro
 from kitsune.lazy import ops as lazy_ops
 from kitsune.lazy.graph import GRAPH_CACHE, NODE, PendingGraph, call_compiled, compile_pending, run_eagerly
 from kitsune.lazy.tensor import LazyTensor, fake_from_meta, meta_of
@@ -56,6 +57,7 @@ class LazyStats:
 STATS = LazyStats()
 _META_CACHE: dict = {}   # (op, argument signature) -> result Meta, or a reason to run eagerly
 _FAKE_MODE: FakeTensorMode | None = None
+_RECIPES: dict = {}      # (composite op, argument signature) -> macro.Recipe
 
 
 class _Eager(Exception):
@@ -85,10 +87,23 @@ class LazyRegion(TorchDispatchMode):
         self.writes: dict = {}         # id(real tensor) -> (tensor, node) deferred in-place writes
         self.write_storages: set = set()
         self.forwarding: list = []     # materialised placeholders the swap refused (retried at exit)
+        self.trace = None              # kitsune.lazy.macro.Trace of the decomposition running
 
     # -- dispatch -------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        trace = self.trace
+        if trace is not None and not trace.busy:  # a call the decomposition being traced makes
+            trace.busy = True
+            try:
+                out = self._dispatch(func, args, kwargs)
+            finally:
+                trace.busy = False
+            trace.note(func, args, kwargs, out)
+            return out
+        return self._dispatch(func, args, kwargs)
+
+    def _dispatch(self, func, args, kwargs):
         if not self.graph.nodes and not self.writes and self._all_small(args):
             STATS.ops_small += 1  # nothing pending and nothing worth recording: eager's cost
             return func(*args, **kwargs)
@@ -161,7 +176,7 @@ class LazyRegion(TorchDispatchMode):
             graph.rollback(*marks)
             raise
         if act == lazy_ops.DECOMPOSE:
-            return self._decompose(func, args, kwargs, meta)
+            return self._decompose(func, args, kwargs, meta, signature)
         node = graph.add(func, tuple(args_t), kwargs_t, meta, (signature, tuple(refs.floats)))
         STATS.ops_recorded += 1
         view_of = None
@@ -183,14 +198,33 @@ class LazyRegion(TorchDispatchMode):
             raise _Eager(meta)
         return meta
 
-    def _decompose(self, func, args, kwargs, meta):
-        """Record `func` as its decomposition (run with this mode active); eager's
-        layout is checked once per signature, and a different one runs eagerly."""
-        with self:
-            result = lazy_ops.decompositions()[func](*args, **kwargs)
+    def _decompose(self, func, args, kwargs, meta, signature):
+        """Record `func` as its decomposition: traced on the first call with these
+        argument layouts (run with this mode active), replayed after (kitsune.lazy.macro).
+        Eager's layout is checked; a different one runs eagerly."""
+        key = (func, signature)
+        recipe = _RECIPES.get(key)
+        flat = macro.flat_arguments(args, kwargs)
+        if recipe is not None and recipe.matches(flat):
+            result = recipe.replay(self._dispatch, flat)
+        else:
+            result = self._trace(func, args, kwargs, key)
         if result is NotImplemented or not isinstance(result, LazyTensor) or result._meta[:2] != meta[:2] \
                 or result._meta[3:] != meta[3:]:
             raise _Eager("decomposition differs from eager")
+        return result
+
+    def _trace(self, func, args, kwargs, key):
+        outer, self.trace = self.trace, macro.Trace(args, kwargs)
+        try:
+            with self:
+                result = lazy_ops.decompositions()[func](*args, **kwargs)
+            _RECIPES[key] = self.trace.finish(result)
+        except macro.NotReplayable as why:
+            log.debug("lazy region: %s is decomposed at every call: %s", func, why)
+            _RECIPES.pop(key, None)
+        finally:
+            self.trace = outer
         return result
 
     def _record_inplace(self, func, args, kwargs):
@@ -243,8 +277,13 @@ class LazyRegion(TorchDispatchMode):
             return
         STATS.graphs_flushed += 1
         values = dict(zip(outputs, self._compute(graph, outputs)))
-        for w in live:
-            w._real = _restrided(values[w._node], w._meta)
+        for target, node in writes:  # before the swaps below take the value objects
+            target.copy_(values[node])
+        taken = set()
+        for w in live:  # each placeholder gets its own tensor object (two may share a node)
+            value = values[w._node]
+            w._real = _restrided(value.detach() if id(value) in taken else value, w._meta)
+            taken.add(id(value))
         for w in views:  # views of the values, as eager's are views of its tensors
             base, func, rest, kwargs = w._view_of
             w._real = func(base._real if isinstance(base, LazyTensor) else base, *rest, **kwargs)
@@ -254,8 +293,6 @@ class LazyRegion(TorchDispatchMode):
             self._swap(w)
         for w in live:
             self._swap(w)
-        for target, node in writes:
-            target.copy_(values[node])
 
     def _compute(self, graph: PendingGraph, outputs: tuple) -> list:
         if graph.largest < self.min_tensor_size or not self.config.cpu_fusion and graph.device.type == "cpu":

@@ -39,6 +39,7 @@ class PendingGraph:
         self.inputs: list = []         # real tensors read by the graph
         self.input_slots: dict = {}    # id(tensor) -> slot
         self.input_keys: list = []     # their layouts
+        self.input_storages: set = set()  # their storages (an eager write to one flushes first)
         self.scalars: list = []        # lifted Python floats
         self.device = None
         self.largest = 0               # the most elements of any tensor recorded
@@ -52,6 +53,10 @@ class PendingGraph:
             slot = self.input_slots[id(tensor)] = len(self.inputs)
             self.inputs.append(tensor)
             self.input_keys.append(meta)
+            try:
+                self.input_storages.add(tensor.untyped_storage().data_ptr())
+            except (RuntimeError, NotImplementedError):
+                pass
         return (INPUT, slot)
 
     def scalar_ref(self, value: float) -> tuple:
@@ -62,6 +67,7 @@ class PendingGraph:
         """Forget the inputs and scalars added after these counts (an op that was not recorded)."""
         for t in self.inputs[inputs:]:
             del self.input_slots[id(t)]
+            self.input_storages.discard(t.untyped_storage().data_ptr())
         del self.inputs[inputs:], self.input_keys[inputs:], self.scalars[scalars:]
 
     def add(self, op, args: tuple, kwargs: tuple, meta, signature) -> int:

@@ -79,6 +79,7 @@ class LazyRegion(TorchDispatchMode):
         self.min_tensor_size = min_tensor_size
         self.config = config
         self.max_pending_ops = max_pending_ops
+        self.trace = None              # kitsune.lazy.macro.Trace of the decomposition running
         self._reset()
 
     def _reset(self) -> None:
@@ -87,7 +88,6 @@ class LazyRegion(TorchDispatchMode):
         self.writes: dict = {}         # id(real tensor) -> (tensor, node) deferred in-place writes
         self.write_storages: set = set()
         self.forwarding: list = []     # materialised placeholders the swap refused (retried at exit)
-        self.trace = None              # kitsune.lazy.macro.Trace of the decomposition running
 
     # -- dispatch -------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -104,9 +104,8 @@ class LazyRegion(TorchDispatchMode):
         return self._dispatch(func, args, kwargs)
 
     def _dispatch(self, func, args, kwargs):
-        if not self.graph.nodes and not self.writes and self._all_small(args):
-            STATS.ops_small += 1  # nothing pending and nothing worth recording: eager's cost
-            return func(*args, **kwargs)
+        if self._all_small(args):  # nothing worth recording: eager's cost
+            return self._run_eager(func, args, kwargs, "small tensors")
         act = lazy_ops.action(func)
         if act == lazy_ops.VIEW and not (isinstance(args[0], LazyTensor) and args[0].pending):
             # a view of a real tensor stays one (writes through it reach the tensor)
@@ -142,18 +141,37 @@ class LazyRegion(TorchDispatchMode):
                 reason = "value read (item/bool/tolist)"
             log.debug("lazy sync before %s: %s", func, reason)
             self.flush(reason)
-        args, kwargs = torch.utils._pytree.tree_map_only(LazyTensor, LazyTensor.value, (args, kwargs))
+        if any(isinstance(t, LazyTensor) for t in _tensors(args, kwargs)):
+            args, kwargs = torch.utils._pytree.tree_map_only(LazyTensor, LazyTensor.value, (args, kwargs))
         return func(*args, **kwargs)
 
     def _touches_pending(self, func, args, kwargs) -> bool:
-        if func._schema.is_mutable:
-            return True  # it may write what a pending node reads
-        for t in torch.utils._pytree.tree_leaves((args, kwargs)):
+        """Whether running `func` now needs the pending graph run first: it reads a
+        pending value, or writes a tensor the pending graph reads or writes."""
+        if func._schema.is_mutable and self._writes_pending_input(func, args, kwargs):
+            return True
+        for t in _tensors(args, kwargs):
             if isinstance(t, LazyTensor) and t.pending:
                 return True
             if isinstance(t, torch.Tensor) and self.writes and (
                     id(t) in self.writes or _storage(t) in self.write_storages):
                 return True
+        return False
+
+    def _writes_pending_input(self, func, args, kwargs) -> bool:
+        graph = self.graph
+        for i, a in enumerate(func._schema.arguments):
+            if a.alias_info is None or not a.alias_info.is_write:
+                continue
+            value = args[i] if i < len(args) else kwargs.get(a.name)
+            for t in (value if isinstance(value, (list, tuple)) else (value,)):
+                if not isinstance(t, torch.Tensor):
+                    continue
+                if isinstance(t, LazyTensor) or id(t) in graph.input_slots or id(t) in self.writes:
+                    return True
+                storage = _storage(t)
+                if storage in graph.input_storages or storage in self.write_storages:
+                    return True
         return False
 
     # -- recording ------------------------------------------------------------------
@@ -355,6 +373,17 @@ def _live(wrappers: list):
     for i in range(len(wrappers)):
         if sys.getrefcount(wrappers[i]) > 2:
             yield wrappers[i]
+
+
+def _tensors(args, kwargs):
+    """The tensors among an op's arguments (aten arguments nest at most one list deep)."""
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            yield a
+        elif type(a) in (list, tuple):
+            for t in a:
+                if isinstance(t, torch.Tensor):
+                    yield t
 
 
 def _restrided(value: torch.Tensor, meta) -> torch.Tensor:

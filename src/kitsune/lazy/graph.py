@@ -74,7 +74,7 @@ class PendingGraph:
         """A node; its key is its template (references) with its signature (argument
         layouts and type-tagged constants) and result metadata."""
         self.nodes.append((op, args, kwargs))
-        self.node_keys.append((op, args, kwargs, signature, meta))
+        self.node_keys.append((op, args, kwargs, signature))  # the meta follows from op and signature
         self.metas.append(meta)
         return len(self.nodes) - 1
 

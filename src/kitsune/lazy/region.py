@@ -15,6 +15,7 @@ the pending value; a read through another alias of its storage flushes first).
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from kitsune.lazy.tensor import LazyTensor, fake_from_meta, meta_of
 log = logging.getLogger("kitsune")
 aten = torch.ops.aten
 _LIFTABLE = (torch.float32, torch.float64)
+_DTYPES = frozenset(SUPPORTED_DTYPES)
 
 
 @dataclass
@@ -184,18 +186,25 @@ class LazyRegion(TorchDispatchMode):
         marks = len(graph.inputs), len(graph.scalars)
         try:
             refs = _Refs(self, func, args)
-            args_t, args_s = zip(*(refs.template(a, i) for i, a in enumerate(args))) if args else ((), ())
-            kwargs_t = tuple((k, refs.template(v, -1)) for k, v in kwargs.items())
+            args_t, args_s = [], []
+            for i, a in enumerate(args):
+                t, sig = refs.template(a, i)
+                args_t.append(t)
+                args_s.append(sig)
+            kwargs_t, kwargs_s = (), ()
+            if kwargs:
+                pairs = [(k, refs.template(v, -1)) for k, v in kwargs.items()]
+                kwargs_t = tuple((k, t) for k, (t, _) in pairs)
+                kwargs_s = tuple((k, sig) for k, (_, sig) in pairs)
             refs.check(func, kwargs)
-            signature = (args_s, tuple((k, s) for k, (_, s) in kwargs_t))
-            kwargs_t = tuple((k, t) for k, (t, _) in kwargs_t)
+            signature = (tuple(args_s), kwargs_s)
             meta = self._meta(func, args, kwargs, signature)
         except _Eager:
             graph.rollback(*marks)
             raise
         if act == lazy_ops.DECOMPOSE:
             return self._decompose(func, args, kwargs, meta, signature)
-        node = graph.add(func, tuple(args_t), kwargs_t, meta, (signature, tuple(refs.floats)))
+        node = graph.add(func, tuple(args_t), kwargs_t, meta, (signature, tuple(refs.floats)) if refs.floats else signature)
         STATS.ops_recorded += 1
         view_of = None
         if act == lazy_ops.VIEW and isinstance(args[0], LazyTensor) and args[0].pending:
@@ -424,12 +433,20 @@ class _Refs:
         self.region = region
         self.graph = region.graph
         self.lazy = False
-        self.floats: list = []  # the graph's float constants, exactly
+        self.floats: list | None = None  # the graph's float constants, exactly
         self.largest = 0
         self.device = None
-        tensors = [a for a in args if isinstance(a, torch.Tensor)]
-        self.lift = lazy_ops.scalar_positions(func) if tensors and all(
-            t.dtype in _LIFTABLE for t in tensors) else frozenset()
+        self.func, self.args, self._lift = func, args, None
+
+    @property
+    def lift(self) -> frozenset:
+        """Positions where a Python float becomes a graph input: Tensor positions of an
+        op whose tensors are all float32/float64 (so the result dtype stays eager's)."""
+        if self._lift is None:
+            tensors = [a for a in self.args if isinstance(a, torch.Tensor)]
+            self._lift = lazy_ops.scalar_positions(self.func) if tensors and all(
+                t.dtype in _LIFTABLE for t in tensors) else frozenset()
+        return self._lift
 
     def template(self, value, position: int):
         """(graph template, signature item) of one argument: tensors become references and
@@ -441,14 +458,14 @@ class _Refs:
             return tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
         if type(value) is float:
             if position not in self.lift:  # a constant of the graph; -0.0 and 0.0 differ
-                self.floats.append(value.hex())
+                self.floats = (self.floats or []) + [value.hex()]
                 return value, float
             return self.graph.scalar_ref(value), float
         return value, (type(value), value)
 
     def _tensor(self, t: torch.Tensor):
         if isinstance(t, LazyTensor):
-            if t.pending and t._region is self.region:
+            if t._real is None and t._region is self.region:
                 self.lazy = True
                 self._see(t._meta)
                 return (NODE, t._node), t._meta
@@ -469,16 +486,15 @@ class _Refs:
 
     def _see(self, meta) -> None:
         shape, _, _, dtype, device = meta
-        if dtype not in SUPPORTED_DTYPES:
+        if dtype not in _DTYPES:
             raise _Eager(f"{dtype} tensors")
         if self.device is None:
             self.device = device
         elif device != self.device:
             raise _Eager("tensors on several devices")
-        n = 1
-        for s in shape:
-            n *= s
-        self.largest = max(self.largest, n)
+        n = math.prod(shape)
+        if n > self.largest:
+            self.largest = n
 
     def check(self, func, kwargs) -> None:
         """After the template: refuse what would make the graph wrong or not worth it."""

@@ -43,12 +43,16 @@ class LazyTensor(torch.Tensor):
         tensor._region = region
         tensor._node = node
         tensor._meta = meta
-        tensor._real = None
-        # (base LazyTensor, view op, args after the base, kwargs): materialised as
-        # that view of the base's value, so writes through it reach the base as in eager
-        tensor._view_of = view_of
-        tensor._has_views = False
+        if view_of is not None:
+            tensor._view_of = view_of
         return tensor
+
+    # defaults in the class: fewer writes per placeholder on the recording path
+    _real = None         # the value, once computed (while this object forwards to it)
+    # (base LazyTensor, view op, args after the base, kwargs): materialised as that
+    # view of the base's value, so writes through it reach the base as in eager
+    _view_of = None
+    _has_views = False
 
     @property
     def pending(self) -> bool:

@@ -51,6 +51,8 @@ def test_pointwise_chain_native_c(monkeypatch):
     stats = lazy_stats()
     assert stats["graphs_compiled"] == 1 and stats["ops_recorded"] >= 6
     assert kitsune.get_fusion_stats()["num_fused"] >= 1
+    text = kitsune.lazy.explain()
+    assert "Lazy regions: " in text and "region exit 1" in text and "Kernels: eager PyTorch" in text
 
 
 def test_views_broadcasting_casts():

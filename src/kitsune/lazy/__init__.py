@@ -54,6 +54,24 @@ class lazy:  # noqa: N801 - used as `kitsune.lazy()`, like torch.no_grad
         if fn is not None:
             functools.update_wrapper(self, fn)
 
+    @staticmethod
+    def explain(verbose: bool = False) -> str:
+        """`kitsune.lazy.explain()`: what lazy regions recorded, flushed and why they
+        synced, then the fusion report of the graphs they compiled (kernels before/after)."""
+        from kitsune.report.explain import explain_records
+        from kitsune.report.stats import GLOBAL_STATS
+
+        s = lazy_stats()
+        reasons = ", ".join(f"{why} {n}" for why, n in sorted(s["sync_reasons"].items(), key=lambda kv: -kv[1]))
+        lines = [f"Lazy regions: {s['ops_recorded']} ops recorded, {s['ops_eager']} run eagerly, "
+                 f"{s['ops_small']} below min_tensor_size; {s['graphs_flushed']} graphs flushed "
+                 f"({s['graphs_compiled']} compiled), cache {s['cache_hits']} hits / {s['cache_misses']} misses",
+                 f"Sync points: {reasons or 'none'}"]
+        records = [r for r in GLOBAL_STATS.records() if r.name == "lazy"]
+        if records:
+            lines.append(explain_records(records, verbose=verbose))
+        return "\n".join(lines)
+
     def __call__(self, *args, **kwargs):
         if self._fn is None:  # @kitsune.lazy(min_tensor_size=...)
             fn = args[0]

@@ -339,8 +339,14 @@ class LazyRegion(TorchDispatchMode):
             STATS.cache_hits += 1
         if isinstance(compiled, _EagerGraph):
             return run_eagerly(graph, outputs)
+        try:
+            values = call_compiled(compiled, graph)
+        except Exception as error:  # noqa: BLE001 - never crash the user's code: eager raises its own errors
+            log.warning("lazy region: the compiled graph failed, its ops run eagerly: %s: %s",
+                        type(error).__name__, error, exc_info=log.isEnabledFor(logging.DEBUG))
+            return run_eagerly(graph, outputs)
         STATS.graphs_compiled += 1
-        return call_compiled(compiled, graph)
+        return values
 
     def _swap(self, wrapper: LazyTensor) -> None:
         """Make the placeholder the real tensor (else it forwards to `_real`)."""

@@ -64,6 +64,9 @@ class LazyTensor(torch.Tensor):
             self._region.flush("escaped tensor")
         if type(self) is not LazyTensor:  # swapped: this object is the real tensor now
             return self
+        if self._real is None:  # only PyTorch's C++ side held it at the flush: not computed
+            raise RuntimeError("kitsune.lazy: a recorded value was dropped before it was computed; "
+                               "keep a Python reference to it inside the region")
         return self._real
 
     @classmethod

@@ -332,3 +332,20 @@ def test_decomposition_replay_matches_eager():
             xs[i].lerp_(g, w).addcdiv_(g, g.abs() + 1, value=-0.01 * (i + 1))
         want = x.clone().lerp_(g, w).addcdiv_(g, g.abs() + 1, value=-0.01 * (i + 1))
         same(xs[i], want)
+
+
+def test_write_back_keeps_views_of_the_target_in_step():
+    p, q = torch.randn(64, 64), torch.randn(64, 64)
+    p0, q0 = p.clone(), q.clone()
+    flat = q.view(-1)                     # q's storage has another user: it is copied into
+    with torch.no_grad(), lazy(min_tensor_size=0):
+        p.mul_(0.5).add_(1.0)
+        q.mul_(0.5).add_(1.0)
+        pw = torch.nn.Parameter(torch.ones(64, 64))
+        pw.sub_(p)
+    same(p, p0 * 0.5 + 1.0)
+    same(q, q0 * 0.5 + 1.0)
+    assert flat.data_ptr() == q.data_ptr()
+    same(flat, q.reshape(-1))
+    assert isinstance(pw, torch.nn.Parameter)
+    assert_close(pw.detach(), 1 - p)

@@ -304,8 +304,10 @@ class LazyRegion(TorchDispatchMode):
             return
         STATS.graphs_flushed += 1
         values = dict(zip(outputs, self._compute(graph, outputs)))
-        for target, node in writes:  # before the swaps below take the value objects
-            target.copy_(values[node])
+        shared = {w._node for w in live}
+        with torch.no_grad():  # recorded writes were to tensors outside autograd (else they ran eagerly)
+            for target, node in writes:  # before the swaps below take the value objects
+                _write_back(target, values[node], node in shared)
         taken = set()
         for w in live:  # each placeholder gets its own tensor object (two may share a node)
             value = values[w._node]
@@ -388,6 +390,27 @@ def _live(wrappers: list):
     for i in range(len(wrappers)):
         if sys.getrefcount(wrappers[i]) > 2:
             yield wrappers[i]
+
+
+def _write_back(target: torch.Tensor, value: torch.Tensor, shared: bool) -> None:
+    """Give `target` its new value. Where nothing else can see either storage (no view,
+    no other tensor, the same layout), the target takes the value's storage (`set_`: no
+    copy, as if the kernel had written in place); else the value is copied in."""
+    if not shared and _sole_owner(target) and _sole_owner(value) and target.stride() == value.stride() \
+            and target.storage_offset() == 0 == value.storage_offset() and target.dtype == value.dtype \
+            and target.device == value.device and target.shape == value.shape and target.numel() > 0:
+        target.set_(value)
+    else:
+        target.copy_(value)
+
+
+def _sole_owner(t: torch.Tensor) -> bool:
+    """No other tensor (a view, an alias) uses t's storage."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    if count is None or type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:
+        return False
+    storage = t.untyped_storage()
+    return count(storage._cdata) == 2 and storage.nbytes() == t.numel() * t.element_size()  # t's, and `storage`
 
 
 def _tensors(args, kwargs):

@@ -85,6 +85,12 @@ def test_item_and_data_dependent_control_flow():
     want = f(x)
     same(got[0], want[0])
     assert got[1] == want[1] and math.isclose(got[2], want[2], rel_tol=1e-5)
+    with lazy(min_tensor_size=0):
+        z = x * 3
+        text = f"{z}|{z.sum():.3f}"   # printing mid-region: a sync, nothing of it recorded
+        w = z + 1
+    assert text == f"{x * 3}|{(x * 3).sum():.3f}"
+    same(w, x * 3 + 1)
     assert lazy_stats()["sync_reasons"].get("value read (item/bool/tolist)", 0) >= 3
 
 

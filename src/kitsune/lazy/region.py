@@ -34,6 +34,7 @@ log = logging.getLogger("kitsune")
 aten = torch.ops.aten
 _LIFTABLE = (torch.float32, torch.float64)
 _DTYPES = frozenset(SUPPORTED_DTYPES)
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 @dataclass
@@ -126,7 +127,7 @@ class LazyRegion(TorchDispatchMode):
         limit, seen = self.min_tensor_size, False
         for a in args:
             if isinstance(a, torch.Tensor):
-                if type(a) is not torch.Tensor or a.numel() >= limit:
+                if type(a) not in _PLAIN or a.numel() >= limit:
                     return False
                 seen = True
         return seen

@@ -76,21 +76,22 @@ class LazyTensor(torch.Tensor):
         args, kwargs = torch.utils._pytree.tree_map_only(LazyTensor, LazyTensor.value, (args, kwargs or {}))
         return func(*args, **kwargs)
 
-    # What reads data without going through the dispatcher.
+    # What reads data without going through the dispatcher: on the value, with the lazy
+    # region out of the way (printing's own ops would otherwise be recorded).
     def __repr__(self, *, tensor_contents=None):
-        return repr(self.value())
+        return _outside(repr, self.value())
 
     def __format__(self, spec):
-        return format(self.value(), spec)
+        return _outside(format, self.value(), spec)
 
     def tolist(self):
-        return self.value().tolist()
+        return _outside(torch.Tensor.tolist, self.value())
 
     def numpy(self, *, force=False):
-        return self.value().numpy(force=force)
+        return _outside(torch.Tensor.numpy, self.value(), force=force)
 
     def __array__(self, dtype=None):
-        return self.value().__array__(dtype)
+        return _outside(torch.Tensor.__array__, self.value(), dtype)
 
     def data_ptr(self):
         return self.value().data_ptr()
@@ -99,7 +100,14 @@ class LazyTensor(torch.Tensor):
         return self.value().untyped_storage()
 
     def __reduce_ex__(self, protocol):
-        return self.value().__reduce_ex__(protocol)
+        return _outside(torch.Tensor.__reduce_ex__, self.value(), protocol)
 
     def __deepcopy__(self, memo):
-        return self.value().__deepcopy__(memo)
+        return _outside(torch.Tensor.__deepcopy__, self.value(), memo)
+
+
+def _outside(fn, *args, **kwargs):
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with _disable_current_modes():
+        return fn(*args, **kwargs)

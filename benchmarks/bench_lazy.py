@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import time
 
 import torch
@@ -30,12 +31,15 @@ def sync(device):
 
 
 def timed(fn, device, repeat: int) -> float:
-    sync(device)
-    start = time.perf_counter()
+    """Median seconds per call (robust to a loaded machine)."""
+    times = []
     for _ in range(repeat):
+        sync(device)
+        start = time.perf_counter()
         fn()
-    sync(device)
-    return (time.perf_counter() - start) / repeat
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def adamw(params, grads, ms, vs, step, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, wd=0.01):
@@ -71,7 +75,7 @@ def bench_adamw(device, quick: bool) -> None:
         step[0] += 1
         compiled_fn(*state, step[0])
 
-    repeat = 3 if quick else 20
+    repeat = 5 if quick else 20
     print(f"(a) AdamW over {len(shapes)} tensors, {sum(math.prod(s) for s in shapes) / 1e6:.1f}M elements")
     for name, fn in (("eager", eager), ("kitsune.lazy", lazy), ("inductor", inductor)):
         first = timed(fn, device, 1)
@@ -94,7 +98,7 @@ def bench_chain(device, quick: bool) -> None:
         return chain(x, y)
 
     compiled_fn = torch.compile(chain)
-    repeat = 3 if quick else 20
+    repeat = 5 if quick else 20
     print(f"(b) 5-op pointwise chain, {n / 1e6:.0f}M elements (GB/s counts 2 reads + 1 write)")
     for name, fn in (("eager", lambda: chain(x, y)), ("kitsune.lazy", lazy), ("inductor", lambda: compiled_fn(x, y))):
         fn()
@@ -117,11 +121,9 @@ def bench_overhead(quick: bool) -> None:
             x = ((x + b) * b - a).abs()
         return x
 
-    def per_op(fn):
+    def per_op(fn):  # the fastest of a few runs: the cost itself, not the machine's load
         fn()
-        start = time.perf_counter()
-        fn()
-        return (time.perf_counter() - start) / ops * 1e6
+        return min(timed(fn, torch.device("cpu"), 1) for _ in range(5)) / ops * 1e6
 
     def in_mode():
         with PassThrough():

@@ -79,6 +79,9 @@ class LazyRegion(TorchDispatchMode):
     # -- dispatch -------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if not self.graph.nodes and not self.writes and self.trace is None and self._all_small(args):
+            STATS.ops_small += 1  # nothing pending, nothing worth recording: the pass-through's cost
+            return func(*args, **kwargs)
         trace = self.trace
         if trace is not None and not trace.busy:  # a call the decomposition being traced makes
             trace.busy = True
@@ -165,7 +168,7 @@ class LazyRegion(TorchDispatchMode):
     def _record(self, func, act, args, kwargs):
         if act == lazy_ops.INPLACE:
             return self._record_inplace(func, args, kwargs)
-        if len(self.graph) >= self.max_pending_ops:
+        if len(self.graph.nodes) >= self.max_pending_ops:
             self.flush("max pending ops")
         graph = self.graph
         marks = len(graph.inputs), len(graph.scalars)

@@ -45,12 +45,22 @@ class Trace:
         self.steps: list = []
         self.keep: list = [flat]  # the objects named by id stay alive while tracing
         self.busy = False
-        self.result = None
+        self.broken: str | None = None
 
     def note(self, func, args, kwargs, out) -> None:
-        if not isinstance(out, torch.Tensor):
-            raise NotReplayable(f"{func} returned {type(out).__name__}")
-        template = (tuple(self._name(a) for a in args), tuple((k, self._name(v)) for k, v in kwargs.items()))
+        """One call of the decomposition; one a replay could not repeat marks the trace
+        broken (the decomposition itself goes on: raising here would abort it)."""
+        if self.broken is not None:
+            return
+        if not isinstance(out, torch.Tensor):  # (a call with several results is not replayed)
+            self.broken = f"{func} returned {type(out).__name__}"
+            return
+        try:
+            template = (tuple(self._name(a) for a in args),
+                        tuple((k, self._name(v)) for k, v in kwargs.items()))
+        except NotReplayable as why:
+            self.broken = str(why)
+            return
         self.names[id(out)] = (RESULT, len(self.steps))
         self.keep.append(out)
         self.steps.append((func, template))
@@ -70,9 +80,14 @@ class Trace:
         return value
 
     def finish(self, result) -> "Recipe":
-        name = self.names.get(id(result)) if isinstance(result, torch.Tensor) else None
-        if name is None:
-            raise NotReplayable("the result is not one of the calls' results")
+        if self.broken is not None:
+            raise NotReplayable(self.broken)
+        several = isinstance(result, (tuple, list))
+        names = [self.names.get(id(r)) if isinstance(r, torch.Tensor) else None
+                 for r in (result if several else (result,))]
+        if any(name is None for name in names):
+            raise NotReplayable("a result is not one of the calls' results")
+        name = tuple(names) if several else names[0]
         derived = {i: v for i, v in self.floats.items() if i not in self.used}
         return Recipe(tuple(self.steps), name, derived)
 
@@ -95,7 +110,8 @@ class Recipe:
         for func, (args, kwargs) in self.steps:
             results.append(dispatch(func, tuple(_value(a, flat, results) for a in args),
                                     {k: _value(v, flat, results) for k, v in kwargs}))
-        return _value(self.result, flat, results)
+        value = _value(self.result, flat, results)
+        return tuple(value) if type(value) is list else value
 
 
 def _value(template, flat: list, results: list):

@@ -65,7 +65,11 @@ def _classify(op) -> str:
         return EAGER
     if op._schema.is_mutable:
         return INPLACE if functional_of(op) is not None else EAGER
-    if len(op._schema.returns) != 1 or str(op._schema.returns[0].type) != "Tensor":
+    returns = [str(r.type) for r in op._schema.returns]
+    if returns and all(r == "Tensor" for r in returns) and len(returns) > 1:
+        # several results (native_layer_norm, var_mean): only as a decomposition
+        return DECOMPOSE if name in _DECOMPOSED_NAMES and op in decompositions() else EAGER
+    if returns != ["Tensor"]:
         return EAGER
     if op in VIEW_OPS:
         return VIEW
@@ -101,11 +105,18 @@ def _functional_of(op):
     return functional
 
 
+# Arithmetic that promotes its operands: a 0-dim float64 tensor in place of a Python float
+# gives the same float32/float64 result (prims ops and others want exact dtypes).
+_LIFTING_OPS = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.rsub.Tensor}
+
+
 def scalar_positions(op) -> frozenset:
-    """(cached) Positions of `Tensor` arguments (where a Python float may stand in for a tensor
-    and can be lifted into a graph input without changing the result's dtype)."""
+    """(cached) Positions of `Tensor` arguments of the arithmetic ops where a Python float
+    may stand in for a tensor and can be lifted into a graph input without changing the
+    result's dtype."""
     found = _SCALAR_POSITIONS.get(op)
     if found is None:
         found = _SCALAR_POSITIONS[op] = frozenset(
-            i for i, a in enumerate(op._schema.arguments) if str(a.type) == "Tensor")
+            i for i, a in enumerate(op._schema.arguments) if str(a.type) == "Tensor") \
+            if op in _LIFTING_OPS else frozenset()
     return found

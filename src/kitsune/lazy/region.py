@@ -192,6 +192,8 @@ class LazyRegion(TorchDispatchMode):
             raise
         if act == lazy_ops.DECOMPOSE:
             return self._decompose(func, args, kwargs, meta, signature)
+        if type(meta) is list:
+            raise _Eager("several results")
         node = graph.add(func, tuple(args_t), kwargs_t, meta, (signature, tuple(refs.floats)) if refs.floats else signature)
         STATS.ops_recorded += 1
         view_of = None
@@ -224,10 +226,14 @@ class LazyRegion(TorchDispatchMode):
             result = recipe.replay(self._dispatch, flat)
         else:
             result = self._trace(func, args, kwargs, key)
-        if result is NotImplemented or not isinstance(result, LazyTensor) or result._meta[:2] != meta[:2] \
-                or result._meta[3:] != meta[3:]:
+        several = type(meta) is list
+        results = tuple(result) if several and isinstance(result, (tuple, list)) else (result,)
+        metas = meta if several else [meta]
+        if len(results) != len(metas) or not all(
+                isinstance(r, LazyTensor) and r._meta[:2] == m[:2] and r._meta[3:] == m[3:]
+                for r, m in zip(results, metas)):
             raise _Eager("decomposition differs from eager")
-        return result
+        return results if several else result
 
     def _trace(self, func, args, kwargs, key):
         outer, self.trace = self.trace, macro.Trace(args, kwargs)

@@ -52,6 +52,8 @@ def fake_meta(func, args, kwargs):
             out = func(*fargs, **fkwargs)
     except Exception as error:  # noqa: BLE001 - the eager run raises the user's error, at the op
         return f"no fake result ({type(error).__name__})"
+    if isinstance(out, (tuple, list)) and out and all(isinstance(o, torch.Tensor) for o in out):
+        return [meta_of(o) for o in out]  # several results (native_layer_norm, var_mean): a list
     if not isinstance(out, torch.Tensor):
         return "result is not a tensor"
     return meta_of(out)

@@ -9,8 +9,9 @@ the pending graph is flushed (`flush`) and the op runs eagerly on real tensors.
 
 In-place ops are recorded as their functional form: on a LazyTensor the
 placeholder moves to the new node; on a real tensor the write is deferred and
-the flush copies the result into it (reads of that tensor inside the region see
-the pending value; a read through another alias of its storage flushes first).
+the flush gives it the result (`_write_back`; reads of that tensor inside the
+region see the pending value; a read through another alias of its storage
+flushes first).
 """
 from __future__ import annotations
 
@@ -194,7 +195,8 @@ class LazyRegion(TorchDispatchMode):
             return self._decompose(func, args, kwargs, meta, signature)
         if type(meta) is list:
             raise _Eager("several results")
-        node = graph.add(func, tuple(args_t), kwargs_t, meta, (signature, tuple(refs.floats)) if refs.floats else signature)
+        key = (signature, tuple(refs.floats)) if refs.floats else signature
+        node = graph.add(func, tuple(args_t), kwargs_t, meta, key)
         STATS.ops_recorded += 1
         view_of = None
         if act == lazy_ops.VIEW and isinstance(args[0], LazyTensor) and args[0].pending:

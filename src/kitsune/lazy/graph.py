@@ -195,7 +195,13 @@ def build_graph_module(graph: PendingGraph, outputs: tuple) -> tuple[fx.GraphMod
 
 
 def scalar_vector(graph: PendingGraph) -> torch.Tensor:
-    return torch.tensor(graph.scalars, dtype=torch.float64, device=graph.device)
+    """The lifted floats as one float64 vector on the graph's device. On CUDA it goes
+    through pinned memory without blocking: a plain copy would wait for the stream,
+    i.e. for the GPU to finish the previous flush's kernels."""
+    if graph.device.type != "cuda":
+        return torch.tensor(graph.scalars, dtype=torch.float64, device=graph.device)
+    host = torch.tensor(graph.scalars, dtype=torch.float64, pin_memory=True)
+    return host.to(graph.device, non_blocking=True)
 
 
 def compile_pending(graph: PendingGraph, outputs: tuple, config):

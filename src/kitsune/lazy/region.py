@@ -57,6 +57,7 @@ class LazyStats:
 STATS = LazyStats()
 _META_CACHE: dict = {}   # (op, argument signature) -> result Meta, or a reason to run eagerly
 _RECIPES: dict = {}      # (composite op, argument signature) -> macro.Recipe
+_CACHE_LIMIT = 50000     # entries of each before it is cleared
 
 
 class LazyRegion(TorchDispatchMode):
@@ -212,6 +213,8 @@ class LazyRegion(TorchDispatchMode):
         key = (func, signature)
         meta = _META_CACHE.get(key)
         if meta is None:
+            if len(_META_CACHE) >= _CACHE_LIMIT:  # shapes that never repeat: start again
+                _META_CACHE.clear()
             meta = _META_CACHE[key] = _fake_meta(func, args, kwargs)
         if type(meta) is str:
             raise _Eager(meta)
@@ -242,6 +245,8 @@ class LazyRegion(TorchDispatchMode):
         try:
             with self:
                 result = lazy_ops.decompositions()[func](*args, **kwargs)
+            if len(_RECIPES) >= _CACHE_LIMIT:
+                _RECIPES.clear()
             _RECIPES[key] = self.trace.finish(result)
         except macro.NotReplayable as why:
             log.debug("lazy region: %s is decomposed at every call: %s", func, why)

@@ -355,3 +355,16 @@ def test_write_back_keeps_views_of_the_target_in_step():
     same(flat, q.reshape(-1))
     assert isinstance(pw, torch.nn.Parameter)
     assert_close(pw.detach(), 1 - p)
+
+
+def test_inplace_errors_and_casts_as_eager():
+    i = torch.arange(64 * 64).reshape(64, 64)
+    f = torch.randn(64, 64)
+    with lazy(min_tensor_size=0):
+        j = i * 2
+        with pytest.raises(RuntimeError, match="can't be cast"):
+            j.add_(0.5)            # int result of a float op: eager refuses
+        h = f.half()
+        h.mul_(f)                  # float32 result written into float16: cast as eager does
+    same(j, i * 2)
+    same(h, f.half().mul_(f))

@@ -368,3 +368,13 @@ def test_inplace_errors_and_casts_as_eager():
         h.mul_(f)                  # float32 result written into float16: cast as eager does
     same(j, i * 2)
     same(h, f.half().mul_(f))
+
+
+def test_dead_intermediates_are_not_outputs():
+    x = torch.randn(32, 32)
+    with lazy(min_tensor_size=0):
+        y = ((x * 2).exp() + 1).log()   # three intermediates nobody holds
+    from kitsune.lazy.graph import GRAPH_CACHE
+    (key,) = list(GRAPH_CACHE.graphs)
+    assert len(key[3]) == 1            # only y is computed into memory
+    same(y, ((x * 2).exp() + 1).log())

@@ -385,11 +385,20 @@ class _EagerGraph:
         self.outputs = outputs
 
 
+def _unreferenced_count() -> int:
+    """What sys.getrefcount says of an object only a list holds, read as `_live` reads it
+    (the list and the call's argument; Python versions differ in counting the latter)."""
+    held = [object()]
+    return min(sys.getrefcount(held[i]) for i in range(1))
+
+
+_UNREFERENCED = _unreferenced_count()
+
+
 def _live(wrappers: list):
-    """Placeholders referenced from anywhere but this list (sys.getrefcount counts the
-    list and its own argument): the values the user can still read."""
+    """Placeholders referenced from anywhere but this list: the values the user can still read."""
     for i in range(len(wrappers)):
-        if sys.getrefcount(wrappers[i]) > 2:
+        if sys.getrefcount(wrappers[i]) > _UNREFERENCED:
             yield wrappers[i]
 
 

@@ -2,6 +2,7 @@
 
     model = torch.compile(model, backend="kitsune")   # or kitsune.optimize(model)
     kitsune.get_fusion_stats()                         # what was fused so far
+    with kitsune.lazy(): ...                           # eager code, fused at sync points
 """
 from __future__ import annotations
 
@@ -9,11 +10,16 @@ from kitsune import _logging
 from kitsune.config import FusionConfig
 
 __version__ = "0.1.0"
-__all__ = ["FusionConfig", "optimize", "get_fusion_stats", "reset_fusion_stats", "__version__"]
+__all__ = ["FusionConfig", "optimize", "get_fusion_stats", "reset_fusion_stats", "lazy", "lazy_stats",
+           "reset_lazy_stats", "sync", "__version__"]
 
 # The "kitsune" logger gets a NullHandler; KITSUNE_LOG=<level> asks for output
 # (kitsune._logging: the application's logging configuration wins).
 _logging.setup()
+
+# Imported here, not on first use: `kitsune.lazy` must be the function-like class, and
+# a later first import of the kitsune.lazy package would rebind the name to the module.
+from kitsune.lazy import lazy, lazy_stats, reset_lazy_stats, sync  # noqa: E402
 
 
 def optimize(model, config: FusionConfig | None = None, *, mode: str | None = None, options: dict | None = None,

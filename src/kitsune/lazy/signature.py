@@ -1,0 +1,146 @@
+"""One op's arguments as the lazy region records them.
+
+`Refs` turns the arguments into a graph template (references to pending nodes,
+real inputs and lifted floats; constants) and a signature (argument layouts and
+type-tagged constants) that keys the metadata cache, and refuses what cannot be
+recorded (`Eager`, with the reason). `fake_meta` computes eager's result
+metadata for a signature with fake tensors.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch._subclasses import FakeTensorMode
+
+from kitsune.ir.scalar import SUPPORTED_DTYPES
+from kitsune.lazy import ops as lazy_ops
+from kitsune.lazy.graph import NODE
+from kitsune.lazy.tensor import LazyTensor, fake_from_meta, meta_of
+
+aten = torch.ops.aten
+_LIFTABLE = (torch.float32, torch.float64)
+_DTYPES = frozenset(SUPPORTED_DTYPES)
+_FAKE_MODE: FakeTensorMode | None = None
+
+
+class Eager(Exception):
+    """This op runs eagerly; args[0] is the reason."""
+
+
+def fake_mode() -> FakeTensorMode:
+    global _FAKE_MODE
+    if _FAKE_MODE is None:
+        _FAKE_MODE = FakeTensorMode()
+    return _FAKE_MODE
+
+
+def storage_of(t: torch.Tensor):
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+def fake_meta(func, args, kwargs):
+    """Eager's result metadata for these arguments, or the reason the op runs eagerly."""
+    mode = fake_mode()
+    to_fake = lambda t: fake_from_meta(t._meta if isinstance(t, LazyTensor) and t.pending else meta_of(t), mode)
+    try:
+        fargs, fkwargs = torch.utils._pytree.tree_map_only(torch.Tensor, to_fake, (args, kwargs))
+        with mode:
+            out = func(*fargs, **fkwargs)
+    except Exception as error:  # noqa: BLE001 - the eager run raises the user's error, at the op
+        return f"no fake result ({type(error).__name__})"
+    if isinstance(out, (tuple, list)) and out and all(isinstance(o, torch.Tensor) for o in out):
+        return [meta_of(o) for o in out]  # several results (native_layer_norm, var_mean): a list
+    if not isinstance(out, torch.Tensor):
+        return "result is not a tensor"
+    return meta_of(out)
+
+
+class Refs:
+    """Turns one op's arguments into a graph template and a metadata signature,
+    checking that the op can be recorded (one device, supported dtypes, no autograd)."""
+
+    def __init__(self, region, func, args):
+        self.region = region
+        self.graph = region.graph
+        self.lazy = False
+        self.floats: list | None = None  # the graph's float constants, exactly
+        self.largest = 0
+        self.device = None
+        self.func, self.args, self._lift = func, args, None
+
+    @property
+    def lift(self) -> frozenset:
+        """Positions where a Python float becomes a graph input: Tensor positions of an
+        op whose tensors are all float32/float64 (so the result dtype stays eager's)."""
+        if self._lift is None:
+            tensors = [a for a in self.args if isinstance(a, torch.Tensor)]
+            self._lift = lazy_ops.scalar_positions(self.func) if tensors and all(
+                t.dtype in _LIFTABLE for t in tensors) else frozenset()
+        return self._lift
+
+    def template(self, value, position: int):
+        """(graph template, signature item) of one argument: tensors become references and
+        their metadata; constants stay, tagged with their type (1, 1.0, True and -0.0 differ)."""
+        if isinstance(value, torch.Tensor):
+            return self._tensor(value)
+        if type(value) in (list, tuple):
+            pairs = [self.template(v, -1) for v in value]
+            return tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
+        if type(value) is float:
+            if position not in self.lift:  # a constant of the graph; -0.0 and 0.0 differ
+                self.floats = (self.floats or []) + [value.hex()]
+                return value, float
+            return self.graph.scalar_ref(value), float
+        return value, (type(value), value)
+
+    def _tensor(self, t: torch.Tensor):
+        if isinstance(t, LazyTensor):
+            if t._real is None and t._region is self.region:
+                self.lazy = True
+                self._see(t._meta)
+                return (NODE, t._node), t._meta
+            t = t.value()
+        if t.requires_grad and torch.is_grad_enabled():
+            raise Eager("requires_grad")
+        pending = self.region.writes.get(id(t)) if self.region.writes else None
+        if pending is not None:
+            self.lazy = True
+            meta = self.graph.metas[pending[1]]
+            self._see(meta)
+            return (NODE, pending[1]), meta
+        if self.region.writes and storage_of(t) in self.region.write_storages:
+            raise Eager("read of an alias of a pending write")
+        meta = meta_of(t)
+        self._see(meta)
+        return self.graph.input_ref(t, meta), meta
+
+    def _see(self, meta) -> None:
+        shape, _, _, dtype, device = meta
+        if dtype not in _DTYPES:
+            raise Eager(f"{dtype} tensors")
+        if self.device is None:
+            self.device = device
+        elif device != self.device:
+            raise Eager("tensors on several devices")
+        n = math.prod(shape)
+        if n > self.largest:
+            self.largest = n
+
+    def check(self, func, kwargs) -> None:
+        """After the template: refuse what would make the graph wrong or not worth it."""
+        graph = self.graph
+        if self.device is None:
+            raise Eager("no tensor arguments")
+        if func is aten._to_copy.default and kwargs.get("device") not in (None, self.device):
+            raise Eager("device transfer")
+        if not self.lazy and self.largest < self.region.min_tensor_size:
+            raise Eager("small tensors")
+        if graph.device is None:
+            graph.device = self.device
+        elif graph.device != self.device:
+            raise Eager("tensors on another device than the pending graph")
+        graph.largest = max(graph.largest, self.largest)

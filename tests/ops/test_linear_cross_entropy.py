@@ -186,3 +186,24 @@ def test_under_torch_compile_fullgraph():
     torch.testing.assert_close(loss, ref_loss)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_padded_vocabulary_matches_eager(monkeypatch, dtype, bias):
+    """The GPU path (vocabulary padded to 16 bytes for aligned GEMMs) run on the CPU: 61 classes,
+    padded to 64 (float32) or 64 (bfloat16); label smoothing reads the real class count."""
+    monkeypatch.setattr(lce, "PAD_VOCAB_DEVICES", ("cpu",))
+    hidden, weight, b, target = _inputs(dtype, bias)
+    weight = weight.detach()[:61].clone().requires_grad_()
+    b = b.detach()[:61].clone().requires_grad_() if bias else None
+    target = torch.where(target >= 61, target - 61, target)
+    _check(hidden, weight, b, target, label_smoothing=0.1)
+    padded, _ = lce._padded_vocabulary(weight.detach(), None)
+    assert padded.shape[0] == 64 and padded[61:].abs().sum() == 0
+
+
+def test_gpu_chunks_take_at_least_the_gpu_floor(monkeypatch):
+    monkeypatch.setattr(lce, "MIN_CHUNK_LOGITS", 1 << 19)
+    assert chunk_rows(8192, 50257, 768) == 128 and chunk_rows(8192, 50257, 768, gpu=True) == lce.MIN_CHUNK_ROWS_GPU
+    assert chunk_rows(100, 50257, 768, gpu=True) == 128  # every row in one chunk (a power of two)

@@ -37,17 +37,30 @@ MAX_CHUNK_ROWS = 4096
 # the CPU a chunk of 4 rows x 8192 classes takes as long as 64 rows (2 cores, N=512,
 # H=64: 1.6 s with 4-row chunks, 0.27 s with 64, eager 0.27 s).
 MIN_CHUNK_LOGITS = 1 << 19
+# On a GPU a chunk has at least this many rows (or all of them): every chunk reads and writes
+# the [V, H] float32 weight-gradient sum, and its GEMM has the chunk's rows as its inner
+# dimension. An H100 run (2026-12-07, N=8192, H=768, V=50257, 64 chunks of 128 rows) took
+# 35.9 ms against eager's 22.0 ms for the loss's forward and backward, 64 passes over that
+# 154 MB sum being some 6 ms of it; 1024 rows make 8 chunks of 206 MB of float32 logits each.
+MIN_CHUNK_ROWS_GPU = 1024
+# Devices where the vocabulary is padded to 16 bytes for the GEMMs (cuBLAS runs misaligned
+# leading dimensions in slow kernels: GPT-2's whole logits product took 3.3 ms against 0.45 ms
+# padded, kitsune.runtime.matmul); the pad rows of the weight are zero and never reach the loss.
+PAD_VOCAB_DEVICES = ("cuda",)
 
 REDUCTIONS = ("mean", "sum")
 _EMPTY = (0,)
 
 
-def chunk_rows(rows: int, vocab: int, width: int) -> int:
+def chunk_rows(rows: int, vocab: int, width: int, gpu: bool = False) -> int:
     """Rows per chunk such that a chunk's float32 logits are about the size of the
     hidden states (Liger-Kernel's rule: next power of two of ceil(N / ceil(V / H))),
-    and at least MIN_CHUNK_LOGITS elements; at least 1 and at most MAX_CHUNK_ROWS."""
+    and at least MIN_CHUNK_LOGITS elements (on a GPU at least MIN_CHUNK_ROWS_GPU rows);
+    at least 1 and at most MAX_CHUNK_ROWS."""
     factor = max(1, -(-vocab // max(width, 1)))
     wanted = max(1, -(-rows // factor), -(-MIN_CHUNK_LOGITS // max(vocab, 1)))
+    if gpu:
+        wanted = max(wanted, min(rows, MIN_CHUNK_ROWS_GPU))
     return min(1 << (wanted - 1).bit_length(), MAX_CHUNK_ROWS)
 
 
@@ -109,13 +122,14 @@ def _chunked_loss(hidden, weight, bias, target, ignore_index, label_smoothing, r
     accumulator = _accumulator_dtype(hidden.dtype)
     count = valid.sum().to(accumulator)
     scale = 1.0 / count if reduction == "mean" else torch.ones((), dtype=accumulator, device=hidden.device)
-    grads = _GradientSums(hidden, weight, bias, accumulator) if compute_grads else None
+    padded_weight, padded_bias = _padded_vocabulary(weight, bias)
+    grads = _GradientSums(hidden, padded_weight, padded_bias, accumulator, vocab) if compute_grads else None
     loss_sum = torch.zeros((), dtype=accumulator, device=hidden.device)
-    step = chunk_rows(rows, vocab, width)
+    step = chunk_rows(rows, vocab, width, gpu=hidden.device.type != "cpu")
     for start in range(0, rows, step):
         stop = min(start + step, rows)
-        chunk_loss = _chunk(hidden[start:stop], weight, bias, target[start:stop], valid[start:stop],
-                            label_smoothing, scale, grads, start)
+        chunk_loss = _chunk(hidden[start:stop], padded_weight, padded_bias, target[start:stop], valid[start:stop],
+                            label_smoothing, scale, grads, start, vocab)
         loss_sum += chunk_loss
     loss = loss_sum / count if reduction == "mean" else loss_sum
     if grads is None:  # three distinct empty tensors: a custom op's outputs never alias
@@ -123,12 +137,31 @@ def _chunked_loss(hidden, weight, bias, target, ignore_index, label_smoothing, r
     return (loss, *grads.results())
 
 
-def _chunk(hidden, weight, bias, target, valid, label_smoothing, scale, grads, start):
-    """The summed loss of one chunk of rows; adds the chunk's gradients to `grads`."""
+def _padded_vocabulary(weight, bias):
+    """weight [V, H] and bias [V] with zero rows added up to a 16-byte multiple of V (on
+    PAD_VOCAB_DEVICES), so that every GEMM of the loss has aligned leading dimensions;
+    as they are elsewhere or where V is aligned already."""
+    vocab = weight.shape[0]
+    step = 16 // weight.element_size()
+    padded = -(-vocab // step) * step
+    if weight.device.type not in PAD_VOCAB_DEVICES or padded == vocab:
+        return weight, bias
+    grown = weight.new_zeros((padded, weight.shape[1]))
+    grown[:vocab].copy_(weight)
+    if bias is not None:
+        bias = torch.cat([bias, bias.new_zeros(padded - vocab)])
+    return grown, bias
+
+
+def _chunk(hidden, weight, bias, target, valid, label_smoothing, scale, grads, start, vocab):
+    """The summed loss of one chunk of rows; adds the chunk's gradients to `grads`. `weight`
+    may have more rows than the `vocab` classes (_padded_vocabulary): their logits are left
+    out of the loss and their gradient is zero."""
     logits = torch.addmm(bias, hidden, weight.t()) if bias is not None else torch.mm(hidden, weight.t())
     # eager's loss upcasts low-precision logits; the same tensor when they are float32 or float64
-    z = logits.to(_accumulator_dtype(logits.dtype))
+    full = logits.to(_accumulator_dtype(logits.dtype))
     del logits
+    z = full[:, :vocab] if full.shape[1] != vocab else full
     safe_target = torch.where(valid, target, 0).unsqueeze(1)
     row_loss = -(1.0 - label_smoothing) * z.gather(1, safe_target).squeeze(1)
     if label_smoothing:
@@ -143,9 +176,11 @@ def _chunk(hidden, weight, bias, target, valid, label_smoothing, scale, grads, s
         row_scale = torch.where(valid, scale, 0.0).unsqueeze(1)
         grad = probs.mul_(row_scale / row_sum)  # softmax, scaled for the reduction (0 on ignored rows)
         if label_smoothing:
-            grad.sub_(row_scale * (label_smoothing / weight.shape[0]))
+            grad.sub_(row_scale * (label_smoothing / vocab))
         grad.scatter_add_(1, safe_target, row_scale * -(1.0 - label_smoothing))
-        grads.add(grad, hidden, weight, start)
+        if full is not z:
+            full[:, vocab:].zero_()  # the pad classes: no gradient
+        grads.add(full, hidden, weight, start)
     return chunk_loss
 
 
@@ -153,9 +188,9 @@ class _GradientSums:
     """The gradients of a loss gradient of 1, filled chunk by chunk: rows of grad_hidden,
     and float32 (float64) sums for the weight and bias."""
 
-    def __init__(self, hidden, weight, bias, accumulator):
+    def __init__(self, hidden, weight, bias, accumulator, vocab):
         self.grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
-        self.weight_dtype = weight.dtype
+        self.weight_dtype, self.vocab = weight.dtype, vocab
         self.grad_weight = torch.zeros(weight.shape, dtype=accumulator, device=weight.device)
         self.bias = bias
         self.grad_bias = torch.zeros(weight.shape[0], dtype=accumulator, device=weight.device)
@@ -169,10 +204,15 @@ class _GradientSums:
             self.grad_bias += grad.sum(dim=0)
 
     def results(self):
-        grad_weight = self.grad_weight.to(self.weight_dtype)  # no copy when it is the dtype already
+        # no copy when it is the dtype already and the vocabulary was not padded
+        grad_weight = self._unpadded(self.grad_weight).to(self.weight_dtype)
         if self.bias is None:
             return self.grad_hidden, grad_weight, self.grad_hidden.new_empty(_EMPTY)
-        return self.grad_hidden, grad_weight, self.grad_bias.to(self.bias.dtype)
+        return self.grad_hidden, grad_weight, self._unpadded(self.grad_bias).to(self.bias.dtype)
+
+    def _unpadded(self, total):
+        """The rows of the real classes (a copy, not a view into the padded sum)."""
+        return total if total.shape[0] == self.vocab else total[:self.vocab].clone()
 
 
 def _accumulate_outer(total, grad, low, hidden) -> None:

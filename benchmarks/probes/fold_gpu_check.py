@@ -1,6 +1,6 @@
 # Unmaintained probe (issue 15): conv+BN folding on the GPU under CUDA-graph replay (in-place
 # updates seen), the bf16 error rule, and the top GPU kernels of ResNet-50 / GPT-2 small for
-# eager / Inductor / Kitsune.   python3 benchmarks/probes/fold_gpu_check.py [resnet50,gpt2]
+# eager / Inductor / Kitsune.   python3 benchmarks/probes/fold_gpu_check.py [resnet50,mobilenet,gpt2]
 import sys
 import time
 
@@ -113,6 +113,12 @@ def main():
             profile("resnet50 fp32 b64 channels-last", model, x)
         except ImportError as error:
             print("no torchvision:", error)
+    if "mobilenet" in which:  # 0.50x Inductor on the H100 on 2026-12-07: where do its kernels lose?
+        from kitsune._compat import import_torchvision
+        tv = import_torchvision()
+        model = randomise(tv.models.mobilenet_v3_large()).cuda().eval().to(memory_format=torch.channels_last)
+        x = torch.randn(128, 3, 224, 224, device="cuda").to(memory_format=torch.channels_last)
+        profile("mobilenet_v3_large fp32 b128 channels-last", model, x)
     if "gpt2" in which:
         import transformers
         model = transformers.GPT2LMHeadModel(transformers.GPT2Config(

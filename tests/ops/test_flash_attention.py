@@ -305,6 +305,25 @@ def test_measured_choice_under_fake_tracing(monkeypatch, caplog, kernel_ms, choi
     assert [str(n.target) for n in graph.graph.nodes if n.op == "call_function"] == ["aten.mul.Tensor"]
 
 
+def test_a_kernel_that_disagrees_with_the_reference_is_not_chosen(monkeypatch, caplog):
+    """Faster but wrong (a kernel miscompiled for some GPU): the measurement compares the two results
+    and keeps the reference, with a warning."""
+    import logging
+    import kitsune.capture.timing as timing
+    import importlib
+    from kitsune.ops.attention import _reference
+    flash_module = importlib.import_module("kitsune.ops.flash_attention")  # kitsune.ops.<name> is the function
+    times = iter([1.0, 0.1])
+    monkeypatch.setattr(timing, "time_ms", lambda fn, repeats=5: (fn(), next(times))[1])
+    right = flash_module.flash_attention
+    monkeypatch.setattr(flash_module, "flash_attention", lambda *a, **kw: right(*a, **kw) * 1.5)
+    q, k, v = qkv(1, 2, 1, 5, 17, 32)
+    key = attention_dispatch.config_key(q, k, v, None, None, float("-inf"), False)
+    with caplog.at_level(logging.WARNING, logger="kitsune"):
+        choice = attention_dispatch._measure(key, q, k, v, None, None, float("-inf"), 0.25, False, 0.0, _reference)
+    assert choice == ("sdpa", 0.1, 1.0) and "differs from the reference" in caplog.text
+
+
 def test_aot_autograd_traces_one_node_each_way(monkeypatch):
     """Under AOTAutograd (fake tensors), attention() with the kernel chosen is one forward node and one
     backward node, and the compiled function's gradients are the formula's."""

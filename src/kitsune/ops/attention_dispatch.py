@@ -134,10 +134,37 @@ def _measure(key, q, k, v, bias, mask, mask_fill, scale, causal, dropout_p, refe
             log.info("attention %s: the kernel failed (%s: %s); the reference runs", describe(key),
                      type(error).__name__, error)
             return REFERENCE, math.nan, reference_ms
+        disagreement = _disagreement(inputs, mask_fill, scale, causal, reference)
+    if disagreement is not None:
+        log.warning("attention %s: the kernel's result differs from the reference's (%s); the reference runs",
+                    describe(key), disagreement)
+        return REFERENCE, kitsune_ms, reference_ms
     choice = TRITON if kitsune_ms < MIN_GAIN * reference_ms else REFERENCE
     log.info("attention %s: %s (kitsune %.3f ms, sdpa/reference %.3f ms)", describe(key), choice, kitsune_ms,
              reference_ms)
     return choice, kitsune_ms, reference_ms
+
+
+# Relative L2 error allowed between the kernel and the reference on the measured inputs
+# (16-bit: both round the probabilities to the input dtype before the second product).
+AGREEMENT = {torch.float16: 2e-2, torch.bfloat16: 3e-2, torch.float32: 1e-3, torch.float64: 1e-6}
+
+
+def _disagreement(inputs, mask_fill, scale, causal, reference) -> str | None:
+    """Why the kernel's forward result is not the reference's on `inputs` (without dropout), or
+    None: a kernel is chosen only where it was seen computing the same function."""
+    from kitsune.ops.flash_attention import flash_attention
+    q, k, v, bias, mask = inputs
+    with torch.no_grad():
+        want = reference(q, k, v, bias, mask, mask_fill, scale, causal, 0.0).double()
+        got = flash_attention(q, k, v, bias=bias, mask=mask, mask_fill=mask_fill, scale=scale, causal=causal,
+                              dropout_p=0.0).double()
+    if got.shape != want.shape or not torch.equal(got.isnan(), want.isnan()):
+        return "shapes or NaN positions differ"
+    got, want = got.nan_to_num(), want.nan_to_num()
+    error = ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
+    allowed = AGREEMENT.get(q.dtype, 1e-3)
+    return None if error <= allowed else f"relative error {error:.2e} > {allowed:.0e}"
 
 
 def _time(fn, inputs, training) -> float:

@@ -438,3 +438,57 @@ def import_torchvision():
 
 
 _TORCHVISION_SHIM = None
+
+
+# --- Fake tensors, pytrees and tensor subclasses (lazy mode, attention dispatch) --------
+
+def _fake_tensor_mode_class() -> type:
+    from torch._subclasses import FakeTensorMode as mode  # noqa: N813
+    return mode
+
+
+FakeTensorMode = _fake_tensor_mode_class()
+
+
+def unset_fake_temporarily():
+    """`torch._subclasses.fake_tensor.unset_fake_temporarily()`: a context outside the active
+    fake-tensor mode (what runs there is real); a null context where this torch has none."""
+    try:
+        from torch._subclasses.fake_tensor import unset_fake_temporarily as unset
+    except ImportError as error:
+        _unavailable("torch._subclasses.fake_tensor.unset_fake_temporarily", error,
+                     "measurements under fake tracing are skipped")
+        return contextlib.nullcontext()
+    return unset()
+
+
+def tree_map_only(types, fn, tree):
+    """`torch.utils._pytree.tree_map_only`: fn applied to the leaves of `tree` of `types`."""
+    from torch.utils._pytree import tree_map_only as mapped
+    return mapped(types, fn, tree)
+
+
+def make_wrapper_subclass(cls, shape, **kwargs) -> torch.Tensor:
+    """`torch.Tensor._make_wrapper_subclass`: a tensor of subclass `cls` with this metadata and no
+    storage of its own (kitsune.lazy's placeholders)."""
+    return torch.Tensor._make_wrapper_subclass(cls, shape, **kwargs)
+
+
+def dynamo_compiling() -> bool:
+    """Whether Dynamo is tracing the code that calls this (`torch.compiler.is_dynamo_compiling`,
+    or `torch._dynamo.is_compiling` in an older torch)."""
+    public = getattr(torch.compiler, "is_dynamo_compiling", None)
+    if public is not None:
+        return bool(public())
+    return bool(torch._dynamo.is_compiling())
+
+
+def dynamo_trace_seconds() -> float:
+    """Dynamo's bytecode tracing of the frame it compiled last: the last "bytecode_tracing" entry of
+    `torch._dynamo.utils.compilation_time_metrics` (0 where this torch keeps no such metric)."""
+    try:
+        from torch._dynamo.utils import compilation_time_metrics
+        times = compilation_time_metrics.get("bytecode_tracing") or ()
+        return float(times[-1]) if times else 0.0
+    except Exception:  # noqa: BLE001 - a private metric: missing or reshaped in another torch
+        return 0.0

@@ -40,11 +40,5 @@ def compiled(record) -> None:
 
 
 def _dynamo_trace_seconds() -> float:
-    """Dynamo's tracing of the frame being compiled: the last "bytecode_tracing" entry of
-    torch._dynamo.utils.compilation_time_metrics (0 where this torch has none)."""
-    try:
-        from torch._dynamo.utils import compilation_time_metrics
-        times = compilation_time_metrics.get("bytecode_tracing") or ()
-        return float(times[-1]) if times else 0.0
-    except Exception:  # noqa: BLE001 - a private metric: missing or reshaped in another torch
-        return 0.0
+    from kitsune._compat import dynamo_trace_seconds
+    return dynamo_trace_seconds()

@@ -19,7 +19,9 @@ from collections import OrderedDict
 
 import torch
 from torch import fx
-from torch._subclasses import FakeTensorMode
+
+from kitsune import _compat
+from kitsune._compat import FakeTensorMode
 
 from kitsune.lazy.tensor import fake_from_meta
 
@@ -186,7 +188,7 @@ def build_graph_module(graph: PendingGraph, outputs: tuple) -> tuple[fx.GraphMod
             continue
         args, kwargs = _as_call(*_resolve((args, kwargs), env, places, scalars))
         node = g.call_function(op, tuple(args), kwargs)
-        fake_args, fake_kwargs = torch.utils._pytree.tree_map_only(fx.Node, lambda n: n.meta["val"], (args, kwargs))
+        fake_args, fake_kwargs = _compat.tree_map_only(fx.Node, lambda n: n.meta["val"], (args, kwargs))
         with fake_mode:
             node.meta["val"] = op(*fake_args, **fake_kwargs)
         env[i] = node

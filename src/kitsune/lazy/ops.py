@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from kitsune import _compat
+
 from kitsune.ir.ops import POINTWISE_OPS, REDUCTION_OPS, VIEW_OPS
 from kitsune.planner import vocabulary
 
@@ -46,7 +48,7 @@ def decompositions() -> dict:
 
 
 def base_name(op) -> str:
-    return op._schema.name.split("::")[-1]
+    return _compat.op_schema(op).name.split("::")[-1]
 
 
 def action(op) -> str:
@@ -58,14 +60,14 @@ def action(op) -> str:
 
 
 def _classify(op) -> str:
-    if not isinstance(op, torch._ops.OpOverload) or torch.Tag.nondeterministic_seeded in op.tags:
+    if not isinstance(op, _compat.OpOverload) or torch.Tag.nondeterministic_seeded in op.tags:
         return EAGER
     name = base_name(op)
     if name.rstrip("_") in _NEVER or name in _FILL:
         return EAGER
-    if op._schema.is_mutable:
+    if _compat.op_schema(op).is_mutable:
         return INPLACE if functional_of(op) is not None else EAGER
-    returns = [str(r.type) for r in op._schema.returns]
+    returns = [str(r.type) for r in _compat.op_schema(op).returns]
     if returns and all(r == "Tensor" for r in returns) and len(returns) > 1:
         # several results (native_layer_norm, var_mean): only as a decomposition
         return DECOMPOSE if name in _DECOMPOSED_NAMES and op in decompositions() else EAGER
@@ -89,7 +91,7 @@ def functional_of(op):
 
 
 def _functional_of(op):
-    schema = op._schema
+    schema = _compat.op_schema(op)
     written = [a for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
     if len(written) != 1 or written[0] is not schema.arguments[0] or len(schema.returns) != 1:
         return None
@@ -100,7 +102,7 @@ def _functional_of(op):
         return None
     packet = getattr(aten, name[:-1], None)
     functional = getattr(packet, op._overloadname, None) if packet is not None else None
-    if functional is None or action(functional) == EAGER or functional._schema.is_mutable:
+    if functional is None or action(functional) == EAGER or _compat.op_schema(functional).is_mutable:
         return None
     return functional
 
@@ -117,6 +119,6 @@ def scalar_positions(op) -> frozenset:
     found = _SCALAR_POSITIONS.get(op)
     if found is None:
         found = _SCALAR_POSITIONS[op] = frozenset(
-            i for i, a in enumerate(op._schema.arguments) if str(a.type) == "Tensor") \
+            i for i, a in enumerate(_compat.op_schema(op).arguments) if str(a.type) == "Tensor") \
             if op in _LIFTING_OPS else frozenset()
     return found

@@ -21,7 +21,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from kitsune import _compat
 
 from kitsune.lazy import macro
 from kitsune.lazy import ops as lazy_ops
@@ -134,13 +136,13 @@ class LazyRegion(TorchDispatchMode):
             log.debug("lazy sync before %s: %s", func, reason)
             self.flush(reason)
         if any(isinstance(t, LazyTensor) for t in _tensors(args, kwargs)):
-            args, kwargs = torch.utils._pytree.tree_map_only(LazyTensor, LazyTensor.value, (args, kwargs))
+            args, kwargs = _compat.tree_map_only(LazyTensor, LazyTensor.value, (args, kwargs))
         return func(*args, **kwargs)
 
     def _touches_pending(self, func, args, kwargs) -> bool:
         """Whether running `func` now needs the pending graph run first: it reads a
         pending value, or writes a tensor the pending graph reads or writes."""
-        if func._schema.is_mutable and self._writes_pending_input(func, args, kwargs):
+        if _compat.op_schema(func).is_mutable and self._writes_pending_input(func, args, kwargs):
             return True
         for t in _tensors(args, kwargs):
             if isinstance(t, LazyTensor) and t.pending:
@@ -152,7 +154,7 @@ class LazyRegion(TorchDispatchMode):
 
     def _writes_pending_input(self, func, args, kwargs) -> bool:
         graph = self.graph
-        for i, a in enumerate(func._schema.arguments):
+        for i, a in enumerate(_compat.op_schema(func).arguments):
             if a.alias_info is None or not a.alias_info.is_write:
                 continue
             value = args[i] if i < len(args) else kwargs.get(a.name)
@@ -288,7 +290,7 @@ class LazyRegion(TorchDispatchMode):
         if not self.graph.nodes and not self.writes:
             self.graph.device = None
             return
-        with _disable_current_modes():
+        with _compat.disable_dispatch_modes():
             self._flush(reason)
 
     def _flush(self, reason: str) -> None:
@@ -367,7 +369,7 @@ class LazyRegion(TorchDispatchMode):
         """At the end of the region: flush, then make the placeholders that could not
         become real tensors during dispatch real now."""
         self.flush("region exit")
-        with _disable_current_modes():
+        with _compat.disable_dispatch_modes():
             for w in self.forwarding:
                 if type(w) is LazyTensor and w._real is not None:
                     value, w._real = w._real, None
@@ -416,7 +418,7 @@ def _write_back(target: torch.Tensor, value: torch.Tensor, shared: bool) -> None
 
 def _sole_owner(t: torch.Tensor) -> bool:
     """No other tensor (a view, an alias) uses t's storage."""
-    count = getattr(torch._C, "_storage_Use_Count", None)
+    count = _compat.storage_use_count_fn()
     if count is None or type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:
         return False
     storage = t.untyped_storage()

@@ -11,7 +11,9 @@ from __future__ import annotations
 import math
 
 import torch
-from torch._subclasses import FakeTensorMode
+
+from kitsune import _compat
+from kitsune._compat import FakeTensorMode
 
 from kitsune.ir.scalar import SUPPORTED_DTYPES
 from kitsune.lazy import ops as lazy_ops
@@ -47,7 +49,7 @@ def fake_meta(func, args, kwargs):
     mode = fake_mode()
     to_fake = lambda t: fake_from_meta(t._meta if isinstance(t, LazyTensor) and t.pending else meta_of(t), mode)
     try:
-        fargs, fkwargs = torch.utils._pytree.tree_map_only(torch.Tensor, to_fake, (args, kwargs))
+        fargs, fkwargs = _compat.tree_map_only(torch.Tensor, to_fake, (args, kwargs))
         with mode:
             out = func(*fargs, **fkwargs)
     except Exception as error:  # noqa: BLE001 - the eager run raises the user's error, at the op

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from kitsune import _compat
+
 # (shape, stride, storage_offset, dtype, device): everything eager's result tells
 # about itself without data, and the key the meta cache and the graph cache use.
 Meta = tuple
@@ -38,7 +40,7 @@ class LazyTensor(torch.Tensor):
     @staticmethod
     def __new__(cls, region, node: int, meta: Meta, view_of=None):
         shape, stride, offset, dtype, device = meta
-        tensor = torch.Tensor._make_wrapper_subclass(cls, shape, strides=stride, storage_offset=offset,
+        tensor = _compat.make_wrapper_subclass(cls, shape, strides=stride, storage_offset=offset,
                                                      dtype=dtype, device=device)
         tensor._region = region
         tensor._node = node
@@ -73,7 +75,7 @@ class LazyTensor(torch.Tensor):
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         # Reached with no lazy region active (an escaped placeholder the swap
         # could not replace, or a region left without flushing): run on values.
-        args, kwargs = torch.utils._pytree.tree_map_only(LazyTensor, LazyTensor.value, (args, kwargs or {}))
+        args, kwargs = _compat.tree_map_only(LazyTensor, LazyTensor.value, (args, kwargs or {}))
         return func(*args, **kwargs)
 
     # What reads data without going through the dispatcher: on the value, with the lazy

@@ -105,8 +105,8 @@ def _layout(tensor: torch.Tensor, rank: int) -> tuple:
 
 
 def _dynamo_tracing() -> bool:
-    is_compiling = getattr(torch.compiler, "is_dynamo_compiling", None) or torch._dynamo.is_compiling
-    return bool(is_compiling())
+    from kitsune._compat import dynamo_compiling
+    return dynamo_compiling()
 
 
 def _symbolic(*tensors) -> bool:
@@ -194,9 +194,8 @@ def _random(tensor: torch.Tensor, grad: bool) -> torch.Tensor:
 def real_tensors():
     """Outside every dispatch mode (AOTAutograd's FakeTensor, proxy tracing, functionalization):
     what runs here is real, neither faked nor recorded in the traced graph."""
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-    from torch.utils._python_dispatch import _disable_current_modes
-    with unset_fake_temporarily(), _disable_current_modes():
+    from kitsune._compat import disable_dispatch_modes, unset_fake_temporarily
+    with unset_fake_temporarily(), disable_dispatch_modes():
         yield
 
 

@@ -205,9 +205,8 @@ def report(row: dict) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = args.device
-    if device == "cpu" or (device is None and not _cuda_available()):
-        device = "cpu"
+    device = args.device or ("cuda" if _cuda_available() else "cpu")
+    if device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported: the kernels run interpreted
     chosen = cases(args.cases.split(","), args.quick, device)
     if args.list:

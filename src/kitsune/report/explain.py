@@ -55,6 +55,8 @@ def explain_records(records, verbose: bool = False, config=None) -> str:
     lines += _pattern_lines(summary)
     lines += _fused_kernel_lines(summary["groups"], verbose)
     lines += _rewrite_lines(records)
+    if any(rw.pattern == "attention" and rw.applied for r in records for rw in r.rewrites):
+        lines += _attention_choice_lines()
     lines += _missed_lines(records, verbose)
     lines += _time_lines(records)
     lines += _fallback_lines(records, verbose)
@@ -101,6 +103,20 @@ def _phase_line(records) -> str:
     if later := ", ".join(f"{name} {phases[name]:.2f}" for name in first_call if name in phases):
         parts.append(f"first call: {later}")
     return "; ".join(parts)
+
+
+def _attention_choice_lines() -> list[str]:
+    """How this process's attention calls run (kitsune.ops.attention_dispatch): Kitsune's flash kernel
+    or SDPA, chosen by one measurement per configuration (empty on the CPU, where SDPA always runs)."""
+    from kitsune.ops.attention_dispatch import attention_choices, describe
+    choices = attention_choices()
+    if not choices:
+        return []
+    lines = ["", "Attention kernels (chosen by measurement, per configuration):"]
+    for key, (choice, kitsune_ms, sdpa_ms) in choices.items():
+        which = "Kitsune's flash kernel" if choice == "triton" else "SDPA / reference"
+        lines.append(f"  {describe(key)}: {which} (kernel {kitsune_ms:.3f} ms, SDPA {sdpa_ms:.3f} ms)")
+    return lines
 
 
 def _measured_line(records) -> str:

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from kitsune.capture.rewrites import Rewrite
+from kitsune.capture.rewrites import Rewrite, example_value, inherit_source, rewrite_sites
 from kitsune.ops.attention import attention
 
 log = logging.getLogger("kitsune")
@@ -142,14 +142,6 @@ def _call(node):
     return kind, args
 
 
-def _value(node):
-    """The example value Dynamo recorded for a node (a fake tensor), or None."""
-    if not isinstance(node, fx.Node):
-        return None
-    value = node.meta.get("example_value", node.meta.get("val"))
-    return value if isinstance(value, torch.Tensor) else None
-
-
 def _number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
@@ -157,31 +149,7 @@ def _number(x) -> bool:
 def fuse_attention(gm: fx.GraphModule) -> list[Rewrite]:
     """Rewrite every attention of `gm` (a Dynamo graph) into `kitsune.ops.attention`,
     in place; one Rewrite per softmax-fed matmul looked at, applied or not (with the reason)."""
-    rewrites = []
-    for node in list(gm.graph.nodes):
-        if getattr(node, "_erased", False) or _call(node)[0] != "matmul":
-            continue
-        try:
-            found = _match(node)
-        except Exception as error:  # noqa: BLE001 - an odd graph: leave it as it is
-            log.debug("attention at %s not analysed: %s: %s", node.name, type(error).__name__, error)
-            continue
-        if found is None:
-            continue
-        rewrite, plan = found
-        if plan is not None:
-            try:
-                made = _replace(gm.graph, node, plan)
-                rewrite.nodes = (*rewrite.nodes, made.name)  # the aten ops made of it say so (source_fn_stack)
-            except Exception as error:  # noqa: BLE001 - never break the user's graph
-                rewrite = _declined(rewrite.nodes, f"rewrite failed: {type(error).__name__}: {error}")
-        if not rewrite.applied:
-            log.debug("attention at %s not rewritten: %s", node.name, rewrite.reason)
-        rewrites.append(rewrite)
-    if any(r.applied for r in rewrites):
-        gm.graph.lint()
-        gm.recompile()
-    return rewrites
+    return rewrite_sites(gm, lambda node: _call(node)[0] == "matmul", _match, _replace, "attention")
 
 
 def _declined(nodes, reason) -> Rewrite:
@@ -203,7 +171,7 @@ def _match(pv: fx.Node):
         chain, qk = _scores_chain(scores)
         names = [qk.name, *(n.name for n in reversed(chain))] + names
         plan.update(_read_chain(chain), chain=chain, qk=qk)
-        plan["causal"] = _causal(plan, _value(qk))
+        plan["causal"] = _causal(plan, example_value(qk))
         plan.update(_operands(qk, plan))
         _check_users(plan)
         _check_shapes(plan)
@@ -215,13 +183,13 @@ def _match(pv: fx.Node):
 def _back_to_softmax(node):
     """(the nodes from the matmul's first operand back to a softmax, nearest first; the
     softmax) following first operands; (.., None) if no softmax is that near."""
-    post, shape = [], getattr(_value(node), "shape", None)
+    post, shape = [], getattr(example_value(node), "shape", None)
     while isinstance(node, fx.Node) and len(post) <= 4:
         kind, args = _call(node)
         if kind == "softmax":
             return post, node
         # only steps on the probabilities themselves (elementwise: same shape; no matmul)
-        if kind == "matmul" or _value(node) is None or not _same(tuple(_value(node).shape), tuple(shape)):
+        if kind == "matmul" or example_value(node) is None or not _same(tuple(example_value(node).shape), tuple(shape)):
             return post, None
         post.append(node)
         node = args.get("input") if kind else (node.args[0] if node.args else None)
@@ -251,7 +219,7 @@ def _post_steps(post) -> float:
 
 
 def _check_cast(node) -> None:
-    before, after = _value(node.args[0]), _value(node)
+    before, after = example_value(node.args[0]), example_value(node)
     if before is None or after is None or not _same(tuple(after.shape), tuple(before.shape)) \
             or after.dtype not in _FLOATS \
             or before.dtype not in _FLOATS or after.device != before.device:
@@ -260,8 +228,8 @@ def _check_cast(node) -> None:
 
 def _softmax_input(softmax):
     _, args = _call(softmax)
-    value, scores = _value(softmax), args["input"]
-    if value is None or _value(scores) is None or value.dim() < 2:
+    value, scores = example_value(softmax), args["input"]
+    if value is None or example_value(scores) is None or value.dim() < 2:
         raise Refused("softmax without example values")
     dim = args["dim"]
     if not isinstance(dim, int) or dim % value.dim() != value.dim() - 1:
@@ -341,7 +309,7 @@ def _read_chain(chain) -> dict:
             scale *= factor
             fills = [fill * factor for fill in fills]  # a scale after a mask scales its fill
         elif kind == "add":
-            bias = _value(other)
+            bias = example_value(other)
             if bias is None or not bias.is_floating_point() or args["alpha"] != 1:
                 raise Refused(f"{node.name}: adds {_describe(other)} to the scores (not a float tensor)")
             if stage == 2:
@@ -365,7 +333,7 @@ def _bool_mask(node, kind, args, scores, fills):
         mask = args["condition"]
         keeps_where_true = args["input"] is scores
         fill, invert = (args["other"], False) if keeps_where_true else (args["input"], True)
-    if _value(mask) is None or _value(mask).dtype != torch.bool:
+    if example_value(mask) is None or example_value(mask).dtype != torch.bool:
         raise Refused(f"{node.name}: the mask is not a bool tensor")
     fill = _constant_scalar(fill)
     if not _number(fill):
@@ -373,7 +341,7 @@ def _bool_mask(node, kind, args, scores, fills):
     fill = float(fill)
     if math.isnan(fill) or fill == float("inf"):
         raise Refused(f"{node.name}: fills {fill}")
-    dtype = _value(node).dtype
+    dtype = example_value(node).dtype
     if dtype in (torch.float16, torch.bfloat16):  # the value eager stores (-1e9 in fp16 is -inf)
         fill = float(torch.tensor(fill, dtype=dtype))
     fills.append(fill)
@@ -384,7 +352,7 @@ def _constant_scalar(x):
     """A scale or fill value given as a 0-dim float constant made in the graph (GPT-2/GPT-J's
     `torch.full([], finfo.min)` or `/ torch.full([], d ** 0.5)`, `torch.tensor(value)`) as
     its number; `x` otherwise."""
-    if not isinstance(x, fx.Node) or x.op != "call_function" or _value(x) is None or _value(x).dim() != 0:
+    if not isinstance(x, fx.Node) or x.op != "call_function" or example_value(x) is None or example_value(x).dim() != 0:
         return x
     if x.target is torch.full and len(x.args) == 2 and tuple(x.args[0]) == () and _number(x.args[1]):
         number = x.args[1]
@@ -392,7 +360,7 @@ def _constant_scalar(x):
         number = x.args[0]
     else:
         return x
-    dtype = _value(x).dtype
+    dtype = example_value(x).dtype
     return float(torch.tensor(number, dtype=dtype)) if dtype in _FLOATS else x  # the value the tensor holds
 
 
@@ -416,7 +384,7 @@ def _causal(plan, scores) -> bool:
     if (kind, diagonal) not in (("tril", 0), ("triu", 1)) or (kind == "tril") == invert:
         return False
     lq, lk = scores.shape[-2], scores.shape[-1]
-    mask = _value(node)
+    mask = example_value(node)
     if not (_same(lq, lk) and mask.dim() == 2 and _same(tuple(mask.shape), (lq, lk))):
         return False
     plan["masks"], plan["fill"] = [], float("-inf")
@@ -436,7 +404,7 @@ def _triangle(node):
     bound.apply_defaults()
     ones = bound.arguments["input"]
     if not (isinstance(ones, fx.Node) and ones.op == "call_function" and ones.target is torch.ones
-            and _value(ones) is not None and _value(ones).dtype == torch.bool):
+            and example_value(ones) is not None and example_value(ones).dtype == torch.bool):
         return None, None
     diagonal = bound.arguments["diagonal"]
     return (name, diagonal) if isinstance(diagonal, int) else (None, None)
@@ -444,7 +412,7 @@ def _triangle(node):
 
 def _describe(x) -> str:
     if isinstance(x, fx.Node):
-        return f"a tensor ({x.name})" if _value(x) is not None else x.name
+        return f"a tensor ({x.name})" if example_value(x) is not None else x.name
     return repr(x)
 
 
@@ -466,7 +434,7 @@ def _unscaled(node):
 
 
 def _last_two_swapped(kind, args, node) -> bool:
-    value = _value(node)
+    value = example_value(node)
     if value is None or value.dim() < 2:
         return False
     n = value.dim()
@@ -502,13 +470,13 @@ def _ungrouped(node):
     """(k or v before a grouped-query repeat of its heads, the repeat factor, the repeat's
     nodes); (node, 1, []) when it is not such a repeat. Only repeats where query head h
     reads key/value head h // n (attention()'s grouping) qualify."""
-    out = _value(node)
+    out = example_value(node)
     kind, args = _call(node)
     if out is None or out.dim() < 4:
         return node, 1, []
     if kind == "repeat_interleave":
         source, repeats, dim = args["input"], args["repeats"], args["dim"]
-        src = _value(source)
+        src = example_value(source)
         if isinstance(repeats, int) and isinstance(dim, int) and src is not None and src.dim() == out.dim() \
                 and dim % out.dim() == out.dim() - 3 and _same(src.shape[-3] * repeats, out.shape[-3]):
             return source, repeats, [node]
@@ -520,7 +488,7 @@ def _ungrouped(node):
     if u_kind not in ("unsqueeze", "getitem") or not _inserts_dim(u_kind, u_args, unsqueezed, out.dim() - 2):
         return node, 1, []
     source = u_args["input"]
-    src, grouped = _value(source), _value(expand)
+    src, grouped = example_value(source), example_value(expand)
     if src is None or grouped is None or src.dim() != out.dim():
         return node, 1, []
     h, n = src.shape[-3], grouped.shape[-3]
@@ -533,7 +501,7 @@ def _ungrouped(node):
 def _inserts_dim(kind, args, node, position) -> bool:
     """Whether an unsqueeze or a `[:, :, None]` index inserts one dim at `position`
     (counted in its output) and does nothing else."""
-    out = _value(node)
+    out = example_value(node)
     if out is None:
         return False
     if kind == "unsqueeze":
@@ -585,7 +553,7 @@ def _check_users(plan) -> None:
 def _check_shapes(plan) -> None:
     """Shapes, ranks and dtypes agree with attention()'s meaning (on the repeated k/v the
     graph used)."""
-    q, kt, v, out, s = (_value(plan[key]) for key in ("q_in", "kt", "v_in", "out", "qk"))
+    q, kt, v, out, s = (example_value(plan[key]) for key in ("q_in", "kt", "v_in", "out", "qk"))
     if any(t is None for t in (q, kt, v, out, s)):
         raise Refused("an operand without an example value")
     if not (q.dim() == kt.dim() == v.dim() >= 3):
@@ -599,10 +567,10 @@ def _check_shapes(plan) -> None:
         raise Refused(f"dtypes q {q.dtype}, k {kt.dtype}, v {v.dtype}, output {out.dtype} differ")
     scores = tuple(s.shape)
     for node in (*plan["chain"], plan["softmax"], *plan["post"]):
-        if _value(node) is None or not _same(tuple(_value(node).shape), scores):
+        if example_value(node) is None or not _same(tuple(example_value(node).shape), scores):
             raise Refused(f"{node.name} changes the scores' shape")
     for extra in (*plan["biases"], *(m for m, _ in plan["masks"])):
-        shape = tuple(_value(extra).shape)
+        shape = tuple(example_value(extra).shape)
         if len(shape) > len(scores) or not all(_same(a, 1) or _same(a, b) for a, b in
                                                zip(reversed(shape), reversed(scores))):
             raise Refused(f"{extra.name} of shape {shape} does not broadcast to the scores {scores}")
@@ -629,10 +597,10 @@ def _replace(graph: fx.Graph, pv: fx.Node, plan) -> fx.Node:
     the chain, and erase what only the chain used (transposes, scales, repeats of k/v)."""
     first_new = pv.prev
     # [B, L, D] operands (torch.bmm) as [B, 1, L, D]: SDPA's fused kernels take 4-D only
-    heads = _value(plan["q_in"]).dim() == 3
+    heads = example_value(plan["q_in"]).dim() == 3
     with graph.inserting_before(pv):
         def four_d(node):
-            if heads and node is not None and _value(node) is not None and _value(node).dim() == 3:
+            if heads and node is not None and example_value(node) is not None and example_value(node).dim() == 3:
                 return graph.call_method("unsqueeze", (node, 1))
             return node
         k = graph.call_method("transpose", (plan["k"], -2, -1)) if plan["k_flip"] else plan["k"]
@@ -650,11 +618,11 @@ def _replace(graph: fx.Graph, pv: fx.Node, plan) -> fx.Node:
             "causal": plan["causal"], "dropout_p": plan["dropout_p"]})
         if heads:
             out = graph.call_method("squeeze", (made, 1))
-    made.meta["example_value"] = _value(pv).unsqueeze(1) if heads else _value(pv)
+    made.meta["example_value"] = example_value(pv).unsqueeze(1) if heads else example_value(pv)
     node = first_new.next
     while node is not pv:  # the nodes just inserted: example values and the user's source
         _set_example_value(node)
-        _inherit_meta(node, pv)
+        inherit_source(node, pv)
         node = node.next
     pv.replace_all_uses_with(out)
     graph.erase_node(pv)
@@ -670,9 +638,9 @@ def _set_example_value(node: fx.Node) -> None:
     from kitsune._compat import detect_fake_mode
     if "example_value" in node.meta:
         return
-    args, kwargs = fx.node.map_arg((node.args, node.kwargs), _value)
-    values = [v for v in node.all_input_nodes if _value(v) is not None]
-    mode = detect_fake_mode([_value(v) for v in values])
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), example_value)
+    values = [v for v in node.all_input_nodes if example_value(v) is not None]
+    mode = detect_fake_mode([example_value(v) for v in values])
     mode = getattr(mode, "fake_mode", mode)
     try:
         with mode if mode is not None else contextlib.nullcontext():
@@ -682,11 +650,3 @@ def _set_example_value(node: fx.Node) -> None:
                 node.meta["example_value"] = node.target(*args, **kwargs)
     except Exception as error:  # noqa: BLE001 - an example value is a convenience for later passes
         log.debug("no example value for %s: %s", node.name, error)
-
-
-def _inherit_meta(node: fx.Node, source: fx.Node) -> None:
-    """The user's source of the attention, for the aten nodes AOTAutograd makes of `node`."""
-    for key in ("stack_trace", "nn_module_stack"):
-        if key in source.meta:
-            node.meta.setdefault(key, source.meta[key])
-    node.meta.setdefault("source_fn_stack", [(node.name, node.target)])

@@ -14,6 +14,8 @@ import time
 from contextlib import contextmanager
 from contextvars import ContextVar
 
+from kitsune._compat import dynamo_trace_seconds
+
 _OPEN: ContextVar = ContextVar("kitsune_capture_clock", default=None)
 
 
@@ -29,7 +31,7 @@ def capturing():
             elapsed = time.perf_counter() - state["start"]
             own = sum(record.compile_seconds for record in state["records"])
             first = state["records"][0]
-            first.phases["capture"] = max(0.0, elapsed - own) + _dynamo_trace_seconds()
+            first.phases["capture"] = max(0.0, elapsed - own) + dynamo_trace_seconds()
 
 
 def compiled(record) -> None:
@@ -37,8 +39,3 @@ def compiled(record) -> None:
     state = _OPEN.get()
     if state is not None:
         state["records"].append(record)
-
-
-def _dynamo_trace_seconds() -> float:
-    from kitsune._compat import dynamo_trace_seconds
-    return dynamo_trace_seconds()

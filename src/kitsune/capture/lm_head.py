@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from kitsune.capture.rewrites import Rewrite
+from kitsune.capture.rewrites import Rewrite, example_value, inherit_source, rewrite_sites
 from kitsune.ops.linear_cross_entropy import linear_cross_entropy
 
 log = logging.getLogger("kitsune")
@@ -62,29 +62,8 @@ def fuse_lm_head_loss(gm: fx.GraphModule) -> list[Rewrite]:
     """Rewrite every `linear -> (views, casts) -> cross_entropy` of `gm` (a Dynamo
     graph) into `kitsune.ops.linear_cross_entropy`, in place; one Rewrite per place
     looked at, applied or not (with the reason)."""
-    rewrites = []
-    for node in list(gm.graph.nodes):
-        if node.op == "call_function" and node.target is F.cross_entropy:
-            try:
-                found = _lm_head_loss(node)
-            except Exception as error:  # noqa: BLE001 - an odd graph: leave it as it is
-                log.debug("lm-head loss at %s not analysed: %s: %s", node.name, type(error).__name__, error)
-                continue
-            if found is None:
-                continue
-            rewrite, plan = found
-            if plan is not None:
-                try:
-                    _replace(gm.graph, node, plan)
-                except Exception as error:  # noqa: BLE001 - never break the user's graph
-                    rewrite = _declined(rewrite.nodes, f"rewrite failed: {type(error).__name__}: {error}")
-            if not rewrite.applied:
-                log.debug("lm-head loss at %s not fused: %s", node.name, rewrite.reason)
-            rewrites.append(rewrite)
-    if any(r.applied for r in rewrites):
-        gm.graph.lint()
-        gm.recompile()
-    return rewrites
+    return rewrite_sites(gm, lambda node: node.op == "call_function" and node.target is F.cross_entropy,
+                         _lm_head_loss, _replace, "lm-head loss")
 
 
 def _declined(nodes, reason) -> Rewrite:
@@ -130,13 +109,13 @@ def _chain_to_linear(node):
 
 def _chain_refusal(linear, chain):
     """(reason or None, replay steps) for the nodes between the linear and the loss."""
-    logits = _value(linear)
+    logits = example_value(linear)
     if logits is None or logits.dtype not in _FLOATS or logits.dim() < 2:
         return "the logits are not a float tensor of at least 2 dims", None
     steps = []
     producer = linear
     for node in reversed(chain):
-        step = _replay_step(node, _value(producer), logits.shape[-1])
+        step = _replay_step(node, example_value(producer), logits.shape[-1])
         if isinstance(step, str):
             return step, None
         steps.append(step)
@@ -155,7 +134,7 @@ def _other_uses(linear, chain, ce) -> str:
 def _replay_step(node, before, vocab):
     """How `node` is replayed on the hidden states: ("skip",), ("reshape", leading sizes) or
     ("getitem", index); or the reason it cannot be, as a string."""
-    after = _value(node)
+    after = example_value(node)
     if before is None or after is None:
         return f"{node.name}: no example value"
     kind = node.target if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
@@ -212,12 +191,12 @@ def _loss_refusal(ce, ce_args, linear, chain):
     smoothing = ce_args.get("label_smoothing", 0.0)
     if not isinstance(ignore_index, int) or not isinstance(smoothing, (int, float)) or not 0 <= smoothing <= 1:
         return "cross_entropy's ignore_index or label_smoothing is not a constant the op takes"
-    logits, target, loss = _value(chain[0] if chain else linear), _value(ce_args.get("target")), _value(ce)
+    logits, target, loss = example_value(chain[0] if chain else linear), example_value(ce_args.get("target")), example_value(ce)
     if logits is None or target is None or loss is None or logits.dim() != 2:
         return "cross_entropy's input is not [N, V] logits"
     if not isinstance(ce_args["target"], fx.Node) or target.dim() != 1 or target.dtype != torch.long:
         return "cross_entropy's target is not [N] class indices"
-    weight = _value(_linear_args(linear)["weight"])
+    weight = example_value(_linear_args(linear)["weight"])
     if weight is None or weight.dim() != 2:
         return "the linear's weight is not a matrix"
     elements = _size_hint(logits.shape[0]) * _size_hint(logits.shape[1])
@@ -231,7 +210,7 @@ def _replace(graph: fx.Graph, ce: fx.Node, plan) -> None:
     and the linear where nothing else uses them."""
     linear, chain = plan["linear"], plan["chain"]
     args = _linear_args(linear)
-    matmul_dtype, width, loss_dtype = _value(linear).dtype, _value(args["weight"]).shape[1], _value(ce).dtype
+    matmul_dtype, width, loss_dtype = example_value(linear).dtype, example_value(args["weight"]).shape[1], example_value(ce).dtype
     ce_args = plan["ce_args"]
     before = ce.prev  # every value read before the graph changes: nothing below fails half-way
     with graph.inserting_before(ce):
@@ -248,10 +227,10 @@ def _replace(graph: fx.Graph, ce: fx.Node, plan) -> None:
             "label_smoothing": float(ce_args.get("label_smoothing", 0.0)),
             "reduction": ce_args.get("reduction", "mean"),
             "dtype": loss_dtype})
-    loss.meta["example_value"] = _value(ce)  # the same loss: shape [], ce's dtype
+    loss.meta["example_value"] = example_value(ce)  # the same loss: shape [], ce's dtype
     node = before.next
     while node is not ce:  # the nodes just inserted
-        _inherit_meta(node, ce)
+        inherit_source(node, ce)
         node = node.next
     ce.replace_all_uses_with(loss)
     graph.erase_node(ce)
@@ -260,17 +239,8 @@ def _replace(graph: fx.Graph, ce: fx.Node, plan) -> None:
             graph.erase_node(node)
 
 
-def _inherit_meta(node: fx.Node, ce: fx.Node) -> None:
-    """The user's source of the loss, for the aten nodes AOTAutograd makes of `node` (reports,
-    kernel counts, measured baselines read `source_fn_stack`)."""
-    for key in ("stack_trace", "nn_module_stack"):
-        if key in ce.meta:
-            node.meta.setdefault(key, ce.meta[key])
-    node.meta.setdefault("source_fn_stack", [(node.name, node.target)])
-
-
 def _cast(graph, node, dtype):
-    value = _value(node)
+    value = example_value(node)
     if node is None or value is None or value.dtype == dtype:
         return node
     return graph.call_method("to", (node, dtype))
@@ -278,14 +248,6 @@ def _cast(graph, node, dtype):
 
 def _linear_args(linear: fx.Node) -> dict:
     return _LINEAR_SIGNATURE.bind(*linear.args, **linear.kwargs).arguments
-
-
-def _value(node):
-    """The example value Dynamo recorded for a node (a fake tensor), or None."""
-    if not isinstance(node, fx.Node):
-        return None
-    value = node.meta.get("example_value", node.meta.get("val"))
-    return value if isinstance(value, torch.Tensor) else None
 
 
 def _size_hint(size) -> int:

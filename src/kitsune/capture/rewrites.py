@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +45,61 @@ class Rewrite:
     applied: bool = True
     reason: str = ""
     seconds: float | None = None  # measured time of the choice, where one was measured
+
+
+log = logging.getLogger("kitsune")
+
+
+def rewrite_sites(gm: fx.GraphModule, is_site, match, replace, what: str) -> list[Rewrite]:
+    """The loop of a rewrite of the graph Dynamo hands the backend (kitsune.capture.lm_head,
+    kitsune.capture.attention): for each node `is_site(node)`, `match(node)` gives None (not such a
+    place after all) or (Rewrite, plan or None); a plan is carried out by `replace(graph, node, plan)`,
+    which may return the node it made (named in the record: the aten ops made of it say so). A match
+    or a replacement that fails leaves that place as it was, the failure in its record."""
+    rewrites = []
+    for node in list(gm.graph.nodes):
+        if getattr(node, "_erased", False) or not is_site(node):
+            continue
+        try:
+            found = match(node)
+        except Exception as error:  # noqa: BLE001 - an odd graph: leave it as it is
+            log.debug("%s at %s not analysed: %s: %s", what, node.name, type(error).__name__, error)
+            continue
+        if found is None:
+            continue
+        rewrite, plan = found
+        if plan is not None:
+            try:
+                made = replace(gm.graph, node, plan)
+                if isinstance(made, fx.Node):
+                    rewrite.nodes = (*rewrite.nodes, made.name)
+            except Exception as error:  # noqa: BLE001 - never break the user's graph
+                rewrite = dataclasses.replace(rewrite, applied=False,
+                                              reason=f"rewrite failed: {type(error).__name__}: {error}")
+        if not rewrite.applied:
+            log.debug("%s at %s not rewritten: %s", what, node.name, rewrite.reason)
+        rewrites.append(rewrite)
+    if any(r.applied for r in rewrites):
+        gm.graph.lint()
+        gm.recompile()
+    return rewrites
+
+
+def example_value(node):
+    """The example value Dynamo recorded for a node (a fake tensor), or None."""
+    if not isinstance(node, fx.Node):
+        return None
+    value = node.meta.get("example_value", node.meta.get("val"))
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def inherit_source(node: fx.Node, source: fx.Node) -> None:
+    """`source`'s place in the user's code, for the aten nodes AOTAutograd makes of `node` (reports,
+    kernel counts and measured baselines read `source_fn_stack`)."""
+    for key in ("stack_trace", "nn_module_stack"):
+        if key in source.meta:
+            node.meta.setdefault(key, source.meta[key])
+    node.meta.setdefault("source_fn_stack", [(node.name, node.target)])
 
 
 _PENDING: contextvars.ContextVar = contextvars.ContextVar("kitsune_pending_rewrites", default=None)

@@ -240,3 +240,14 @@ def test_triton_kernels_check_positions_with_a_device_assert(backend):
     (call,) = record.kernel_calls.values()
     source = call.kernel.source
     assert "check_index(" in source and "from kitsune.codegen.triton.libm import check_index" in source
+
+
+def test_cat_with_a_one_element_piece_reads_it_under_the_block_mask(backend):
+    # Llama's position shift: cat([a - 1, b]) reads the one element of `a` at a fixed
+    # index where the position is 0. Triton refuses a block mask on a single pointer,
+    # so the read must be a block of pointers (the kernel ran unfused on an H100).
+    def fn(a, b):
+        return (torch.cat([a - 1, b]) * 2).ne(3), torch.cat([b, a * 3]) + 1
+    a, b = torch.randint(-5, 5, (1,)), torch.randint(-5, 5, (31,))
+    _run(fn, a, b, ops=("cat",))
+    assert kitsune.get_fusion_stats()["runtime_fallbacks"] == []

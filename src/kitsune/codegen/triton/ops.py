@@ -127,6 +127,10 @@ def _load_where(v: Value, a: list, ctx: Context) -> str:
     masks = [m for m in (ctx.mask, None if live.op == "const" and live.attr else a[1]) if m is not None]
     if not masks:
         return _loaded(f"tl.load({address})", v.dtype)
+    if index.is_const and offset.op == "const":
+        # one element read where a block mask holds (a one-element piece of a cat):
+        # Triton takes a block mask only with a block of pointers
+        address += f" + 0 * {ctx.var}"
     return _loaded(f"tl.load({address}, {' & '.join(masks)}, other=0)", v.dtype)
 
 

@@ -495,3 +495,37 @@ def test_size_keyed_runner_keeps_one_recording_per_size_and_drops_the_oldest(mon
                     "inference graph at sizes (6,)", "inference graph at sizes (5,)"]
     assert dropped == ["inference graph at sizes (5,)", "inference graph at sizes (4,)"]
     assert list(runner.runners) == [(6,), (5,)] and runner.dropped == 2
+
+
+@pytest.mark.parametrize("gpu_ms, records", [(40.0, False), (3.0, True)])
+def test_a_gpu_bound_training_graph_is_not_recorded(fake_cuda, monkeypatch, caplog, gpu_ms, records):
+    # The last warm-up call is timed: 2 ms of launches against `gpu_ms` of GPU work.
+    # GPU-bound (40 ms): the recording would only hold memory, so none is made and every
+    # call runs normally; launch-bound (3 ms): recorded and replayed as before.
+    timed = []
+
+    def time_call(fn, args):
+        timed.append(len(args))
+        return fn(*args), 2e-3, gpu_ms * 1e-3
+
+    monkeypatch.setattr(cuda_graphs, "_time_call", time_call)
+    weight = torch.randn(8)
+    runner = _runner(lambda x, w: ((x * w).exp(), (x * w).sum()), training=True)
+    with caplog.at_level("INFO", logger="kitsune"):
+        for _ in range(cuda_graphs.WARMUP_CALLS + 3):
+            x = torch.randn(8)
+            act, loss = runner(x, weight)
+            torch.testing.assert_close(act, (x * weight).exp())
+            del act
+    assert timed == [2], "only the last warm-up call is timed"
+    assert (runner.graph is not None) == records and (runner.replays == 3) == records
+    assert (runner.disabled is not None and "GPU-bound" in runner.disabled) != records
+    assert ("GPU-bound" in caplog.text) != records
+
+
+def test_inference_graphs_are_not_timed(fake_cuda, monkeypatch):
+    monkeypatch.setattr(cuda_graphs, "_time_call", lambda fn, args: pytest.fail("timed an inference graph"))
+    runner = _runner(lambda x: (x * 2,))  # graphs return a tuple
+    for _ in range(cuda_graphs.WARMUP_CALLS + 2):
+        runner(torch.randn(4))
+    assert runner.replays == 2 and runner.disabled is None

@@ -492,3 +492,14 @@ def dynamo_trace_seconds() -> float:
         return float(times[-1]) if times else 0.0
     except Exception:  # noqa: BLE001 - a private metric: missing or reshaped in another torch
         return 0.0
+
+
+def gpu_sleep(cycles: int) -> bool:
+    """Keep the current CUDA stream busy for about `cycles` GPU clock cycles
+    (`torch.cuda._sleep`), so that work enqueued after it is timed back to back,
+    without the host's launch latency; False where this PyTorch lacks it."""
+    sleep = getattr(torch.cuda, "_sleep", None)
+    if sleep is None:
+        return False
+    sleep(int(cycles))
+    return True

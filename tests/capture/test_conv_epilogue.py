@@ -100,3 +100,22 @@ def test_cpu_graphs_are_left_alone():
     gm = _inference_graph(model, torch.randn(1, 4, 6, 6))
     rewrites, _ = fold_conv_batch_norm(gm)
     assert fuse_conv_relu(gm, rewrites, measure=lambda conv, z: (1.0, 2.0)) == 0
+
+
+def test_grouped_convolutions_keep_the_plain_call():
+    # A depthwise convolution's fused cuDNN call ran in a slow direct kernel (MobileNetV3 on
+    # an H100): declined before measuring, with the reason recorded.
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Conv2d(4, 8, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU()).eval()
+    gm = _inference_graph(model, torch.randn(1, 4, 6, 6))
+    rewrites, _ = fold_conv_batch_norm(gm)
+    measured = []
+    count = fuse_conv_relu(gm, rewrites, measure=lambda conv, z: measured.append(conv.args[8]) or (1.0, 2.0),
+                           devices=("cpu",))
+    assert count == 1 and measured == [1]  # only the 1x1 convolution was measured and fused
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert targets.count(aten.cudnn_convolution_relu.default) == 1
+    choices = sorted(rw.choice for rw in rewrites)  # the depthwise one: folded, bias and ReLU after it
+    assert len(choices) == 2 and "cuDNN" not in choices[0] and "cuDNN" in choices[1], choices
+

@@ -131,6 +131,21 @@ def test_fold_recomputes_only_on_change_and_in_place():
     assert fold.refolds == 3
 
 
+@pytest.mark.parametrize("shape", [(8, 1, 3, 3), (8, 4, 3, 3), (6, 3, 1, 1)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_folded_weight_keeps_the_source_weights_strides(shape, channels_last):
+    # The graph's fake value of the folded weight has the source weight's strides, and so
+    # must the real one: a depthwise [C, 1, k, k] channels-last weight multiplied by a
+    # per-channel scale came out contiguous, and cuDNN ran a 6x slower depthwise kernel.
+    weight = torch.randn(shape)
+    if channels_last:
+        weight = weight.to(memory_format=torch.channels_last)
+    mean, var = torch.randn(shape[0]), torch.rand(shape[0]) + 0.5
+    folded, _ = ConvBnFold(1e-5, torch.float32).folded(weight, None, None, None, mean, var)
+    assert folded.stride() == weight.stride()
+    torch.testing.assert_close(folded, weight * torch.rsqrt(var + 1e-5).view(-1, 1, 1, 1))
+
+
 @pytest.mark.parametrize("conv", [
     lambda: nn.Conv1d(4, 6, 3, stride=2),
     lambda: nn.Conv2d(4, 8, 3, groups=4, dilation=2, padding=2),   # depthwise-style, dilated

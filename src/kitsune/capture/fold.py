@@ -147,7 +147,12 @@ class ConvBnFold:
         if bn_bias is not None:
             shift = shift + bn_bias.to(acc)
         shape = [-1] + [1] * (conv_weight.dim() - 1)
-        weight = (conv_weight.to(acc) * scale.view(shape)).to(self.weight_dtype)
+        # In the source weight's strides, as the graph's fake value says: a product's
+        # layout is ambiguous where a dim has size 1 (a depthwise [C, 1, k, k] weight in
+        # channels-last), and cuDNN chose a 6x slower kernel for a depthwise weight
+        # that came out contiguous beside channels-last activations (MobileNetV3, H100).
+        weight = torch.empty_like(conv_weight, dtype=self.weight_dtype)
+        weight.copy_(conv_weight.to(acc) * scale.view(shape))
         return weight, shift
 
 

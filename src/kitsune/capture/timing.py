@@ -14,18 +14,33 @@ def random_like(val: torch.Tensor) -> torch.Tensor:
     return torch.empty_strided(tuple(val.shape), val.stride(), dtype=val.dtype, device=val.device).normal_()
 
 
+# Before each timed window the stream sleeps this many GPU cycles (~2.5 ms on an
+# H100), long enough for the host to enqueue the window's calls: the window then
+# times the kernels back to back, as a CUDA-graph replay runs them, not the host's
+# launch latency (a single timed call of a short kernel measured its launch: on an
+# H100 cuDNN's fused conv+ReLU looked faster than the plain convolution in
+# isolation and ran 6x slower in MobileNetV3).
+SLEEP_CYCLES = 5_000_000
+CALLS_PER_WINDOW = 3
+
+
 def time_ms(fn, repeats: int = 5) -> float:
-    """Median CUDA-event time of fn() in ms, after two warm-up calls."""
+    """Median GPU time of one fn() in ms (CUDA events around `CALLS_PER_WINDOW`
+    calls enqueued behind a sleep), after two warm-up calls."""
+    from kitsune import _compat
+
     for _ in range(2):
         fn()
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        _compat.gpu_sleep(SLEEP_CYCLES)
         start.record()
-        fn()
+        for _ in range(CALLS_PER_WINDOW):
+            fn()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / CALLS_PER_WINDOW)
     return sorted(times)[len(times) // 2]
 
 

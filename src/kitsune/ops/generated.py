@@ -95,6 +95,9 @@ def _trace_and_compile(fn, tensors: list):
     from kitsune.compiler import compile_graph
 
     gm = make_fx(fn, decomposition_table=decomposition_table(reductions=True), tracing_mode="fake")(*tensors)
+    # a vjp traces work for gradients nobody asked for; a group of dead nodes has no outputs
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
     return compile_graph(gm, tensors, "ops", config=_config(), stats=_DiscardStats())
 
 

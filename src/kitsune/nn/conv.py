@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from kitsune.ops.chain import ProgramBuilder
-from kitsune.ops.fused import activation_name
+from kitsune.ops.fused_ops import activation_name
 
 CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)

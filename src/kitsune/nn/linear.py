@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from kitsune.nn._util import autocast_dtype, cast, check_positive_int
-from kitsune.ops.fused import activation_name, fused_linear_op
+from kitsune.ops.fused_ops import activation_name, fused_linear_op
 
 
 class FusedLinear(nn.Module):

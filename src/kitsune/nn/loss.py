@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from kitsune.nn._util import autocast_dtype, check_positive_int, check_probability
-from kitsune.ops.fused import REDUCTIONS, softmax_cross_entropy_op
+from kitsune.ops.fused_ops import REDUCTIONS, softmax_cross_entropy_op
 from kitsune.ops.linear_cross_entropy import REDUCTIONS as LINEAR_REDUCTIONS
 from kitsune.ops.linear_cross_entropy import linear_cross_entropy
 

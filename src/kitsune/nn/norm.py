@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from kitsune.nn._util import autocast_dtype, cast
-from kitsune.ops.fused import activation_name, layer_norm_op, rms_norm_op
+from kitsune.ops.fused_ops import activation_name, layer_norm_op, rms_norm_op
 
 
 def _norm_input(x: torch.Tensor, params: tuple) -> tuple:

@@ -4,10 +4,12 @@ A chain applies operations from the op list (`kitsune.fusion.engine.OPERATIONS`:
 same functions `FusionEngine.fuse([...])` runs) to a running value that starts as
 `inputs[0]`. Its *program* is a string, so that it fits a custom op's schema and is
 part of a compiled kernel's key: steps separated by ";", each `name` or
-`name:arg,arg,...`, where an argument is `i<k>` (inputs[k]), `s<k>` (scalars[k]),
-`key=<arg>` (a keyword argument), `none`, or a bare word (a string such as `tanh`).
+`name:arg,arg,...`, where an argument is `i<k>` (inputs[k]), a number (Python's
+`repr` of a float, which reads back exactly), `key=<arg>` (a keyword argument), `none`,
+or a bare word (a string such as `tanh`). Numbers are part of the program: a kernel
+is compiled per value (a chain's constants are fixed when it is built).
 
-    fused_chain_op([x, y], "add:i1;mul:s0;gelu:approximate=tanh", [2.0])
+    fused_chain_op([x, y], "add:i1;mul:2.0;gelu:approximate=tanh")
     == F.gelu((x + y) * 2.0, approximate="tanh")
 
 `fused(inputs, ["matmul", "add", "relu"])`: the first operation takes inputs[0], and
@@ -30,7 +32,7 @@ POINTWISE = ("add", "sub", "mul", "div", "pow", "maximum", "minimum", "scale", "
              "reciprocal", "clamp", "where")
 # the chain may also multiply matrices (fused(): `matmul` then its epilogue)
 CHAIN_OPERATIONS = frozenset(POINTWISE) | {"matmul", "mm", "bmm", "linear"}
-_REF = re.compile(r"^([is])(\d+)$")
+_REF = re.compile(r"^i(\d+)$")
 _WORD = re.compile(r"^[A-Za-z_][A-Za-z_0-9]*$")
 
 
@@ -40,9 +42,9 @@ def operations() -> dict:
     return OPERATIONS
 
 
-def parse_program(program: str, input_count: int, scalar_count: int) -> tuple:
-    """The steps of `program`: ((name, args, kwargs), ...) with references as ("i", k) /
-    ("s", k); ValueError naming what is wrong."""
+def parse_program(program: str, input_count: int) -> tuple:
+    """The steps of `program`: ((name, args, kwargs), ...) with input references as
+    ("i", k); ValueError naming what is wrong."""
     if not isinstance(program, str) or not program.strip():
         raise ValueError(f"fused_chain: program must be a non-empty string of steps, got {program!r}")
     if input_count < 1:
@@ -56,7 +58,7 @@ def parse_program(program: str, input_count: int, scalar_count: int) -> tuple:
         args, kwargs = [], []
         for token in filter(None, (t.strip() for t in rest.split(","))):
             key, eq, value = token.partition("=")
-            parsed = _argument(value if eq else key, input_count, scalar_count, program)
+            parsed = _argument(value if eq else key, input_count, program)
             if eq:
                 kwargs.append((key.strip(), parsed))
             else:
@@ -65,31 +67,32 @@ def parse_program(program: str, input_count: int, scalar_count: int) -> tuple:
     return tuple(steps)
 
 
-def _argument(token: str, input_count: int, scalar_count: int, program: str):
+def _argument(token: str, input_count: int, program: str):
     token = token.strip()
     match = _REF.match(token)
     if match:
-        kind, index = match.group(1), int(match.group(2))
-        limit = input_count if kind == "i" else scalar_count
-        if index >= limit or (kind == "i" and index == 0):
+        index = int(match.group(1))
+        if not 0 < index < input_count:
             raise ValueError(f"fused_chain: {token!r} in program {program!r} is out of range "
-                             f"({input_count} inputs, {scalar_count} scalars; i0 is the running value)")
-        return (kind, index)
+                             f"({input_count} inputs; i0 is the running value)")
+        return ("i", index)
     if token == "none":
         return None
+    try:
+        return float(token)
+    except ValueError:
+        pass
     if not _WORD.match(token):
         raise ValueError(f"fused_chain: cannot read argument {token!r} in program {program!r}")
     return token
 
 
-def run_program(steps: tuple, inputs: list, scalars) -> torch.Tensor:
+def run_program(steps: tuple, inputs: list) -> torch.Tensor:
     """The chain applied to inputs[0] with PyTorch ops (its reference semantics)."""
     table = operations()
 
     def value(arg):
-        if type(arg) is tuple:
-            return inputs[arg[1]] if arg[0] == "i" else scalars[arg[1]]
-        return arg
+        return inputs[arg[1]] if type(arg) is tuple else arg
 
     x = inputs[0]
     for name, args, kwargs in steps:
@@ -98,7 +101,7 @@ def run_program(steps: tuple, inputs: list, scalars) -> torch.Tensor:
 
 
 def format_step(name: str, args=(), kwargs=()) -> str:
-    """One program step: args/kwarg values are already tokens ("i1", "s0", "tanh", "none")."""
+    """One program step: args/kwarg values are already tokens ("i1", "2.0", "tanh", "none")."""
     tokens = list(args) + [f"{k}={v}" for k, v in kwargs]
     return f"{name}:{','.join(tokens)}" if tokens else name
 
@@ -149,20 +152,19 @@ def _split_step(step, i):
 
 
 class ProgramBuilder:
-    """Collects a chain's inputs, scalars and steps, then runs it as one custom op."""
+    """Collects a chain's inputs and steps, then runs it as one custom op."""
 
     def __init__(self, first: torch.Tensor):
         self.inputs = [first]
-        self.scalars: list = []
         self.steps: list = []
 
     def tensor(self, t: torch.Tensor) -> str:
         self.inputs.append(t)
         return f"i{len(self.inputs) - 1}"
 
-    def scalar(self, value: float) -> str:
-        self.scalars.append(float(value))
-        return f"s{len(self.scalars) - 1}"
+    @staticmethod
+    def scalar(value: float) -> str:
+        return repr(float(value))
 
     def step(self, name: str, args=(), kwargs=()) -> None:
         self.steps.append(format_step(name, args, kwargs))
@@ -184,11 +186,10 @@ class ProgramBuilder:
         if not self.steps:
             return self.inputs[0].shape
         metas = [torch.empty(t.shape, dtype=t.dtype, device="meta") for t in self.inputs]
-        steps = parse_program(";".join(self.steps), len(metas), len(self.scalars))
-        return run_program(steps, metas, self.scalars).shape
+        return run_program(parse_program(";".join(self.steps), len(metas)), metas).shape
 
     def run(self) -> torch.Tensor:
-        from kitsune.ops.fused import fused_chain_op
+        from kitsune.ops.fused_ops import fused_chain_op
         if not self.steps:  # nothing to do (a dropout in eval): still a new tensor, as the op's would be
             return self.inputs[0].clone()
-        return fused_chain_op(self.inputs, ";".join(self.steps), self.scalars)
+        return fused_chain_op(self.inputs, ";".join(self.steps))

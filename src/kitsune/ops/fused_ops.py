@@ -5,7 +5,7 @@
 - `kitsune::rms_norm(x, normalized_shape, weight, eps, activation)`: `act(F.rms_norm(...))`
 - `kitsune::softmax_cross_entropy(logits, target, weight, ignore_index, label_smoothing, reduction)`:
   `F.cross_entropy(...)` with class-index targets
-- `kitsune::fused_chain(inputs, program, scalars)`: a chain of operations from the op
+- `kitsune::fused_chain(inputs, program)`: a chain of operations from the op
   list (`kitsune.ops.chain`), what `kitsune.nn.FusedElementwise` and `kitsune.ops.fused` run
 
 Each op's semantics is its *reference function* below, written with PyTorch ops and
@@ -69,9 +69,9 @@ def cross_entropy_reference(logits, target, weight, ignore_index, label_smoothin
 
 
 def chain_reference(*args):
-    """args: the chain's input tensors, then its program (steps) and scalars."""
-    *inputs, steps, scalars = args
-    return run_program(steps, list(inputs), scalars)
+    """args: the chain's input tensors, then its parsed program (steps)."""
+    *inputs, steps = args
+    return run_program(steps, list(inputs))
 
 
 # -- plumbing shared by the ops -------------------------------------------------------------------
@@ -246,32 +246,30 @@ def _check_cross_entropy(reduction: str, label_smoothing: float) -> None:
 # -- kitsune::fused_chain ------------------------------------------------------------------------
 
 @torch.library.custom_op("kitsune::fused_chain", mutates_args=())
-def fused_chain_op(inputs: list[torch.Tensor], program: str, scalars: list[float]) -> torch.Tensor:
+def fused_chain_op(inputs: list[torch.Tensor], program: str) -> torch.Tensor:
     """The chain `program` (kitsune.ops.chain) applied to inputs[0], reading the other
-    inputs and the scalars where its steps say."""
-    steps = parse_program(program, len(inputs), len(scalars))
-    return _forward(f"fused_chain:{program}", chain_reference, list(inputs), (steps, tuple(scalars)),
-                    inputs[0].device.type)
+    inputs where its steps say."""
+    steps = parse_program(program, len(inputs))
+    return _forward(f"fused_chain:{program}", chain_reference, list(inputs), (steps,), inputs[0].device.type)
 
 
 @fused_chain_op.register_fake
-def _(inputs, program, scalars):
-    steps = parse_program(program, len(inputs), len(scalars))
-    return run_program(steps, list(inputs), tuple(scalars))
+def _(inputs, program):
+    return run_program(parse_program(program, len(inputs)), list(inputs))
 
 
 def _chain_setup(ctx, inputs, output):
-    tensors, program, scalars = inputs
+    tensors, program = inputs
     ctx.save_for_backward(*tensors)
     ctx.program = program
-    ctx.constants = (parse_program(program, len(tensors), len(scalars)), tuple(scalars))
+    ctx.constants = (parse_program(program, len(tensors)),)
 
 
 def _chain_backward(ctx, grad):
     count = len(ctx.saved_tensors)
     wanted = tuple(range(count)) if ctx.needs_input_grad[0] else ()
     grads = _gradients(ctx, f"fused_chain:{ctx.program}", chain_reference, grad, wanted)
-    return list(grads), None, None
+    return list(grads), None
 
 
 fused_chain_op.register_autograd(_chain_backward, setup_context=_chain_setup)

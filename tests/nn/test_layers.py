@@ -245,3 +245,17 @@ def test_quantized_linear_is_reexported_only_where_it_exists():
             knn.QuantizedLinear
     else:
         assert knn.QuantizedLinear is kitsune.nn.quantized.QuantizedLinear
+
+
+def test_triton_kernels_through_the_interpreter(monkeypatch):
+    """The GPU code path: the same layers with Triton kernels (Triton's interpreter here)."""
+    from kitsune.ops import generated
+    monkeypatch.setenv("KITSUNE_BACKEND", "triton")
+    fused = knn.FusedLinear(8, 4, activation="gelu")
+    linear = nn.Linear(8, 4)
+    linear.load_state_dict(fused.state_dict())
+    check_layer(fused, nn.Sequential(linear, nn.GELU()), torch.randn(3, 8))
+    x = torch.randn(5, 3)
+    torch.testing.assert_close(knn.FusedElementwise().add(1.0).silu()(x), F.silu(x + 1.0))
+    entries = [v for k, v in generated.KERNEL_CACHE.entries.items() if k[3] == "triton"]
+    assert len(entries) >= 3 and all(e is not generated._REFERENCE for e in entries)

@@ -18,6 +18,7 @@ also be ("name", *numbers) to give its arguments as numbers (("add", 1.0)).
 """
 from __future__ import annotations
 
+import functools
 import re
 
 import torch
@@ -42,6 +43,7 @@ def operations() -> dict:
     return OPERATIONS
 
 
+@functools.lru_cache(maxsize=1024)  # a layer parses its program on every call
 def parse_program(program: str, input_count: int) -> tuple:
     """The steps of `program`: ((name, args, kwargs), ...) with input references as
     ("i", k); ValueError naming what is wrong."""

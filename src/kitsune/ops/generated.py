@@ -8,8 +8,9 @@ tensors (`make_fx` with the decomposition table torch.compile's graphs get,
 `kitsune.compiler.compile_graph`, the compiler's own entry: the same planner
 and code generators (generated C on the CPU, Triton on CUDA or where
 KITSUNE_BACKEND=triton). The compiled graph is cached by structure: the
-function, its constant arguments, and each tensor argument's shape, dtype,
-device and layout class (contiguous or not), plus the backend in use.
+function, its constant arguments, and each tensor argument's shape, strides,
+dtype and device, plus the backend in use (KITSUNE_BACKEND): a new shape compiles
+anew (about a second on the CPU; the generated sources are cached on disk too).
 
 Backward passes go through the same path: `generated_vjp` traces the
 reference's vector-Jacobian product (`torch.func.vjp`), so the gradient
@@ -74,7 +75,8 @@ def tensor_key(t):
     """The part of a tensor's structure a compiled kernel depends on."""
     if t is None:
         return None
-    return (tuple(t.shape), t.dtype, t.device.type, t.is_contiguous())
+    # strides too: a generated kernel's indexing is specialised on its inputs' layouts
+    return (tuple(t.shape), t.stride(), t.dtype, str(t.device))
 
 
 def _backend_name() -> str:
@@ -89,7 +91,9 @@ def _config():
 
 
 def _trace_and_compile(fn, tensors: list):
-    """`fn(*tensors)` as a compiled aten graph, or None where it cannot be compiled."""
+    """`fn(*tensors)` as an aten graph (static shapes) compiled by Kitsune's compiler.
+    Shapes are static: a graph traced with symbolic shapes reads its sizes through
+    `aten.sym_size` nodes, which the compiler does not take (KeyError at lowering)."""
     from torch.fx.experimental.proxy_tensor import make_fx
     from kitsune.capture.dynamo import decomposition_table
     from kitsune.compiler import compile_graph
@@ -120,8 +124,7 @@ def run_generated(name: str, reference, tensors: list, constants: tuple = ()):
     if tracing(tensors):
         return _as_tuple(reference(*tensors, *constants))
     present = [t for t in tensors if t is not None]
-    key = (name, constants, tuple(tensor_key(t) for t in tensors), _backend_name(),
-           torch.is_autocast_enabled())
+    key = (name, constants, tuple(tensor_key(t) for t in tensors), _backend_name())
     entry = KERNEL_CACHE.get(key)
     if entry is None:
         entry = _compile_entry(name, reference, tensors, constants)

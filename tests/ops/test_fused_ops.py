@@ -13,7 +13,7 @@ import kitsune.ops as kops
 from kitsune.fusion import FusionEngine
 from kitsune.fusion.engine import FusedOperations
 from kitsune.ops import generated
-from kitsune.ops.fused_ops import (fused_chain_op, fused_linear_op, layer_norm_op, rms_norm_op,
+from kitsune.ops.fused_ops import (fused_chain_op, fused_linear_op, fused_linear_preactivation_op, layer_norm_op, rms_norm_op,
                                softmax_cross_entropy_op)
 from kitsune.runtime.fused_call import FusedGroupCall
 
@@ -44,6 +44,8 @@ def tolerance(dtype):
 
 OPCHECK_CASES = {
     "fused_linear": lambda: (fused_linear_op, (leaf(2, 3, 8), leaf(5, 8), leaf(5), "gelu")),
+    "fused_linear_preactivation": lambda: (fused_linear_preactivation_op, (leaf(2, 3, 8), leaf(5, 8), leaf(5),
+                                                                           "silu")),
     "fused_linear_no_bias": lambda: (fused_linear_op, (leaf(4, 8), leaf(5, 8), None, "none")),
     "layer_norm": lambda: (layer_norm_op, (leaf(3, 8), [8], leaf(8), leaf(8), 1e-5, "relu")),
     "rms_norm": lambda: (rms_norm_op, (leaf(3, 2, 8), [2, 8], leaf(2, 8), None, "silu")),

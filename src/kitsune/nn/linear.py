@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from kitsune.nn._util import autocast_dtype, cast, check_positive_int
-from kitsune.ops.fused_ops import activation_name, fused_linear_op
+from kitsune.ops.fused_ops import activation_name, linear
 
 
 class FusedLinear(nn.Module):
@@ -53,7 +53,7 @@ class FusedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # under autocast: the dtype nn.Linear would compute in
         x, weight, bias = cast((x, self.weight, self.bias), autocast_dtype(x))
-        return fused_linear_op(x, weight, bias, self.activation)
+        return linear(x, weight, bias, self.activation)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -1,6 +1,7 @@
 """Fused operations as `torch.library` custom ops (namespace `kitsune`):
 
-- `kitsune::fused_linear(x, weight, bias, activation)`: `act(F.linear(x, weight, bias))`
+- `kitsune::fused_linear(x, weight, bias, activation)`: `act(F.linear(x, weight, bias))`, and
+  `kitsune::fused_linear_preactivation` (the same and the pre-activation, kept for the backward)
 - `kitsune::layer_norm(x, normalized_shape, weight, bias, eps, activation)`: `act(F.layer_norm(...))`
 - `kitsune::rms_norm(x, normalized_shape, weight, eps, activation)`: `act(F.rms_norm(...))`
 - `kitsune::softmax_cross_entropy(logits, target, weight, ignore_index, label_smoothing, reduction)`:
@@ -55,6 +56,28 @@ def linear_reference(x, weight, bias, activation):
     return ACTIVATIONS[activation](F.linear(x, weight, bias))
 
 
+def linear_preactivation_reference(x, weight, bias, activation):
+    """(act(z), z) with z = F.linear(x, weight, bias): the backward reads z, not a recomputed one."""
+    z = F.linear(x, weight, bias)
+    return ACTIVATIONS[activation](z), z
+
+
+def linear_backward_reference(grad, z, x, weight, activation, wanted):
+    """The gradients of linear_preactivation_reference's first output for x, weight and
+    bias (those in `wanted`, 0/1/2), from the saved pre-activation z."""
+    _, pullback = torch.func.vjp(ACTIVATIONS[activation], z)
+    grad_z = pullback(grad)[0]
+    rows = grad_z.reshape(-1, grad_z.shape[-1])
+    found = []
+    if 0 in wanted:
+        found.append(grad_z @ weight)
+    if 1 in wanted:
+        found.append(rows.t() @ x.reshape(-1, x.shape[-1]))
+    if 2 in wanted:
+        found.append(rows.sum(0))
+    return tuple(found)
+
+
 def layer_norm_reference(x, weight, bias, normalized_shape, eps, activation):
     return ACTIVATIONS[activation](F.layer_norm(x, normalized_shape, weight, bias, eps))
 
@@ -85,10 +108,12 @@ def _unaliased(out: torch.Tensor, tensors) -> torch.Tensor:
     return out
 
 
-def _forward(name, reference, tensors, constants, device_type):
+def _forward(name, reference, tensors, constants, device_type, outputs: int = 1):
     with torch.autocast(device_type, enabled=False):
-        out = run_generated(name, reference, tensors, constants)[0]
-    return _unaliased(out, tensors)
+        results = run_generated(name, reference, tensors, constants)
+    if outputs == 1:
+        return _unaliased(results[0], tensors)
+    return tuple(_unaliased(out, tensors) for out in results)
 
 
 def _gradients(ctx, name, reference, grad, wanted):
@@ -136,9 +161,58 @@ def _linear_backward(ctx, grad):
 fused_linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
 
 
-def _check_activation(activation: str) -> None:
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"kitsune ops: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+@torch.library.custom_op("kitsune::fused_linear_preactivation", mutates_args=())
+def fused_linear_preactivation_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                                  activation: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(act(z), z) with z = F.linear(x, weight, bias), for training: the backward reads the
+    saved z (as eager's activation saves its input) instead of recomputing the matmul.
+    `activation` must not be "none" (z would be the output)."""
+    _check_activation(activation, preactivation=True)
+    return _forward("fused_linear_preactivation", linear_preactivation_reference, [x, weight, bias],
+                    (activation,), x.device.type, outputs=2)
+
+
+@fused_linear_preactivation_op.register_fake
+def _(x, weight, bias, activation):
+    _check_activation(activation, preactivation=True)
+    return linear_preactivation_reference(x, weight, bias, activation)
+
+
+def _preactivation_setup(ctx, inputs, output):
+    x, weight, bias, activation = inputs
+    ctx.save_for_backward(x, weight, output[1])
+    ctx.activation, ctx.has_bias = activation, bias is not None
+    ctx.mark_non_differentiable(output[1])
+
+
+def _preactivation_backward(ctx, grad, _):
+    x, weight, z = ctx.saved_tensors
+    wanted = tuple(i for i in range(3) if ctx.needs_input_grad[i] and (i < 2 or ctx.has_bias))
+    if not wanted:
+        return None, None, None, None
+    with torch.autocast(grad.device.type, enabled=False):
+        found = iter(run_generated("fused_linear_preactivation.backward", linear_backward_reference,
+                                   [grad, z, x, weight], (ctx.activation, wanted)))
+    return (*(next(found) if i in wanted else None for i in range(3)), None)
+
+
+fused_linear_preactivation_op.register_autograd(_preactivation_backward, setup_context=_preactivation_setup)
+
+
+def _check_activation(activation: str, preactivation: bool = False) -> None:
+    if activation not in ACTIVATIONS or (preactivation and activation == "none"):
+        known = sorted(a for a in ACTIVATIONS if not preactivation or a != "none")
+        raise ValueError(f"kitsune ops: activation must be one of {known}, got {activation!r}")
+
+
+def linear(x, weight, bias, activation: str) -> torch.Tensor:
+    """The op for act(F.linear(x, weight, bias)) (activation already an ACTIVATIONS name):
+    where gradients are wanted and there is an activation, the one that keeps the
+    pre-activation for the backward."""
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    if activation != "none" and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return fused_linear_preactivation_op(x, weight, bias, activation)[0]
+    return fused_linear_op(x, weight, bias, activation)
 
 
 # -- kitsune::layer_norm ------------------------------------------------------------------------
@@ -281,7 +355,7 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
                  activation: str | None = None) -> torch.Tensor:
     """`act(F.linear(x, weight, bias))`; activation None, "relu", "gelu", "gelu_tanh", "silu",
     "sigmoid" or "tanh"."""
-    return fused_linear_op(x, weight, bias, activation_name(activation))
+    return linear(x, weight, bias, activation_name(activation))
 
 
 def layer_norm(x: torch.Tensor, normalized_shape, weight: torch.Tensor | None = None,

@@ -106,6 +106,19 @@ def test_ops_run_generated_kernels_once_per_structure():
     assert generated.KERNEL_CACHE.compiles == 3  # a new shape is a new structure
 
 
+def test_ever_new_shapes_stop_compiling(monkeypatch):
+    generated.KERNEL_CACHE.clear()
+    monkeypatch.setattr(generated, "MAX_SHAPES", 2)
+    w = torch.randn(4, 8)
+    for rows in (1, 2, 3, 4):
+        x = torch.randn(rows, 8)
+        torch.testing.assert_close(kops.fused_linear(x, w, None, "relu"), F.relu(F.linear(x, w)))
+    assert generated.KERNEL_CACHE.compiles == 2
+    kops.fused_linear(torch.randn(1, 8), w, None, "relu")  # a compiled shape still runs its kernel
+    assert generated.KERNEL_CACHE.compiles == 2
+    generated.KERNEL_CACHE.clear()
+
+
 def test_a_failed_compile_runs_the_reference_and_says_why(monkeypatch, caplog):
     generated.KERNEL_CACHE.clear()
 

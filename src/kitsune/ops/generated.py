@@ -31,6 +31,10 @@ import torch
 log = logging.getLogger("kitsune")
 
 CACHE_SIZE = 256
+# Compiled structures per op and argument kinds (dtype, device, rank) at most: a layer
+# called with ever new shapes (a growing sequence) would otherwise compile on every
+# call; past this many, new shapes run the reference through PyTorch (logged once).
+MAX_SHAPES = 16
 
 
 class KernelCache:
@@ -40,6 +44,7 @@ class KernelCache:
         self.size = size
         self.entries: OrderedDict = OrderedDict()
         self.compiles = 0
+        self.shapes: dict = {}  # family (op, constants, argument kinds) -> structures compiled
 
     def get(self, key):
         entry = self.entries.get(key)
@@ -54,7 +59,17 @@ class KernelCache:
 
     def clear(self) -> None:
         self.entries.clear()
+        self.shapes.clear()
         self.compiles = 0
+
+    def admit(self, family) -> bool:
+        """Whether one more structure of `family` may be compiled (MAX_SHAPES)."""
+        count = self.shapes.get(family, 0)
+        self.shapes[family] = count + 1
+        if count == MAX_SHAPES:
+            log.info("kitsune op %s: more than %d shapes compiled; new shapes run through PyTorch",
+                     family[0], MAX_SHAPES)
+        return count < MAX_SHAPES
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -127,7 +142,8 @@ def run_generated(name: str, reference, tensors: list, constants: tuple = ()):
     key = (name, constants, tuple(tensor_key(t) for t in tensors), _backend_name())
     entry = KERNEL_CACHE.get(key)
     if entry is None:
-        entry = _compile_entry(name, reference, tensors, constants)
+        family = (name, constants, tuple(None if t is None else (t.dtype, str(t.device), t.dim()) for t in tensors))
+        entry = _compile_entry(name, reference, tensors, constants) if KERNEL_CACHE.admit(family) else _REFERENCE
         KERNEL_CACHE.put(key, entry)
     if entry is _REFERENCE:
         return _as_tuple(reference(*tensors, *constants))

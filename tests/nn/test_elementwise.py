@@ -118,3 +118,14 @@ def test_bad_arguments_name_the_argument():
         FusedElementwise().dropout(1.5)
     with pytest.raises(RuntimeError, match="empty"):
         FusedElementwise()(torch.randn(2))
+
+
+def test_dropout_chain_compiles_whole_and_exports_in_eval():
+    chain = FusedElementwise().add(1.0).mul(2.0).dropout(0.5).relu()
+    x = torch.ones(8, 8, requires_grad=True)
+    out = torch.compile(chain, backend="eager", fullgraph=True)(x)
+    assert set(out.detach().unique().tolist()) == {0.0, 8.0}
+    out.sum().backward()
+    assert set(x.grad.unique().tolist()) == {0.0, 8.0}
+    exported = torch.export.export(chain.eval(), (x.detach(),))
+    assert [str(n.target) for n in exported.graph.nodes if n.op == "call_function"] == ["kitsune.fused_chain.default"]

@@ -188,7 +188,9 @@ class ProgramBuilder:
         if not self.steps:
             return self.inputs[0].shape
         metas = [torch.empty(t.shape, dtype=t.dtype, device="meta") for t in self.inputs]
-        return run_program(parse_program(";".join(self.steps), len(metas)), metas).shape
+        # uncached: Dynamo warns about (and skips) lru_cache wrappers it traces through
+        steps = parse_program.__wrapped__(";".join(self.steps), len(metas))
+        return run_program(steps, metas).shape
 
     def run(self) -> torch.Tensor:
         from kitsune.ops.fused_ops import fused_chain_op

@@ -13,8 +13,8 @@ import kitsune.ops as kops
 from kitsune.fusion import FusionEngine
 from kitsune.fusion.engine import FusedOperations
 from kitsune.ops import generated
-from kitsune.ops.fused_ops import (fused_chain_op, fused_linear_op, fused_linear_preactivation_op, layer_norm_op, rms_norm_op,
-                               softmax_cross_entropy_op)
+from kitsune.ops.fused_ops import (fused_chain_op, fused_linear_op, fused_linear_preactivation_op, layer_norm_op,
+                                   rms_norm_op, softmax_cross_entropy_op)
 from kitsune.runtime.fused_call import FusedGroupCall
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -78,7 +78,8 @@ def test_layer_norm_and_rms_norm_match_pytorch(dtype):
     check_against(lambda x, w, b: kops.layer_norm(x, 16, w, b, activation="gelu"),
                   lambda x, w, b: F.gelu(F.layer_norm(x, (16,), w, b)), [x, w, b], dtype)
     check_against(lambda x, w: kops.rms_norm(x, [16], w, eps=1e-6),
-                  lambda x, w: F.rms_norm(x, (16,), w, 1e-6), [leaf(4, 3, 16, dtype=dtype), leaf(16, dtype=dtype)], dtype)
+                  lambda x, w: F.rms_norm(x, (16,), w, 1e-6), [leaf(4, 3, 16, dtype=dtype), leaf(16, dtype=dtype)],
+                  dtype)
 
 
 @pytest.mark.parametrize("dtype, reduction", [(torch.float32, "mean"), (torch.float32, "sum"),

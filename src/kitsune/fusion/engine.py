@@ -98,6 +98,8 @@ class FusedOperations(nn.Module):
     def forward(self, x):
         for name, args, kwargs in self.steps:
             values = [getattr(self, a) if kind == "attr" else a for kind, a in args]
+            if name == "dropout" and len(values) < 2:  # drops in training mode only, as nn.Dropout does
+                kwargs = {**kwargs, "training": self.training}
             x = OPERATIONS[name](x, *values, **kwargs)
         return x
 

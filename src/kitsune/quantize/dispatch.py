@@ -1,0 +1,176 @@
+"""Which kernel computes a quantized linear, and launching it.
+
+- CPU (and any device without Triton): the PyTorch path. The weight is
+  dequantised per call into x's dtype (`packing.dequantize`, a few elementwise
+  passes) and multiplied by `F.linear`, then the activation. Nothing is cached:
+  a quantized model keeps its small memory footprint. This path is for
+  correctness and memory, not speed.
+- CUDA, M rows (the product of x's leading dimensions):
+  * M == 1: the "gemv" form; 2 <= M <= GEMV_MAX_ROWS: the "splitk" form (decode).
+  * M > GEMV_MAX_ROWS: the "tiled" Triton kernel or `dequantize_kernel` + cuBLAS
+    (`F.linear`), whichever measures faster on the first call of each
+    (rows rounded up to a power of two, N, K, bits, group, dtype, activation);
+    the choice is cached for the process. Where nothing can be measured (during
+    CUDA-graph capture, or KITSUNE_QUANT_MEASURE=0) the documented threshold
+    applies: tiled below DEQUANT_MIN_ROWS rows, dequantise + cuBLAS from there.
+  The split of K and the tile sizes come from `_small_config` / `_tiled_config`.
+Every choice (form, config) is logged at debug level and kept in `CHOICES`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+
+from kitsune.quantize.packing import dequantize, per_byte
+
+log = logging.getLogger("kitsune")
+
+GEMV_MAX_ROWS = 16
+DEQUANT_MIN_ROWS = 256
+CHOICES: dict = {}  # (rows bucket, N, K, bits, group, dtype, activation) -> "tiled" | "dequant"
+ACTIVATIONS = ("none", "relu", "gelu", "silu")
+_ACT_FN = {"none": lambda y: y, "relu": F.relu, "gelu": F.gelu, "silu": F.silu}
+
+
+def apply_activation(y: torch.Tensor, activation: str) -> torch.Tensor:
+    return _ACT_FN[activation](y)
+
+
+def torch_quantized_linear(x, codes, scales, zeros, bias, bits, group_size, in_features, activation):
+    """The PyTorch path: dequantise into x's dtype, `F.linear`, activation."""
+    weight = dequantize(codes, scales, zeros, bits, group_size, in_features, x.dtype)
+    return apply_activation(F.linear(x, weight, None if bias is None else bias.to(x.dtype)), activation)
+
+
+def _zero_const(codes: torch.Tensor, zeros, bits: int) -> float:
+    if zeros is not None or codes.dtype == torch.int8:
+        return 0.0
+    return float(2 ** (bits - 1))
+
+
+def _small_config(m: int, n: int, kp: int, bits: int, group_size: int, sms: int):
+    from kitsune.quantize.kernels import QuantConfig
+    block_n = 64 if n >= 64 * sms // 2 else 32
+    block_k = 256 if m == 1 else 128
+    block_k = max(block_k, 16 * per_byte(bits))  # tl.dot needs 16 packed columns
+    block_j = block_k // per_byte(bits)
+    tiles = -(-n // block_n)
+    # enough programs for two waves over the SMs, each keeping at least two K blocks
+    split = max(1, min(2 * sms // max(tiles, 1), kp // (2 * block_j), 16))
+    return QuantConfig(form="gemv" if m == 1 else "splitk", block_m=1 if m == 1 else 16, block_n=block_n,
+                       block_k=block_k, split_k=split, num_warps=4, num_stages=3)
+
+
+def _tiled_config(m: int, bits: int):
+    from kitsune.quantize.kernels import QuantConfig
+    block_m = 32 if m <= 32 else 64 if m <= 64 else 128
+    return QuantConfig(form="tiled", block_m=block_m, block_n=128, block_k=max(64, 16 * per_byte(bits)),
+                       split_k=1, num_warps=8 if block_m == 128 else 4, num_stages=3)
+
+
+def _sm_count(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def triton_quantized_linear(x2d, codes, scales, zeros, bias, bits, group_size, in_features, activation,
+                            config=None):
+    """`act(x2d @ W.T + bias)` by `kernels.quantized_matmul_kernel`; x2d is [M, K] with unit
+    column stride. `config` (a QuantConfig) defaults to the form for M rows."""
+    import triton
+
+    from kitsune.quantize.kernels import _TL_DTYPES, quantized_matmul_kernel, split_k_epilogue_kernel
+    m, k = x2d.shape
+    n, kp = codes.shape
+    if config is None:
+        sms = _sm_count(x2d.device)
+        config = _small_config(m, n, kp, bits, group_size, sms) if m <= GEMV_MAX_ROWS else _tiled_config(m, bits)
+    block_j = max(1, config.block_k // per_byte(bits))
+    j_per_split = -(-kp // config.split_k)
+    j_per_split = -(-j_per_split // block_j) * block_j  # whole tiles: a tile never straddles two programs
+    split = -(-kp // j_per_split) if kp else 1
+    out = torch.empty(m, n, dtype=x2d.dtype, device=x2d.device)
+    partial = torch.empty(split, m, n, dtype=torch.float32, device=x2d.device) if split > 1 else out
+    precision = "tf32" if x2d.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    dtype = _TL_DTYPES[x2d.dtype]
+    flags = dict(BITS=bits, GROUP=group_size, HAS_ZEROS=zeros is not None, ZERO_CONST=_zero_const(codes, zeros, bits),
+                 HAS_BIAS=bias is not None, ACTIVATION=activation, DTYPE=dtype)
+    grid = (triton.cdiv(n, config.block_n), split, triton.cdiv(m, config.block_m))
+    quantized_matmul_kernel[grid](
+        x2d, codes, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, out, partial,
+        m, n, k, kp, j_per_split, x2d.stride(0), codes.stride(0), scales.stride(0),
+        zeros.stride(0) if zeros is not None else 0, out.stride(0), PRECISION=precision,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_J=block_j, SPLIT_K=split,
+        ONE_GROUP=group_size % config.block_k == 0, num_warps=config.num_warps, num_stages=config.num_stages,
+        **flags)
+    if split > 1:
+        flags.pop("BITS"), flags.pop("GROUP"), flags.pop("HAS_ZEROS"), flags.pop("ZERO_CONST")
+        split_k_epilogue_kernel[(triton.cdiv(n, 128), m)](
+            partial, bias if bias is not None else partial, out, m, n, out.stride(0), SPLIT_K=split, BLOCK_N=128,
+            **flags)
+    return out
+
+
+def triton_dequantize(codes, scales, zeros, bits, group_size, in_features, dtype):
+    """W [N, in_features] in `dtype` by `kernels.dequantize_kernel` (equal to `packing.dequantize`)."""
+    import triton
+
+    from kitsune.quantize.kernels import _TL_DTYPES, dequantize_kernel
+    n, kp = codes.shape
+    out = torch.empty(n, in_features, dtype=dtype, device=codes.device)
+    block_n, block_j = 32, 64
+    dequantize_kernel[(triton.cdiv(n, block_n), triton.cdiv(kp, block_j))](
+        codes, scales, zeros if zeros is not None else scales, out, n, in_features, kp, codes.stride(0),
+        scales.stride(0), zeros.stride(0) if zeros is not None else 0, out.stride(0), BITS=bits, GROUP=group_size,
+        HAS_ZEROS=zeros is not None, ZERO_CONST=_zero_const(codes, zeros, bits), DTYPE=_TL_DTYPES[dtype],
+        BLOCK_N=block_n, BLOCK_J=block_j)
+    return out
+
+
+def dequant_cublas_linear(x2d, codes, scales, zeros, bias, bits, group_size, in_features, activation):
+    """The many-rows alternative: dequantise W with one kernel, then cuBLAS."""
+    weight = triton_dequantize(codes, scales, zeros, bits, group_size, in_features, x2d.dtype)
+    return apply_activation(F.linear(x2d, weight, None if bias is None else bias.to(x2d.dtype)), activation)
+
+
+def _can_measure(device) -> bool:
+    if os.environ.get("KITSUNE_QUANT_MEASURE", "1") == "0" or device.type != "cuda":
+        return False
+    return not torch.cuda.is_current_stream_capturing()
+
+
+def _choose_many_rows(args, m: int) -> str:
+    """"tiled" or "dequant" for M > GEMV_MAX_ROWS rows: measured once per key, else the threshold."""
+    x2d, codes, scales, zeros, bias, bits, group_size, in_features, activation = args
+    bucket = 1 << (m - 1).bit_length()
+    key = (bucket, codes.shape[0], in_features, bits, group_size, x2d.dtype, activation, str(x2d.device))
+    if key in CHOICES:
+        return CHOICES[key]
+    if not _can_measure(x2d.device):
+        return "tiled" if m < DEQUANT_MIN_ROWS else "dequant"
+    from kitsune.capture.timing import time_ms
+    try:
+        with torch.no_grad():
+            tiled = time_ms(lambda: triton_quantized_linear(*args))
+            cublas = time_ms(lambda: dequant_cublas_linear(*args))
+        choice = "tiled" if tiled <= cublas else "dequant"
+        log.debug("quantized matmul %s: tiled %.3f ms, dequantise + cuBLAS %.3f ms -> %s", key, tiled, cublas, choice)
+    except Exception as error:  # noqa: BLE001 - a kernel that fails to build: use cuBLAS
+        log.warning("kitsune: quantized tiled kernel failed (%s: %s); dequantise + cuBLAS runs instead",
+                    type(error).__name__, error)
+        choice = "dequant"
+    CHOICES[key] = choice
+    return choice
+
+
+def gpu_quantized_linear(x2d, codes, scales, zeros, bias, bits, group_size, in_features, activation):
+    """The CUDA path for [M, K] rows: the kernel form by M (module docstring)."""
+    args = (x2d, codes, scales, zeros, bias, bits, group_size, in_features, activation)
+    m = x2d.shape[0]
+    if m <= GEMV_MAX_ROWS or _choose_many_rows(args, m) == "tiled":
+        return triton_quantized_linear(*args)
+    return dequant_cublas_linear(*args)

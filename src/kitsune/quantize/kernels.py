@@ -1,0 +1,214 @@
+"""Triton kernels of the weight-only quantized matmul `y = act(x @ W.T + bias)`.
+
+W is packed (kitsune.quantize.packing): uint8 bytes holding `8 // BITS` codes
+along K, one scale (and zero point) per group of GROUP columns. Every kernel
+dequantises W in its prologue, tile by tile in registers, with the formula of
+`packing.dequantize`: `((q - zero) * scale)` in float32, rounded to x's dtype,
+so the weight it multiplies with is exactly `QuantizedLinear.dequantize()`.
+
+Unpacking without interleaving: a byte tile [BLOCK_N, BLOCK_J] gives, for each
+shift s, the codes of columns `k = j * PER_BYTE + s`; each such sub-tile is
+multiplied with the matching strided columns of x, and the products of all
+shifts are summed. No tile is ever reshaped, which keeps one code path for
+int8/int4/int2 that Triton's interpreter runs too.
+
+One kernel, three forms (a constexpr configuration, `QuantConfig`):
+- "gemv" (one row, decode): BLOCK_M = 1, products summed with `tl.sum` (no tensor
+  cores: one row would waste them), K split over SPLIT_K programs.
+- "splitk" (2-16 rows): BLOCK_M = 16 with `tl.dot`, K split over SPLIT_K programs.
+- "tiled" (many rows): BLOCK_M x BLOCK_N tiles over the grid, all of K in one program.
+With SPLIT_K = 1 the bias and activation are applied in the epilogue before the one
+store; with SPLIT_K > 1 each program stores a float32 partial sum and a second small
+kernel adds them up and applies the epilogue.
+
+`dequantize_kernel` writes W in x's dtype (the "dequantise + cuBLAS" choice for
+many rows, kitsune.quantize.dispatch).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kitsune.codegen.triton.libm import libm, round_bf16
+
+# The interpreter multiplies bfloat16 blocks as raw bits and truncates float32 -> bfloat16
+# casts; there dot operands are widened to float32 (exact) and roundings go through round_bf16.
+INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
+
+ACTIVATIONS = ("none", "relu", "gelu", "silu")
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+FORMS = ("gemv", "splitk", "tiled")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """One launch configuration: the form, tile sizes (BLOCK_K in weight columns),
+    K split, warps and pipeline stages."""
+
+    form: str = "gemv"
+    block_m: int = 1
+    block_n: int = 64
+    block_k: int = 256
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self):
+        if self.form not in FORMS:
+            raise ValueError(f"QuantConfig.form must be one of {FORMS}, got {self.form!r}")
+        for name in ("block_m", "block_n", "block_k"):
+            size = getattr(self, name)
+            if size < 1 or size & (size - 1):
+                raise ValueError(f"QuantConfig.{name} must be a power of two, got {size}")
+        if self.split_k < 1:
+            raise ValueError(f"QuantConfig.split_k must be >= 1, got {self.split_k}")
+
+
+@triton.jit
+def _round_to(y, DTYPE: tl.constexpr):
+    """float32 `y` rounded to DTYPE to nearest even (the interpreter's cast truncates bf16)."""
+    if DTYPE == tl.bfloat16:
+        if INTERPRETED:
+            y = round_bf16(y)
+    return y.to(DTYPE)
+
+
+@triton.jit
+def _activation(y, ACTIVATION: tl.constexpr):
+    """float32 activation of the rounded pre-activation (eager: linear, then act)."""
+    if ACTIVATION == "relu":
+        y = tl.maximum(y, 0.0)
+    elif ACTIVATION == "gelu":
+        y = 0.5 * y * (1.0 + libm.erf(y * 0.7071067811865476))
+    elif ACTIVATION == "silu":
+        y = y / (1.0 + tl.exp(-y))
+    return y
+
+
+@triton.jit
+def _dequant_tile(packed, scales_ptr, zeros_ptr, offs_n, cols, n_mask, k_mask, stride_sn, stride_zn,
+                  S: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, ONE_GROUP: tl.constexpr,
+                  HAS_ZEROS: tl.constexpr, ZERO_CONST: tl.constexpr, DTYPE: tl.constexpr):
+    """The weights of shift S of a byte tile: [BLOCK_N, BLOCK_J] in DTYPE, zero past K.
+    `cols` are their weight columns (j * PER_BYTE + S)."""
+    if BITS == 8:
+        q = packed.to(tl.float32)  # uint8 codes, or signed int8 codes read as signed
+    else:
+        q = ((packed >> (S * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
+    mask = n_mask[:, None] & k_mask[None, :]
+    if ONE_GROUP:  # the whole tile is in one group: one scale per row
+        group = tl.min(cols, axis=0) // GROUP
+        scale = tl.load(scales_ptr + offs_n * stride_sn + group, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+        if HAS_ZEROS:
+            q = q - tl.load(zeros_ptr + offs_n * stride_zn + group, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+        else:
+            q = q - ZERO_CONST
+    else:
+        groups = (cols // GROUP)[None, :]
+        scale = tl.load(scales_ptr + offs_n[:, None] * stride_sn + groups, mask=mask, other=0.0).to(tl.float32)
+        if HAS_ZEROS:
+            q = q - tl.load(zeros_ptr + offs_n[:, None] * stride_zn + groups, mask=mask, other=0.0).to(tl.float32)
+        else:
+            q = q - ZERO_CONST
+    w = tl.where(mask, q * scale, 0.0)
+    return _round_to(w, DTYPE)
+
+
+@triton.jit
+def _product(x, w, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
+    """x [BLOCK_M, BLOCK_J] times w [BLOCK_N, BLOCK_J] transposed, in float32."""
+    if BLOCK_M == 1:
+        return tl.sum(x.to(tl.float32) * w.to(tl.float32), axis=1)[None, :]
+    if INTERPRETED:
+        return tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+    return tl.dot(x, tl.trans(w), input_precision=PRECISION)
+
+
+@triton.jit
+def _epilogue(acc, bias_ptr, offs_n, n_mask, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+              DTYPE: tl.constexpr):
+    """Bias (float32, added before the one rounding, as cuBLAS's addmm), then the activation
+    of the rounded pre-activation; returns DTYPE."""
+    if HAS_BIAS:
+        acc = acc + tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if ACTIVATION != "none":
+        acc = _activation(_round_to(acc, DTYPE).to(tl.float32), ACTIVATION)
+    return _round_to(acc, DTYPE)
+
+
+@triton.jit
+def quantized_matmul_kernel(
+        x_ptr, codes_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, partial_ptr,
+        M, N, K, KP, j_per_split, stride_xm, stride_cn, stride_sn, stride_zn, stride_om,
+        BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, ZERO_CONST: tl.constexpr,
+        HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, SPLIT_K: tl.constexpr,
+        ONE_GROUP: tl.constexpr):
+    """Grid (N tiles, SPLIT_K, M tiles). Program (n, s, m): rows m*BLOCK_M.., output
+    columns n*BLOCK_N.., packed bytes [s*j_per_split, (s+1)*j_per_split) of each row of W."""
+    PER_BYTE: tl.constexpr = 8 // BITS
+    pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_mask, m_mask = offs_n < N, offs_m < M
+    j_start = pid_k * j_per_split
+    j_end = tl.minimum(j_start + j_per_split, KP)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for j0 in range(j_start, j_end, BLOCK_J):
+        offs_j = j0 + tl.arange(0, BLOCK_J)
+        j_mask = offs_j < j_end
+        packed = tl.load(codes_ptr + offs_n[:, None] * stride_cn + offs_j[None, :],
+                         mask=n_mask[:, None] & j_mask[None, :], other=0)
+        for s in tl.static_range(PER_BYTE):
+            cols = offs_j * PER_BYTE + s
+            k_mask = j_mask & (cols < K)
+            w = _dequant_tile(packed, scales_ptr, zeros_ptr, offs_n, cols, n_mask, k_mask, stride_sn, stride_zn,
+                              s, BITS, GROUP, ONE_GROUP, HAS_ZEROS, ZERO_CONST, DTYPE)
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :],
+                        mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            acc += _product(x, w, BLOCK_M, PRECISION)
+    mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K == 1:
+        y = _epilogue(acc, bias_ptr, offs_n, n_mask, HAS_BIAS, ACTIVATION, DTYPE)
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y, mask=mask)
+    else:
+        tl.store(partial_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :], acc, mask=mask)
+
+
+@triton.jit
+def split_k_epilogue_kernel(partial_ptr, bias_ptr, out_ptr, M, N, stride_om, HAS_BIAS: tl.constexpr,
+                            ACTIVATION: tl.constexpr, DTYPE: tl.constexpr, SPLIT_K: tl.constexpr,
+                            BLOCK_N: tl.constexpr):
+    """Sum of the SPLIT_K float32 partials of one row, bias, activation, one store."""
+    row = tl.program_id(1)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    acc = tl.zeros((1, BLOCK_N), dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        acc += tl.load(partial_ptr + (s * M + row) * N + offs_n, mask=n_mask, other=0.0)[None, :]
+    y = _epilogue(acc, bias_ptr, offs_n, n_mask, HAS_BIAS, ACTIVATION, DTYPE)
+    tl.store(out_ptr + row * stride_om + offs_n[None, :], y, mask=n_mask[None, :])
+
+
+@triton.jit
+def dequantize_kernel(codes_ptr, scales_ptr, zeros_ptr, out_ptr, N, K, KP, stride_cn, stride_sn, stride_zn,
+                      stride_on, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                      ZERO_CONST: tl.constexpr, DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr):
+    """W [N, K] in DTYPE from its packed form, tile [BLOCK_N, BLOCK_J bytes] per program."""
+    PER_BYTE: tl.constexpr = 8 // BITS
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+    n_mask, j_mask = offs_n < N, offs_j < KP
+    packed = tl.load(codes_ptr + offs_n[:, None] * stride_cn + offs_j[None, :],
+                     mask=n_mask[:, None] & j_mask[None, :], other=0)
+    for s in tl.static_range(PER_BYTE):
+        cols = offs_j * PER_BYTE + s
+        k_mask = j_mask & (cols < K)
+        w = _dequant_tile(packed, scales_ptr, zeros_ptr, offs_n, cols, n_mask, k_mask, stride_sn, stride_zn,
+                          s, BITS, GROUP, False, HAS_ZEROS, ZERO_CONST, DTYPE)
+        tl.store(out_ptr + offs_n[:, None] * stride_on + cols[None, :], w,
+                 mask=n_mask[:, None] & k_mask[None, :])

@@ -1,0 +1,87 @@
+"""The Triton kernels of the quantized matmul (kitsune.quantize.kernels) through Triton's
+interpreter on CPU tensors (tests/conftest.py sets TRITON_INTERPRET=1), tiny shapes: each
+form (gemv, split-K, tiled) and the dequantise kernel against the PyTorch path."""
+import pytest
+import torch
+
+from kitsune.quantize import dispatch
+from kitsune.quantize.kernels import QuantConfig
+from kitsune.quantize.packing import quantize_rtn
+
+# K not a multiple of the group, the byte or the tile; N not a multiple of the tile
+N, K = 19, 75
+
+
+def _case(bits, symmetric, group, dtype=torch.float32, rows=1, bias=True):
+    torch.manual_seed(bits * 7 + rows)
+    q = quantize_rtn(torch.randn(N, K), bits, group, symmetric)
+    x = torch.randn(rows, K).to(dtype)
+    b = torch.randn(N) if bias else None
+    return x, (q.codes, q.scales, q.zeros, None if b is None else b.to(dtype), bits, group, K)
+
+
+def _check(x, args, activation, config):
+    got = dispatch.triton_quantized_linear(x, *args, activation, config=config)
+    want = dispatch.torch_quantized_linear(x, *args, activation)
+    assert got.dtype == x.dtype and got.shape == want.shape
+    if x.dtype == torch.float32:
+        # float32 summation order: a few ulps of the largest term
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * max(1.0, want.abs().max().item()) * 4)
+    else:  # the same weights in another summation order: one rounding of the result apart
+        torch.testing.assert_close(got.float(), want.float(), rtol=2 * torch.finfo(x.dtype).eps, atol=1e-2)
+
+
+GEMV = QuantConfig("gemv", block_m=1, block_n=16, block_k=32, split_k=1)
+GEMV_SPLIT = QuantConfig("gemv", block_m=1, block_n=8, block_k=16, split_k=3)
+SPLITK = QuantConfig("splitk", block_m=16, block_n=16, block_k=64, split_k=2)
+TILED = QuantConfig("tiled", block_m=16, block_n=16, block_k=64, split_k=1)
+
+
+@pytest.mark.parametrize("bits,symmetric,group,config,rows,activation", [
+    (4, False, 16, GEMV, 1, "gelu"),          # one group a tile (16 % 32 != 0: gathered scales)
+    (4, True, 32, GEMV, 1, "none"),           # a tile in one group, symmetric
+    (2, False, 25, GEMV_SPLIT, 1, "silu"),    # split-K partials + the epilogue kernel
+    (8, True, 16, GEMV_SPLIT, 1, "relu"),
+    (4, False, 32, SPLITK, 5, "relu"),        # tl.dot form for few rows, split over K
+    (2, True, 64, TILED, 21, "none"),         # the tiled form, rows past one tile
+    (8, False, 128, TILED, 17, "gelu"),       # a group wider than K
+])
+def test_kernel_forms_float32(bits, symmetric, group, config, rows, activation):
+    x, args = _case(bits, symmetric, group, rows=rows)
+    _check(x, args, activation, config)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("config,rows", [(GEMV_SPLIT, 1), (TILED, 18)])
+def test_kernel_low_precision(dtype, config, rows):
+    x, args = _case(4, False, 16, dtype, rows=rows)
+    _check(x, args, "gelu", config)
+
+
+def test_default_configs_and_no_bias():
+    for rows in (1, 3, 20):
+        x, args = _case(4, False, 32, rows=rows, bias=False)
+        _check(x, args, "none", None)
+
+
+@pytest.mark.parametrize("bits,symmetric,dtype", [(4, False, torch.bfloat16), (2, True, torch.float16),
+                                                  (8, False, torch.float32)])
+def test_dequantize_kernel_is_exact(bits, symmetric, dtype):
+    _, (codes, scales, zeros, _, bits, group, k) = _case(bits, symmetric, 16)
+    got = dispatch.triton_dequantize(codes, scales, zeros, bits, group, k, dtype)
+    assert torch.equal(got, dispatch.dequantize(codes, scales, zeros, bits, group, k, dtype))
+
+
+def test_signed_int8_codes():
+    codes = torch.randint(-128, 128, (N, K), dtype=torch.int8)
+    scales = torch.rand(N, 1) * 0.1
+    x = torch.randn(2, K)
+    args = (codes, scales, None, None, 8, K, K)
+    _check(x, args, "none", SPLITK)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="form"):
+        QuantConfig("wide")
+    with pytest.raises(ValueError, match="block_n"):
+        QuantConfig("gemv", block_n=24)

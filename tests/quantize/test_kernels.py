@@ -85,3 +85,28 @@ def test_config_validation():
         QuantConfig("wide")
     with pytest.raises(ValueError, match="block_n"):
         QuantConfig("gemv", block_n=24)
+
+
+def test_choice_is_measured_once_and_cached(monkeypatch):
+    """`dispatch.choose` times every candidate once per key and keeps the fastest; without a
+    measurement the rule is the first candidate, and dequantise + cuBLAS from DEQUANT_MIN_ROWS rows."""
+    monkeypatch.setattr(dispatch, "CHOICES", {})
+    monkeypatch.setattr(dispatch, "TIMES", {})
+    x, args = _case(4, False, 16, rows=20)
+    full = (x, *args, "relu")
+    assert dispatch.choose(full) == ("triton", dispatch._tiled_configs(20, 4)[0])
+    big = (torch.randn(300, K), *args, "relu")
+    assert dispatch.choose(big) == ("dequant", None)
+    assert dispatch.CHOICES == {}  # nothing measured, nothing cached
+
+    calls = []
+
+    def fake_bench(fn):
+        calls.append(fn)
+        return 1.0 if len(calls) == 3 else 2.0  # the third candidate (dequantise + cuBLAS) wins
+    monkeypatch.setattr(dispatch, "_can_measure", lambda device: True)
+    monkeypatch.setattr(dispatch, "_bench_ms", fake_bench)
+    assert dispatch.choose(full) == ("dequant", None)
+    assert len(calls) == 3 and dispatch.choose((torch.randn(31, K), *args, "relu")) == ("dequant", None)
+    assert len(calls) == 3  # 31 rows share the key of 20 (32 as a power of two)
+    torch.testing.assert_close(dispatch.gpu_quantized_linear(*full), dispatch.torch_quantized_linear(*full))

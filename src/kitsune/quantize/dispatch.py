@@ -6,15 +6,16 @@
   a quantized model keeps its small memory footprint. This path is for
   correctness and memory, not speed.
 - CUDA, M rows (the product of x's leading dimensions):
-  * M == 1: the "gemv" form; 2 <= M <= GEMV_MAX_ROWS: the "splitk" form (decode).
-  * M > GEMV_MAX_ROWS: the "tiled" Triton kernel or `dequantize_kernel` + cuBLAS
-    (`F.linear`), whichever measures faster on the first call of each
-    (rows rounded up to a power of two, N, K, bits, group, dtype, activation);
-    the choice is cached for the process. Where nothing can be measured (during
-    CUDA-graph capture, or KITSUNE_QUANT_MEASURE=0) the documented threshold
-    applies: tiled below DEQUANT_MIN_ROWS rows, dequantise + cuBLAS from there.
-  The split of K and the tile sizes come from `_small_config` / `_tiled_config`.
-Every choice (form, config) is logged at debug level and kept in `CHOICES`.
+  * M == 1: the "gemv" form; 2 <= M <= GEMV_MAX_ROWS: the "splitk" form (decode),
+    among a few tile sizes / K splits (`_small_configs`);
+  * M > GEMV_MAX_ROWS: the "tiled" form (`_tiled_configs`) or `dequantize_kernel` +
+    cuBLAS (`F.linear`).
+  Each candidate is timed (triton.testing.do_bench) on the first call of each key (the
+  rows, as a power of two above GEMV_MAX_ROWS, N, K, bits, group, dtype, activation) and
+  the fastest kept for the process (`CHOICES`, times in `TIMES`, logged at debug level).
+  Where nothing can be measured (during CUDA-graph capture, or KITSUNE_QUANT_MEASURE=0)
+  the documented rule applies: the first candidate below DEQUANT_MIN_ROWS rows,
+  dequantise + cuBLAS from there.
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ log = logging.getLogger("kitsune")
 
 GEMV_MAX_ROWS = 16
 DEQUANT_MIN_ROWS = 256
-CHOICES: dict = {}  # (rows bucket, N, K, bits, group, dtype, activation) -> "tiled" | "dequant"
+CHOICES: dict = {}  # key (rows or their power-of-two bucket, N, K, bits, ...) -> (kind, QuantConfig or None)
+TIMES: dict = {}    # key -> {candidate: measured ms}, for reports and benchmarks
 ACTIVATIONS = ("none", "relu", "gelu", "silu")
 _ACT_FN = {"none": lambda y: y, "relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 
@@ -51,24 +53,30 @@ def _zero_const(codes: torch.Tensor, zeros, bits: int) -> float:
     return float(2 ** (bits - 1))
 
 
-def _small_config(m: int, n: int, kp: int, bits: int, group_size: int, sms: int):
+def _small_configs(m: int, n: int, kp: int, bits: int, sms: int) -> list:
+    """Candidate configurations for M <= GEMV_MAX_ROWS rows, the default first: K split so
+    that the grid fills the SMs about twice, each program keeping at least two K blocks."""
     from kitsune.quantize.kernels import QuantConfig
-    block_n = 64 if n >= 64 * sms // 2 else 32
-    block_k = 256 if m == 1 else 128
-    block_k = max(block_k, 16 * per_byte(bits))  # tl.dot needs 16 packed columns
-    block_j = block_k // per_byte(bits)
-    tiles = -(-n // block_n)
-    # enough programs for two waves over the SMs, each keeping at least two K blocks
-    split = max(1, min(2 * sms // max(tiles, 1), kp // (2 * block_j), 16))
-    return QuantConfig(form="gemv" if m == 1 else "splitk", block_m=1 if m == 1 else 16, block_n=block_n,
-                       block_k=block_k, split_k=split, num_warps=4, num_stages=3)
+    out = []
+    for block_n, block_k in ((32, 256), (64, 256), (16, 512), (64, 128)):
+        block_k = max(block_k if m == 1 else min(block_k, 128), 16 * per_byte(bits))  # tl.dot: 16 bytes
+        block_j = block_k // per_byte(bits)
+        tiles = -(-n // block_n)
+        split = max(1, min(2 * sms // max(tiles, 1), kp // (2 * block_j), 16))
+        config = QuantConfig(form="gemv" if m == 1 else "splitk", block_m=1 if m == 1 else 16, block_n=block_n,
+                             block_k=block_k, split_k=split, num_warps=4, num_stages=3)
+        if config not in out:
+            out.append(config)
+    return out
 
 
-def _tiled_config(m: int, bits: int):
+def _tiled_configs(m: int, bits: int) -> list:
     from kitsune.quantize.kernels import QuantConfig
     block_m = 32 if m <= 32 else 64 if m <= 64 else 128
-    return QuantConfig(form="tiled", block_m=block_m, block_n=128, block_k=max(64, 16 * per_byte(bits)),
-                       split_k=1, num_warps=8 if block_m == 128 else 4, num_stages=3)
+    block_k = max(64, 16 * per_byte(bits))
+    return [QuantConfig(form="tiled", block_m=block_m, block_n=block_n, block_k=block_k, split_k=1,
+                        num_warps=8 if block_m * block_n >= 128 * 128 else 4, num_stages=stages)
+            for block_n, stages in ((128, 3), (64, 4))]
 
 
 def _sm_count(device) -> int:
@@ -87,8 +95,7 @@ def triton_quantized_linear(x2d, codes, scales, zeros, bias, bits, group_size, i
     m, k = x2d.shape
     n, kp = codes.shape
     if config is None:
-        sms = _sm_count(x2d.device)
-        config = _small_config(m, n, kp, bits, group_size, sms) if m <= GEMV_MAX_ROWS else _tiled_config(m, bits)
+        config = _candidates(m, n, kp, bits, x2d.device)[0]
     block_j = max(1, config.block_k // per_byte(bits))
     j_per_split = -(-kp // config.split_k)
     j_per_split = -(-j_per_split // block_j) * block_j  # whole tiles: a tile never straddles two programs
@@ -137,40 +144,62 @@ def dequant_cublas_linear(x2d, codes, scales, zeros, bias, bits, group_size, in_
     return apply_activation(F.linear(x2d, weight, None if bias is None else bias.to(x2d.dtype)), activation)
 
 
+def _candidates(m: int, n: int, kp: int, bits: int, device) -> list:
+    if m <= GEMV_MAX_ROWS:
+        return _small_configs(m, n, kp, bits, _sm_count(device))
+    return _tiled_configs(m, bits)
+
+
 def _can_measure(device) -> bool:
     if os.environ.get("KITSUNE_QUANT_MEASURE", "1") == "0" or device.type != "cuda":
         return False
     return not torch.cuda.is_current_stream_capturing()
 
 
-def _choose_many_rows(args, m: int) -> str:
-    """"tiled" or "dequant" for M > GEMV_MAX_ROWS rows: measured once per key, else the threshold."""
+def _bench_ms(fn) -> float:
+    import triton.testing
+    return triton.testing.do_bench(fn, warmup=5, rep=20)
+
+
+def choose(args) -> tuple:
+    """(kind, config) for these arguments: kind "triton" (with a QuantConfig) or "dequant"
+    (dequantise + cuBLAS); measured once per key on CUDA (module docstring), else the defaults."""
     x2d, codes, scales, zeros, bias, bits, group_size, in_features, activation = args
-    bucket = 1 << (m - 1).bit_length()
-    key = (bucket, codes.shape[0], in_features, bits, group_size, x2d.dtype, activation, str(x2d.device))
+    m, n, kp = x2d.shape[0], codes.shape[0], codes.shape[1]
+    rows = m if m <= GEMV_MAX_ROWS else 1 << (m - 1).bit_length()
+    key = (rows, n, in_features, bits, group_size, zeros is None, x2d.dtype, activation, str(x2d.device))
     if key in CHOICES:
         return CHOICES[key]
+    candidates = [("triton", c) for c in _candidates(m, n, kp, bits, x2d.device)]
+    if m > GEMV_MAX_ROWS:
+        candidates.append(("dequant", None))
     if not _can_measure(x2d.device):
-        return "tiled" if m < DEQUANT_MIN_ROWS else "dequant"
-    from kitsune.capture.timing import time_ms
-    try:
-        with torch.no_grad():
-            tiled = time_ms(lambda: triton_quantized_linear(*args))
-            cublas = time_ms(lambda: dequant_cublas_linear(*args))
-        choice = "tiled" if tiled <= cublas else "dequant"
-        log.debug("quantized matmul %s: tiled %.3f ms, dequantise + cuBLAS %.3f ms -> %s", key, tiled, cublas, choice)
-    except Exception as error:  # noqa: BLE001 - a kernel that fails to build: use cuBLAS
-        log.warning("kitsune: quantized tiled kernel failed (%s: %s); dequantise + cuBLAS runs instead",
-                    type(error).__name__, error)
-        choice = "dequant"
-    CHOICES[key] = choice
-    return choice
+        if m >= DEQUANT_MIN_ROWS:
+            return "dequant", None
+        return candidates[0]
+    times = {}
+    with torch.no_grad():
+        for kind, config in candidates:
+            fn = (lambda c=config: triton_quantized_linear(*args, config=c)) if kind == "triton" else \
+                (lambda: dequant_cublas_linear(*args))
+            try:
+                times[(kind, config)] = _bench_ms(fn)
+            except Exception as error:  # noqa: BLE001 - a configuration that does not build is not a choice
+                log.debug("quantized matmul %s: %s %s failed: %s: %s", key, kind, config, type(error).__name__, error)
+    if not times:
+        raise RuntimeError("no quantized-matmul kernel could run")
+    best = min(times, key=times.get)
+    CHOICES[key] = best
+    TIMES[key] = {("dequant" if k == "dequant" else f"{c.form} {c.block_m}x{c.block_n}x{c.block_k}/{c.split_k}"): t
+                  for (k, c), t in times.items()}
+    log.debug("quantized matmul %s: %s", key, TIMES[key])
+    return best
 
 
 def gpu_quantized_linear(x2d, codes, scales, zeros, bias, bits, group_size, in_features, activation):
-    """The CUDA path for [M, K] rows: the kernel form by M (module docstring)."""
+    """The CUDA path for [M, K] rows: the kernel chosen by `choose`."""
     args = (x2d, codes, scales, zeros, bias, bits, group_size, in_features, activation)
-    m = x2d.shape[0]
-    if m <= GEMV_MAX_ROWS or _choose_many_rows(args, m) == "tiled":
-        return triton_quantized_linear(*args)
+    kind, config = choose(args)
+    if kind == "triton":
+        return triton_quantized_linear(*args, config=config)
     return dequant_cublas_linear(*args)

@@ -4,7 +4,7 @@
     python3 benchmarks/bench_quantized.py --decode --out quant.md        # + greedy decode of a ~1B Llama
     python3 benchmarks/bench_quantized.py --device cpu --quick --decode --out /tmp/q.md   # does it run?
 
-Layer cases (CUDA: bf16 activations, no bias, asymmetric RTN):
+Layer cases (CUDA: bf16 activations, no bias, asymmetric RTN; the CPU's "bf16" column is float32):
 * int4 group 128 at K = N = 4096 and the Llama-8B MLP shapes (N x K = 14336 x 4096 and
   4096 x 14336), M in 1, 2, 4, 8, 16, 64, 256, 1024 rows;
 * int2 and int8 (group 128) at M = 1 on the same shapes.
@@ -24,7 +24,9 @@ scales + zeros for the quantized ones -- over the time) in GB/s.
 `--decode`: a Llama-style model (transformers `LlamaConfig`, random weights; ~1.1 B parameters
 on CUDA, a tiny one with --quick) generates greedily at batch 1 with a static KV cache;
 tokens per second for bf16 eager, bf16 under Inductor, int4 g128 (`kitsune.quantize`, lm_head
-kept) eager and int4 under backend="kitsune". The prompt's prefill is outside the timed part.
+kept) eager and int4 under backend="kitsune"; the compiled ones with `--compile-mode`
+(reduce-overhead: CUDA graphs for both). Tokens/s counts the whole second `generate` call
+(prefill of a 16-token prompt included; the first call compiles and warms up).
 
 Everything goes to `--out` (markdown: tables, choices, environment) and `--json`.
 """
@@ -55,6 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--decode", action="store_true", help="also greedy decode of a Llama-style model")
     parser.add_argument("--timer", choices=["cudagraph", "events"], default="cudagraph")
     parser.add_argument("--tokens", type=int, default=128, help="tokens generated in --decode (default 128)")
+    parser.add_argument("--compile-mode", default="reduce-overhead",
+                        help="torch.compile mode of the compiled decode models, Inductor's and Kitsune's alike "
+                             "(default: %(default)s -- CUDA graphs: batch-1 decode is launch-bound without them)")
     return parser.parse_args(argv)
 
 
@@ -149,11 +154,13 @@ def layer_table(args, device, log) -> list:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     shapes, rows = (QUICK_SHAPES, QUICK_ROWS) if args.quick else (SHAPES, ROWS)
     measure = timer(device, args.timer, args.quick)
-    inductor_fn = torch.compile(dequant_fn(), dynamic=False) if device.type == "cuda" or not args.quick \
-        else dequant_fn()  # --quick on the CPU: no C++ build, the same eager function
     cases = [(n, k, m, 4) for n, k in shapes for m in rows] + [(n, k, 1, b) for n, k in shapes for b in (2, 8)]
     results = []
     for n, k, m, bits in cases:
+        # a fresh compile per case: one function over 30 shapes would pass Dynamo's recompile limit
+        torch._dynamo.reset()
+        inductor_fn = torch.compile(dequant_fn(), dynamic=False) if device.type == "cuda" or not args.quick \
+            else dequant_fn()  # --quick on the CPU: no C++ build, the same eager function
         results.append(run_case(n, k, m, bits, device, dtype, measure, inductor_fn, log))
     headers = ["N x K", "M", "bits", "choice"] + [f"{v} ms" for v in VARIANTS] + \
         [f"{v} / bf16" for v in VARIANTS[1:]] + [f"{v} GB/s" for v in VARIANTS]
@@ -185,8 +192,11 @@ def llama(device, quick: bool):
 
 def tokens_per_second(model, prompt, tokens: int, device) -> tuple[float, torch.Tensor]:
     """Greedy generation of `tokens` new tokens (static cache); the second run is timed."""
+    from transformers import GenerationConfig
     kwargs = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, cache_implementation="static",
                   pad_token_id=0)
+    if hasattr(GenerationConfig(), "disable_compile"):
+        kwargs["disable_compile"] = True  # transformers would compile a static-cache model itself: ours decide
     with torch.no_grad():
         model.generate(prompt, **kwargs)  # compiles, warms up
         common.synchronize(device)
@@ -211,7 +221,8 @@ def decode_table(args, device, log) -> dict:
         if quantized:
             kitsune.quantize(model, bits=4, group_size=128 if not args.quick else 32, skip=("lm_head",))
         if backend is not None:
-            model.forward = torch.compile(model.forward, backend=backend, dynamic=False)
+            mode = None if device.type == "cpu" else args.compile_mode
+            model.forward = torch.compile(model.forward, backend=backend, dynamic=False, mode=mode)
         torch._dynamo.reset()
         try:
             results[name], outputs[name] = tokens_per_second(model, prompt, tokens, device)

@@ -142,9 +142,7 @@ def run_case(n, k, m, bits, device, dtype, measure, inductor_fn, log) -> dict:
     key = [k_ for k_ in dispatch.CHOICES if k_[1:4] == (n, k, bits) and
            k_[0] == (m if m <= dispatch.GEMV_MAX_ROWS else 1 << (m - 1).bit_length())]
     if key:
-        kind, config = dispatch.CHOICES[key[0]]
-        row["choice"] = "dequantise + cuBLAS" if kind == "dequant" else \
-            f"{config.form} {config.block_m}x{config.block_n}x{config.block_k} split {config.split_k}"
+        row["choice"] = dispatch.describe(*dispatch.CHOICES[key[0]])
     else:
         row["choice"] = "PyTorch path" if device.type != "cuda" else "default (not measured)"
     return row

@@ -35,6 +35,8 @@ GEMV = QuantConfig("gemv", block_m=1, block_n=16, block_k=32, split_k=1)
 GEMV_SPLIT = QuantConfig("gemv", block_m=1, block_n=8, block_k=16, split_k=3)
 SPLITK = QuantConfig("splitk", block_m=16, block_n=16, block_k=64, split_k=2)
 TILED = QuantConfig("tiled", block_m=16, block_n=16, block_k=64, split_k=1)
+SPLITK_INTERLEAVED = QuantConfig("splitk", block_m=16, block_n=16, block_k=64, split_k=2, interleave=True)
+TILED_INTERLEAVED = QuantConfig("tiled", block_m=16, block_n=16, block_k=64, split_k=1, interleave=True)
 
 
 @pytest.mark.parametrize("bits,symmetric,group,config,rows,activation", [
@@ -45,6 +47,9 @@ TILED = QuantConfig("tiled", block_m=16, block_n=16, block_k=64, split_k=1)
     (4, False, 32, SPLITK, 5, "relu"),        # tl.dot form for few rows, split over K
     (2, True, 64, TILED, 21, "none"),         # the tiled form, rows past one tile
     (8, False, 128, TILED, 17, "gelu"),       # a group wider than K
+    (4, False, 16, SPLITK_INTERLEAVED, 3, "silu"),   # sub-tiles interleaved back into one tile
+    (2, False, 25, SPLITK_INTERLEAVED, 2, "none"),
+    (4, True, 64, TILED_INTERLEAVED, 18, "relu"),
 ])
 def test_kernel_forms_float32(bits, symmetric, group, config, rows, activation):
     x, args = _case(bits, symmetric, group, rows=rows)
@@ -52,7 +57,7 @@ def test_kernel_forms_float32(bits, symmetric, group, config, rows, activation):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("config,rows", [(GEMV_SPLIT, 1), (TILED, 18)])
+@pytest.mark.parametrize("config,rows", [(GEMV_SPLIT, 1), (TILED_INTERLEAVED, 18)])
 def test_kernel_low_precision(dtype, config, rows):
     x, args = _case(4, False, 16, dtype, rows=rows)
     _check(x, args, "gelu", config)
@@ -100,13 +105,15 @@ def test_choice_is_measured_once_and_cached(monkeypatch):
     assert dispatch.CHOICES == {}  # nothing measured, nothing cached
 
     calls = []
+    candidates = len(dispatch._tiled_configs(20, 4)) + 1
 
     def fake_bench(fn):
         calls.append(fn)
-        return 1.0 if len(calls) == 3 else 2.0  # the third candidate (dequantise + cuBLAS) wins
+        return 1.0 if len(calls) == candidates else 2.0  # the last candidate (dequantise + cuBLAS) wins
     monkeypatch.setattr(dispatch, "_can_measure", lambda device: True)
     monkeypatch.setattr(dispatch, "_bench_ms", fake_bench)
     assert dispatch.choose(full) == ("dequant", None)
-    assert len(calls) == 3 and dispatch.choose((torch.randn(31, K), *args, "relu")) == ("dequant", None)
-    assert len(calls) == 3  # 31 rows share the key of 20 (32 as a power of two)
+    assert len(calls) == candidates and dispatch.choose((torch.randn(31, K), *args, "relu")) == ("dequant", None)
+    assert len(calls) == candidates  # 31 rows share the key of 20 (32 as a power of two)
+    assert list(dispatch.TIMES.values())[0]["dequantise + cuBLAS"] == 1.0
     torch.testing.assert_close(dispatch.gpu_quantized_linear(*full), dispatch.torch_quantized_linear(*full))

@@ -55,28 +55,39 @@ def _zero_const(codes: torch.Tensor, zeros, bits: int) -> float:
 
 def _small_configs(m: int, n: int, kp: int, bits: int, sms: int) -> list:
     """Candidate configurations for M <= GEMV_MAX_ROWS rows, the default first: K split so
-    that the grid fills the SMs about twice, each program keeping at least two K blocks."""
+    that the grid fills the SMs about twice, each program keeping at least two K blocks;
+    from two rows on (tl.dot) also with the sub-tiles interleaved."""
     from kitsune.quantize.kernels import QuantConfig
     out = []
-    for block_n, block_k in ((32, 256), (64, 256), (16, 512), (64, 128)):
-        block_k = max(block_k if m == 1 else min(block_k, 128), 16 * per_byte(bits))  # tl.dot: 16 bytes
+    for block_n, block_k, interleave in ((32, 256, False), (64, 256, False), (16, 512, False), (64, 128, False),
+                                         (32, 128, True), (64, 256, True)):
+        if interleave and (m == 1 or bits == 8):
+            continue  # one row sums without tl.dot; int8 has one code a byte
+        block_k = max(block_k if m == 1 else min(block_k, 256), 16 * per_byte(bits))  # tl.dot: 16 bytes
         block_j = block_k // per_byte(bits)
         tiles = -(-n // block_n)
         split = max(1, min(2 * sms // max(tiles, 1), kp // (2 * block_j), 16))
         config = QuantConfig(form="gemv" if m == 1 else "splitk", block_m=1 if m == 1 else 16, block_n=block_n,
-                             block_k=block_k, split_k=split, num_warps=4, num_stages=3)
+                             block_k=block_k, split_k=split, num_warps=4, num_stages=3, interleave=interleave)
         if config not in out:
             out.append(config)
     return out
 
 
 def _tiled_configs(m: int, bits: int) -> list:
+    """Candidates for more than GEMV_MAX_ROWS rows (dequantise + cuBLAS is another, see `choose`)."""
     from kitsune.quantize.kernels import QuantConfig
     block_m = 32 if m <= 32 else 64 if m <= 64 else 128
-    block_k = max(64, 16 * per_byte(bits))
-    return [QuantConfig(form="tiled", block_m=block_m, block_n=block_n, block_k=block_k, split_k=1,
-                        num_warps=8 if block_m * block_n >= 128 * 128 else 4, num_stages=stages)
-            for block_n, stages in ((128, 3), (64, 4))]
+    out = []
+    for block_n, block_k, stages, interleave in ((128, 64, 3, False), (64, 64, 4, False), (128, 64, 3, True),
+                                                 (128, 128, 3, True)):
+        if interleave and bits == 8:
+            continue
+        block_k = max(block_k, 16 * per_byte(bits))
+        out.append(QuantConfig(form="tiled", block_m=block_m, block_n=block_n, block_k=block_k, split_k=1,
+                               num_warps=8 if block_m * block_n >= 128 * 128 else 4, num_stages=stages,
+                               interleave=interleave))
+    return out
 
 
 def _sm_count(device) -> int:
@@ -112,8 +123,8 @@ def triton_quantized_linear(x2d, codes, scales, zeros, bias, bits, group_size, i
         m, n, k, kp, j_per_split, x2d.stride(0), codes.stride(0), scales.stride(0),
         zeros.stride(0) if zeros is not None else 0, out.stride(0), PRECISION=precision,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_J=block_j, SPLIT_K=split,
-        ONE_GROUP=group_size % config.block_k == 0, num_warps=config.num_warps, num_stages=config.num_stages,
-        **flags)
+        ONE_GROUP=group_size % config.block_k == 0, PER_BYTE=per_byte(bits), INTERLEAVE=config.interleave,
+        num_warps=config.num_warps, num_stages=config.num_stages, **flags)
     if split > 1:
         flags.pop("BITS"), flags.pop("GROUP"), flags.pop("HAS_ZEROS"), flags.pop("ZERO_CONST")
         split_k_epilogue_kernel[(triton.cdiv(n, 128), m)](
@@ -134,7 +145,7 @@ def triton_dequantize(codes, scales, zeros, bits, group_size, in_features, dtype
         codes, scales, zeros if zeros is not None else scales, out, n, in_features, kp, codes.stride(0),
         scales.stride(0), zeros.stride(0) if zeros is not None else 0, out.stride(0), BITS=bits, GROUP=group_size,
         HAS_ZEROS=zeros is not None, ZERO_CONST=_zero_const(codes, zeros, bits), DTYPE=_TL_DTYPES[dtype],
-        BLOCK_N=block_n, BLOCK_J=block_j)
+        BLOCK_N=block_n, BLOCK_J=block_j, PER_BYTE=per_byte(bits))
     return out
 
 
@@ -190,10 +201,17 @@ def choose(args) -> tuple:
         raise RuntimeError("no quantized-matmul kernel could run")
     best = min(times, key=times.get)
     CHOICES[key] = best
-    TIMES[key] = {("dequant" if k == "dequant" else f"{c.form} {c.block_m}x{c.block_n}x{c.block_k}/{c.split_k}"): t
-                  for (k, c), t in times.items()}
+    TIMES[key] = {describe(k, c): t for (k, c), t in times.items()}
     log.debug("quantized matmul %s: %s", key, TIMES[key])
     return best
+
+
+def describe(kind: str, config) -> str:
+    """A choice in words: "dequantise + cuBLAS" or e.g. "splitk 16x64x256 split 4 interleaved"."""
+    if kind == "dequant":
+        return "dequantise + cuBLAS"
+    return (f"{config.form} {config.block_m}x{config.block_n}x{config.block_k} split {config.split_k}"
+            + (" interleaved" if config.interleave else ""))
 
 
 def gpu_quantized_linear(x2d, codes, scales, zeros, bias, bits, group_size, in_features, activation):

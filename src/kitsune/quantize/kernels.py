@@ -6,11 +6,13 @@ dequantises W in its prologue, tile by tile in registers, with the formula of
 `packing.dequantize`: `((q - zero) * scale)` in float32, rounded to x's dtype,
 so the weight it multiplies with is exactly `QuantizedLinear.dequantize()`.
 
-Unpacking without interleaving: a byte tile [BLOCK_N, BLOCK_J] gives, for each
-shift s, the codes of columns `k = j * PER_BYTE + s`; each such sub-tile is
-multiplied with the matching strided columns of x, and the products of all
-shifts are summed. No tile is ever reshaped, which keeps one code path for
-int8/int4/int2 that Triton's interpreter runs too.
+Unpacking: a byte tile [BLOCK_N, BLOCK_J] gives, for each shift s, the codes
+of columns `k = j * PER_BYTE + s`. Either each such sub-tile is multiplied with
+the matching strided columns of x and the products of all shifts are summed
+(no shuffle of registers), or (`QuantConfig.interleave`) the dequantised
+sub-tiles are interleaved back into one [BLOCK_N, BLOCK_K] tile multiplied with
+contiguous columns of x (one larger `tl.dot`). Which is faster depends on the
+shape; both are candidates of the measured choice (kitsune.quantize.dispatch).
 
 One kernel, three forms (a constexpr configuration, `QuantConfig`):
 - "gemv" (one row, decode): BLOCK_M = 1, products summed with `tl.sum` (no tensor
@@ -56,6 +58,9 @@ class QuantConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 2
+    # the shifts' sub-tiles interleaved back into one [BLOCK_N, BLOCK_K] tile (`tl.interleave`):
+    # one dot over BLOCK_K and contiguous loads of x, for a shuffle of the dequantised tile
+    interleave: bool = False
 
     def __post_init__(self):
         if self.form not in FORMS:
@@ -119,13 +124,46 @@ def _dequant_tile(packed, scales_ptr, zeros_ptr, offs_n, cols, n_mask, k_mask, s
 
 
 @triton.jit
+def _interleaved_tile(packed, scales_ptr, zeros_ptr, offs_n, offs_j, n_mask, j_mask, K, stride_sn, stride_zn,
+                      BITS: tl.constexpr, GROUP: tl.constexpr, ONE_GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                      ZERO_CONST: tl.constexpr, DTYPE: tl.constexpr, PER_BYTE: tl.constexpr):
+    """The dequantised byte tile as [BLOCK_N, BLOCK_J * PER_BYTE] in column order:
+    interleave(a, b) = a0 b0 a1 b1 ..., so four codes a byte are interleave(interleave(w0, w2),
+    interleave(w1, w3)) = w0 w1 w2 w3 ..."""
+    w0 = _dequant_tile(packed, scales_ptr, zeros_ptr, offs_n, offs_j * PER_BYTE, n_mask,
+                       j_mask & (offs_j * PER_BYTE < K), stride_sn, stride_zn, 0, BITS, GROUP, ONE_GROUP, HAS_ZEROS,
+                       ZERO_CONST, DTYPE)
+    if PER_BYTE == 1:
+        w = w0
+    else:
+        w1 = _dequant_tile(packed, scales_ptr, zeros_ptr, offs_n, offs_j * PER_BYTE + 1, n_mask,
+                           j_mask & (offs_j * PER_BYTE + 1 < K), stride_sn, stride_zn, 1, BITS, GROUP, ONE_GROUP,
+                           HAS_ZEROS, ZERO_CONST, DTYPE)
+        if PER_BYTE == 2:
+            w = tl.interleave(w0, w1)
+        else:
+            w2 = _dequant_tile(packed, scales_ptr, zeros_ptr, offs_n, offs_j * PER_BYTE + 2, n_mask,
+                               j_mask & (offs_j * PER_BYTE + 2 < K), stride_sn, stride_zn, 2, BITS, GROUP,
+                               ONE_GROUP, HAS_ZEROS, ZERO_CONST, DTYPE)
+            w3 = _dequant_tile(packed, scales_ptr, zeros_ptr, offs_n, offs_j * PER_BYTE + 3, n_mask,
+                               j_mask & (offs_j * PER_BYTE + 3 < K), stride_sn, stride_zn, 3, BITS, GROUP,
+                               ONE_GROUP, HAS_ZEROS, ZERO_CONST, DTYPE)
+            w = tl.interleave(tl.interleave(w0, w2), tl.interleave(w1, w3))
+    return w
+
+
+@triton.jit
 def _product(x, w, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
     """x [BLOCK_M, BLOCK_J] times w [BLOCK_N, BLOCK_J] transposed, in float32."""
+    # one return: Triton builds the code after a static-if return too (as dead code), and a
+    # tl.dot of a one-row block would not build
     if BLOCK_M == 1:
-        return tl.sum(x.to(tl.float32) * w.to(tl.float32), axis=1)[None, :]
-    if INTERPRETED:
-        return tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
-    return tl.dot(x, tl.trans(w), input_precision=PRECISION)
+        product = tl.sum(x.to(tl.float32) * w.to(tl.float32), axis=1)[None, :]
+    elif INTERPRETED:
+        product = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+    else:
+        product = tl.dot(x, tl.trans(w), input_precision=PRECISION)
+    return product
 
 
 @triton.jit
@@ -147,10 +185,9 @@ def quantized_matmul_kernel(
         BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, ZERO_CONST: tl.constexpr,
         HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, DTYPE: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, SPLIT_K: tl.constexpr,
-        ONE_GROUP: tl.constexpr):
+        ONE_GROUP: tl.constexpr, PER_BYTE: tl.constexpr, INTERLEAVE: tl.constexpr):
     """Grid (N tiles, SPLIT_K, M tiles). Program (n, s, m): rows m*BLOCK_M.., output
     columns n*BLOCK_N.., packed bytes [s*j_per_split, (s+1)*j_per_split) of each row of W."""
-    PER_BYTE: tl.constexpr = 8 // BITS
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -163,14 +200,23 @@ def quantized_matmul_kernel(
         j_mask = offs_j < j_end
         packed = tl.load(codes_ptr + offs_n[:, None] * stride_cn + offs_j[None, :],
                          mask=n_mask[:, None] & j_mask[None, :], other=0)
-        for s in tl.static_range(PER_BYTE):
-            cols = offs_j * PER_BYTE + s
-            k_mask = j_mask & (cols < K)
-            w = _dequant_tile(packed, scales_ptr, zeros_ptr, offs_n, cols, n_mask, k_mask, stride_sn, stride_zn,
-                              s, BITS, GROUP, ONE_GROUP, HAS_ZEROS, ZERO_CONST, DTYPE)
+        if INTERLEAVE:
+            w = _interleaved_tile(packed, scales_ptr, zeros_ptr, offs_n, offs_j, n_mask, j_mask, K, stride_sn,
+                                  stride_zn, BITS, GROUP, ONE_GROUP, HAS_ZEROS, ZERO_CONST, DTYPE, PER_BYTE)
+            cols = j0 * PER_BYTE + tl.arange(0, BLOCK_J * PER_BYTE)
+            k_mask = (cols < K) & (cols < j_end * PER_BYTE)
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :],
                         mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             acc += _product(x, w, BLOCK_M, PRECISION)
+        else:
+            for s in tl.static_range(PER_BYTE):
+                cols = offs_j * PER_BYTE + s
+                k_mask = j_mask & (cols < K)
+                w = _dequant_tile(packed, scales_ptr, zeros_ptr, offs_n, cols, n_mask, k_mask, stride_sn,
+                                  stride_zn, s, BITS, GROUP, ONE_GROUP, HAS_ZEROS, ZERO_CONST, DTYPE)
+                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :],
+                            mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+                acc += _product(x, w, BLOCK_M, PRECISION)
     mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT_K == 1:
         y = _epilogue(acc, bias_ptr, offs_n, n_mask, HAS_BIAS, ACTIVATION, DTYPE)
@@ -197,9 +243,9 @@ def split_k_epilogue_kernel(partial_ptr, bias_ptr, out_ptr, M, N, stride_om, HAS
 @triton.jit
 def dequantize_kernel(codes_ptr, scales_ptr, zeros_ptr, out_ptr, N, K, KP, stride_cn, stride_sn, stride_zn,
                       stride_on, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
-                      ZERO_CONST: tl.constexpr, DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr):
+                      ZERO_CONST: tl.constexpr, DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
+                      PER_BYTE: tl.constexpr):
     """W [N, K] in DTYPE from its packed form, tile [BLOCK_N, BLOCK_J bytes] per program."""
-    PER_BYTE: tl.constexpr = 8 // BITS
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
     n_mask, j_mask = offs_n < N, offs_j < KP

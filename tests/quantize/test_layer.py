@@ -167,3 +167,13 @@ def test_functional_form():
     x = torch.randn(2, 16)
     out = quantized_linear(x, layer.qweight, layer.scales, layer.zeros, layer.bias, bits=4, group_size=8)
     torch.testing.assert_close(out, layer(x))
+
+
+def test_autocast_casts_the_input_like_linear():
+    linear = nn.Linear(24, 8)
+    layer = QuantizedLinear.from_linear(linear, bits=8, group_size=8)
+    x = torch.randn(3, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+        assert out.dtype == linear(x).dtype == torch.bfloat16
+    torch.testing.assert_close(out, F.linear(x.bfloat16(), layer.dequantize(torch.bfloat16), layer.bias.bfloat16()))

@@ -12,6 +12,7 @@ Kernels: kitsune.quantize.dispatch (Triton on CUDA, the PyTorch path elsewhere);
 a CUDA kernel that fails falls back to the PyTorch path, logged once.
 
 Autograd: the gradient of x (and of the bias); the quantized weight is constant.
+Autocast: x and the bias are cast to the region's dtype, as `F.linear`'s operands are.
 """
 from __future__ import annotations
 
@@ -116,6 +117,25 @@ def _backward(ctx, grad_out):
 
 
 quantized_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _autocast_kernel(device_type):
+    """Under autocast x (and the bias) are cast to the autocast dtype, as `F.linear` casts its
+    operands, and the op runs with autocast off; the weight is dequantised into that dtype."""
+    def kernel(x, codes, scales, zeros, bias, bits, group_size, in_features, activation):
+        dtype = torch.get_autocast_dtype(device_type)
+        if x.is_floating_point() and x.device.type == device_type:
+            x = x.to(dtype)
+        if bias is not None and bias.device.type == device_type:
+            bias = bias.to(dtype)
+        with torch.autocast(device_type, enabled=False):
+            return quantized_linear_op(x, codes, scales, zeros, bias, bits, group_size, in_features, activation)
+    return kernel
+
+
+_LIBRARY = torch.library.Library("kitsune", "IMPL")  # kept: its registrations live as long as it does
+for _device in ("cpu", "cuda"):
+    _LIBRARY.impl("quantized_linear", _autocast_kernel(_device), "Autocast" + _device.upper())
 
 
 def quantized_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None,

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from kitsune.capture.rewrites import Rewrite, example_value, rewrite_sites
+from kitsune.capture.rewrites import Rewrite, example_value, inherit_source, rewrite_sites
 from kitsune.quantize import ops as _ops  # noqa: F401 - registers kitsune::quantized_linear
 
 OP = torch.ops.kitsune.quantized_linear
@@ -43,9 +43,16 @@ def fuse_quantized_matmul(gm: fx.GraphModule) -> list[Rewrite]:
     records = rewrite_sites(gm, lambda node: node.op == "call_function" and node.target is F.linear,
                             _hand_written, _replace_hand_written, "quantized matmul")
     folded = rewrite_sites(gm, _is_op, _activation_after, _fold_activation, "quantized matmul activation")
+    folded = [rw for rw in folded if rw.applied]
+    for rw in list(folded):  # a rewritten site whose activation then folded: one place, one record
+        made = next((r for r in records if r.applied and r.nodes[-1] == rw.nodes[0]), None)
+        if made is not None:
+            made.pattern, made.ops, made.choice = rw.pattern, rw.ops, rw.choice
+            made.nodes = (*made.nodes, *rw.nodes[1:])
+            folded.remove(rw)
     seen = {name for rw in records + folded if rw.applied for name in rw.nodes}
     records += [_record(node) for node in gm.graph.nodes if _is_op(node) and node.name not in seen]
-    return records + [rw for rw in folded if rw.applied]
+    return records + folded
 
 
 def _arguments(node: fx.Node) -> dict:
@@ -217,7 +224,9 @@ def _replace_hand_written(graph: fx.Graph, linear: fx.Node, plan) -> fx.Node:
         else:
             zeros = graph.call_function(torch.full_like, (scales, float(zero)))
         node = graph.call_function(OP.default, (x, codes, scales, zeros, bias, 8, width, width, "none"))
-    node.meta.update(linear.meta)
+    inherit_source(node, linear)  # the op's own user-op name: the planner must not see a float linear here
+    if "example_value" in linear.meta:
+        node.meta["example_value"] = linear.meta["example_value"]
     linear.replace_all_uses_with(node)
     graph.erase_node(linear)
     for dead in chain:  # the dequantised weight, where nothing else reads it

@@ -117,3 +117,26 @@ def test_choice_is_measured_once_and_cached(monkeypatch):
     assert len(calls) == candidates  # 31 rows share the key of 20 (32 as a power of two)
     assert list(dispatch.TIMES.values())[0]["dequantise + cuBLAS"] == 1.0
     torch.testing.assert_close(dispatch.gpu_quantized_linear(*full), dispatch.torch_quantized_linear(*full))
+
+
+def test_the_op_runs_the_kernels_and_falls_back(monkeypatch, caplog):
+    """kitsune::quantized_linear through the Triton path (CPU tensors in the interpreter), and
+    the PyTorch path with one warning when a kernel fails."""
+    from kitsune.quantize import ops
+    monkeypatch.setattr(ops, "TRITON_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(dispatch, "CHOICES", {})
+    x, args = _case(2, False, 16, rows=3)
+    codes, scales, zeros, bias, bits, group, k = args
+    x = x.reshape(1, 3, K).expand(2, 3, K)  # leading dims, a stride-0 batch
+    got = ops.quantized_linear_op(x, codes, scales, zeros, bias, bits, group, k, "gelu")
+    assert got.shape == (2, 3, N) and dispatch.CHOICES == {}  # the CPU is never measured
+    torch.testing.assert_close(got, dispatch.torch_quantized_linear(x, *args, "gelu"), rtol=1e-5, atol=1e-5)
+
+    def broken(*_):
+        raise RuntimeError("no kernel today")
+    monkeypatch.setattr(dispatch, "gpu_quantized_linear", broken)
+    with caplog.at_level("WARNING", logger="kitsune"):
+        for _ in range(2):
+            again = ops.quantized_linear_op(x, codes, scales, zeros, bias, bits, group, k, "gelu")
+    torch.testing.assert_close(again, dispatch.torch_quantized_linear(x, *args, "gelu"))
+    assert sum("no kernel today" in r.getMessage() for r in caplog.records) == 1

@@ -85,6 +85,17 @@ def test_signed_int8_codes():
     _check(x, args, "none", SPLITK)
 
 
+def test_candidate_tiles_fit_the_group():
+    """A tile's columns stay within one group where a power of two divides it (one scale a row)."""
+    for bits, group in ((4, 128), (2, 64), (8, 32)):
+        for config in dispatch._small_configs(1, 4096, 4096 // (8 // bits), bits, group, 132) + \
+                dispatch._small_configs(8, 4096, 4096 // (8 // bits), bits, group, 132) + \
+                dispatch._tiled_configs(300, bits, group):
+            assert group % config.block_k == 0, (bits, group, config)
+            assert config.block_k // (8 // bits) >= (1 if config.block_m == 1 else 16)
+    assert dispatch._fit_group(128, 100, 16) == 128  # no power of two >= 16 divides 100: gathered scales
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="form"):
         QuantConfig("wide")
@@ -99,13 +110,13 @@ def test_choice_is_measured_once_and_cached(monkeypatch):
     monkeypatch.setattr(dispatch, "TIMES", {})
     x, args = _case(4, False, 16, rows=20)
     full = (x, *args, "relu")
-    assert dispatch.choose(full) == ("triton", dispatch._tiled_configs(20, 4)[0])
+    assert dispatch.choose(full) == ("triton", dispatch._tiled_configs(20, 4, 16)[0])
     big = (torch.randn(300, K), *args, "relu")
     assert dispatch.choose(big) == ("dequant", None)
     assert dispatch.CHOICES == {}  # nothing measured, nothing cached
 
     calls = []
-    candidates = len(dispatch._tiled_configs(20, 4)) + 1
+    candidates = len(dispatch._tiled_configs(20, 4, 16)) + 1
 
     def fake_bench(fn):
         calls.append(fn)

@@ -53,40 +53,56 @@ def _zero_const(codes: torch.Tensor, zeros, bits: int) -> float:
     return float(2 ** (bits - 1))
 
 
-def _small_configs(m: int, n: int, kp: int, bits: int, sms: int) -> list:
+def _fit_group(block_k: int, group_size: int, minimum: int) -> int:
+    """`block_k` halved (not below `minimum`) until it divides the group, so that a tile's
+    columns share one scale (one load a row instead of a gather); unchanged if none does."""
+    fitted = block_k
+    while fitted > minimum and group_size % fitted:
+        fitted //= 2
+    return fitted if group_size % fitted == 0 else block_k
+
+
+def _small_configs(m: int, n: int, kp: int, bits: int, group_size: int, sms: int) -> list:
     """Candidate configurations for M <= GEMV_MAX_ROWS rows, the default first: K split so
     that the grid fills the SMs about twice, each program keeping at least two K blocks;
     from two rows on (tl.dot) also with the sub-tiles interleaved."""
     from kitsune.quantize.kernels import QuantConfig
+    if m == 1:
+        shapes = ((64, 128, 4, False), (128, 128, 8, False), (32, 256, 4, False), (128, 64, 4, False))
+    else:
+        shapes = ((64, 128, 4, False), (32, 128, 4, False), (64, 128, 4, True), (128, 128, 8, True))
+    minimum = 16 * per_byte(bits)  # tl.dot takes at least 16 bytes of columns (a sum: any)
     out = []
-    for block_n, block_k, interleave in ((32, 256, False), (64, 256, False), (16, 512, False), (64, 128, False),
-                                         (32, 128, True), (64, 256, True)):
-        if interleave and (m == 1 or bits == 8):
-            continue  # one row sums without tl.dot; int8 has one code a byte
-        block_k = max(block_k if m == 1 else min(block_k, 256), 16 * per_byte(bits))  # tl.dot: 16 bytes
+    for block_n, block_k, warps, interleave in shapes:
+        if interleave and bits == 8:
+            continue  # one code a byte: nothing to interleave
+        block_k = _fit_group(max(block_k, minimum), group_size, minimum)
         block_j = block_k // per_byte(bits)
         tiles = -(-n // block_n)
         split = max(1, min(2 * sms // max(tiles, 1), kp // (2 * block_j), 16))
         config = QuantConfig(form="gemv" if m == 1 else "splitk", block_m=1 if m == 1 else 16, block_n=block_n,
-                             block_k=block_k, split_k=split, num_warps=4, num_stages=3, interleave=interleave)
+                             block_k=block_k, split_k=split, num_warps=warps, num_stages=3, interleave=interleave)
         if config not in out:
             out.append(config)
     return out
 
 
-def _tiled_configs(m: int, bits: int) -> list:
+def _tiled_configs(m: int, bits: int, group_size: int) -> list:
     """Candidates for more than GEMV_MAX_ROWS rows (dequantise + cuBLAS is another, see `choose`)."""
     from kitsune.quantize.kernels import QuantConfig
     block_m = 32 if m <= 32 else 64 if m <= 64 else 128
+    minimum = 16 * per_byte(bits)
     out = []
     for block_n, block_k, stages, interleave in ((128, 64, 3, False), (64, 64, 4, False), (128, 64, 3, True),
                                                  (128, 128, 3, True)):
         if interleave and bits == 8:
             continue
-        block_k = max(block_k, 16 * per_byte(bits))
-        out.append(QuantConfig(form="tiled", block_m=block_m, block_n=block_n, block_k=block_k, split_k=1,
-                               num_warps=8 if block_m * block_n >= 128 * 128 else 4, num_stages=stages,
-                               interleave=interleave))
+        block_k = _fit_group(max(block_k, minimum), group_size, minimum)
+        config = QuantConfig(form="tiled", block_m=block_m, block_n=block_n, block_k=block_k, split_k=1,
+                             num_warps=8 if block_m * block_n >= 128 * 128 else 4, num_stages=stages,
+                             interleave=interleave)
+        if config not in out:
+            out.append(config)
     return out
 
 
@@ -106,7 +122,7 @@ def triton_quantized_linear(x2d, codes, scales, zeros, bias, bits, group_size, i
     m, k = x2d.shape
     n, kp = codes.shape
     if config is None:
-        config = _candidates(m, n, kp, bits, x2d.device)[0]
+        config = _candidates(m, n, kp, bits, group_size, x2d.device)[0]
     block_j = max(1, config.block_k // per_byte(bits))
     j_per_split = -(-kp // config.split_k)
     j_per_split = -(-j_per_split // block_j) * block_j  # whole tiles: a tile never straddles two programs
@@ -155,10 +171,10 @@ def dequant_cublas_linear(x2d, codes, scales, zeros, bias, bits, group_size, in_
     return apply_activation(F.linear(x2d, weight, None if bias is None else bias.to(x2d.dtype)), activation)
 
 
-def _candidates(m: int, n: int, kp: int, bits: int, device) -> list:
+def _candidates(m: int, n: int, kp: int, bits: int, group_size: int, device) -> list:
     if m <= GEMV_MAX_ROWS:
-        return _small_configs(m, n, kp, bits, _sm_count(device))
-    return _tiled_configs(m, bits)
+        return _small_configs(m, n, kp, bits, group_size, _sm_count(device))
+    return _tiled_configs(m, bits, group_size)
 
 
 def _can_measure(device) -> bool:
@@ -181,7 +197,7 @@ def choose(args) -> tuple:
     key = (rows, n, in_features, bits, group_size, zeros is None, x2d.dtype, activation, str(x2d.device))
     if key in CHOICES:
         return CHOICES[key]
-    candidates = [("triton", c) for c in _candidates(m, n, kp, bits, x2d.device)]
+    candidates = [("triton", c) for c in _candidates(m, n, kp, bits, group_size, x2d.device)]
     if m > GEMV_MAX_ROWS:
         candidates.append(("dequant", None))
     if not _can_measure(x2d.device):

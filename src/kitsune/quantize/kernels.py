@@ -95,18 +95,19 @@ def _activation(y, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def _dequant_tile(packed, scales_ptr, zeros_ptr, offs_n, cols, n_mask, k_mask, stride_sn, stride_zn,
+def _dequant_tile(packed, scales_ptr, zeros_ptr, offs_n, cols, k0, n_mask, k_mask, stride_sn, stride_zn,
                   S: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, ONE_GROUP: tl.constexpr,
                   HAS_ZEROS: tl.constexpr, ZERO_CONST: tl.constexpr, DTYPE: tl.constexpr):
     """The weights of shift S of a byte tile: [BLOCK_N, BLOCK_J] in DTYPE, zero past K.
-    `cols` are their weight columns (j * PER_BYTE + S)."""
+    `cols` are their weight columns (j * PER_BYTE + S); `k0` the tile's first column (ONE_GROUP:
+    the group of every column)."""
     if BITS == 8:
         q = packed.to(tl.float32)  # uint8 codes, or signed int8 codes read as signed
     else:
         q = ((packed >> (S * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
     mask = n_mask[:, None] & k_mask[None, :]
     if ONE_GROUP:  # the whole tile is in one group: one scale per row
-        group = tl.min(cols, axis=0) // GROUP
+        group = k0 // GROUP
         scale = tl.load(scales_ptr + offs_n * stride_sn + group, mask=n_mask, other=0.0).to(tl.float32)[:, None]
         if HAS_ZEROS:
             q = q - tl.load(zeros_ptr + offs_n * stride_zn + group, mask=n_mask, other=0.0).to(tl.float32)[:, None]
@@ -124,28 +125,28 @@ def _dequant_tile(packed, scales_ptr, zeros_ptr, offs_n, cols, n_mask, k_mask, s
 
 
 @triton.jit
-def _interleaved_tile(packed, scales_ptr, zeros_ptr, offs_n, offs_j, n_mask, j_mask, K, stride_sn, stride_zn,
+def _interleaved_tile(packed, scales_ptr, zeros_ptr, offs_n, offs_j, k0, n_mask, j_mask, K, stride_sn, stride_zn,
                       BITS: tl.constexpr, GROUP: tl.constexpr, ONE_GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
                       ZERO_CONST: tl.constexpr, DTYPE: tl.constexpr, PER_BYTE: tl.constexpr):
     """The dequantised byte tile as [BLOCK_N, BLOCK_J * PER_BYTE] in column order:
     interleave(a, b) = a0 b0 a1 b1 ..., so four codes a byte are interleave(interleave(w0, w2),
     interleave(w1, w3)) = w0 w1 w2 w3 ..."""
-    w0 = _dequant_tile(packed, scales_ptr, zeros_ptr, offs_n, offs_j * PER_BYTE, n_mask,
+    w0 = _dequant_tile(packed, scales_ptr, zeros_ptr, offs_n, offs_j * PER_BYTE, k0, n_mask,
                        j_mask & (offs_j * PER_BYTE < K), stride_sn, stride_zn, 0, BITS, GROUP, ONE_GROUP, HAS_ZEROS,
                        ZERO_CONST, DTYPE)
     if PER_BYTE == 1:
         w = w0
     else:
-        w1 = _dequant_tile(packed, scales_ptr, zeros_ptr, offs_n, offs_j * PER_BYTE + 1, n_mask,
+        w1 = _dequant_tile(packed, scales_ptr, zeros_ptr, offs_n, offs_j * PER_BYTE + 1, k0, n_mask,
                            j_mask & (offs_j * PER_BYTE + 1 < K), stride_sn, stride_zn, 1, BITS, GROUP, ONE_GROUP,
                            HAS_ZEROS, ZERO_CONST, DTYPE)
         if PER_BYTE == 2:
             w = tl.interleave(w0, w1)
         else:
-            w2 = _dequant_tile(packed, scales_ptr, zeros_ptr, offs_n, offs_j * PER_BYTE + 2, n_mask,
+            w2 = _dequant_tile(packed, scales_ptr, zeros_ptr, offs_n, offs_j * PER_BYTE + 2, k0, n_mask,
                                j_mask & (offs_j * PER_BYTE + 2 < K), stride_sn, stride_zn, 2, BITS, GROUP,
                                ONE_GROUP, HAS_ZEROS, ZERO_CONST, DTYPE)
-            w3 = _dequant_tile(packed, scales_ptr, zeros_ptr, offs_n, offs_j * PER_BYTE + 3, n_mask,
+            w3 = _dequant_tile(packed, scales_ptr, zeros_ptr, offs_n, offs_j * PER_BYTE + 3, k0, n_mask,
                                j_mask & (offs_j * PER_BYTE + 3 < K), stride_sn, stride_zn, 3, BITS, GROUP,
                                ONE_GROUP, HAS_ZEROS, ZERO_CONST, DTYPE)
             w = tl.interleave(tl.interleave(w0, w2), tl.interleave(w1, w3))
@@ -201,8 +202,8 @@ def quantized_matmul_kernel(
         packed = tl.load(codes_ptr + offs_n[:, None] * stride_cn + offs_j[None, :],
                          mask=n_mask[:, None] & j_mask[None, :], other=0)
         if INTERLEAVE:
-            w = _interleaved_tile(packed, scales_ptr, zeros_ptr, offs_n, offs_j, n_mask, j_mask, K, stride_sn,
-                                  stride_zn, BITS, GROUP, ONE_GROUP, HAS_ZEROS, ZERO_CONST, DTYPE, PER_BYTE)
+            w = _interleaved_tile(packed, scales_ptr, zeros_ptr, offs_n, offs_j, j0 * PER_BYTE, n_mask, j_mask, K,
+                                  stride_sn, stride_zn, BITS, GROUP, ONE_GROUP, HAS_ZEROS, ZERO_CONST, DTYPE, PER_BYTE)
             cols = j0 * PER_BYTE + tl.arange(0, BLOCK_J * PER_BYTE)
             k_mask = (cols < K) & (cols < j_end * PER_BYTE)
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :],
@@ -212,8 +213,8 @@ def quantized_matmul_kernel(
             for s in tl.static_range(PER_BYTE):
                 cols = offs_j * PER_BYTE + s
                 k_mask = j_mask & (cols < K)
-                w = _dequant_tile(packed, scales_ptr, zeros_ptr, offs_n, cols, n_mask, k_mask, stride_sn,
-                                  stride_zn, s, BITS, GROUP, ONE_GROUP, HAS_ZEROS, ZERO_CONST, DTYPE)
+                w = _dequant_tile(packed, scales_ptr, zeros_ptr, offs_n, cols, j0 * PER_BYTE, n_mask, k_mask,
+                                  stride_sn, stride_zn, s, BITS, GROUP, ONE_GROUP, HAS_ZEROS, ZERO_CONST, DTYPE)
                 x = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :],
                             mask=m_mask[:, None] & k_mask[None, :], other=0.0)
                 acc += _product(x, w, BLOCK_M, PRECISION)
@@ -254,7 +255,7 @@ def dequantize_kernel(codes_ptr, scales_ptr, zeros_ptr, out_ptr, N, K, KP, strid
     for s in tl.static_range(PER_BYTE):
         cols = offs_j * PER_BYTE + s
         k_mask = j_mask & (cols < K)
-        w = _dequant_tile(packed, scales_ptr, zeros_ptr, offs_n, cols, n_mask, k_mask, stride_sn, stride_zn,
+        w = _dequant_tile(packed, scales_ptr, zeros_ptr, offs_n, cols, 0, n_mask, k_mask, stride_sn, stride_zn,
                           s, BITS, GROUP, False, HAS_ZEROS, ZERO_CONST, DTYPE)
         tl.store(out_ptr + offs_n[:, None] * stride_on + cols[None, :], w,
                  mask=n_mask[:, None] & k_mask[None, :])

@@ -26,19 +26,22 @@ def offline() -> int:
     for bits in (8, 4, 2):
         for form, block_m, interleave, split in (("gemv", 1, False, 4), ("splitk", 16, bits != 8, 2),
                                                   ("tiled", 128, False, 1), ("tiled", 64, bits != 8, 1)):
-            for dtype in (tl.bfloat16, tl.float32):
+            for dtype, even_k in ((tl.bfloat16, True), (tl.float32, False), (tl.float16, True)):
                 consts = dict(BITS=bits, GROUP=128, HAS_ZEROS=bits != 8, ZERO_CONST=128.0 if bits == 8 else 0.0,
                               HAS_BIAS=True, ACTIVATION="gelu", DTYPE=dtype, PRECISION="ieee", BLOCK_M=block_m,
                               BLOCK_N=64, BLOCK_J=128 // (8 // bits), SPLIT_K=split, ONE_GROUP=True,
-                              PER_BYTE=8 // bits, INTERLEAVE=interleave)
+                              PER_BYTE=8 // bits, INTERLEAVE=interleave, EVEN_K=even_k)
                 sig = {"x_ptr": TL[dtype], "codes_ptr": "*u8", "scales_ptr": TL[dtype], "zeros_ptr": TL[dtype],
                        "bias_ptr": TL[dtype], "out_ptr": TL[dtype], "partial_ptr": "*fp32",
                        **{name: "i32" for name in ("M", "N", "K", "KP", "j_per_split", "stride_xm", "stride_cn",
                                                    "stride_sn", "stride_zn", "stride_om")},
                        **{name: "constexpr" for name in consts}}
-                name = f"int{bits} {form} {block_m} rows {'interleaved ' if interleave else ''}{dtype}"
+                name = f"int{bits} {form} {block_m} rows {'interleaved ' if interleave else ''}{dtype} even_k={even_k}"
+                names = list(sig)  # what the launcher specialises: pointers and these ints divisible by 16
+                attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n.endswith("_ptr") or
+                         (even_k and n in ("K", "KP", "j_per_split", "stride_xm", "stride_cn"))}
                 try:
-                    triton.compile(ASTSource(kernels.quantized_matmul_kernel, sig, consts),
+                    triton.compile(ASTSource(kernels.quantized_matmul_kernel, sig, consts, attrs),
                                    target=GPUTarget("cuda", 90, 32))
                     print("ok  ", name)
                 except Exception as error:  # noqa: BLE001 - report every failure

@@ -3,8 +3,10 @@ interpreter on CPU tensors (tests/conftest.py sets TRITON_INTERPRET=1), tiny sha
 form (gemv, split-K, tiled) and the dequantise kernel against the PyTorch path."""
 import pytest
 import torch
+import triton
+import triton.language as tl
 
-from kitsune.quantize import dispatch
+from kitsune.quantize import dispatch, kernels
 from kitsune.quantize.kernels import QuantConfig
 from kitsune.quantize.packing import quantize_rtn
 
@@ -151,3 +153,20 @@ def test_the_op_runs_the_kernels_and_falls_back(monkeypatch, caplog):
             again = ops.quantized_linear_op(x, codes, scales, zeros, bias, bits, group, k, "gelu")
     torch.testing.assert_close(again, dispatch.torch_quantized_linear(x, *args, "gelu"))
     assert sum("no kernel today" in r.getMessage() for r in caplog.records) == 1
+
+
+@triton.jit
+def _round_kernel(x_ptr, out_ptr, DTYPE: tl.constexpr):
+    offs = tl.arange(0, 1024)
+    tl.store(out_ptr + offs, kernels._rounded_f32(tl.load(x_ptr + offs), DTYPE))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rounding_by_integer_ops_is_round_to_nearest_even(dtype):
+    x = torch.randn(1024) * torch.logspace(-30, 30, 1024)
+    x[:4] = torch.tensor([1 + 2 ** -8, 1 + 3 * 2 ** -8, -(1 + 2 ** -8), 0.0])  # ties: to even
+    if dtype == torch.float16:
+        x = x.clamp(-6e4, 6e4)
+    out = torch.empty_like(x)
+    _round_kernel[(1,)](x, out, DTYPE=kernels._TL_DTYPES[dtype])
+    assert torch.equal(out, x.to(dtype).float())

@@ -6,8 +6,8 @@
   a quantized model keeps its small memory footprint. This path is for
   correctness and memory, not speed.
 - CUDA, M rows (the product of x's leading dimensions):
-  * M == 1: the "gemv" form; 2 <= M <= GEMV_MAX_ROWS: the "splitk" form (decode),
-    among a few tile sizes / K splits (`_small_configs`);
+  * M == 1: the "gemv" form or the "splitk" form; 2 <= M <= GEMV_MAX_ROWS: the "splitk"
+    form (decode), among a few tile sizes / K splits (`_small_configs`);
   * M > GEMV_MAX_ROWS: the "tiled" form (`_tiled_configs`) or `dequantize_kernel` +
     cuBLAS (`F.linear`).
   Each candidate is timed (triton.testing.do_bench) on the first call of each key (the
@@ -67,20 +67,25 @@ def _small_configs(m: int, n: int, kp: int, bits: int, group_size: int, sms: int
     that the grid fills the SMs about twice, each program keeping at least two K blocks;
     from two rows on (tl.dot) also with the sub-tiles interleaved."""
     from kitsune.quantize.kernels import QuantConfig
+    # (form, block_n, block_k, warps, interleave); one row also tries the 16-row tl.dot form: the
+    # tensor cores then do the multiply-adds that the "gemv" form spends ALU instructions on
+    dot_shapes = (("splitk", 64, 128, 4, False), ("splitk", 32, 128, 4, False), ("splitk", 64, 128, 4, True),
+                  ("splitk", 128, 128, 8, True))
     if m == 1:
-        shapes = ((64, 128, 4, False), (128, 128, 8, False), (32, 256, 4, False), (128, 64, 4, False))
+        shapes = (("gemv", 64, 128, 4, False), ("gemv", 128, 128, 8, False), ("gemv", 32, 256, 4, False),
+                  ("gemv", 128, 64, 4, False)) + dot_shapes[::2]
     else:
-        shapes = ((64, 128, 4, False), (32, 128, 4, False), (64, 128, 4, True), (128, 128, 8, True))
-    minimum = 16 * per_byte(bits)  # tl.dot takes at least 16 bytes of columns (a sum: any)
+        shapes = dot_shapes
     out = []
-    for block_n, block_k, warps, interleave in shapes:
+    for form, block_n, block_k, warps, interleave in shapes:
+        minimum = 16 * per_byte(bits) if form == "splitk" else per_byte(bits)  # tl.dot: >= 16 byte columns
         if interleave and bits == 8:
             continue  # one code a byte: nothing to interleave
         block_k = _fit_group(max(block_k, minimum), group_size, minimum)
         block_j = block_k // per_byte(bits)
         tiles = -(-n // block_n)
         split = max(1, min(2 * sms // max(tiles, 1), kp // (2 * block_j), 16))
-        config = QuantConfig(form="gemv" if m == 1 else "splitk", block_m=1 if m == 1 else 16, block_n=block_n,
+        config = QuantConfig(form=form, block_m=1 if form == "gemv" else 16, block_n=block_n,
                              block_k=block_k, split_k=split, num_warps=warps, num_stages=3, interleave=interleave)
         if config not in out:
             out.append(config)
@@ -140,6 +145,7 @@ def triton_quantized_linear(x2d, codes, scales, zeros, bias, bits, group_size, i
         zeros.stride(0) if zeros is not None else 0, out.stride(0), PRECISION=precision,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_J=block_j, SPLIT_K=split,
         ONE_GROUP=group_size % config.block_k == 0, PER_BYTE=per_byte(bits), INTERLEAVE=config.interleave,
+        EVEN_K=kp % block_j == 0 and k == kp * per_byte(bits) and codes.dtype == torch.uint8,
         num_warps=config.num_warps, num_stages=config.num_stages, **flags)
     if split > 1:
         flags.pop("BITS"), flags.pop("GROUP"), flags.pop("HAS_ZEROS"), flags.pop("ZERO_CONST")

@@ -95,33 +95,64 @@ def _activation(y, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
+def _rounded_f32(w, DTYPE: tl.constexpr):
+    """float32 `w` rounded to DTYPE (nearest even), kept as float32. bfloat16 by integer ops on the
+    bits (add half an ulp and the parity, clear the low half): a float conversion instruction runs
+    at a quarter of the rate of integer ops, and w is finite."""
+    if DTYPE == tl.bfloat16:
+        bits = w.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        w = bits.to(tl.float32, bitcast=True)
+    elif DTYPE == tl.float16:
+        w = w.to(tl.float16).to(tl.float32)
+    return w
+
+
+@triton.jit
+def _centered_codes(packed, zero, S: tl.constexpr, BITS: tl.constexpr):
+    """q - zero in float32, exactly, for the codes of shift S (`zero` a float32 block or number).
+    Unsigned codes become float with integer ops: bits 0x4B000000 | q are the float 2^23 + q, and
+    2^23 + zero is exact too, so the difference is q - zero exactly, without a conversion instruction."""
+    if packed.dtype == tl.int8:  # signed int8 codes (a hand-written dequantisation): read as signed
+        centered = packed.to(tl.float32) - zero
+    else:
+        q = packed.to(tl.uint32)
+        if BITS != 8:
+            q = (q >> (S * BITS)) & ((1 << BITS) - 1)
+        centered = (q | 0x4B000000).to(tl.float32, bitcast=True) - (zero + 8388608.0)
+    return centered
+
+
+@triton.jit
 def _dequant_tile(packed, scales_ptr, zeros_ptr, offs_n, cols, k0, n_mask, k_mask, stride_sn, stride_zn,
                   S: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, ONE_GROUP: tl.constexpr,
-                  HAS_ZEROS: tl.constexpr, ZERO_CONST: tl.constexpr, DTYPE: tl.constexpr):
-    """The weights of shift S of a byte tile: [BLOCK_N, BLOCK_J] in DTYPE, zero past K.
-    `cols` are their weight columns (j * PER_BYTE + S); `k0` the tile's first column (ONE_GROUP:
-    the group of every column)."""
-    if BITS == 8:
-        q = packed.to(tl.float32)  # uint8 codes, or signed int8 codes read as signed
-    else:
-        q = ((packed >> (S * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
-    mask = n_mask[:, None] & k_mask[None, :]
+                  HAS_ZEROS: tl.constexpr, ZERO_CONST: tl.constexpr, DTYPE: tl.constexpr,
+                  AS_F32: tl.constexpr = False):
+    """The weights of shift S of a byte tile: [BLOCK_N, BLOCK_J] in DTYPE (AS_F32: their DTYPE
+    values as float32). `cols` are their weight columns (j * PER_BYTE + S); `k0` the tile's first
+    column (ONE_GROUP: the group of every column)."""
     if ONE_GROUP:  # the whole tile is in one group: one scale per row
         group = k0 // GROUP
         scale = tl.load(scales_ptr + offs_n * stride_sn + group, mask=n_mask, other=0.0).to(tl.float32)[:, None]
         if HAS_ZEROS:
-            q = q - tl.load(zeros_ptr + offs_n * stride_zn + group, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+            zero = tl.load(zeros_ptr + offs_n * stride_zn + group, mask=n_mask, other=0.0).to(tl.float32)[:, None]
         else:
-            q = q - ZERO_CONST
+            zero = ZERO_CONST
     else:
         groups = (cols // GROUP)[None, :]
+        mask = n_mask[:, None] & k_mask[None, :]
         scale = tl.load(scales_ptr + offs_n[:, None] * stride_sn + groups, mask=mask, other=0.0).to(tl.float32)
         if HAS_ZEROS:
-            q = q - tl.load(zeros_ptr + offs_n[:, None] * stride_zn + groups, mask=mask, other=0.0).to(tl.float32)
+            zero = tl.load(zeros_ptr + offs_n[:, None] * stride_zn + groups, mask=mask, other=0.0).to(tl.float32)
         else:
-            q = q - ZERO_CONST
-    w = tl.where(mask, q * scale, 0.0)
-    return _round_to(w, DTYPE)
+            zero = ZERO_CONST
+    # past K (or N) the weight is finite but not zero: the x it meets there is loaded as 0
+    w = _centered_codes(packed, zero, S, BITS) * scale
+    if AS_F32:
+        w = _rounded_f32(w, DTYPE)
+    else:
+        w = _round_to(w, DTYPE)
+    return w
 
 
 @triton.jit
@@ -186,9 +217,10 @@ def quantized_matmul_kernel(
         BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, ZERO_CONST: tl.constexpr,
         HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, DTYPE: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, SPLIT_K: tl.constexpr,
-        ONE_GROUP: tl.constexpr, PER_BYTE: tl.constexpr, INTERLEAVE: tl.constexpr):
+        ONE_GROUP: tl.constexpr, PER_BYTE: tl.constexpr, INTERLEAVE: tl.constexpr, EVEN_K: tl.constexpr):
     """Grid (N tiles, SPLIT_K, M tiles). Program (n, s, m): rows m*BLOCK_M.., output
-    columns n*BLOCK_N.., packed bytes [s*j_per_split, (s+1)*j_per_split) of each row of W."""
+    columns n*BLOCK_N.., packed bytes [s*j_per_split, (s+1)*j_per_split) of each row of W.
+    EVEN_K: every tile is whole along K (K = KP * PER_BYTE, KP a multiple of BLOCK_J)."""
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -196,28 +228,50 @@ def quantized_matmul_kernel(
     j_start = pid_k * j_per_split
     j_end = tl.minimum(j_start + j_per_split, KP)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # one row: products accumulate elementwise and are summed across K once, after the loop
+    # (a tl.sum per tile puts warp shuffles in the loop: 384 of the gemv's 2203 PTX instructions)
+    acc_row = tl.zeros((BLOCK_N, BLOCK_J), dtype=tl.float32)
     for j0 in range(j_start, j_end, BLOCK_J):
         offs_j = j0 + tl.arange(0, BLOCK_J)
-        j_mask = offs_j < j_end
-        packed = tl.load(codes_ptr + offs_n[:, None] * stride_cn + offs_j[None, :],
-                         mask=n_mask[:, None] & j_mask[None, :], other=0)
+        if EVEN_K:  # no mask along K: the loads of codes (and of x) vectorise
+            j_mask = offs_j >= 0
+            packed = tl.load(codes_ptr + offs_n[:, None] * stride_cn + offs_j[None, :], mask=n_mask[:, None],
+                             other=0)
+        else:
+            j_mask = offs_j < j_end
+            packed = tl.load(codes_ptr + offs_n[:, None] * stride_cn + offs_j[None, :],
+                             mask=n_mask[:, None] & j_mask[None, :], other=0)
         if INTERLEAVE:
             w = _interleaved_tile(packed, scales_ptr, zeros_ptr, offs_n, offs_j, j0 * PER_BYTE, n_mask, j_mask, K,
                                   stride_sn, stride_zn, BITS, GROUP, ONE_GROUP, HAS_ZEROS, ZERO_CONST, DTYPE, PER_BYTE)
             cols = j0 * PER_BYTE + tl.arange(0, BLOCK_J * PER_BYTE)
-            k_mask = (cols < K) & (cols < j_end * PER_BYTE)
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :],
-                        mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            if EVEN_K:
+                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :], mask=m_mask[:, None], other=0.0)
+            else:
+                k_mask = (cols < K) & (cols < j_end * PER_BYTE)
+                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :],
+                            mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             acc += _product(x, w, BLOCK_M, PRECISION)
         else:
             for s in tl.static_range(PER_BYTE):
                 cols = offs_j * PER_BYTE + s
                 k_mask = j_mask & (cols < K)
                 w = _dequant_tile(packed, scales_ptr, zeros_ptr, offs_n, cols, j0 * PER_BYTE, n_mask, k_mask,
-                                  stride_sn, stride_zn, s, BITS, GROUP, ONE_GROUP, HAS_ZEROS, ZERO_CONST, DTYPE)
-                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :],
-                            mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-                acc += _product(x, w, BLOCK_M, PRECISION)
+                                  stride_sn, stride_zn, s, BITS, GROUP, ONE_GROUP, HAS_ZEROS, ZERO_CONST, DTYPE,
+                                  BLOCK_M == 1)
+                if EVEN_K:
+                    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :], mask=m_mask[:, None],
+                                other=0.0)
+                else:
+                    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :],
+                                mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+                if BLOCK_M == 1:  # w: the DTYPE values as float32
+                    acc_row += x.to(tl.float32) * w
+                else:
+                    acc += _product(x, w, BLOCK_M, PRECISION)
+    if BLOCK_M == 1:
+        if not INTERLEAVE:
+            acc = tl.sum(acc_row, axis=1)[None, :]
     mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT_K == 1:
         y = _epilogue(acc, bias_ptr, offs_n, n_mask, HAS_BIAS, ACTIVATION, DTYPE)

@@ -14,12 +14,12 @@ from kitsune.quantize.packing import quantize_rtn
 N, K = 19, 75
 
 
-def _case(bits, symmetric, group, dtype=torch.float32, rows=1, bias=True):
+def _case(bits, symmetric, group, dtype=torch.float32, rows=1, bias=True, k=K):
     torch.manual_seed(bits * 7 + rows)
-    q = quantize_rtn(torch.randn(N, K), bits, group, symmetric)
-    x = torch.randn(rows, K).to(dtype)
+    q = quantize_rtn(torch.randn(N, k), bits, group, symmetric)
+    x = torch.randn(rows, k).to(dtype)
     b = torch.randn(N) if bias else None
-    return x, (q.codes, q.scales, q.zeros, None if b is None else b.to(dtype), bits, group, K)
+    return x, (q.codes, q.scales, q.zeros, None if b is None else b.to(dtype), bits, group, k)
 
 
 def _check(x, args, activation, config):
@@ -56,6 +56,14 @@ TILED_INTERLEAVED = QuantConfig("tiled", block_m=16, block_n=16, block_k=64, spl
 def test_kernel_forms_float32(bits, symmetric, group, config, rows, activation):
     x, args = _case(bits, symmetric, group, rows=rows)
     _check(x, args, activation, config)
+
+
+@pytest.mark.parametrize("bits,config,rows", [(4, GEMV, 1), (2, GEMV_SPLIT, 1), (4, SPLITK_INTERLEAVED, 3),
+                                              (8, TILED, 17), (4, TILED_INTERLEAVED, 20)])
+def test_whole_tiles_along_k(bits, config, rows):
+    """K = 128: every tile whole along K (EVEN_K: the loads without a K mask)."""
+    x, args = _case(bits, False, 32, torch.bfloat16, rows=rows, k=128)
+    _check(x, args, "gelu", config)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -11,7 +11,7 @@ from kitsune.config import FusionConfig
 
 __version__ = "0.1.0"
 __all__ = ["FusionConfig", "optimize", "get_fusion_stats", "reset_fusion_stats", "lazy", "lazy_stats",
-           "reset_lazy_stats", "sync", "__version__"]
+           "reset_lazy_stats", "sync", "quantize", "__version__"]
 
 # The "kitsune" logger gets a NullHandler; KITSUNE_LOG=<level> asks for output
 # (kitsune._logging: the application's logging configuration wins).
@@ -20,6 +20,8 @@ _logging.setup()
 # Imported here, not on first use: `kitsune.lazy` must be the function-like class, and
 # a later first import of the kitsune.lazy package would rebind the name to the module.
 from kitsune.lazy import lazy, lazy_stats, reset_lazy_stats, sync  # noqa: E402
+# The same for `kitsune.quantize` (the function; the package imports nothing heavy).
+from kitsune.quantize import quantize  # noqa: E402
 
 
 def optimize(model, config: FusionConfig | None = None, *, mode: str | None = None, options: dict | None = None,
@@ -49,3 +51,12 @@ def get_fusion_stats() -> dict:
 def reset_fusion_stats() -> None:
     from kitsune.report.stats import GLOBAL_STATS
     GLOBAL_STATS.reset()
+
+
+def __getattr__(name):
+    # `kitsune.nn` and `kitsune.ops` (fused layers and custom ops by hand) on first use:
+    # importing them registers torch.library ops, which `import kitsune` need not pay for.
+    if name in ("nn", "ops"):
+        import importlib
+        return importlib.import_module(f"kitsune.{name}")
+    raise AttributeError(f"module 'kitsune' has no attribute {name!r}")

@@ -87,7 +87,8 @@ def options_backend(config: FusionConfig | None, compile_fn):
         used = apply_compile_options(config, mode, options)
         compiler = aot_backend(functools.partial(compile_fn, config=used), reductions=used.enable_reduction,
                                lm_head_loss=used.pattern_enabled("softmax_cross_entropy"),
-                               attention=used.pattern_enabled("attention"))
+                               attention=used.pattern_enabled("attention"),
+                               quantized=used.pattern_enabled("quantized_matmul"))
         return compiler(gm, example_inputs, **kwargs)
     backend.__name__ = "kitsune"
     return backend

@@ -73,13 +73,15 @@ def _addmm_on_cpu(bias, mat1, mat2, *, beta=1, alpha=1):
 _TORCH_ADDMM = get_decompositions([aten.addmm.default]).get(aten.addmm.default)
 
 
-def aot_backend(compile_graph, reductions: bool = True, lm_head_loss: bool = True, attention: bool = True):
+def aot_backend(compile_graph, reductions: bool = True, lm_head_loss: bool = True, attention: bool = True,
+                quantized: bool = True):
     """A Dynamo backend that hands each forward/backward aten graph to
     `compile_graph(gm, example_inputs, name)` and runs what it returns. With
     `lm_head_loss`, a `linear -> cross_entropy` of the Dynamo graph becomes the chunked
     `kitsune::linear_cross_entropy` first (kitsune.capture.lm_head); with `attention`,
     a hand-written `softmax(q @ kᵀ ...) @ v` becomes `kitsune.ops.attention`
-    (kitsune.capture.attention)."""
+    (kitsune.capture.attention); with `quantized`, a hand-written dequantise -> linear becomes
+    `kitsune::quantized_linear` and activations join its epilogue (kitsune.capture.quantized)."""
     from kitsune._compat import aot_autograd, make_boxed_func, min_cut_partitioner
     min_cut_rematerialization_partition = min_cut_partitioner()
 
@@ -110,6 +112,9 @@ def aot_backend(compile_graph, reductions: bool = True, lm_head_loss: bool = Tru
                 if attention:
                     from kitsune.capture.attention import fuse_attention
                     rewrites.note(fuse_attention(gm))
+                if quantized:
+                    from kitsune.capture.quantized import fuse_quantized_matmul
+                    rewrites.note(fuse_quantized_matmul(gm))
                 return aot(gm, example_inputs, **kwargs)
         finally:
             _USER_GRAPH.reset(token)

@@ -88,3 +88,27 @@ def test_a_transposing_permute_pair_returned_as_an_output_is_kept():
     simplify(gm)
     out = gm(torch.ones(3, 5), torch.ones(5, 4))
     assert out.shape == (4, 3) and out.stride() == (1, 4)
+
+
+def test_unread_results_are_dropped_but_random_draws_are_kept():
+    # A hand-traced graph (make_fx) keeps results nobody reads; a group of them has no
+    # output to lower. They are dropped, except a random draw: the one after it must
+    # see the generator where eager leaves it.
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from kitsune.capture.simplify import simplify
+
+    def f(x, y):
+        (x * 2).exp()        # never read
+        torch.rand_like(x)   # never read, but it advances the generator
+        return (x + y).relu() + torch.rand_like(y),
+
+    x, y = torch.randn(8, 8), torch.randn(8, 8)
+    gm = make_fx(f)(x, y)
+    assert simplify(gm) == 2
+    targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    assert not any("exp" in t for t in targets) and sum("rand" in t for t in targets) == 2
+    torch.manual_seed(0)
+    want = f(x, y)[0]
+    torch.manual_seed(0)
+    torch.testing.assert_close(gm(x, y)[0], want)

@@ -19,6 +19,9 @@
   permute, layer_norm over the last dim, permute back) keeps its sums in the
   permuted space, so that the norm is one frame and one kernel; moved to the
   source, they left two kernels with the row statistics between them.
+- results nobody reads are dropped (a graph traced by hand, `make_fx`, keeps
+  them; a group of them would have no output to lower), except random ops:
+  removing one would shift the random numbers of those after it.
 """
 from __future__ import annotations
 
@@ -124,9 +127,25 @@ def _reduce_through_permutes(gm: fx.GraphModule) -> int:
     return changed
 
 
+def _keeps(node: fx.Node) -> bool:
+    """A node kept although nothing reads it: side effects, or random numbers drawn."""
+    if node.is_impure():
+        return True
+    tags = getattr(node.target, "tags", ())
+    return torch.Tag.nondeterministic_seeded in tags
+
+
+def _drop_dead(gm: fx.GraphModule) -> int:
+    before = len(gm.graph.nodes)
+    if gm.graph.eliminate_dead_code(is_impure_node=_keeps):
+        gm.recompile()
+    return before - len(gm.graph.nodes)
+
+
 def simplify(gm: fx.GraphModule) -> int:
     """Rewrite gm in place; returns the number of nodes changed."""
-    changed = _fold_permutes(gm)
+    changed = _drop_dead(gm)
+    changed += _fold_permutes(gm)
     changed += _reduce_through_permutes(gm)
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target is not aten.cat.default:

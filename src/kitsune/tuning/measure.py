@@ -70,10 +70,13 @@ def measuring(config: FusionConfig, profile: bool = False) -> bool:
     return profile or config.measure or config.min_fusion_benefit != DEFAULT_BENEFIT
 
 
-def measured(compiled, aten_gm: fx.GraphModule, record, config: FusionConfig, profile: bool = False):
+def measured(compiled, aten_gm: fx.GraphModule, record, config: FusionConfig, profile: bool = False,
+             on_done=None):
     """`compiled`, or, when `measuring(config, profile)` and it has fused kernels, a
     function with its calling convention whose first real call measures and decides
-    each of them. Call it before wrapping the result in a CUDA-graph runner."""
+    each of them. Call it before wrapping the result in a CUDA-graph runner.
+    `on_done(decided)`: called after the measurement with {kernel name: measurement}
+    of the groups decided (the compiled-graph cache keeps them)."""
     if not measuring(config, profile) or not isinstance(compiled, fx.GraphModule):
         return compiled
     calls = [n.target for n in compiled.graph.nodes if is_group_call(n.target)]
@@ -101,6 +104,9 @@ def measured(compiled, aten_gm: fx.GraphModule, record, config: FusionConfig, pr
             measurer.progress(end=True)
             baselines.clear()
             record.phases["measure"] = record.phases.get("measure", 0.0) + time.perf_counter() - start
+        if on_done is not None and not getattr(record, "measure_skipped", 0):
+            on_done({name: {k: v for k, v in m.items() if k not in ("cached", "key")}
+                     for name, m in record.measured.items() if m.get("decision") != "undecided"})
         return forward(*args)
 
     run.__wrapped__ = compiled
@@ -132,6 +138,8 @@ class _Measurer(fx.Interpreter):
         self.total = sum(1 for n in gm.graph.nodes if is_group_call(n.target))
         self.done = 0
         self.graph_inputs = ()
+        # the graph's timing budget (FusionConfig.measure_budget_s): measurements past it are skipped
+        self.deadline = time.perf_counter() + config.measure_budget_s
 
     def run(self, *args):
         self.graph_inputs = args
@@ -163,8 +171,16 @@ class _Measurer(fx.Interpreter):
         key = decision_key(call, args, self.backend_of.get(name, ""), baseline)
         m = _load(key)
         cached = m is not None and _reusable(m, threshold)
+        left = self.deadline - time.perf_counter()
+        if not cached and left <= 0:  # a cached decision costs nothing and still applies
+            if not getattr(self.record, "measure_skipped", 0):
+                log.info("%s graph: measure budget of %.1f s spent; groups not yet decided keep their fusion",
+                         self.record.name, self.config.measure_budget_s)
+            self.record.measure_skipped = getattr(self.record, "measure_skipped", 0) + 1
+            return
         if not cached:
-            m = measure_pair(call, args, unfused, unfused_args, device, threshold)
+            m = measure_pair(call, args, unfused, unfused_args, device, threshold,
+                             max_seconds=min(MAX_SECONDS, left))
             m.update(baseline=baseline, device=device_name(device), when=_now())
             if verdict(m, threshold) is not None:
                 _store(key, m)
@@ -227,9 +243,10 @@ def _time(fn, args, device) -> float:
     return time.perf_counter() - start
 
 
-def measure_pair(fused, fused_args, unfused, unfused_args, device, threshold: float) -> dict:
+def measure_pair(fused, fused_args, unfused, unfused_args, device, threshold: float,
+                 max_seconds: float = MAX_SECONDS) -> dict:
     """Times `fused` against `unfused` in interleaved rounds until `verdict` can
-    decide (or MAX_ROUNDS / MAX_SECONDS pass). Returns the summary of the last
+    decide (or MAX_ROUNDS rounds / `max_seconds` pass). Returns the summary of the last
     MIN_ROUNDS rounds (see `summary`), with every round's medians."""
     fused(*fused_args)      # warm-up and first-call work
     unfused(*unfused_args)
@@ -247,7 +264,7 @@ def measure_pair(fused, fused_args, unfused, unfused_args, device, threshold: fl
             continue
         m = summary(rounds)
         if verdict(m, threshold) is not None or len(rounds) >= MAX_ROUNDS or \
-                time.perf_counter() - start > MAX_SECONDS:
+                time.perf_counter() - start > max_seconds:
             return m
 
 

@@ -27,14 +27,35 @@ from kitsune.tuning.launch import LaunchChoices, launch_choices
 log = logging.getLogger("kitsune")
 
 
+# (function name, structure, launch choices) -> (module, path): identical groups (a
+# transformer's layers, a recompiled graph) are generated once per process
+_GENERATED: dict = {}
+
+
 def compile_kernel(spec: KernelSpec) -> "TritonKernel":
     """The kernel of `spec`, generated and launched by the current launch
     choices (`kitsune.tuning.launch`): the source and the grid from one read."""
+    from kitsune.codegen.backends import count_build
+
     choices = launch_choices()
     fn_name = function_name(spec)
-    source = emit_triton(spec, fn_name, choices)
-    module, path = load_generated(fn_name, source)
+    memo_key = (fn_name, spec.structure_key(), choices)
+    generated = _GENERATED.get(memo_key)
+    if generated is None:
+        source = emit_triton(spec, fn_name, choices)
+        count_build("generated")
+        generated = _GENERATED[memo_key] = load_generated(fn_name, source)
+    module, path = generated
     return TritonKernel(spec, getattr(module, fn_name), path, getattr(module, f"{fn_name}_finish", None), choices)
+
+
+def load_kernel(spec: KernelSpec, path: str) -> "TritonKernel":
+    """The kernel of `spec` from its generated module at `path` (written by
+    `compile_kernel` in an earlier process, under the same launch choices)."""
+    fn_name = function_name(spec)
+    module, path = load_generated(fn_name, Path(path).read_text())
+    return TritonKernel(spec, getattr(module, fn_name), path, getattr(module, f"{fn_name}_finish", None),
+                        launch_choices())
 
 
 def load_generated(fn_name: str, source: str):

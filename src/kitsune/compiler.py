@@ -42,7 +42,7 @@ from kitsune.runtime import graph_cache
 from kitsune.runtime.compiled_graph import bind_fast_targets, build_graph_module
 from kitsune.runtime.fused_call import FusedGroupCall
 from kitsune.runtime.matmul import align_matmuls
-from kitsune.tuning.measure import apply_decision, measured, measuring
+from kitsune.tuning.measure import apply_decision, cached_decisions, measured, measuring
 
 log = logging.getLogger("kitsune")
 
@@ -268,10 +268,13 @@ def _restore(gm: fx.GraphModule, entry: dict, config: FusionConfig, record: Grap
         record.kernel_calls[call.spec.name] = call
         record.groups.append((call.spec.name, [n.name for n in group.nodes], backend.name))
     if measured_before and measuring(config, profile) and set(measured_before) >= set(record.kernel_calls):
-        for name, m in measured_before.items():
-            record.measured[name] = m = dict(m, cached=True)
+        decided = cached_decisions(measured_before, config.min_fusion_benefit)
+        for name, m in (decided or {}).items():
+            if name not in record.kernel_calls:
+                continue
+            record.measured[name] = m
             apply_decision(record, record.kernel_calls[name], m, config.min_fusion_benefit)
-        record.measured_from_cache = True
+        record.measured_from_cache = decided is not None
     return lowered
 
 

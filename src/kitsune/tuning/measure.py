@@ -75,8 +75,9 @@ def measured(compiled, aten_gm: fx.GraphModule, record, config: FusionConfig, pr
     """`compiled`, or, when `measuring(config, profile)` and it has fused kernels, a
     function with its calling convention whose first real call measures and decides
     each of them. Call it before wrapping the result in a CUDA-graph runner.
-    `on_done(decided)`: called after the measurement with {kernel name: measurement}
-    of the groups decided (the compiled-graph cache keeps them)."""
+    `on_done(decided)`: called after the measurement with {kernel name: decision key}
+    of the groups decided (the compiled-graph cache keeps them; `cached_decisions`
+    reads them back)."""
     if not measuring(config, profile) or not isinstance(compiled, fx.GraphModule):
         return compiled
     calls = [n.target for n in compiled.graph.nodes if is_group_call(n.target)]
@@ -105,8 +106,8 @@ def measured(compiled, aten_gm: fx.GraphModule, record, config: FusionConfig, pr
             baselines.clear()
             record.phases["measure"] = record.phases.get("measure", 0.0) + time.perf_counter() - start
         if on_done is not None and not getattr(record, "measure_skipped", 0):
-            on_done({name: {k: v for k, v in m.items() if k not in ("cached", "key")}
-                     for name, m in record.measured.items() if m.get("decision") != "undecided"})
+            on_done({name: m["key"] for name, m in record.measured.items()
+                     if m.get("decision") != "undecided" and "key" in m})
         return forward(*args)
 
     run.__wrapped__ = compiled
@@ -170,7 +171,7 @@ class _Measurer(fx.Interpreter):
         device = args[0].device if args else call.device
         key = decision_key(call, args, self.backend_of.get(name, ""), baseline)
         m = _load(key)
-        cached = m is not None and _reusable(m, threshold)
+        cached = m is not None and reusable(m, threshold)
         left = self.deadline - time.perf_counter()
         if not cached and left <= 0:  # a cached decision costs nothing and still applies
             if not getattr(self.record, "measure_skipped", 0):
@@ -324,7 +325,7 @@ def decision_key(call, inputs, backend: str, baseline: str = DECOMPOSED_OPS) -> 
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def _reusable(m: dict, threshold: float) -> bool:
+def reusable(m: dict, threshold: float) -> bool:
     """Whether cached measurement `m` decides now: it decides against this threshold,
     KITSUNE_REMEASURE is not set, and a "run unfused" is not older than REMEASURE_AFTER_S."""
     if os.environ.get("KITSUNE_REMEASURE", "") not in ("", "0"):
@@ -340,6 +341,22 @@ def _reusable(m: dict, threshold: float) -> bool:
             return False
         return age < REMEASURE_AFTER_S
     return decision is not None
+
+
+_reusable = reusable  # the name tests know
+
+
+def cached_decisions(keys: dict, threshold: float) -> dict | None:
+    """{kernel name: measurement} read from the decision cache for `keys` ({kernel
+    name: decision key}), each marked cached; None unless every one is there and
+    still decides (`reusable`): then the graph is measured again."""
+    found = {}
+    for name, key in keys.items():
+        m = _load(key)
+        if m is None or not reusable(m, threshold):
+            return None
+        found[name] = dict(m, cached=True, key=key, decision=verdict(m, threshold))
+    return found
 
 
 def _now() -> str:

@@ -207,17 +207,29 @@ def _compile(gm: fx.GraphModule, config: FusionConfig, record: GraphRecord, exam
     with phase(record, "plan"):
         plan = plan_graph(gm, config, record.name)
         _record_plan(gm, plan, config, record)
+    planned_fallbacks = len(plan.fallbacks)
     with phase(record, "lower"):
         lowered = _lower(plan, record)
     with phase(record, "build"):
         _build(plan, lowered, record)
     why_nothing = plan.why_nothing_fused() if not any(e[1].kernel is not None for e in lowered) else None
-    if key is not None and not plan.replaced:  # a replacement rewrote gm: not reproducible from the key
+    # not cached: a graph whose user pattern replacements rewrote gm (the key cannot
+    # reproduce that), or where a lowering or a build failed (perhaps only this time)
+    if key is not None and not plan.replaced and len(plan.fallbacks) == planned_fallbacks:
         with phase(record, "cache_store"):
-            graph_cache.store(key, _entry(lowered, record, why_nothing))
-        record.cache_key = key
+            _store(key, lowered, record, why_nothing)
     with phase(record, "assemble"):
         return _assemble(gm, lowered, why_nothing, config, record)
+
+
+def _store(key: str, lowered: list, record: GraphRecord, why_nothing: str | None) -> None:
+    try:
+        entry = _entry(lowered, record, why_nothing)
+    except Exception as error:  # noqa: BLE001 - a kernel a backend cannot describe: not cached
+        log.debug("%s graph not cached: %s: %s", record.name, type(error).__name__, error)
+        return
+    if graph_cache.store(key, entry):
+        record.cache_key = key
 
 
 def _entry(lowered: list, record: GraphRecord, why_nothing: str | None) -> dict:

@@ -41,6 +41,7 @@ class GraphRecord:
     measured_from_cache: bool = False
     kernel_builds: int = 0        # kernel sources generated + compiler runs for this graph (codegen.backends)
     measure_skipped: int = 0      # fused groups left unmeasured: the measure budget was spent
+    measure_budget_s: float | None = None  # the budget the first call measured under (None: not measured)
     graph: object = None          # the captured fx.Graph, as planned
     config: object = None
     kernel_calls: dict = field(default_factory=dict)   # kernel name -> FusedGroupCall (every fused group)

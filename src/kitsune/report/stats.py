@@ -43,8 +43,8 @@ Keys (all graphs compiled into this stats object):
                       (kitsune.runtime.graph_cache: a warm start)
     kernel_builds     build work done while compiling: kernel sources generated plus compiler
                       runs (0 for a warm start; identical groups count once)
-    measure_budget_s  the largest per-graph timing budget of the graphs that measured
-                      (FusionConfig.measure_budget_s; None when nothing measured)
+    measure_budget_s  the largest per-graph timing budget the graphs measured under
+                      (FusionConfig.measure_budget_s; None when no graph measured)
     measure_skipped   fused groups left unmeasured (kept fused) because that budget was spent
     groups            (kernel name, nodes fused, backend) per fused group
     group_details     one dict per fused group: kernel, graph, backend, nodes, ops, patterns,
@@ -101,8 +101,8 @@ class FusionStats(RecordSink):
             "compile_phases": compile_phases(graphs),
             "graphs_from_cache": sum(1 for g in graphs if g.from_cache),
             "kernel_builds": sum(g.kernel_builds for g in graphs),
-            "measure_budget_s": max((g.config.measure_budget_s for g in graphs
-                                     if g.measured and g.config is not None), default=None),
+            "measure_budget_s": max((g.measure_budget_s for g in graphs if g.measure_budget_s is not None),
+                                    default=None),
             "measure_skipped": sum(g.measure_skipped for g in graphs),
             "groups": [grp for g in graphs for grp in g.groups],
             "group_details": summary["groups"],

@@ -189,8 +189,9 @@ def load(key: str) -> dict | None:
     return entry
 
 
-def store(key: str, entry: dict) -> None:
-    """Write `entry` under `key` (atomically, under the entry's lock); a failure is logged."""
+def store(key: str, entry: dict) -> bool:
+    """Write `entry` under `key` (atomically, under the entry's lock); a failure is
+    logged. Whether it was written."""
     path = _path(key)
     try:
         data = pickle.dumps(dict(entry, version=ENTRY_VERSION, key=key), protocol=pickle.HIGHEST_PROTOCOL)
@@ -198,6 +199,8 @@ def store(key: str, entry: dict) -> None:
             write_atomic(path, data)
     except Exception as error:  # noqa: BLE001 - the cache must never break a compile
         log.warning("cannot cache the compiled graph %s: %s: %s", key[:12], type(error).__name__, error)
+        return False
+    return True
 
 
 def update_measured(key: str, measured: dict) -> None:

@@ -141,6 +141,7 @@ class _Measurer(fx.Interpreter):
         self.graph_inputs = ()
         # the graph's timing budget (FusionConfig.measure_budget_s): measurements past it are skipped
         self.deadline = time.perf_counter() + config.measure_budget_s
+        record.measure_budget_s = config.measure_budget_s
 
     def run(self, *args):
         self.graph_inputs = args

@@ -70,8 +70,9 @@ def graph_key(gm: fx.GraphModule, example_inputs, kind: str, config: FusionConfi
                  _inputs_text(example_inputs), _device_text(gm, example_inputs)):
         h.update(part.encode())
         h.update(b"\0")
+    sequence: dict = {}  # autograd sequence numbers, renumbered: a process-wide counter
     for node in gm.graph.nodes:
-        h.update(_node_text(node).encode())
+        h.update(_node_text(node, sequence).encode())
         h.update(b"\n")
     return h.hexdigest()[:40]
 
@@ -121,13 +122,17 @@ def _inputs_text(example_inputs) -> str:
     return "|".join(parts)
 
 
-def _node_text(node: fx.Node) -> str:
+def _node_text(node: fx.Node, sequence: dict) -> str:
+    """One node, normalised: what planning reads of it, nothing that differs between
+    two traces of one program (autograd's `seq_nr` counts every op the process ran:
+    only which nodes share one matters)."""
     target = node.target if isinstance(node.target, str) else _callable_name(node.target)
     args = fx.node.map_arg((node.args, node.kwargs), lambda n: f"%{n.name}")
     meta = node.meta
     stack = [(entry[0], _callable_name(entry[1])) for entry in meta.get("source_fn_stack") or ()
              if isinstance(entry, (tuple, list)) and len(entry) >= 2]
-    extra = [(k, str(meta[k])) for k in _META if k in meta]
+    extra = [(k, str(sequence.setdefault(meta[k], len(sequence)) if k == "seq_nr" else meta[k]))
+             for k in _META if k in meta]
     return f"{node.op} {node.name} {target} {args!r} {_value_text(meta.get('val'))} {stack} {extra}"
 
 

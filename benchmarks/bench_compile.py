@@ -146,8 +146,8 @@ def _kitsune_phases() -> dict:
     stats = kitsune.get_fusion_stats()
     phases = stats["compile_phases"]
     return {"own_s": sum(phases.get(p, 0.0) for p in KITSUNE_OWN), "capture_s": phases.get("capture", 0.0),
-            "phases": phases, "graphs": stats["graphs"], "graphs_from_cache": stats["graphs_from_cache"],
-            "kernel_builds": stats["kernel_builds"], "num_fused": stats["num_fused"]}
+            "phases": phases, "graphs": stats["graphs"], "graphs_from_cache": stats.get("graphs_from_cache"),
+            "kernel_builds": stats.get("kernel_builds"), "num_fused": stats["num_fused"]}
 
 
 def _inductor_phases(first_call: float) -> dict:

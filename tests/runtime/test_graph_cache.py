@@ -93,6 +93,17 @@ def test_the_key_changes_with_what_the_compile_depends_on(cache_dir, monkeypatch
     assert graph_cache.enabled(FusionConfig(graph_cache=False)) is False
 
 
+def test_scalar_values_are_pickled_without_their_process_salted_hash():
+    from kitsune.ir.index import Index
+    from kitsune.ir.scalar import load
+
+    value = load(0, Index.var(), torch.float32) * 2.0 + 1.0
+    fresh = hash(value)
+    object.__setattr__(value, "_hash", fresh + 1)  # as another process's string hashes would give
+    loaded = graph_cache.loads(graph_cache.dumps({"v": value}))["v"]
+    assert hash(loaded) == fresh and loaded == load(0, Index.var(), torch.float32) * 2.0 + 1.0
+
+
 def test_a_corrupt_entry_is_ignored_with_a_logged_reason(cache_dir, caplog):
     _, cold = _compile()
     (entry,) = (cache_dir / "graphs").glob("*.pkl")

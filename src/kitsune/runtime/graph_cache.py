@@ -30,9 +30,12 @@ graph is then compiled as usual. `FusionConfig(graph_cache=False)` or
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import gc
 import hashlib
+import io
 import logging
 import os
 import pickle
@@ -43,6 +46,7 @@ from torch import fx
 
 from kitsune.cache import cache_dir, file_lock, write_atomic
 from kitsune.config import FusionConfig
+from kitsune.ir.scalar import Value
 
 log = logging.getLogger("kitsune")
 
@@ -179,13 +183,48 @@ def _path(key: str):
     return cache_dir("graphs") / f"{key}.pkl"
 
 
+class _Pickler(pickle.Pickler):
+    """Pickles a scalar `Value` by its constructor's arguments: its cached hash is
+    built from Python's string hashes, which are salted per process, so a Value
+    must recompute it where it is loaded (else it would equal no fresh Value)."""
+
+    def reducer_override(self, obj):
+        if type(obj) is Value:
+            return Value, (obj.op, obj.args, obj.dtype, obj.attr)
+        return NotImplemented
+
+
+def dumps(entry: dict) -> bytes:
+    buffer = io.BytesIO()
+    _Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(entry)
+    return buffer.getvalue()
+
+
+@contextlib.contextmanager
+def _no_gc():
+    """Loading makes thousands of small objects: a cyclic collection of the heap a
+    Dynamo capture leaves (0.5 s and more) would start in the middle of it."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def loads(data: bytes):
+    with _no_gc():
+        return pickle.loads(data)
+
+
 def load(key: str) -> dict | None:
     """The entry stored under `key`, or None (absent, or unreadable: logged)."""
     path = _path(key)
     if not path.exists():
         return None
     try:
-        entry = pickle.loads(path.read_bytes())
+        entry = loads(path.read_bytes())
         if not isinstance(entry, dict) or entry.get("version") != ENTRY_VERSION or entry.get("key") != key:
             raise ValueError(f"not a version-{ENTRY_VERSION} entry for this key")
     except Exception as error:  # noqa: BLE001 - a bad entry only costs a compile
@@ -199,7 +238,7 @@ def store(key: str, entry: dict) -> bool:
     logged. Whether it was written."""
     path = _path(key)
     try:
-        data = pickle.dumps(dict(entry, version=ENTRY_VERSION, key=key), protocol=pickle.HIGHEST_PROTOCOL)
+        data = dumps(dict(entry, version=ENTRY_VERSION, key=key))
         with file_lock(path):
             write_atomic(path, data)
     except Exception as error:  # noqa: BLE001 - the cache must never break a compile
@@ -218,7 +257,7 @@ def update_measured(key: str, measured: dict) -> None:
             if entry is None:
                 return
             entry["measured"] = {**entry.get("measured", {}), **measured}
-            write_atomic(path, pickle.dumps(entry, protocol=pickle.HIGHEST_PROTOCOL))
+            write_atomic(path, dumps(entry))
     except Exception as error:  # noqa: BLE001
         log.warning("cannot cache the measured decisions of graph %s: %s: %s", key[:12],
                     type(error).__name__, error)

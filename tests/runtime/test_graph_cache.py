@@ -284,3 +284,35 @@ def test_warm_start_in_another_process_builds_nothing_and_processes_share_the_ca
     for out in outputs[1:]:
         for got, want in zip(out, outputs[0]):
             torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_triton_precompile_warms_each_distinct_launch_once_under_async_compile(monkeypatch):
+    """The CUDA path, with Triton's compile stood in for (CI has no GPU): repeats of a
+    kernel share a launch, failed builds are skipped, the warm-ups run inside the mode."""
+    import contextlib
+
+    from kitsune import _compat
+    from kitsune.codegen import triton as kt
+
+    specs = _specs(2)  # k0, k1, then k0 and k1 again
+    kernels = [kt.compile_kernel(spec) for spec in specs]
+    events = []
+    for kernel in kernels[:2]:
+        monkeypatch.setattr(kernel.fn, "warmup", lambda *args, name=kernel.spec.name, **kw: events.append(
+            (name, args[-1], kw["grid"])), raising=False)
+
+    @contextlib.contextmanager
+    def mode(pool):
+        events.append("enter")
+        yield
+        events.append("exit")
+    monkeypatch.setattr(kt, "INTERPRETED", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(kt, "_placeholders", lambda kernel, device: [])
+    monkeypatch.setattr(_compat, "triton_async_compile_mode", lambda: mode)
+    before = backends.build_counts()["compiled"]
+    kt.precompile(kernels + [RuntimeError("a failed build")])
+    assert events[0] == "enter" and events[-1] == "exit"
+    assert sorted(events[1:-1]) == [("k0", 64, kernels[0].grid), ("k1", 64, kernels[1].grid)]
+    assert backends.build_counts()["compiled"] == before + 2

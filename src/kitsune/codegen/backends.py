@@ -48,6 +48,21 @@ def count_build(what: str, n: int = 1) -> None:
         _COUNTS[what] += n
 
 
+def compile_workers() -> int:
+    """Parallel kernel builds (C compiler runs, Triton compiles): KITSUNE_COMPILE_THREADS,
+    else the CPUs this process may use (at most 8), as Inductor's compile workers."""
+    text = os.environ.get("KITSUNE_COMPILE_THREADS", "")
+    if text.strip():
+        try:
+            return max(1, int(text))
+        except ValueError:
+            import logging
+            logging.getLogger("kitsune").warning("KITSUNE_COMPILE_THREADS=%r is not an integer; using the CPU "
+                                                 "count", text)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cpus))
+
+
 def build_counts() -> dict:
     """{"generated": kernel sources emitted, "compiled": compiler runs} in this process so far."""
     with _COUNTS_LOCK:
@@ -107,8 +122,10 @@ class TritonBackend(Backend):
         return unsplit_few_rows(spec)
 
     def build(self, specs: list[KernelSpec]) -> list:
-        from kitsune.codegen.triton import compile_kernel
-        return _one_by_one(compile_kernel, specs)
+        from kitsune.codegen.triton import compile_kernel, precompile
+        kernels = _one_by_one(compile_kernel, specs)
+        precompile(kernels)
+        return kernels
 
     def kernel_state(self, kernel) -> dict | None:
         return {"path": str(kernel.path)}

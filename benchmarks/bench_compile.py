@@ -203,13 +203,10 @@ def table(results: dict) -> str:
                "warm first call s (kit / ind)", "warm own s (kit / ind)", "warm first-call ratio"]
     rows = []
     for model, result in results.items():
-        rows.append([model,
-                     f"{_cell(result, 'kitsune', 'cold', 'first_call_s')} / {_cell(result, 'inductor', 'cold', 'first_call_s')}",
-                     f"{_cell(result, 'kitsune', 'cold', 'own_s')} / {_cell(result, 'inductor', 'cold', 'own_s')}",
-                     _ratio(result, "cold", "own_s"),
-                     f"{_cell(result, 'kitsune', 'warm', 'first_call_s')} / {_cell(result, 'inductor', 'warm', 'first_call_s')}",
-                     f"{_cell(result, 'kitsune', 'warm', 'own_s')} / {_cell(result, 'inductor', 'warm', 'own_s')}",
-                     _ratio(result, "warm", "first_call_s")])
+        def pair(temperature, key):
+            return f"{_cell(result, 'kitsune', temperature, key)} / {_cell(result, 'inductor', temperature, key)}"
+        rows.append([model, pair("cold", "first_call_s"), pair("cold", "own_s"), _ratio(result, "cold", "own_s"),
+                     pair("warm", "first_call_s"), pair("warm", "own_s"), _ratio(result, "warm", "first_call_s")])
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 

@@ -68,13 +68,15 @@ def test_a_second_compile_loads_the_graph_and_says_the_same(cache_dir):
     assert [o.pattern for o in warm.opportunities] == [o.pattern for o in cold.opportunities]  # the report
 
 
-@pytest.mark.parametrize("change", ["version", "torch", "config", "device", "shape", "switched off"])
+@pytest.mark.parametrize("change", ["version", "source", "torch", "config", "device", "shape", "switched off"])
 def test_the_key_changes_with_what_the_compile_depends_on(cache_dir, monkeypatch, change):
     _compile()
     config = None
     inputs = None
     if change == "version":
         monkeypatch.setattr(kitsune, "__version__", kitsune.__version__ + ".post1")
+    elif change == "source":  # an edited checkout: same version, other code
+        monkeypatch.setattr(graph_cache, "source_hash", lambda: "edited")
     elif change == "torch":
         monkeypatch.setattr(torch, "__version__", "0.0.1")
     elif change == "config":

@@ -9,7 +9,7 @@ strides and device of its value, `source_fn_stack`, `original_aten`, `seq_nr`,
 the partitioner's tags), plus the example inputs' dtypes, shapes and strides
 (symbolic sizes by their hints), the graph's kind, the FusionConfig, the
 launch choices, the environment switches that change code generation, the
-Kitsune and torch versions and the device (CUDA: name and capability; CPU: the
+Kitsune version and a hash of its source files, the torch version and the device (CUDA: name and capability; CPU: the
 processor and thread count). Node names are part of the key, so a loaded entry
 names the nodes of the very graph it is applied to.
 
@@ -84,7 +84,26 @@ def graph_key(gm: fx.GraphModule, example_inputs, kind: str, config: FusionConfi
 def _environment() -> str:
     import kitsune
     env = ",".join(f"{name}={os.environ.get(name, '')}" for name in _ENV)
-    return f"kitsune {kitsune.__version__} torch {torch.__version__} {env}"
+    return f"kitsune {kitsune.__version__} {source_hash()} torch {torch.__version__} {env}"
+
+
+@functools.lru_cache(maxsize=None)
+def source_hash() -> str:
+    """Hash of Kitsune's own source files (once per process), as Inductor keys its
+    caches by torch's: a changed planner or code generator (an edited checkout, a new
+    release with the same version number) never loads a graph the old one compiled."""
+    import kitsune
+    root = os.path.dirname(kitsune.__file__)
+    h = hashlib.sha256()
+    for directory, subdirectories, files in sorted(os.walk(root)):
+        subdirectories.sort()
+        for name in sorted(files):
+            if name.endswith(".py"):
+                path = os.path.join(directory, name)
+                h.update(os.path.relpath(path, root).encode())
+                with open(path, "rb") as f:
+                    h.update(f.read())
+    return h.hexdigest()[:16]
 
 
 def _config_text(config: FusionConfig) -> str:

@@ -65,14 +65,14 @@ def library_source(specs: list[KernelSpec]) -> str:
     return "\n".join(parts)
 
 
-# (function name, structure, parallel threshold) -> the kernel's C text and entry: a
+# (function name, structure, launch choices) -> the kernel's C text and entry: a
 # kernel is emitted once per process (a graph's repeats, forward and backward, recompiles)
 _EMITTED: dict = {}
 _EMITTED_LOCK = threading.Lock()
 
 
 def _kernel_text(spec: KernelSpec, name: str) -> str:
-    key = (name, spec.structure_key(), launch_choices().cpu_parallel_threshold)
+    key = (name, spec.structure_key(), launch_choices())
     text = _EMITTED.get(key)
     if text is None:
         text = _serial_if_small(spec, emit_kernel(spec, name)) + "\n" + _entry(spec, name)

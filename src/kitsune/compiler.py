@@ -8,6 +8,10 @@ The compiler decides nothing: `kitsune.planner.plan_graph` chooses the groups
 and records every decision; the compiler lowers each group, lets the planner
 ask the group's backend (`planner.admit`), builds the kernels, records a
 failed lowering or build in the plan (`FusionPlan.refuse`) and runs the rest.
+
+A graph compiled before (this process or another, same key: `runtime.graph_cache`)
+is loaded instead: its groups, kernels, decisions and measured decisions come from
+the cache entry, and planning, lowering, generation and builds are skipped.
 """
 from __future__ import annotations
 

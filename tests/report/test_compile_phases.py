@@ -52,6 +52,7 @@ def test_phases_add_up_to_the_compile_time_and_capture_is_separate(graph_cache, 
             assert sum(record.phases.get(name, 0.0) for name in OWN) == \
                 pytest.approx(record.compile_seconds, rel=1e-6, abs=1e-9)
         assert kitsune.get_fusion_stats()["graphs_from_cache"] == 2
+        assert "2 of 2 graph(s) loaded from the compiled-graph cache" in explain_records(default_sink().records())
 
 
 def test_a_graph_compiled_directly_has_no_capture_phase():

@@ -231,7 +231,9 @@ class SymbolicSizes:
     @staticmethod
     def of(spec: KernelSpec, inputs: list, outputs: list) -> "SymbolicSizes | None":
         """None for static shapes; raises NotFusible where a symbol is no input's size."""
-        exprs = [*spec_size_exprs(spec)]
+        # a spec without `sizes` has no symbol in its arithmetic (lowering names them all):
+        # only the tensors' layouts can still be symbolic (walking the spec costs a warm start)
+        exprs = [*spec_size_exprs(spec)] if spec.sizes else []
         for v in (*inputs, *outputs):
             exprs += [*shape_of(v), *strides_of(v)] if isinstance(v, torch.Tensor) else [as_size(v)]
         symbols = free_symbols(*exprs)

@@ -119,7 +119,7 @@ def child(args) -> dict:
     model = model.to(device)
     if dtype != torch.float32:
         model = model.to(dtype)
-    inputs = tuple(t.to(device) for t in inputs)
+    inputs = tuple(t.to(device, dtype) if t.is_floating_point() else t.to(device) for t in inputs)
     model.train(args.train)
 
     def step(fn):

@@ -1,12 +1,17 @@
 """Test-wide settings: generated Triton kernels run in Triton's interpreter on
 the CPU (CI has no GPU), compiled artefacts go to a fresh cache directory so
-that tests never depend on what an earlier run left behind, and Hypothesis
+that tests never depend on what an earlier run left behind (and compiled graphs
+are not reused, KITSUNE_GRAPH_CACHE=0), and Hypothesis
 draws a fixed set of examples unless KITSUNE_HYPOTHESIS=explore."""
 import os
 import tempfile
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("KITSUNE_CACHE_DIR", tempfile.mkdtemp(prefix="kitsune-test-cache-"))
+# Compiled graphs are not reused between tests (a test that swaps a compiler stage for a
+# failing one would otherwise get an earlier test's compile); the graph cache's own tests
+# turn it on (tests/runtime/test_graph_cache.py).
+os.environ.setdefault("KITSUNE_GRAPH_CACHE", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -375,6 +375,24 @@ def static_launcher_class() -> type | None:
     return StaticallyLaunchedCudaKernel
 
 
+def triton_async_compile_mode():
+    """Triton's parallel-compile context (`AsyncCompileMode`, Triton 3.4+) as a function
+    `mode(executor)` -> context manager under which `JITFunction.warmup` compiles in
+    `executor` and the block's end waits for every compile (errors left to the first
+    launch); None where this Triton has none."""
+    try:
+        from triton.runtime._async_compile import AsyncCompileMode
+    except ImportError:
+        return None
+    import inspect
+
+    try:
+        takes_ignore = "ignore_errors" in inspect.signature(AsyncCompileMode).parameters
+    except (TypeError, ValueError):
+        takes_ignore = False
+    return (lambda pool: AsyncCompileMode(pool, ignore_errors=True)) if takes_ignore else AsyncCompileMode
+
+
 def static_cuda_launcher(compiled, cubin_path: str):
     """`torch._inductor.runtime.static_triton_launcher.StaticallyLaunchedCudaKernel`
     built for one compiled Triton kernel whose cubin is at `cubin_path` (the

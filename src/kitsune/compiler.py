@@ -8,6 +8,10 @@ The compiler decides nothing: `kitsune.planner.plan_graph` chooses the groups
 and records every decision; the compiler lowers each group, lets the planner
 ask the group's backend (`planner.admit`), builds the kernels, records a
 failed lowering or build in the plan (`FusionPlan.refuse`) and runs the rest.
+
+A graph compiled before (this process or another, same key: `runtime.graph_cache`)
+is loaded instead: its groups, kernels, decisions and measured decisions come from
+the cache entry, and planning, lowering, generation and builds are skipped.
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ from kitsune.capture import clock as _capture
 from kitsune.capture.chains import reassociate_matmul_chains
 from kitsune.capture.restore import restore_aten, restored_copy
 from kitsune.capture.simplify import simplify
-from kitsune.codegen.backends import Backend, backend_for
+from kitsune.codegen.backends import Backend, backend_for, build_counts, get_backend
 from kitsune.codegen.kernel import KernelError
 from kitsune.codegen.lower import lower_group
 from kitsune.config import FusionConfig
@@ -38,10 +42,11 @@ from kitsune.planner import FusionPlan, admit, plan_graph
 from kitsune.planner.detect import detect_patterns, needs_detection
 from kitsune.planner.naming import kernel_kind, kernel_name
 from kitsune.record import GraphRecord, default_sink
+from kitsune.runtime import graph_cache
 from kitsune.runtime.compiled_graph import bind_fast_targets, build_graph_module
 from kitsune.runtime.fused_call import FusedGroupCall
 from kitsune.runtime.matmul import align_matmuls
-from kitsune.tuning.measure import measured
+from kitsune.tuning.measure import apply_decision, cached_decisions, measured, measuring
 
 log = logging.getLogger("kitsune")
 
@@ -65,9 +70,10 @@ def compile_graph(gm: fx.GraphModule, example_inputs, kind: str = "graph",
     with phase(record, "rewrite"):
         folds = _rewrite(gm, kind, config, record)
     record.aten_ops = captured_kernel_count(gm.graph)
+    builds = build_counts()
     try:
         with hints_from(example_inputs):
-            compiled = _compile(gm, config, record)
+            compiled = _compile(gm, config, record, example_inputs, profile)
     except Exception as error:  # noqa: BLE001 - never crash the user's model
         log.warning("%s graph runs unfused through PyTorch: %s: %s", kind, type(error).__name__, error,
                     exc_info=log.isEnabledFor(logging.DEBUG))
@@ -75,6 +81,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs, kind: str = "graph",
         record.groups.clear()
         record.kernel_calls.clear()
         compiled = restored_copy(gm)  # prims.* run as aten ops; gm stays the graph as planned
+    record.kernel_builds = sum(build_counts().values()) - sum(builds.values())
     # a split reduction launches two kernels (its parts, then their finish)
     extra = sum(len(getattr(call.kernel, "launches", [call.kernel])) - 1 for call in record.kernel_calls.values())
     record.kernels_after = record.aten_ops - sum(len(nodes) - 1 for _, nodes, _ in record.groups) + extra
@@ -86,7 +93,9 @@ def compile_graph(gm: fx.GraphModule, example_inputs, kind: str = "graph",
     # outputs a padded matmul returns as views, to be copied into eager's strides
     strides = getattr(compiled, "meta", {}).get("kitsune_restride") if isinstance(compiled, fx.GraphModule) else None
     # measured on the first real call, before a CUDA-graph runner records the graph
-    compiled = measured(compiled, gm, record, config, profile)
+    if not record.measured_from_cache:
+        on_done = functools.partial(graph_cache.update_measured, record.cache_key) if record.cache_key else None
+        compiled = measured(compiled, gm, record, config, profile, on_done=on_done)
     if replay:
         from kitsune.runtime.cuda_graphs import CudaGraphRunner, SizeKeyedRunner
         record.cuda_graph = True
@@ -183,27 +192,114 @@ def _user_outputs(gm: fx.GraphModule) -> range:
     return range(count) if isinstance(count, int) else range(0)
 
 
-def _compile(gm: fx.GraphModule, config: FusionConfig, record: GraphRecord) -> fx.GraphModule:
+def _compile(gm: fx.GraphModule, config: FusionConfig, record: GraphRecord, example_inputs=(),
+             profile: bool = False) -> fx.GraphModule:
     with phase(record, "rewrite"):
         simplify(gm)
         if config.pattern_enabled("matrix_chain"):
             record.rewrites.extend(reassociate_matmul_chains(gm))
+    key = None
+    if graph_cache.enabled(config):
+        with phase(record, "cache_load"):
+            key = graph_cache.graph_key(gm, example_inputs, record.name, config)
+            entry = graph_cache.load(key)
+            lowered = _restore(gm, entry, config, record, profile) if entry is not None else None
+        if lowered is not None:
+            record.from_cache, record.cache_key = True, key
+            with phase(record, "assemble"):
+                return _assemble(gm, lowered, entry.get("nothing_fused"), config, record)
     with phase(record, "plan"):
         plan = plan_graph(gm, config, record.name)
         _record_plan(gm, plan, config, record)
+    planned_fallbacks = len(plan.fallbacks)
     with phase(record, "lower"):
         lowered = _lower(plan, record)
     with phase(record, "build"):
         _build(plan, lowered, record)
+    why_nothing = plan.why_nothing_fused() if not any(e[1].kernel is not None for e in lowered) else None
+    # not cached: a graph whose user pattern replacements rewrote gm (the key cannot
+    # reproduce that), or where a lowering or a build failed (perhaps only this time)
+    if key is not None and not plan.replaced and len(plan.fallbacks) == planned_fallbacks:
+        with phase(record, "cache_store"):
+            _store(key, lowered, record, why_nothing)
     with phase(record, "assemble"):
-        return _assemble(gm, plan, lowered, config, record)
+        return _assemble(gm, lowered, why_nothing, config, record)
 
 
-def _assemble(gm: fx.GraphModule, plan: FusionPlan, lowered: list, config: FusionConfig,
+def _store(key: str, lowered: list, record: GraphRecord, why_nothing: str | None) -> None:
+    try:
+        entry = _entry(lowered, record, why_nothing)
+    except Exception as error:  # noqa: BLE001 - a kernel a backend cannot describe: not cached
+        log.debug("%s graph not cached: %s: %s", record.name, type(error).__name__, error)
+        return
+    if graph_cache.store(key, entry):
+        record.cache_key = key
+
+
+def _entry(lowered: list, record: GraphRecord, why_nothing: str | None) -> dict:
+    """What `_restore` needs to rebuild this compile in another process (graph_cache)."""
+    groups = []
+    for group, call, inputs, outputs, backend in lowered:
+        if call.kernel is None:
+            continue
+        groups.append(dict(name=call.spec.name, nodes=[n.name for n in group.nodes], label=group.label(),
+                           inputs=[n.name for n in inputs], outputs=[n.name for n in outputs], spec=call.spec,
+                           backend=backend.name, state=backend.kernel_state(call.kernel)))
+    return dict(groups=groups, decisions=list(record.decisions), fallbacks=list(record.fallbacks),
+                nothing_fused=why_nothing, measured={})
+
+
+class _CachedGroup:
+    """A fused group as a cache entry gives it back: its nodes and its label."""
+
+    def __init__(self, nodes: list, label: str):
+        self.nodes, self._label = nodes, label
+
+    def label(self) -> str:
+        return self._label
+
+
+def _restore(gm: fx.GraphModule, entry: dict, config: FusionConfig, record: GraphRecord,
+             profile: bool) -> list | None:
+    """The lowered groups of a cached compile of `gm`, their kernels loaded, with the
+    record filled as the cold compile filled it; None (logged) if the entry does not fit."""
+    try:
+        nodes = {n.name: n for n in gm.graph.nodes}
+        lowered = []
+        for g in entry["groups"]:
+            members, inputs, outputs = ([nodes[name] for name in g[k]] for k in ("nodes", "inputs", "outputs"))
+            call = _group_call(g["spec"], inputs, outputs, members)
+            backend = get_backend(g["backend"])
+            call.attach(backend.load(g["spec"], g["state"]))
+            lowered.append((_CachedGroup(members, g["label"]), call, inputs, outputs, backend))
+        decisions, fallbacks, measured_before = list(entry["decisions"]), list(entry["fallbacks"]), \
+            dict(entry.get("measured") or {})
+    except Exception as error:  # noqa: BLE001 - a stale entry costs a compile, never the model
+        log.warning("%s graph: cached compile not used, compiling: %s: %s", record.name, type(error).__name__, error)
+        return None
+    record.decisions, record.fallbacks = decisions, fallbacks
+    record.graph, record.config = gm.graph, config
+    record.pending_detection = functools.partial(detect_patterns, gm.graph, config, record.name)
+    for group, call, _, _, backend in lowered:
+        record.kernel_calls[call.spec.name] = call
+        record.groups.append((call.spec.name, [n.name for n in group.nodes], backend.name))
+    if measured_before and measuring(config, profile) and set(measured_before) >= set(record.kernel_calls):
+        decided = cached_decisions(measured_before, config.min_fusion_benefit)
+        for name, m in (decided or {}).items():
+            if name not in record.kernel_calls:
+                continue
+            record.measured[name] = m
+            apply_decision(record, record.kernel_calls[name], m, config.min_fusion_benefit)
+        record.measured_from_cache = decided is not None
+    return lowered
+
+
+def _assemble(gm: fx.GraphModule, lowered: list, why: str | None, config: FusionConfig,
               record: GraphRecord) -> fx.GraphModule:
-    """The graph module that runs: fused groups as kernel calls, the rest as aten ops."""
+    """The graph module that runs: fused groups as kernel calls, the rest as aten ops.
+    `why`: the plan's reason when nothing fused."""
     calls = {id(g): (g, call, ins, outs) for g, call, ins, outs, _ in lowered if call.kernel is not None}
-    if not calls and (why := plan.why_nothing_fused()) is not None:  # never silent: once per graph
+    if not calls and why is not None:  # never silent: once per graph
         log.info("%s graph: nothing fused, it runs through PyTorch: %s", record.name, why)
         if not record.fallbacks:  # else its refused groups say why
             record.fallbacks.append(("whole graph", f"nothing fused: {why}"))
@@ -236,6 +332,20 @@ def _record_plan(gm: fx.GraphModule, plan: FusionPlan, config: FusionConfig, rec
     # else: the detection the plan needed failed (logged): no patterns to report
 
 
+def _group_call(spec, inputs: list, outputs: list, members: list) -> FusedGroupCall:
+    """The group's call; its original ops (the unfused path) are made when first needed,
+    except over symbolic sizes, where making them checks that every size can be read
+    from the inputs (NotFusible otherwise)."""
+    inputs, outputs, members = list(inputs), list(outputs), list(members)
+
+    def make():
+        return restored_copy(group_fallback(inputs, outputs, members))
+    values, metas = [n.meta.get("val") for n in inputs], [meta(n) for n in outputs]
+    if spec.sizes:
+        return FusedGroupCall(spec, make(), values, metas)
+    return FusedGroupCall(spec, None, values, metas, make_fallback=make)
+
+
 def _lower(plan: FusionPlan, record: GraphRecord) -> list:
     """(group, call, inputs, outputs, backend) per group the planner keeps after
     asking its backend; a failed lowering is recorded in the plan."""
@@ -257,8 +367,7 @@ def _lower(plan: FusionPlan, record: GraphRecord) -> list:
         try:
             # symbolic sizes the call reads from the graph (after its tensors)
             inputs = inputs + size_inputs(group.nodes, inputs, spec.sizes)
-            call = FusedGroupCall(spec, restored_copy(group_fallback(inputs, outputs, group.nodes)),
-                                  [n.meta.get("val") for n in inputs], [meta(n) for n in outputs])
+            call = _group_call(spec, inputs, outputs, group.nodes)
         except NotFusible as error:  # symbolic sizes the call cannot read from its inputs
             plan.refuse(group, str(error), fallback=True)
             log.info("%s graph: not fused: %s: %s", record.name, group.label(), error)

@@ -27,6 +27,10 @@ class FusionConfig:
     # (kitsune.tuning.measure; also on with a non-default min_fusion_benefit, with
     # FusionEngine(profile=True) and with torch.compile's mode="max-autotune").
     measure: bool = False
+    # Seconds of timing per compiled graph for measured decisions (kitsune.tuning.measure):
+    # past it, groups without a cached decision keep their fusion unmeasured (counted in
+    # the stats' `measure_skipped`). Decisions are cached, so a later run measures the rest.
+    measure_budget_s: float = 30.0
     min_tensor_size: int = 0          # elements; smaller groups run through PyTorch
     cpu_fusion: bool = True
     gpu_fusion: bool = True
@@ -40,6 +44,10 @@ class FusionConfig:
     enabled_patterns: frozenset | None = None
     # User FusionPatterns (kitsune.fusion.FusionPattern) that steer grouping.
     custom_patterns: tuple = ()
+    # Keep each compiled graph (plan, kernels, launch and measured decisions) in the disk
+    # cache and load it in later processes instead of compiling (kitsune.runtime.graph_cache);
+    # the environment variable KITSUNE_GRAPH_CACHE=0 turns it off too.
+    graph_cache: bool = True
 
     def __post_init__(self):
         for f in fields(self):
@@ -53,6 +61,8 @@ class FusionConfig:
             raise ValueError(f"FusionConfig.max_fusion_size must be >= 1, got {self.max_fusion_size}")
         if not self.min_fusion_benefit >= 1.0:  # NaN too: it would profile and never decide
             raise ValueError(f"FusionConfig.min_fusion_benefit must be >= 1.0, got {self.min_fusion_benefit}")
+        if not self.measure_budget_s >= 0.0:  # NaN too
+            raise ValueError(f"FusionConfig.measure_budget_s must be >= 0, got {self.measure_budget_s}")
         if self.min_tensor_size < 0:
             raise ValueError(f"FusionConfig.min_tensor_size must be >= 0, got {self.min_tensor_size}")
         self._check_patterns()

@@ -29,11 +29,19 @@ class GraphRecord:
     fallbacks: list = field(default_factory=list)   # (what, reason) that run through PyTorch
     decisions: list = field(default_factory=list)   # planner Decisions
     compile_seconds: float = 0.0
-    # seconds by phase: Kitsune's compile ("rewrite", "plan", "lower", "build", "assemble", "other": they
-    # add up to compile_seconds), before it ("capture": Dynamo's tracing and AOTAutograd, on the first
+    # seconds by phase: Kitsune's compile ("rewrite", "cache_load", "plan", "lower", "build", "cache_store",
+    # "assemble", "other": they add up to compile_seconds), before it ("capture": Dynamo's tracing and AOTAutograd, on the first
     # graph of a capture) and on the first call ("measure", "cuda_graph": recording) (kitsune.compiler)
     phases: dict = field(default_factory=dict)
     cuda_graph: bool = False      # replayed as one CUDA graph (kitsune.runtime.cuda_graphs)
+    # the compiled-graph cache (kitsune.runtime.graph_cache): loaded from it instead of compiled,
+    # the entry's key (None: not cached), the measured decisions applied from it
+    from_cache: bool = False
+    cache_key: str | None = None
+    measured_from_cache: bool = False
+    kernel_builds: int = 0        # kernel sources generated + compiler runs for this graph (codegen.backends)
+    measure_skipped: int = 0      # fused groups left unmeasured: the measure budget was spent
+    measure_budget_s: float | None = None  # the budget the first call measured under (None: not measured)
     graph: object = None          # the captured fx.Graph, as planned
     config: object = None
     kernel_calls: dict = field(default_factory=dict)   # kernel name -> FusedGroupCall (every fused group)

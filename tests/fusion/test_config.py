@@ -5,7 +5,8 @@ from kitsune.fusion import FusionConfig, FusionPattern
 
 DEFAULTS = dict(enable_elementwise=True, enable_reduction=True, enable_matmul=False, max_fusion_size=8,
                 min_fusion_benefit=1.1, measure=False, min_tensor_size=0, cpu_fusion=True, gpu_fusion=True,
-                cuda_graphs=True, enabled_patterns=None, custom_patterns=())
+                cuda_graphs=True, enabled_patterns=None, custom_patterns=(), measure_budget_s=30.0,
+                graph_cache=True)
 
 
 def test_defaults_match_spec_01():
@@ -23,7 +24,7 @@ def test_spec_01_example_constructs():
 
 
 @pytest.mark.parametrize("field", ["enable_elementwise", "enable_reduction", "enable_matmul", "cpu_fusion",
-                                   "gpu_fusion", "cuda_graphs", "measure"])
+                                   "gpu_fusion", "cuda_graphs", "measure", "graph_cache"])
 def test_bool_fields_reject_non_bools(field):
     with pytest.raises(TypeError, match=field):
         FusionConfig(**{field: 1})
@@ -35,7 +36,8 @@ def test_bool_fields_reject_non_bools(field):
     ("max_fusion_size", True, TypeError), ("min_fusion_benefit", 0.9, ValueError),
     ("min_fusion_benefit", float("nan"), ValueError),
     ("min_fusion_benefit", "1.2", TypeError), ("min_tensor_size", -1, ValueError),
-    ("min_tensor_size", 1.0, TypeError),
+    ("min_tensor_size", 1.0, TypeError), ("measure_budget_s", -1.0, ValueError),
+    ("measure_budget_s", float("nan"), ValueError), ("measure_budget_s", "5", TypeError),
 ])
 def test_numeric_fields_validate_and_name_the_field(field, bad_value, error):
     with pytest.raises(error, match=field):

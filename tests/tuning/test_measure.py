@@ -220,9 +220,9 @@ def _baselines(monkeypatch):
     seen = []
     real = measure.measure_pair
 
-    def spy(fused, fused_args, unfused, unfused_args, device, threshold):
+    def spy(fused, fused_args, unfused, unfused_args, device, threshold, **options):
         seen.append((unfused, list(unfused_args), fused, list(fused_args)))
-        return real(fused, fused_args, unfused, unfused_args, device, threshold)
+        return real(fused, fused_args, unfused, unfused_args, device, threshold, **options)
     monkeypatch.setattr(measure, "measure_pair", spy)
     return seen
 

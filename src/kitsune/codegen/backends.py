@@ -13,19 +13,60 @@ it asks here, never from an emitter's internals:
   The thresholds behind a refusal are `kitsune.tuning.launch.LaunchChoices`.
 - `backend.build(specs)`: a kernel `kernel(inputs, outputs)` per spec, or the
   exception that stopped it (that group then runs through PyTorch).
+- `backend.kernel_state(kernel)` / `backend.load(spec, state)`: what a later
+  process needs to load a built kernel without generating or building it (the
+  compiled-graph cache, `kitsune.runtime.graph_cache`).
+
+`build_counts()` counts the work done in this process: kernel sources generated
+("generated": identical kernels count once) and compiler runs ("compiled": a C
+library built; Triton compiles on first launch and is not counted).
 
 Backends import their code generators lazily: a CPU-only machine never
 imports Triton through this module.
 """
 from __future__ import annotations
 
+import collections
 import os
+import threading
 
 import torch
 
 from kitsune.codegen.kernel import KernelSpec
 
-__all__ = ["Backend", "TritonBackend", "CpuBackend", "ReferenceBackend", "BACKENDS", "backend_for", "get_backend"]
+__all__ = ["Backend", "TritonBackend", "CpuBackend", "ReferenceBackend", "BACKENDS", "backend_for", "get_backend",
+           "build_counts", "count_build"]
+
+_COUNTS: collections.Counter = collections.Counter()
+_COUNTS_LOCK = threading.Lock()
+
+
+def count_build(what: str, n: int = 1) -> None:
+    """Count `n` pieces of build work: "generated" (a kernel's source emitted) or
+    "compiled" (a compiler run)."""
+    with _COUNTS_LOCK:
+        _COUNTS[what] += n
+
+
+def compile_workers() -> int:
+    """Parallel kernel builds (C compiler runs, Triton compiles): KITSUNE_COMPILE_THREADS,
+    else the CPUs this process may use (at most 8), as Inductor's compile workers."""
+    text = os.environ.get("KITSUNE_COMPILE_THREADS", "")
+    if text.strip():
+        try:
+            return max(1, int(text))
+        except ValueError:
+            import logging
+            logging.getLogger("kitsune").warning("KITSUNE_COMPILE_THREADS=%r is not an integer; using the CPU "
+                                                 "count", text)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cpus))
+
+
+def build_counts() -> dict:
+    """{"generated": kernel sources emitted, "compiled": compiler runs} in this process so far."""
+    with _COUNTS_LOCK:
+        return {"generated": _COUNTS["generated"], "compiled": _COUNTS["compiled"]}
 
 
 class Backend:
@@ -40,6 +81,19 @@ class Backend:
     def build(self, specs: list[KernelSpec]) -> list:
         """A kernel per spec, in order, or the exception that stopped it."""
         raise NotImplementedError
+
+    def kernel_state(self, kernel) -> dict | None:
+        """What `load` needs to give `kernel` back in another process (plain data), or
+        None: `load` builds it again."""
+        return None
+
+    def load(self, spec: KernelSpec, state: dict | None):
+        """The kernel of `spec` from `kernel_state`'s record; raises if it cannot
+        (a file gone from the cache): the caller then compiles as usual."""
+        kernel = self.build([spec])[0]
+        if isinstance(kernel, BaseException):
+            raise kernel
+        return kernel
 
     def __repr__(self) -> str:
         return f"<kitsune backend {self.name!r}>"
@@ -68,8 +122,17 @@ class TritonBackend(Backend):
         return unsplit_few_rows(spec)
 
     def build(self, specs: list[KernelSpec]) -> list:
-        from kitsune.codegen.triton import compile_kernel
-        return _one_by_one(compile_kernel, specs)
+        from kitsune.codegen.triton import compile_kernel, precompile
+        kernels = _one_by_one(compile_kernel, specs)
+        precompile(kernels)
+        return kernels
+
+    def kernel_state(self, kernel) -> dict | None:
+        return {"path": str(kernel.path)}
+
+    def load(self, spec: KernelSpec, state: dict | None):
+        from kitsune.codegen.triton import load_kernel
+        return load_kernel(spec, state["path"])
 
 
 class CpuBackend(Backend):
@@ -80,6 +143,13 @@ class CpuBackend(Backend):
     def build(self, specs: list[KernelSpec]) -> list:
         from kitsune.codegen.cpu import compile_kernels
         return compile_kernels(specs)
+
+    def kernel_state(self, kernel) -> dict | None:
+        return {"source": str(kernel.source_path)}
+
+    def load(self, spec: KernelSpec, state: dict | None):
+        from kitsune.codegen.cpu import load_kernel
+        return load_kernel(spec, state["source"])
 
 
 class ReferenceBackend(Backend):

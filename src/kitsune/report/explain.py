@@ -102,6 +102,8 @@ def _phase_line(records) -> str:
         parts.append(f"before it, Dynamo + AOTAutograd {phases['capture']:.2f}")
     if later := ", ".join(f"{name} {phases[name]:.2f}" for name in first_call if name in phases):
         parts.append(f"first call: {later}")
+    if warm := sum(1 for r in records if getattr(r, "from_cache", False)):
+        parts.append(f"{warm} of {len(records)} graph(s) loaded from the compiled-graph cache")
     return "; ".join(parts)
 
 

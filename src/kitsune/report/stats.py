@@ -33,11 +33,19 @@ Keys (all graphs compiled into this stats object):
                       (inputs laid out otherwise than compiled for; the kernel stays on),
                       "KITSUNE_DEBUG: output k differs from eager"
     compile_seconds   time spent in Kitsune's compiler (not Dynamo's capture)
-    compile_phases    seconds by phase, summed over the graphs: Kitsune's own ("rewrite", "plan",
-                      "lower", "build" (Triton/C kernels), "assemble", "other": they add up to
-                      compile_seconds), PyTorch's before it ("capture": Dynamo's tracing and
+    compile_phases    seconds by phase, summed over the graphs: Kitsune's own ("rewrite",
+                      "cache_load" (hashing the graph, loading a cached compile), "plan", "lower",
+                      "build" (Triton/C kernels), "cache_store", "assemble", "other": they add up
+                      to compile_seconds), PyTorch's before it ("capture": Dynamo's tracing and
                       AOTAutograd) and Kitsune's on the first call ("measure": timing groups on
                       first inputs; "cuda_graph": recording)
+    graphs_from_cache graphs loaded from the compiled-graph cache instead of compiled
+                      (kitsune.runtime.graph_cache: a warm start)
+    kernel_builds     build work done while compiling: kernel sources generated plus compiler
+                      runs (0 for a warm start; identical groups count once)
+    measure_budget_s  the largest per-graph timing budget the graphs measured under
+                      (FusionConfig.measure_budget_s; None when no graph measured)
+    measure_skipped   fused groups left unmeasured (kept fused) because that budget was spent
     groups            (kernel name, nodes fused, backend) per fused group
     group_details     one dict per fused group: kernel, graph, backend, nodes, ops, patterns,
                       unfused_seconds/fused_seconds (estimated), unfused_kernels, bytes_saved,
@@ -91,13 +99,19 @@ class FusionStats(RecordSink):
             "runtime_fallbacks": runtime_fallbacks(graphs),
             "compile_seconds": round(sum(g.compile_seconds for g in graphs), 3),
             "compile_phases": compile_phases(graphs),
+            "graphs_from_cache": sum(1 for g in graphs if g.from_cache),
+            "kernel_builds": sum(g.kernel_builds for g in graphs),
+            "measure_budget_s": max((g.measure_budget_s for g in graphs if g.measure_budget_s is not None),
+                                    default=None),
+            "measure_skipped": sum(g.measure_skipped for g in graphs),
             "groups": [grp for g in graphs for grp in g.groups],
             "group_details": summary["groups"],
             "measured": measured_groups(graphs),
         }
 
 
-PHASES = ("capture", "rewrite", "plan", "lower", "build", "assemble", "other", "measure", "cuda_graph")
+PHASES = ("capture", "rewrite", "cache_load", "plan", "lower", "build", "cache_store", "assemble", "other",
+          "measure", "cuda_graph")
 
 
 def compile_phases(records) -> dict:

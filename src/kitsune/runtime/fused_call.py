@@ -51,9 +51,13 @@ def _fast_allocator(device: torch.device):
 
 
 class FusedGroupCall:
-    def __init__(self, spec: KernelSpec, fallback: fx.GraphModule, inputs: list, outputs: list):
+    def __init__(self, spec: KernelSpec, fallback: fx.GraphModule | None, inputs: list, outputs: list,
+                 make_fallback=None):
+        """`fallback`: the group's original ops; or None and `make_fallback()` makes
+        them when first needed (most groups never run unfused: building a GraphModule
+        per group was a third of a warm start's time)."""
         self.spec = spec
-        self.fallback = fallback
+        self._fallback, self._make_fallback = fallback, make_fallback
         # compiled graphs whose generated code calls this group's kernel directly:
         # told when the kernel changes (runtime/wrapper.py)
         self._watchers = weakref.WeakSet()
@@ -76,6 +80,16 @@ class FusedGroupCall:
         # fx codegen names call_function targets by these
         self.__name__ = spec.name
         self.__module__ = __name__
+
+    @property
+    def fallback(self) -> fx.GraphModule:
+        if self._fallback is None:
+            self._fallback, self._make_fallback = self._make_fallback(), None
+        return self._fallback
+
+    @fallback.setter
+    def fallback(self, value) -> None:
+        self._fallback = value
 
     @property
     def kernel(self):
@@ -217,7 +231,9 @@ class SymbolicSizes:
     @staticmethod
     def of(spec: KernelSpec, inputs: list, outputs: list) -> "SymbolicSizes | None":
         """None for static shapes; raises NotFusible where a symbol is no input's size."""
-        exprs = [*spec_size_exprs(spec)]
+        # a spec without `sizes` has no symbol in its arithmetic (lowering names them all):
+        # only the tensors' layouts can still be symbolic (walking the spec costs a warm start)
+        exprs = [*spec_size_exprs(spec)] if spec.sizes else []
         for v in (*inputs, *outputs):
             exprs += [*shape_of(v), *strides_of(v)] if isinstance(v, torch.Tensor) else [as_size(v)]
         symbols = free_symbols(*exprs)

@@ -70,10 +70,14 @@ def measuring(config: FusionConfig, profile: bool = False) -> bool:
     return profile or config.measure or config.min_fusion_benefit != DEFAULT_BENEFIT
 
 
-def measured(compiled, aten_gm: fx.GraphModule, record, config: FusionConfig, profile: bool = False):
+def measured(compiled, aten_gm: fx.GraphModule, record, config: FusionConfig, profile: bool = False,
+             on_done=None):
     """`compiled`, or, when `measuring(config, profile)` and it has fused kernels, a
     function with its calling convention whose first real call measures and decides
-    each of them. Call it before wrapping the result in a CUDA-graph runner."""
+    each of them. Call it before wrapping the result in a CUDA-graph runner.
+    `on_done(decided)`: called after the measurement with {kernel name: decision key}
+    of the groups decided (the compiled-graph cache keeps them; `cached_decisions`
+    reads them back)."""
     if not measuring(config, profile) or not isinstance(compiled, fx.GraphModule):
         return compiled
     calls = [n.target for n in compiled.graph.nodes if is_group_call(n.target)]
@@ -101,6 +105,9 @@ def measured(compiled, aten_gm: fx.GraphModule, record, config: FusionConfig, pr
             measurer.progress(end=True)
             baselines.clear()
             record.phases["measure"] = record.phases.get("measure", 0.0) + time.perf_counter() - start
+        if on_done is not None and not getattr(record, "measure_skipped", 0):
+            on_done({name: m["key"] for name, m in record.measured.items()
+                     if m.get("decision") != "undecided" and "key" in m})
         return forward(*args)
 
     run.__wrapped__ = compiled
@@ -132,6 +139,9 @@ class _Measurer(fx.Interpreter):
         self.total = sum(1 for n in gm.graph.nodes if is_group_call(n.target))
         self.done = 0
         self.graph_inputs = ()
+        # the graph's timing budget (FusionConfig.measure_budget_s): measurements past it are skipped
+        self.deadline = time.perf_counter() + config.measure_budget_s
+        record.measure_budget_s = config.measure_budget_s
 
     def run(self, *args):
         self.graph_inputs = args
@@ -162,9 +172,17 @@ class _Measurer(fx.Interpreter):
         device = args[0].device if args else call.device
         key = decision_key(call, args, self.backend_of.get(name, ""), baseline)
         m = _load(key)
-        cached = m is not None and _reusable(m, threshold)
+        cached = m is not None and reusable(m, threshold)
+        left = self.deadline - time.perf_counter()
+        if not cached and left <= 0:  # a cached decision costs nothing and still applies
+            if not getattr(self.record, "measure_skipped", 0):
+                log.info("%s graph: measure budget of %.1f s spent; groups not yet decided keep their fusion",
+                         self.record.name, self.config.measure_budget_s)
+            self.record.measure_skipped = getattr(self.record, "measure_skipped", 0) + 1
+            return
         if not cached:
-            m = measure_pair(call, args, unfused, unfused_args, device, threshold)
+            m = measure_pair(call, args, unfused, unfused_args, device, threshold,
+                             max_seconds=min(MAX_SECONDS, left))
             m.update(baseline=baseline, device=device_name(device), when=_now())
             if verdict(m, threshold) is not None:
                 _store(key, m)
@@ -227,9 +245,10 @@ def _time(fn, args, device) -> float:
     return time.perf_counter() - start
 
 
-def measure_pair(fused, fused_args, unfused, unfused_args, device, threshold: float) -> dict:
+def measure_pair(fused, fused_args, unfused, unfused_args, device, threshold: float,
+                 max_seconds: float = MAX_SECONDS) -> dict:
     """Times `fused` against `unfused` in interleaved rounds until `verdict` can
-    decide (or MAX_ROUNDS / MAX_SECONDS pass). Returns the summary of the last
+    decide (or MAX_ROUNDS rounds / `max_seconds` pass). Returns the summary of the last
     MIN_ROUNDS rounds (see `summary`), with every round's medians."""
     fused(*fused_args)      # warm-up and first-call work
     unfused(*unfused_args)
@@ -247,7 +266,7 @@ def measure_pair(fused, fused_args, unfused, unfused_args, device, threshold: fl
             continue
         m = summary(rounds)
         if verdict(m, threshold) is not None or len(rounds) >= MAX_ROUNDS or \
-                time.perf_counter() - start > MAX_SECONDS:
+                time.perf_counter() - start > max_seconds:
             return m
 
 
@@ -307,7 +326,7 @@ def decision_key(call, inputs, backend: str, baseline: str = DECOMPOSED_OPS) -> 
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def _reusable(m: dict, threshold: float) -> bool:
+def reusable(m: dict, threshold: float) -> bool:
     """Whether cached measurement `m` decides now: it decides against this threshold,
     KITSUNE_REMEASURE is not set, and a "run unfused" is not older than REMEASURE_AFTER_S."""
     if os.environ.get("KITSUNE_REMEASURE", "") not in ("", "0"):
@@ -323,6 +342,22 @@ def _reusable(m: dict, threshold: float) -> bool:
             return False
         return age < REMEASURE_AFTER_S
     return decision is not None
+
+
+_reusable = reusable  # the name tests know
+
+
+def cached_decisions(keys: dict, threshold: float) -> dict | None:
+    """{kernel name: measurement} read from the decision cache for `keys` ({kernel
+    name: decision key}), each marked cached; None unless every one is there and
+    still decides (`reusable`): then the graph is measured again."""
+    found = {}
+    for name, key in keys.items():
+        m = _load(key)
+        if m is None or not reusable(m, threshold):
+            return None
+        found[name] = dict(m, cached=True, key=key, decision=verdict(m, threshold))
+    return found
 
 
 def _now() -> str:

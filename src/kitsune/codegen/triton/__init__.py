@@ -3,7 +3,10 @@
 `compile_kernel(spec)` writes the kernel's source to the cache directory
 (named by the spec's structure hash, so an identical group in any model or any
 later process reuses the file; Triton's own cache then reuses the binary),
-imports it, and returns a launcher `kernel(inputs, outputs)`.
+imports it, and returns a launcher `kernel(inputs, outputs)`. A kernel is
+generated once per process (`_GENERATED`). `precompile(kernels)` compiles the
+CUDA binaries of a graph's kernels in parallel threads at build time, so that
+the first call does not compile them one after another.
 """
 from __future__ import annotations
 
@@ -27,14 +30,88 @@ from kitsune.tuning.launch import LaunchChoices, launch_choices
 log = logging.getLogger("kitsune")
 
 
+# (function name, structure, launch choices) -> (module, path): identical groups (a
+# transformer's layers, a recompiled graph) are generated once per process
+_GENERATED: dict = {}
+
+
 def compile_kernel(spec: KernelSpec) -> "TritonKernel":
     """The kernel of `spec`, generated and launched by the current launch
     choices (`kitsune.tuning.launch`): the source and the grid from one read."""
+    from kitsune.codegen.backends import count_build
+
     choices = launch_choices()
     fn_name = function_name(spec)
-    source = emit_triton(spec, fn_name, choices)
-    module, path = load_generated(fn_name, source)
+    memo_key = (fn_name, spec.structure_key(), choices)
+    generated = _GENERATED.get(memo_key)
+    if generated is None:
+        source = emit_triton(spec, fn_name, choices)
+        count_build("generated")
+        generated = _GENERATED[memo_key] = load_generated(fn_name, source)
+    module, path = generated
     return TritonKernel(spec, getattr(module, fn_name), path, getattr(module, f"{fn_name}_finish", None), choices)
+
+
+def precompile(kernels: list) -> None:
+    """Compile the binaries the first launches of `kernels` (TritonKernels, or the
+    exceptions of failed builds) will need, in parallel: each distinct launch once,
+    warmed up under Triton's `AsyncCompileMode` with a pool of `compile_workers()`
+    threads (Triton's own API for parallel compiles), with placeholder tensors of the
+    spec's dtypes on the current CUDA device (16-byte aligned, as the allocator's
+    outputs are; a launch whose real inputs are not gets its own specialisation then).
+    Triton's caches then serve the first call. Nothing on the CPU, in the interpreter,
+    for symbolic sizes (specialised per size values) or where this Triton has no
+    AsyncCompileMode; KITSUNE_TRITON_PRECOMPILE=0 turns it off. A failure is only
+    logged: the first call compiles as it would have."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kitsune._compat import triton_async_compile_mode
+    from kitsune.codegen.backends import compile_workers, count_build
+
+    if INTERPRETED or os.environ.get("KITSUNE_TRITON_PRECOMPILE", "") == "0" or not torch.cuda.is_available():
+        return
+    mode = triton_async_compile_mode()
+    jobs = {}
+    for kernel in kernels:
+        if not isinstance(kernel, TritonKernel) or kernel.spec.sizes or kernel.spec.numel <= 1:
+            continue
+        for launch in kernel.launches:
+            key = (id(launch.fn), launch.grid, launch.num_warps, tuple(sorted(launch.constexprs.items())),
+                   kernel.spec.numel, tuple(i.dtype for i in kernel.spec.inputs),
+                   tuple(o.dtype for o in kernel.spec.outputs), kernel.workspace)
+            jobs.setdefault(key, (kernel, launch))
+    if mode is None or not jobs:
+        return
+    device = torch.device("cuda", torch.cuda.current_device())
+    try:
+        with ThreadPoolExecutor(max_workers=min(len(jobs), compile_workers()),
+                                thread_name_prefix="kitsune-triton") as pool, mode(pool):
+            for kernel, launch in jobs.values():
+                launch.fn.warmup(*_placeholders(kernel, device), kernel.spec.numel, grid=launch.grid,
+                                 num_warps=launch.num_warps, **launch.constexprs)
+        count_build("compiled", len(jobs))
+    except Exception as error:  # noqa: BLE001 - the first call compiles instead
+        log.debug("Triton kernels not precompiled (%s: %s); compiled at their first call",
+                  type(error).__name__, error)
+
+
+def _placeholders(kernel: "TritonKernel", device: torch.device) -> list:
+    """One-element tensors standing for a kernel's arguments (their dtypes and alignment)."""
+    spec = kernel.spec
+    tensors = [torch.empty(1, dtype=t.dtype, device=device) for t in (*spec.inputs, *spec.outputs)]
+    if kernel.workspace:
+        tensors.append(torch.empty(1, dtype=torch.float32, device=device))
+    return tensors
+
+
+def load_kernel(spec: KernelSpec, path: str) -> "TritonKernel":
+    """The kernel of `spec` from its generated module at `path` (written by
+    `compile_kernel` in an earlier process, under the same launch choices)."""
+    fn_name = function_name(spec)
+    module, path = load_generated(fn_name, Path(path).read_text())
+    return TritonKernel(spec, getattr(module, fn_name), path, getattr(module, f"{fn_name}_finish", None),
+                        launch_choices())
 
 
 def load_generated(fn_name: str, source: str):

@@ -27,13 +27,16 @@ from kitsune import _compat
 
 from kitsune.lazy import macro
 from kitsune.lazy import ops as lazy_ops
-from kitsune.lazy.graph import GRAPH_CACHE, PendingGraph, call_compiled, compile_pending, run_eagerly
-from kitsune.lazy.signature import Eager as _Eager, Refs as _Refs, fake_meta as _fake_meta, storage_of as _storage
+from kitsune.lazy.graph import GRAPH_CACHE, STEPS as _STEPS, PendingGraph, call_compiled, compile_pending, run_eagerly
+from kitsune.lazy.graph import step as _step
+from kitsune.lazy.signature import Eager as _Eager, Refs as _Refs, check_result as _check_result, fake_meta as _fake_meta
+from kitsune.lazy.signature import storage_of as _storage
 from kitsune.lazy.tensor import LazyTensor, meta_of
 
 log = logging.getLogger("kitsune")
 aten = torch.ops.aten
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+_placeholder = torch.Tensor._make_wrapper_subclass  # (what LazyTensor.__new__ calls, without two frames)
 
 
 @dataclass
@@ -170,6 +173,9 @@ class LazyRegion(TorchDispatchMode):
 
     # -- recording ------------------------------------------------------------------
     def _record(self, func, act, args, kwargs):
+        """Record `func` (or raise _Eager): its node's template and signature, the result's
+        metadata (one trie step, `kitsune.lazy.graph.STEPS`, for a graph seen before) and
+        the placeholder. This runs for every recorded op: kept flat on purpose."""
         if act == lazy_ops.INPLACE:
             return self._record_inplace(func, args, kwargs)
         if len(self.graph.nodes) >= self.max_pending_ops:
@@ -178,46 +184,56 @@ class LazyRegion(TorchDispatchMode):
         marks = len(graph.inputs), len(graph.scalars)
         try:
             refs = _Refs(self, func, args)
-            args_t, args_s = [], []
-            for i, a in enumerate(args):
-                t, sig = refs.template(a, i)
-                args_t.append(t)
-                args_s.append(sig)
-            kwargs_t, kwargs_s = (), ()
+            args_t, args_s = refs.arguments(args)
+            kwargs_t = kwargs_s = ()
             if kwargs:
                 pairs = [(k, refs.template(v, -1)) for k, v in kwargs.items()]
                 kwargs_t = tuple((k, t) for k, (t, _) in pairs)
                 kwargs_s = tuple((k, sig) for k, (_, sig) in pairs)
             refs.check(func, kwargs)
-            signature = (tuple(args_s), kwargs_s)
-            meta = self._meta(func, args, kwargs, signature)
+            signature = (args_s, kwargs_s)
+            if act == lazy_ops.DECOMPOSE:
+                meta = self._meta(func, args, kwargs, signature)
+            else:
+                key = (graph.state, func, args_t, kwargs_t, signature, tuple(refs.floats) if refs.floats else None)
+                found = _STEPS.get(key)
+                if found is None:
+                    meta = self._meta(func, args, kwargs, signature)
+                    if type(meta) is list:
+                        raise _Eager("several results")
+                    found = _step(key, meta)
+                state, meta, size = found
+                if size > graph.largest:
+                    graph.largest = size
         except _Eager:
             graph.rollback(*marks)
             raise
         if act == lazy_ops.DECOMPOSE:
             return self._decompose(func, args, kwargs, meta, signature)
-        if type(meta) is list:
-            raise _Eager("several results")
-        key = (signature, tuple(refs.floats)) if refs.floats else signature
-        node = graph.add(func, tuple(args_t), kwargs_t, meta, key)
+        node = graph.add(func, args_t, kwargs_t, meta, state)
         STATS.ops_recorded += 1
-        view_of = None
         if act == lazy_ops.VIEW and isinstance(args[0], LazyTensor) and args[0].pending:
             args[0]._has_views = True
-            view_of = (args[0], func, args[1:], kwargs)
-        result = LazyTensor(self, node, meta, view_of)
+            result = _placeholder(LazyTensor, meta[0], strides=meta[1], storage_offset=meta[2],
+                                  dtype=meta[3], device=meta[4])
+            result._view_of = (args[0], func, args[1:], kwargs)
+        else:
+            result = _placeholder(LazyTensor, meta[0], strides=meta[1], storage_offset=meta[2],
+                                  dtype=meta[3], device=meta[4])
+        result._region, result._node, result._meta = self, node, meta
         self.wrappers.append(result)
         return result
 
     def _meta(self, func, args, kwargs, signature):
         """Eager's metadata for the result, from fake tensors (cached by the argument
-        layouts). A failing fake run makes the op run eagerly: it raises there, at the op."""
+        layouts). A failing fake run makes the op run eagerly: it raises there, at the op.
+        A result of a dtype the code generators lack runs eagerly too."""
         key = (func, signature)
         meta = _META_CACHE.get(key)
         if meta is None:
             if len(_META_CACHE) >= _CACHE_LIMIT:  # shapes that never repeat: start again
                 _META_CACHE.clear()
-            meta = _META_CACHE[key] = _fake_meta(func, args, kwargs)
+            meta = _META_CACHE[key] = _check_result(_fake_meta(func, args, kwargs))
         if type(meta) is str:
             raise _Eager(meta)
         return meta

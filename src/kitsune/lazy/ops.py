@@ -59,6 +59,19 @@ def action(op) -> str:
     return found
 
 
+# id(op) -> (op, action): the recording path's lookup. An OpOverload hashes in Python
+# (a frame per lookup); its id does not. The entry holds the op, so the id stays its own.
+_BY_ID: dict = {}
+
+
+def action_by_id(op) -> str:
+    """`action(op)`, found by the op's identity (for the per-op path)."""
+    found = _BY_ID.get(id(op))
+    if found is None or found[0] is not op:
+        found = _BY_ID[id(op)] = (op, action(op))
+    return found[1]
+
+
 def _classify(op) -> str:
     if not isinstance(op, _compat.OpOverload) or torch.Tag.nondeterministic_seeded in op.tags:
         return EAGER

@@ -36,6 +36,8 @@ from kitsune.lazy.tensor import LazyTensor, meta_of
 log = logging.getLogger("kitsune")
 aten = torch.ops.aten
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+_action_by_id, _ACTIONS_BY_ID = lazy_ops.action_by_id, lazy_ops._BY_ID
+_VIEW, _EAGER, _INPLACE, _DECOMPOSE = lazy_ops.VIEW, lazy_ops.EAGER, lazy_ops.INPLACE, lazy_ops.DECOMPOSE
 _placeholder = torch.Tensor._make_wrapper_subclass  # (what LazyTensor.__new__ calls, without two frames)
 
 
@@ -85,12 +87,15 @@ class LazyRegion(TorchDispatchMode):
 
     # -- dispatch -------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if not self.graph.nodes and not self.writes and self.trace is None and self._all_small(args):
+        if kwargs is None:
+            kwargs = {}
+        trace = self.trace
+        if trace is None:
+            if self.graph.nodes or self.writes or not self._all_small(args):
+                return self._dispatch(func, args, kwargs)
             STATS.ops_small += 1  # nothing pending, nothing worth recording: the pass-through's cost
             return func(*args, **kwargs)
-        trace = self.trace
-        if trace is not None and not trace.busy:  # a call the decomposition being traced makes
+        if not trace.busy:  # a call the decomposition being traced makes
             trace.busy = True
             try:
                 out = self._dispatch(func, args, kwargs)
@@ -101,13 +106,15 @@ class LazyRegion(TorchDispatchMode):
         return self._dispatch(func, args, kwargs)
 
     def _dispatch(self, func, args, kwargs):
-        if self._all_small(args):  # nothing worth recording: eager's cost
+        # (a pending placeholder first, the common case, is not small: no call to ask)
+        if (not args or type(args[0]) is not LazyTensor) and self._all_small(args):
             return self._run_eager(func, args, kwargs, "small tensors")
-        act = lazy_ops.action(func)
-        if act == lazy_ops.VIEW and not (isinstance(args[0], LazyTensor) and args[0].pending):
+        found = _ACTIONS_BY_ID.get(id(func))  # (lazy_ops.action_by_id, inline: once per op)
+        act = found[1] if found is not None and found[0] is func else _action_by_id(func)
+        if act is _VIEW and not (isinstance(args[0], LazyTensor) and args[0].pending):
             # a view of a real tensor stays one (writes through it reach the tensor)
             return self._run_eager(func, args, kwargs, "view of a real tensor")
-        if act != lazy_ops.EAGER:
+        if act is not _EAGER:
             try:
                 return self._record(func, act, args, kwargs)
             except _Eager as why:
@@ -176,7 +183,7 @@ class LazyRegion(TorchDispatchMode):
         """Record `func` (or raise _Eager): its node's template and signature, the result's
         metadata (one trie step, `kitsune.lazy.graph.STEPS`, for a graph seen before) and
         the placeholder. This runs for every recorded op: kept flat on purpose."""
-        if act == lazy_ops.INPLACE:
+        if act is _INPLACE:
             return self._record_inplace(func, args, kwargs)
         if len(self.graph.nodes) >= self.max_pending_ops:
             self.flush("max pending ops")
@@ -184,18 +191,11 @@ class LazyRegion(TorchDispatchMode):
         marks = len(graph.inputs), len(graph.scalars)
         try:
             refs = _Refs(self, func, args)
-            args_t, args_s = refs.arguments(args)
-            kwargs_t = kwargs_s = ()
-            if kwargs:
-                pairs = [(k, refs.template(v, -1)) for k, v in kwargs.items()]
-                kwargs_t = tuple((k, t) for k, (t, _) in pairs)
-                kwargs_s = tuple((k, sig) for k, (_, sig) in pairs)
-            refs.check(func, kwargs)
-            signature = (args_s, kwargs_s)
-            if act == lazy_ops.DECOMPOSE:
+            args_t, kwargs_t, signature = refs.arguments(args, kwargs)
+            if act is _DECOMPOSE:
                 meta = self._meta(func, args, kwargs, signature)
-            else:
-                key = (graph.state, func, args_t, kwargs_t, signature, tuple(refs.floats) if refs.floats else None)
+            else:  # (id(func): the trie's key hashes without a Python frame; action_by_id keeps func alive)
+                key = (graph.state, id(func), args_t, kwargs_t, signature, tuple(refs.floats) if refs.floats else None)
                 found = _STEPS.get(key)
                 if found is None:
                     meta = self._meta(func, args, kwargs, signature)
@@ -208,9 +208,12 @@ class LazyRegion(TorchDispatchMode):
         except _Eager:
             graph.rollback(*marks)
             raise
-        if act == lazy_ops.DECOMPOSE:
+        if act is _DECOMPOSE:
             return self._decompose(func, args, kwargs, meta, signature)
-        node = graph.add(func, args_t, kwargs_t, meta, state)
+        node = len(graph.nodes)  # graph.add, inline
+        graph.nodes.append((func, args_t, kwargs_t))
+        graph.metas.append(meta)
+        graph.state = state
         STATS.ops_recorded += 1
         if act == lazy_ops.VIEW and isinstance(args[0], LazyTensor) and args[0].pending:
             args[0]._has_views = True
@@ -311,8 +314,9 @@ class LazyRegion(TorchDispatchMode):
 
     def _flush(self, reason: str) -> None:
         graph, writes = self.graph, list(self.writes.values())
-        live = [w for w in _live(self.wrappers) if w._view_of is None]
-        views = [w for w in _live(self.wrappers) if w._view_of is not None]
+        live, views = [], []
+        for w in _live(self.wrappers):
+            (live if w._view_of is None else views).append(w)
         forwarding = self.forwarding
         self._reset()
         self.forwarding = forwarding

@@ -83,8 +83,8 @@ class Refs:
         self.device = None
         self.func, self.args, self._lift = func, args, None
 
-    def arguments(self, args) -> tuple:
-        """(templates, signature items) of the positional arguments."""
+    def arguments(self, args, kwargs) -> tuple:
+        """(args template, kwargs template, signature) of the op's arguments, checked (`check`)."""
         region = self.region
         temps, sigs = [], []
         for i, a in enumerate(args):
@@ -105,7 +105,13 @@ class Refs:
                 t, sig = self.template(a, i)
                 temps.append(t)
                 sigs.append(sig)
-        return tuple(temps), tuple(sigs)
+        kwargs_t = kwargs_s = ()
+        if kwargs:
+            pairs = [(k, self.template(v, -1)) for k, v in kwargs.items()]
+            kwargs_t = tuple((k, t) for k, (t, _) in pairs)
+            kwargs_s = tuple((k, sig) for k, (_, sig) in pairs)
+        self.check(self.func, kwargs)
+        return tuple(temps), kwargs_t, (tuple(sigs), kwargs_s)
 
     @property
     def lift(self) -> frozenset:

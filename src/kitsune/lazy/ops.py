@@ -33,6 +33,12 @@ _NEVER = {"dropout", "native_dropout", "bernoulli", "rand", "rand_like", "randn_
 # ops whose result is a fresh tensor however it is spelled (no inputs): cheap, run eagerly
 _FILL = {"full", "scalar_tensor", "arange", "full_like"}
 
+# Composites whose decomposition (torch._refs) uses its float arguments only as operands of
+# tensor arithmetic, with no Python branch on their value: a float that follows the argument
+# in two traces follows it always (kitsune.lazy.macro.generalize). Others are traced again
+# whenever a float they computed a constant from changes.
+FLOATS_PASSED_THROUGH = frozenset({aten.addcdiv.default, aten.addcmul.default, aten.lerp.Scalar})
+
 _ACTIONS: dict = {}
 _FUNCTIONAL: dict = {}
 _SCALAR_POSITIONS: dict = {}

@@ -268,7 +268,9 @@ class LazyRegion(TorchDispatchMode):
                 result = lazy_ops.decompositions()[func](*args, **kwargs)
             if len(_RECIPES) >= _CACHE_LIMIT:
                 _RECIPES.clear()
-            _RECIPES[key] = self.trace.finish(result)
+            recipe = self.trace.finish(result)
+            older = _RECIPES.get(key) if func in lazy_ops.FLOATS_PASSED_THROUGH else None
+            _RECIPES[key] = recipe if older is None else macro.generalize(older, recipe)
         except macro.NotReplayable as why:
             log.debug("lazy region: %s is decomposed at every call: %s", func, why)
             _RECIPES.pop(key, None)

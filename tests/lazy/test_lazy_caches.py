@@ -104,6 +104,7 @@ def test_addcdiv_value_changing_every_call_is_traced_twice(monkeypatch):
     p, g = torch.randn(16, 16), torch.randn(16, 16)
     d = g.abs() + 1
     traces = []
+    monkeypatch.setattr(lazy_region, "_RECIPES", {})  # (other tests traced these layouts)
     real = lazy_region.LazyRegion._trace
     monkeypatch.setattr(lazy_region.LazyRegion, "_trace",
                         lambda self, *a: traces.append(a[0]) or real(self, *a))

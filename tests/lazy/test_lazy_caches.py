@@ -141,3 +141,16 @@ def test_generalize_refuses_a_float_with_no_argument_to_follow():
     merged = macro.generalize(old, new.__class__(((mul, (((macro.ARG, 0), 0.5), ())),), (macro.RESULT, 0),
                                                  {1: 0.5}, {1: 0.5}))
     assert merged.steps[0][1][0][1] == (macro.ARG, 1) and merged.derived == {}
+
+
+def test_lerp_of_a_pending_tensor_does_not_flush():
+    # lerp's decomposition makes its weight with start.new_full(): dtype and device only
+    m, g = torch.randn(20, 30), torch.randn(20, 30)
+    m0 = m.clone()
+    with lazy(min_tensor_size=0):
+        m.mul_(0.5)
+        m.lerp_(g, 0.3)
+        n = m.new_zeros((3,)) + 1      # a new tensor of a pending one: eager's dtype and values
+    assert lazy_stats()["sync_reasons"] == {"region exit": 1}
+    same(m, m0.mul(0.5).lerp(g, 0.3))
+    same(n, torch.ones(3))

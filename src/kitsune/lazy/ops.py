@@ -101,6 +101,21 @@ def _classify(op) -> str:
     return EAGER
 
 
+_WRITTEN: dict = {}   # id(op) -> (op, ((position, name), ...))
+
+
+def written_arguments(op) -> tuple:
+    """(cached) (position, name) of each argument `op` writes (its schema's alias
+    annotations); empty for a functional op."""
+    found = _WRITTEN.get(id(op))
+    if found is None or found[0] is not op:
+        schema = _compat.op_schema(op)
+        written = tuple((i, a.name) for i, a in enumerate(schema.arguments)
+                        if a.alias_info is not None and a.alias_info.is_write) if schema.is_mutable else ()
+        found = _WRITTEN[id(op)] = (op, written)
+    return found[1]
+
+
 def functional_of(op):
     """(cached) The functional overload of an in-place op that writes only its first
     argument (`add_.Tensor` -> `add.Tensor`), or None."""

@@ -38,6 +38,9 @@ aten = torch.ops.aten
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _action_by_id, _ACTIONS_BY_ID = lazy_ops.action_by_id, lazy_ops._BY_ID
 _VIEW, _EAGER, _INPLACE, _DECOMPOSE = lazy_ops.VIEW, lazy_ops.EAGER, lazy_ops.INPLACE, lazy_ops.DECOMPOSE
+# ops that read only the dtype and device of their first argument
+_NEW_TENSOR_OPS = frozenset({aten.new_full.default, aten.new_zeros.default, aten.new_ones.default,
+                             aten.new_empty.default})
 _placeholder = torch.Tensor._make_wrapper_subclass  # (what LazyTensor.__new__ calls, without two frames)
 
 
@@ -120,6 +123,8 @@ class LazyRegion(TorchDispatchMode):
             except _Eager as why:
                 reason = why.args[0]
         else:
+            if func in _NEW_TENSOR_OPS and isinstance(args[0], torch.Tensor):
+                return self._run_new(func, args, kwargs)
             reason = "unsupported op"
         return self._run_eager(func, args, kwargs, reason)
 
@@ -140,34 +145,47 @@ class LazyRegion(TorchDispatchMode):
             STATS.ops_small += 1
         else:
             STATS.ops_eager += 1
-        if (self.graph.nodes or self.writes) and self._touches_pending(func, args, kwargs):
+        touches, placeholders = self._touches_pending(func, args, kwargs)
+        if touches:
             if func is aten._local_scalar_dense.default:
                 reason = "value read (item/bool/tolist)"
             log.debug("lazy sync before %s: %s", func, reason)
             self.flush(reason)
-        if any(isinstance(t, LazyTensor) for t in _tensors(args, kwargs)):
+        if placeholders:
             args, kwargs = _compat.tree_map_only(LazyTensor, LazyTensor.value, (args, kwargs))
         return func(*args, **kwargs)
 
-    def _touches_pending(self, func, args, kwargs) -> bool:
-        """Whether running `func` now needs the pending graph run first: it reads a
-        pending value, or writes a tensor the pending graph reads or writes."""
-        if _compat.op_schema(func).is_mutable and self._writes_pending_input(func, args, kwargs):
-            return True
+    def _run_new(self, func, args, kwargs):
+        """`new_full`/`new_zeros`/... reads only its first argument's dtype and device (no data,
+        no layout): it runs on an empty tensor of those, with no flush where that argument is
+        pending or has a pending write (lerp's decomposition makes its weight this way)."""
+        STATS.ops_eager += 1
+        like = args[0]
+        return func(torch.empty(0, dtype=like.dtype, device=like.device), *args[1:], **kwargs)
+
+    def _touches_pending(self, func, args, kwargs) -> tuple:
+        """(whether running `func` now needs the pending graph run first: it reads a pending
+        value, or writes a tensor the pending graph reads or writes; whether a placeholder
+        is among its arguments). One pass over the tensors: this runs for every op of a
+        region that is not recorded (small tensors among large ones, sync points)."""
+        pending = bool(self.graph.nodes or self.writes)
+        touches = pending and self._writes_pending_input(func, args, kwargs)
+        placeholders = False
+        writes = self.writes
         for t in _tensors(args, kwargs):
-            if isinstance(t, LazyTensor) and t.pending:
-                return True
-            if isinstance(t, torch.Tensor) and self.writes and (
-                    id(t) in self.writes or _storage(t) in self.write_storages):
-                return True
-        return False
+            if isinstance(t, LazyTensor):
+                placeholders = True
+                if t._real is None:
+                    touches = pending
+                    continue
+            if writes and not touches and (id(t) in writes or _storage(t) in self.write_storages):
+                touches = True
+        return touches, placeholders
 
     def _writes_pending_input(self, func, args, kwargs) -> bool:
         graph = self.graph
-        for i, a in enumerate(_compat.op_schema(func).arguments):
-            if a.alias_info is None or not a.alias_info.is_write:
-                continue
-            value = args[i] if i < len(args) else kwargs.get(a.name)
+        for i, name in lazy_ops.written_arguments(func):
+            value = args[i] if i < len(args) else kwargs.get(name)
             for t in (value if isinstance(value, (list, tuple)) else (value,)):
                 if not isinstance(t, torch.Tensor):
                     continue

@@ -37,7 +37,8 @@ log = logging.getLogger("kitsune")
 aten = torch.ops.aten
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _action_by_id, _ACTIONS_BY_ID = lazy_ops.action_by_id, lazy_ops._BY_ID
-_VIEW, _EAGER, _INPLACE, _DECOMPOSE = lazy_ops.VIEW, lazy_ops.EAGER, lazy_ops.INPLACE, lazy_ops.DECOMPOSE
+_RECORD, _VIEW, _EAGER = lazy_ops.RECORD, lazy_ops.VIEW, lazy_ops.EAGER
+_INPLACE, _DECOMPOSE = lazy_ops.INPLACE, lazy_ops.DECOMPOSE
 # ops that read only the dtype and device of their first argument
 _NEW_TENSOR_OPS = frozenset({aten.new_full.default, aten.new_zeros.default, aten.new_ones.default,
                              aten.new_empty.default})
@@ -94,6 +95,13 @@ class LazyRegion(TorchDispatchMode):
             kwargs = {}
         trace = self.trace
         if trace is None:
+            if args and type(args[0]) is LazyTensor:  # the common case, recorded: _dispatch inline
+                found = _ACTIONS_BY_ID.get(id(func))
+                if found is not None and found[0] is func and found[1] is _RECORD:
+                    try:
+                        return self._record(func, _RECORD, args, kwargs)
+                    except _Eager as why:
+                        return self._run_eager(func, args, kwargs, why.args[0])
             if self.graph.nodes or self.writes or not self._all_small(args):
                 return self._dispatch(func, args, kwargs)
             STATS.ops_small += 1  # nothing pending, nothing worth recording: the pass-through's cost
@@ -206,7 +214,7 @@ class LazyRegion(TorchDispatchMode):
         if len(self.graph.nodes) >= self.max_pending_ops:
             self.flush("max pending ops")
         graph = self.graph
-        marks = len(graph.inputs), len(graph.scalars)
+        inputs_before, scalars_before = len(graph.inputs), len(graph.scalars)
         try:
             refs = _Refs(self, func, args)
             args_t, kwargs_t, signature = refs.arguments(args, kwargs)
@@ -224,7 +232,7 @@ class LazyRegion(TorchDispatchMode):
                 if size > graph.largest:
                     graph.largest = size
         except _Eager:
-            graph.rollback(*marks)
+            graph.rollback(inputs_before, scalars_before)
             raise
         if act is _DECOMPOSE:
             return self._decompose(func, args, kwargs, meta, signature)

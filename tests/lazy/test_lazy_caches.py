@@ -154,3 +154,21 @@ def test_lerp_of_a_pending_tensor_does_not_flush():
     assert lazy_stats()["sync_reasons"] == {"region exit": 1}
     same(m, m0.mul(0.5).lerp(g, 0.3))
     same(n, torch.ones(3))
+
+
+@pytest.mark.parametrize("positional", [True, False])
+def test_placeholders_made_by_position_or_keyword(monkeypatch, positional):
+    # the placeholder constructor's positional form is probed once per process; both forms
+    # must give eager's shape, strides, storage offset and dtype
+    assert lazy_region._POSITIONAL  # this torch takes them by position
+    monkeypatch.setattr(lazy_region, "_POSITIONAL", positional)
+    x = torch.randn(6, 8)
+    want = (x.t() * 2)[1:, ::2]
+    with lazy(min_tensor_size=0):
+        y = (x.t() * 2)[1:, ::2]
+        assert type(y).__name__ == "LazyTensor"
+        assert (y.shape, y.stride(), y.storage_offset(), y.dtype) == \
+            (want.shape, want.stride(), want.storage_offset(), want.dtype)
+        z = y.double()
+    same(y, want)
+    same(z, want.double())

@@ -43,6 +43,21 @@ _INPLACE, _DECOMPOSE = lazy_ops.INPLACE, lazy_ops.DECOMPOSE
 _NEW_TENSOR_OPS = frozenset({aten.new_full.default, aten.new_zeros.default, aten.new_ones.default,
                              aten.new_empty.default})
 _placeholder = torch.Tensor._make_wrapper_subclass  # (what LazyTensor.__new__ calls, without two frames)
+_STRIDED = torch.strided
+
+
+def _positional_placeholders() -> bool:
+    """Whether `_make_wrapper_subclass` takes (cls, size, strides, storage_offset, memory_format,
+    dtype, layout, device) by position in this torch (checked once; else keywords are used)."""
+    try:
+        probe = _placeholder(LazyTensor, (2, 3), (1, 2), 1, None, torch.float64, _STRIDED, torch.device("cpu"))
+        return (tuple(probe.shape), probe.stride(), probe.storage_offset(), probe.dtype, probe.device.type) == \
+            ((2, 3), (1, 2), 1, torch.float64, "cpu")
+    except (TypeError, RuntimeError):
+        return False
+
+
+_POSITIONAL = _positional_placeholders()
 
 
 @dataclass
@@ -241,15 +256,15 @@ class LazyRegion(TorchDispatchMode):
         graph.metas.append(meta)
         graph.state = state
         STATS.ops_recorded += 1
-        if act == lazy_ops.VIEW and isinstance(args[0], LazyTensor) and args[0].pending:
-            args[0]._has_views = True
-            result = _placeholder(LazyTensor, meta[0], strides=meta[1], storage_offset=meta[2],
-                                  dtype=meta[3], device=meta[4])
-            result._view_of = (args[0], func, args[1:], kwargs)
+        if _POSITIONAL:  # (LazyTensor.__new__, inline; positional arguments parse faster)
+            result = _placeholder(LazyTensor, meta[0], meta[1], meta[2], None, meta[3], _STRIDED, meta[4])
         else:
             result = _placeholder(LazyTensor, meta[0], strides=meta[1], storage_offset=meta[2],
                                   dtype=meta[3], device=meta[4])
         result._region, result._node, result._meta = self, node, meta
+        if act is _VIEW and isinstance(args[0], LazyTensor) and args[0].pending:
+            args[0]._has_views = True
+            result._view_of = (args[0], func, args[1:], kwargs)
         self.wrappers.append(result)
         return result
 

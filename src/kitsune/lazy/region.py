@@ -117,7 +117,15 @@ class LazyRegion(TorchDispatchMode):
                         return self._record(func, _RECORD, args, kwargs)
                     except _Eager as why:
                         return self._run_eager(func, args, kwargs, why.args[0])
-            if self.graph.nodes or self.writes or not self._all_small(args):
+            if self.graph.nodes or self.writes:
+                return self._dispatch(func, args, kwargs)
+            limit, seen = self.min_tensor_size, False  # (_all_small, inline: this is every op of the loop)
+            for a in args:
+                if isinstance(a, torch.Tensor):
+                    if type(a) not in _PLAIN or a.numel() >= limit:
+                        return self._dispatch(func, args, kwargs)
+                    seen = True
+            if not seen:
                 return self._dispatch(func, args, kwargs)
             STATS.ops_small += 1  # nothing pending, nothing worth recording: the pass-through's cost
             return func(*args, **kwargs)

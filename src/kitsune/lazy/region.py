@@ -243,7 +243,7 @@ class LazyRegion(TorchDispatchMode):
             args_t, kwargs_t, signature = refs.arguments(args, kwargs)
             if act is _DECOMPOSE:
                 meta = self._meta(func, args, kwargs, signature)
-            else:  # (id(func): the trie's key hashes without a Python frame; action_by_id keeps func alive)
+            else:  # (id(func): hashes without a Python frame; OpOverloads live as long as torch.ops)
                 key = (graph.state, id(func), args_t, kwargs_t, signature, tuple(refs.floats) if refs.floats else None)
                 found = _STEPS.get(key)
                 if found is None:

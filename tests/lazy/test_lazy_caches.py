@@ -172,3 +172,20 @@ def test_placeholders_made_by_position_or_keyword(monkeypatch, positional):
         z = y.double()
     same(y, want)
     same(z, want.double())
+
+
+def test_plain_argument_path_refuses_a_read_input_that_now_needs_grad():
+    # `w` gets an input slot while grad is off; read again with grad on, the op must run
+    # eagerly (autograd records it) although the fast argument path knows the slot
+    w = torch.randn(8, 8, requires_grad=True)
+    x = torch.randn(8, 8)
+    with lazy(min_tensor_size=0):
+        with torch.no_grad():
+            a = x * 2
+            b = a + w
+        c = a * 3 + w
+    assert not b.requires_grad and c.requires_grad and c.grad_fn is not None
+    c.sum().backward()
+    assert_close(w.grad, torch.ones(8, 8))
+    same(b, x * 2 + w.detach())
+    same(c.detach(), x * 6 + w.detach())

@@ -30,7 +30,7 @@ from kitsune.lazy import ops as lazy_ops
 from kitsune.lazy.graph import GRAPH_CACHE, STEPS as _STEPS, PendingGraph, call_compiled, compile_pending, run_eagerly
 from kitsune.lazy.graph import step as _step
 from kitsune.lazy.signature import Eager as _Eager, Refs as _Refs, check_result as _check_result, fake_meta as _fake_meta
-from kitsune.lazy.signature import storage_of as _storage
+from kitsune.lazy.signature import plain_arguments as _plain_arguments, storage_of as _storage
 from kitsune.lazy.tensor import LazyTensor, meta_of
 
 log = logging.getLogger("kitsune")
@@ -239,12 +239,17 @@ class LazyRegion(TorchDispatchMode):
         graph = self.graph
         inputs_before, scalars_before = len(graph.inputs), len(graph.scalars)
         try:
-            refs = _Refs(self, func, args)
-            args_t, kwargs_t, signature = refs.arguments(args, kwargs)
+            plain = None if kwargs else _plain_arguments(self, args)
+            if plain is not None:
+                (args_t, signature), kwargs_t, floats = plain, (), None
+            else:
+                refs = _Refs(self, func, args)
+                args_t, kwargs_t, signature = refs.arguments(args, kwargs)
+                floats = tuple(refs.floats) if refs.floats else None
             if act is _DECOMPOSE:
                 meta = self._meta(func, args, kwargs, signature)
             else:  # (id(func): hashes without a Python frame; OpOverloads live as long as torch.ops)
-                key = (graph.state, id(func), args_t, kwargs_t, signature, tuple(refs.floats) if refs.floats else None)
+                key = (graph.state, id(func), args_t, kwargs_t, signature, floats)
                 found = _STEPS.get(key)
                 if found is None:
                     meta = self._meta(func, args, kwargs, signature)

@@ -62,6 +62,48 @@ def fake_meta(func, args, kwargs):
     return meta_of(out)
 
 
+_CONSTANTS = (int, bool, type(None))
+
+
+def plain_arguments(region, args):
+    """`Refs(...).arguments(args, {})` for the common case, with no Refs made: no pending
+    writes in the region, and every argument a pending placeholder of this region, a real
+    tensor the graph already reads (on the graph's device), or an int, bool or None, with
+    at least one placeholder. (args template, signature), or None where anything else is
+    met (nothing was changed: Refs then handles it)."""
+    if region.writes:
+        return None
+    graph = region.graph
+    device, largest, lazy = graph.device, 0, False
+    temps, sigs = [], []
+    for a in args:
+        kind = type(a)
+        if kind is LazyTensor:
+            if a._real is not None or a._region is not region or a._meta[4] != device:
+                return None
+            lazy = True
+            temps.append((NODE, a._node))
+            sigs.append(a._meta)
+        elif kind in _PLAIN:
+            slot = graph.input_slots.get(id(a))
+            if slot is None or a.requires_grad and torch.is_grad_enabled() or graph.input_keys[slot][4] != device:
+                return None
+            if graph.input_sizes[slot] > largest:
+                largest = graph.input_sizes[slot]
+            temps.append(graph.input_refs[slot])
+            sigs.append(graph.input_keys[slot])
+        elif kind in _CONSTANTS:
+            temps.append(a)
+            sigs.append((kind, a))
+        else:
+            return None
+    if not lazy:
+        return None
+    if largest > graph.largest:
+        graph.largest = largest
+    return tuple(temps), (tuple(sigs), ())
+
+
 class Refs:
     """Turns one op's arguments into a graph template and a metadata signature,
     checking that the op can be recorded (one device, supported dtypes, no autograd).

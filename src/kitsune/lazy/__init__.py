@@ -124,12 +124,13 @@ def lazy_stats(reset: bool = False) -> dict:
 
 def reset_lazy_stats(clear_cache: bool = False) -> None:
     """Start the counts from zero (and with `clear_cache`, forget the compiled graphs)."""
-    from kitsune.lazy.graph import GRAPH_CACHE
+    from kitsune.lazy.graph import GRAPH_CACHE, STEPS
     from kitsune.lazy.region import STATS, LazyStats
 
     STATS.__dict__.update(LazyStats().__dict__)
     if clear_cache:
         GRAPH_CACHE.clear()
+        STEPS.clear()  # (states are never reused: a graph recorded from here on gets new ones)
 
 
 def __getattr__(name):

@@ -6,15 +6,21 @@ Python float lifted out of the graph as `("\\0s", k)` (so a learning rate that
 changes every step does not make a new graph). Everything else in a template is
 a constant and part of the graph's structure.
 
-At a flush the graph's key (its nodes' templates, its inputs' layouts, which
-nodes are wanted) finds a compiled graph in `GRAPH_CACHE`, or the graph is
+While recording, the graph's structure so far is one integer, `state`: a step
+of `STEPS` (a trie over node keys) maps (state, node key) to the next state and
+the node's result metadata, so a loop that records the same ops again pays one
+dictionary lookup per op for both, and no key is built or compared at the
+flush. At a flush (state, which nodes are wanted) finds a compiled graph in
+`GRAPH_CACHE`, or the graph is
 built as an aten FX graph with fake-tensor metadata and compiled by
 `kitsune.compiler.compile_graph` (the same entry torch.compile's graphs take).
 A graph too small to gain runs its nodes one by one, as eager would.
 """
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 from collections import OrderedDict
 
 import torch
@@ -29,6 +35,23 @@ log = logging.getLogger("kitsune")
 
 NODE, INPUT, SCALAR = "\0n", "\0i", "\0s"
 GRAPH_CACHE_SIZE = 512
+STEPS_LIMIT = 200000   # trie entries kept before it starts again (graphs that never repeat)
+
+# (state, op, args template, kwargs template, signature, float constants)
+#   -> (next state, result meta, the result's number of elements).
+# States are never reused (a global counter), so clearing the trie cannot make an old
+# GRAPH_CACHE key name a new graph: entries under old states are just never hit again.
+STEPS: dict = {}
+_NEW_STATE = itertools.count(1)
+EMPTY_STATE = 0
+
+
+def step(key: tuple, meta) -> tuple:
+    """The trie's step for `key` (a node appended to the graph at key[0]), made now."""
+    if len(STEPS) >= STEPS_LIMIT:
+        STEPS.clear()
+    found = STEPS[key] = (next(_NEW_STATE), meta, math.prod(meta[0]))
+    return found
 
 
 class PendingGraph:
@@ -36,11 +59,14 @@ class PendingGraph:
 
     def __init__(self):
         self.nodes: list = []          # (op, args template, kwargs template)
-        self.node_keys: list = []      # hashable (op, args, kwargs) per node
+        self.state = EMPTY_STATE       # the structure recorded so far (see STEPS)
         self.metas: list = []          # eager metadata of each node's result
         self.inputs: list = []         # real tensors read by the graph
         self.input_slots: dict = {}    # id(tensor) -> slot
-        self.input_keys: list = []     # their layouts
+        self.input_keys: list = []     # their layouts (as seen when the slot was made)
+        self.input_refs: list = []     # their templates, (INPUT, slot)
+        self.input_owners: list = []   # their storages' data_ptr (None where there is none)
+        self.input_sizes: list = []    # their numbers of elements
         self.input_storages: set = set()  # their storages (an eager write to one flushes first)
         self.scalars: list = []        # lifted Python floats
         self.device = None
@@ -49,17 +75,20 @@ class PendingGraph:
     def __len__(self) -> int:
         return len(self.nodes)
 
-    def input_ref(self, tensor: torch.Tensor, meta) -> tuple:
-        slot = self.input_slots.get(id(tensor))
-        if slot is None:
-            slot = self.input_slots[id(tensor)] = len(self.inputs)
-            self.inputs.append(tensor)
-            self.input_keys.append(meta)
-            try:
-                self.input_storages.add(tensor.untyped_storage().data_ptr())
-            except (RuntimeError, NotImplementedError):
-                pass
-        return (INPUT, slot)
+    def new_input(self, tensor: torch.Tensor, meta, storage, size: int) -> tuple:
+        """A slot for a real tensor not read yet (`storage`: its storage's data_ptr or None);
+        its template. A tensor already read has its slot in `input_slots`: its layout then is
+        the one seen here (changing a tensor's layout is an in-place op, which flushes first)."""
+        slot = self.input_slots[id(tensor)] = len(self.inputs)
+        ref = (INPUT, slot)
+        self.inputs.append(tensor)
+        self.input_keys.append(meta)
+        self.input_refs.append(ref)
+        self.input_owners.append(storage)
+        self.input_sizes.append(size)
+        if storage is not None:
+            self.input_storages.add(storage)
+        return ref
 
     def scalar_ref(self, value: float) -> tuple:
         self.scalars.append(value)
@@ -67,21 +96,23 @@ class PendingGraph:
 
     def rollback(self, inputs: int, scalars: int) -> None:
         """Forget the inputs and scalars added after these counts (an op that was not recorded)."""
-        for t in self.inputs[inputs:]:
+        for t, storage in zip(self.inputs[inputs:], self.input_owners[inputs:]):
             del self.input_slots[id(t)]
-            self.input_storages.discard(t.untyped_storage().data_ptr())
-        del self.inputs[inputs:], self.input_keys[inputs:], self.scalars[scalars:]
+            if storage is not None and storage not in self.input_owners[:inputs]:
+                self.input_storages.discard(storage)
+        del self.inputs[inputs:], self.input_keys[inputs:], self.input_refs[inputs:]
+        del self.input_owners[inputs:], self.input_sizes[inputs:], self.scalars[scalars:]
 
-    def add(self, op, args: tuple, kwargs: tuple, meta, signature) -> int:
-        """A node; its key is its template (references) with its signature (argument
-        layouts and type-tagged constants) and result metadata."""
+    def add(self, op, args: tuple, kwargs: tuple, meta, state: int) -> int:
+        """A node (its result's metadata `meta`); `state`: the trie's state after it (STEPS)."""
         self.nodes.append((op, args, kwargs))
-        self.node_keys.append((op, args, kwargs, signature))  # the meta follows from op and signature
         self.metas.append(meta)
+        self.state = state
         return len(self.nodes) - 1
 
     def key(self, outputs: tuple) -> tuple:
-        return (tuple(self.node_keys), tuple(self.input_keys), len(self.scalars), outputs)
+        # the state fixes every node's template, signature and so the inputs' layouts
+        return (self.state, len(self.inputs), len(self.scalars), outputs)
 
 
 class GraphCache:

@@ -33,6 +33,12 @@ _NEVER = {"dropout", "native_dropout", "bernoulli", "rand", "rand_like", "randn_
 # ops whose result is a fresh tensor however it is spelled (no inputs): cheap, run eagerly
 _FILL = {"full", "scalar_tensor", "arange", "full_like"}
 
+# Composites whose decomposition (torch._refs) uses its float arguments only as operands of
+# tensor arithmetic, with no Python branch on their value: a float that follows the argument
+# in two traces follows it always (kitsune.lazy.macro.generalize). Others are traced again
+# whenever a float they computed a constant from changes.
+FLOATS_PASSED_THROUGH = frozenset({aten.addcdiv.default, aten.addcmul.default, aten.lerp.Scalar})
+
 _ACTIONS: dict = {}
 _FUNCTIONAL: dict = {}
 _SCALAR_POSITIONS: dict = {}
@@ -59,6 +65,19 @@ def action(op) -> str:
     return found
 
 
+# id(op) -> (op, action): the recording path's lookup. An OpOverload hashes in Python
+# (a frame per lookup); its id does not. The entry holds the op, so the id stays its own.
+_BY_ID: dict = {}
+
+
+def action_by_id(op) -> str:
+    """`action(op)`, found by the op's identity (for the per-op path)."""
+    found = _BY_ID.get(id(op))
+    if found is None or found[0] is not op:
+        found = _BY_ID[id(op)] = (op, action(op))
+    return found[1]
+
+
 def _classify(op) -> str:
     if not isinstance(op, _compat.OpOverload) or torch.Tag.nondeterministic_seeded in op.tags:
         return EAGER
@@ -80,6 +99,21 @@ def _classify(op) -> str:
     if name in _DECOMPOSED_NAMES and op in decompositions():
         return DECOMPOSE
     return EAGER
+
+
+_WRITTEN: dict = {}   # id(op) -> (op, ((position, name), ...))
+
+
+def written_arguments(op) -> tuple:
+    """(cached) (position, name) of each argument `op` writes (its schema's alias
+    annotations); empty for a functional op."""
+    found = _WRITTEN.get(id(op))
+    if found is None or found[0] is not op:
+        schema = _compat.op_schema(op)
+        written = tuple((i, a.name) for i, a in enumerate(schema.arguments)
+                        if a.alias_info is not None and a.alias_info.is_write) if schema.is_mutable else ()
+        found = _WRITTEN[id(op)] = (op, written)
+    return found[1]
 
 
 def functional_of(op):

@@ -27,13 +27,37 @@ from kitsune import _compat
 
 from kitsune.lazy import macro
 from kitsune.lazy import ops as lazy_ops
-from kitsune.lazy.graph import GRAPH_CACHE, PendingGraph, call_compiled, compile_pending, run_eagerly
-from kitsune.lazy.signature import Eager as _Eager, Refs as _Refs, fake_meta as _fake_meta, storage_of as _storage
+from kitsune.lazy.graph import GRAPH_CACHE, STEPS as _STEPS, PendingGraph, call_compiled, compile_pending, run_eagerly
+from kitsune.lazy.graph import step as _step
+from kitsune.lazy.signature import Eager as _Eager, Refs as _Refs, check_result as _check_result, fake_meta as _fake_meta
+from kitsune.lazy.signature import plain_arguments as _plain_arguments, storage_of as _storage
 from kitsune.lazy.tensor import LazyTensor, meta_of
 
 log = logging.getLogger("kitsune")
 aten = torch.ops.aten
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+_action_by_id, _ACTIONS_BY_ID = lazy_ops.action_by_id, lazy_ops._BY_ID
+_RECORD, _VIEW, _EAGER = lazy_ops.RECORD, lazy_ops.VIEW, lazy_ops.EAGER
+_INPLACE, _DECOMPOSE = lazy_ops.INPLACE, lazy_ops.DECOMPOSE
+# ops that read only the dtype and device of their first argument
+_NEW_TENSOR_OPS = frozenset({aten.new_full.default, aten.new_zeros.default, aten.new_ones.default,
+                             aten.new_empty.default})
+_placeholder = torch.Tensor._make_wrapper_subclass  # (what LazyTensor.__new__ calls, without two frames)
+_STRIDED = torch.strided
+
+
+def _positional_placeholders() -> bool:
+    """Whether `_make_wrapper_subclass` takes (cls, size, strides, storage_offset, memory_format,
+    dtype, layout, device) by position in this torch (checked once; else keywords are used)."""
+    try:
+        probe = _placeholder(LazyTensor, (2, 3), (1, 2), 1, None, torch.float64, _STRIDED, torch.device("cpu"))
+        return (tuple(probe.shape), probe.stride(), probe.storage_offset(), probe.dtype, probe.device.type) == \
+            ((2, 3), (1, 2), 1, torch.float64, "cpu")
+    except (TypeError, RuntimeError):
+        return False
+
+
+_POSITIONAL = _positional_placeholders()
 
 
 @dataclass
@@ -82,12 +106,30 @@ class LazyRegion(TorchDispatchMode):
 
     # -- dispatch -------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if not self.graph.nodes and not self.writes and self.trace is None and self._all_small(args):
+        if kwargs is None:
+            kwargs = {}
+        trace = self.trace
+        if trace is None:
+            if args and type(args[0]) is LazyTensor:  # the common case, recorded: _dispatch inline
+                found = _ACTIONS_BY_ID.get(id(func))
+                if found is not None and found[0] is func and found[1] is _RECORD:
+                    try:
+                        return self._record(func, _RECORD, args, kwargs)
+                    except _Eager as why:
+                        return self._run_eager(func, args, kwargs, why.args[0])
+            if self.graph.nodes or self.writes:
+                return self._dispatch(func, args, kwargs)
+            limit, seen = self.min_tensor_size, False  # (_all_small, inline: this is every op of the loop)
+            for a in args:
+                if isinstance(a, torch.Tensor):
+                    if type(a) not in _PLAIN or a.numel() >= limit:
+                        return self._dispatch(func, args, kwargs)
+                    seen = True
+            if not seen:
+                return self._dispatch(func, args, kwargs)
             STATS.ops_small += 1  # nothing pending, nothing worth recording: the pass-through's cost
             return func(*args, **kwargs)
-        trace = self.trace
-        if trace is not None and not trace.busy:  # a call the decomposition being traced makes
+        if not trace.busy:  # a call the decomposition being traced makes
             trace.busy = True
             try:
                 out = self._dispatch(func, args, kwargs)
@@ -98,18 +140,22 @@ class LazyRegion(TorchDispatchMode):
         return self._dispatch(func, args, kwargs)
 
     def _dispatch(self, func, args, kwargs):
-        if self._all_small(args):  # nothing worth recording: eager's cost
+        # (a pending placeholder first, the common case, is not small: no call to ask)
+        if (not args or type(args[0]) is not LazyTensor) and self._all_small(args):
             return self._run_eager(func, args, kwargs, "small tensors")
-        act = lazy_ops.action(func)
-        if act == lazy_ops.VIEW and not (isinstance(args[0], LazyTensor) and args[0].pending):
+        found = _ACTIONS_BY_ID.get(id(func))  # (lazy_ops.action_by_id, inline: once per op)
+        act = found[1] if found is not None and found[0] is func else _action_by_id(func)
+        if act is _VIEW and not (isinstance(args[0], LazyTensor) and args[0].pending):
             # a view of a real tensor stays one (writes through it reach the tensor)
             return self._run_eager(func, args, kwargs, "view of a real tensor")
-        if act != lazy_ops.EAGER:
+        if act is not _EAGER:
             try:
                 return self._record(func, act, args, kwargs)
             except _Eager as why:
                 reason = why.args[0]
         else:
+            if func in _NEW_TENSOR_OPS and isinstance(args[0], torch.Tensor):
+                return self._run_new(func, args, kwargs)
             reason = "unsupported op"
         return self._run_eager(func, args, kwargs, reason)
 
@@ -130,34 +176,47 @@ class LazyRegion(TorchDispatchMode):
             STATS.ops_small += 1
         else:
             STATS.ops_eager += 1
-        if (self.graph.nodes or self.writes) and self._touches_pending(func, args, kwargs):
+        touches, placeholders = self._touches_pending(func, args, kwargs)
+        if touches:
             if func is aten._local_scalar_dense.default:
                 reason = "value read (item/bool/tolist)"
             log.debug("lazy sync before %s: %s", func, reason)
             self.flush(reason)
-        if any(isinstance(t, LazyTensor) for t in _tensors(args, kwargs)):
+        if placeholders:
             args, kwargs = _compat.tree_map_only(LazyTensor, LazyTensor.value, (args, kwargs))
         return func(*args, **kwargs)
 
-    def _touches_pending(self, func, args, kwargs) -> bool:
-        """Whether running `func` now needs the pending graph run first: it reads a
-        pending value, or writes a tensor the pending graph reads or writes."""
-        if _compat.op_schema(func).is_mutable and self._writes_pending_input(func, args, kwargs):
-            return True
+    def _run_new(self, func, args, kwargs):
+        """`new_full`/`new_zeros`/... reads only its first argument's dtype and device (no data,
+        no layout): it runs on an empty tensor of those, with no flush where that argument is
+        pending or has a pending write (lerp's decomposition makes its weight this way)."""
+        STATS.ops_eager += 1
+        like = args[0]
+        return func(torch.empty(0, dtype=like.dtype, device=like.device), *args[1:], **kwargs)
+
+    def _touches_pending(self, func, args, kwargs) -> tuple:
+        """(whether running `func` now needs the pending graph run first: it reads a pending
+        value, or writes a tensor the pending graph reads or writes; whether a placeholder
+        is among its arguments). One pass over the tensors: this runs for every op of a
+        region that is not recorded (small tensors among large ones, sync points)."""
+        pending = bool(self.graph.nodes or self.writes)
+        touches = pending and self._writes_pending_input(func, args, kwargs)
+        placeholders = False
+        writes = self.writes
         for t in _tensors(args, kwargs):
-            if isinstance(t, LazyTensor) and t.pending:
-                return True
-            if isinstance(t, torch.Tensor) and self.writes and (
-                    id(t) in self.writes or _storage(t) in self.write_storages):
-                return True
-        return False
+            if isinstance(t, LazyTensor):
+                placeholders = True
+                if t._real is None:
+                    touches = pending
+                    continue
+            if writes and not touches and (id(t) in writes or _storage(t) in self.write_storages):
+                touches = True
+        return touches, placeholders
 
     def _writes_pending_input(self, func, args, kwargs) -> bool:
         graph = self.graph
-        for i, a in enumerate(_compat.op_schema(func).arguments):
-            if a.alias_info is None or not a.alias_info.is_write:
-                continue
-            value = args[i] if i < len(args) else kwargs.get(a.name)
+        for i, name in lazy_ops.written_arguments(func):
+            value = args[i] if i < len(args) else kwargs.get(name)
             for t in (value if isinstance(value, (list, tuple)) else (value,)):
                 if not isinstance(t, torch.Tensor):
                     continue
@@ -170,54 +229,68 @@ class LazyRegion(TorchDispatchMode):
 
     # -- recording ------------------------------------------------------------------
     def _record(self, func, act, args, kwargs):
-        if act == lazy_ops.INPLACE:
+        """Record `func` (or raise _Eager): its node's template and signature, the result's
+        metadata (one trie step, `kitsune.lazy.graph.STEPS`, for a graph seen before) and
+        the placeholder. This runs for every recorded op: kept flat on purpose."""
+        if act is _INPLACE:
             return self._record_inplace(func, args, kwargs)
         if len(self.graph.nodes) >= self.max_pending_ops:
             self.flush("max pending ops")
         graph = self.graph
-        marks = len(graph.inputs), len(graph.scalars)
+        inputs_before, scalars_before = len(graph.inputs), len(graph.scalars)
         try:
-            refs = _Refs(self, func, args)
-            args_t, args_s = [], []
-            for i, a in enumerate(args):
-                t, sig = refs.template(a, i)
-                args_t.append(t)
-                args_s.append(sig)
-            kwargs_t, kwargs_s = (), ()
-            if kwargs:
-                pairs = [(k, refs.template(v, -1)) for k, v in kwargs.items()]
-                kwargs_t = tuple((k, t) for k, (t, _) in pairs)
-                kwargs_s = tuple((k, sig) for k, (_, sig) in pairs)
-            refs.check(func, kwargs)
-            signature = (tuple(args_s), kwargs_s)
-            meta = self._meta(func, args, kwargs, signature)
+            plain = None if kwargs else _plain_arguments(self, args)
+            if plain is not None:
+                (args_t, signature), kwargs_t, floats = plain, (), None
+            else:
+                refs = _Refs(self, func, args)
+                args_t, kwargs_t, signature = refs.arguments(args, kwargs)
+                floats = tuple(refs.floats) if refs.floats else None
+            if act is _DECOMPOSE:
+                meta = self._meta(func, args, kwargs, signature)
+            else:  # (id(func): hashes without a Python frame; OpOverloads live as long as torch.ops)
+                key = (graph.state, id(func), args_t, kwargs_t, signature, floats)
+                found = _STEPS.get(key)
+                if found is None:
+                    meta = self._meta(func, args, kwargs, signature)
+                    if type(meta) is list:
+                        raise _Eager("several results")
+                    found = _step(key, meta)
+                state, meta, size = found
+                if size > graph.largest:
+                    graph.largest = size
         except _Eager:
-            graph.rollback(*marks)
+            graph.rollback(inputs_before, scalars_before)
             raise
-        if act == lazy_ops.DECOMPOSE:
+        if act is _DECOMPOSE:
             return self._decompose(func, args, kwargs, meta, signature)
-        if type(meta) is list:
-            raise _Eager("several results")
-        key = (signature, tuple(refs.floats)) if refs.floats else signature
-        node = graph.add(func, tuple(args_t), kwargs_t, meta, key)
+        node = len(graph.nodes)  # graph.add, inline
+        graph.nodes.append((func, args_t, kwargs_t))
+        graph.metas.append(meta)
+        graph.state = state
         STATS.ops_recorded += 1
-        view_of = None
-        if act == lazy_ops.VIEW and isinstance(args[0], LazyTensor) and args[0].pending:
+        if _POSITIONAL:  # (LazyTensor.__new__, inline; positional arguments parse faster)
+            result = _placeholder(LazyTensor, meta[0], meta[1], meta[2], None, meta[3], _STRIDED, meta[4])
+        else:
+            result = _placeholder(LazyTensor, meta[0], strides=meta[1], storage_offset=meta[2],
+                                  dtype=meta[3], device=meta[4])
+        result._region, result._node, result._meta = self, node, meta
+        if act is _VIEW and isinstance(args[0], LazyTensor) and args[0].pending:
             args[0]._has_views = True
-            view_of = (args[0], func, args[1:], kwargs)
-        result = LazyTensor(self, node, meta, view_of)
+            result._view_of = (args[0], func, args[1:], kwargs)
         self.wrappers.append(result)
         return result
 
     def _meta(self, func, args, kwargs, signature):
         """Eager's metadata for the result, from fake tensors (cached by the argument
-        layouts). A failing fake run makes the op run eagerly: it raises there, at the op."""
+        layouts). A failing fake run makes the op run eagerly: it raises there, at the op.
+        A result of a dtype the code generators lack runs eagerly too."""
         key = (func, signature)
         meta = _META_CACHE.get(key)
         if meta is None:
             if len(_META_CACHE) >= _CACHE_LIMIT:  # shapes that never repeat: start again
                 _META_CACHE.clear()
-            meta = _META_CACHE[key] = _fake_meta(func, args, kwargs)
+            meta = _META_CACHE[key] = _check_result(_fake_meta(func, args, kwargs))
         if type(meta) is str:
             raise _Eager(meta)
         return meta
@@ -249,7 +322,9 @@ class LazyRegion(TorchDispatchMode):
                 result = lazy_ops.decompositions()[func](*args, **kwargs)
             if len(_RECIPES) >= _CACHE_LIMIT:
                 _RECIPES.clear()
-            _RECIPES[key] = self.trace.finish(result)
+            recipe = self.trace.finish(result)
+            older = _RECIPES.get(key) if func in lazy_ops.FLOATS_PASSED_THROUGH else None
+            _RECIPES[key] = recipe if older is None else macro.generalize(older, recipe)
         except macro.NotReplayable as why:
             log.debug("lazy region: %s is decomposed at every call: %s", func, why)
             _RECIPES.pop(key, None)
@@ -295,8 +370,9 @@ class LazyRegion(TorchDispatchMode):
 
     def _flush(self, reason: str) -> None:
         graph, writes = self.graph, list(self.writes.values())
-        live = [w for w in _live(self.wrappers) if w._view_of is None]
-        views = [w for w in _live(self.wrappers) if w._view_of is not None]
+        live, views = [], []
+        for w in _live(self.wrappers):
+            (live if w._view_of is None else views).append(w)
         forwarding = self.forwarding
         self._reset()
         self.forwarding = forwarding

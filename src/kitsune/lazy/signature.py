@@ -24,6 +24,7 @@ aten = torch.ops.aten
 _LIFTABLE = (torch.float32, torch.float64)
 _DTYPES = frozenset(SUPPORTED_DTYPES)
 _FAKE_MODE: FakeTensorMode | None = None
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 class Eager(Exception):
@@ -61,18 +62,105 @@ def fake_meta(func, args, kwargs):
     return meta_of(out)
 
 
+_CONSTANTS = (int, bool, type(None))
+
+
+def plain_arguments(region, args):
+    """`Refs(...).arguments(args, {})` for the common case, with no Refs made: no pending
+    writes in the region, and every argument a pending placeholder of this region, a real
+    tensor the graph already reads (on the graph's device), or an int, bool or None, with
+    at least one placeholder. (args template, signature), or None where anything else is
+    met (nothing was changed: Refs then handles it)."""
+    if region.writes:
+        return None
+    graph = region.graph
+    device, largest, lazy = graph.device, 0, False
+    temps, sigs = [], []
+    for a in args:
+        kind = type(a)
+        if kind is LazyTensor:
+            if a._real is not None or a._region is not region or a._meta[4] != device:
+                return None
+            lazy = True
+            temps.append((NODE, a._node))
+            sigs.append(a._meta)
+        elif kind in _PLAIN:
+            slot = graph.input_slots.get(id(a))
+            if slot is None or a.requires_grad and torch.is_grad_enabled() or graph.input_keys[slot][4] != device:
+                return None
+            if graph.input_sizes[slot] > largest:
+                largest = graph.input_sizes[slot]
+            temps.append(graph.input_refs[slot])
+            sigs.append(graph.input_keys[slot])
+        elif kind in _CONSTANTS:
+            temps.append(a)
+            sigs.append((kind, a))
+        else:
+            return None
+    if not lazy:
+        return None
+    if largest > graph.largest:
+        graph.largest = largest
+    return tuple(temps), (tuple(sigs), ())
+
+
 class Refs:
     """Turns one op's arguments into a graph template and a metadata signature,
-    checking that the op can be recorded (one device, supported dtypes, no autograd)."""
+    checking that the op can be recorded (one device, supported dtypes, no autograd).
+
+    This runs for every recorded op: `arguments` handles tensors inline (a pending
+    placeholder of this region, a real tensor already read by the graph: its layout
+    and storage are the ones noted when its slot was made), the rest goes through
+    `template`. A pending placeholder's dtype was checked when its node was recorded
+    (`check_result`), so only its device is compared here."""
+
+    __slots__ = ("region", "graph", "lazy", "floats", "largest", "device", "func", "args", "_lift")
 
     def __init__(self, region, func, args):
         self.region = region
         self.graph = region.graph
         self.lazy = False
         self.floats: list | None = None  # the graph's float constants, exactly
-        self.largest = 0
+        self.largest = 0                 # the most elements of a real tensor argument
         self.device = None
         self.func, self.args, self._lift = func, args, None
+
+    def arguments(self, args, kwargs) -> tuple:
+        """(args template, kwargs template, signature) of the op's arguments, checked (`check`)."""
+        region = self.region
+        temps, sigs = [], []
+        i = -1
+        for a in args:  # (no enumerate: one allocation less per op)
+            i += 1
+            if type(a) is LazyTensor and a._real is None and a._region is region:
+                meta = a._meta
+                if self.device is None:
+                    self.device = meta[4]
+                elif meta[4] != self.device:
+                    raise Eager("tensors on several devices")
+                self.lazy = True
+                temps.append((NODE, a._node))
+                sigs.append(meta)
+            elif type(a) in _PLAIN:
+                t, meta = self._real(a)
+                temps.append(t)
+                sigs.append(meta)
+            else:
+                t, sig = self.template(a, i)
+                temps.append(t)
+                sigs.append(sig)
+        kwargs_t = kwargs_s = ()
+        if kwargs:
+            pairs = [(k, self.template(v, -1)) for k, v in kwargs.items()]
+            kwargs_t = tuple((k, t) for k, (t, _) in pairs)
+            kwargs_s = tuple((k, sig) for k, (_, sig) in pairs)
+        graph = self.graph
+        if self.lazy and not kwargs and self.device == graph.device:  # `check`, inline: what is left of it
+            if self.largest > graph.largest:
+                graph.largest = self.largest
+        else:
+            self.check(self.func, kwargs)
+        return tuple(temps), kwargs_t, (tuple(sigs), kwargs_s)
 
     @property
     def lift(self) -> frozenset:
@@ -106,19 +194,37 @@ class Refs:
                 self._see(t._meta)
                 return (NODE, t._node), t._meta
             t = t.value()
+        return self._real(t)
+
+    def _real(self, t: torch.Tensor):
+        """A real tensor: a reference to its pending write, or to its input slot."""
         if t.requires_grad and torch.is_grad_enabled():
             raise Eager("requires_grad")
-        pending = self.region.writes.get(id(t)) if self.region.writes else None
-        if pending is not None:
-            self.lazy = True
-            meta = self.graph.metas[pending[1]]
+        writes, graph = self.region.writes, self.graph
+        if writes:
+            pending = writes.get(id(t))
+            if pending is not None:
+                self.lazy = True
+                meta = graph.metas[pending[1]]
+                self._see(meta)
+                return (NODE, pending[1]), meta
+        slot = graph.input_slots.get(id(t))
+        if slot is None:
+            meta, storage = meta_of(t), storage_of(t)
+            if writes and storage in self.region.write_storages:
+                raise Eager("read of an alias of a pending write")
             self._see(meta)
-            return (NODE, pending[1]), meta
-        if self.region.writes and storage_of(t) in self.region.write_storages:
+            return graph.new_input(t, meta, storage, math.prod(meta[0])), meta
+        if writes and graph.input_owners[slot] in self.region.write_storages:
             raise Eager("read of an alias of a pending write")
-        meta = meta_of(t)
-        self._see(meta)
-        return self.graph.input_ref(t, meta), meta
+        meta = graph.input_keys[slot]
+        if self.device is None:
+            self.device = meta[4]
+        elif meta[4] != self.device:
+            raise Eager("tensors on several devices")
+        if graph.input_sizes[slot] > self.largest:
+            self.largest = graph.input_sizes[slot]
+        return graph.input_refs[slot], meta
 
     def _see(self, meta) -> None:
         shape, _, _, dtype, device = meta
@@ -145,4 +251,13 @@ class Refs:
             graph.device = self.device
         elif graph.device != self.device:
             raise Eager("tensors on another device than the pending graph")
-        graph.largest = max(graph.largest, self.largest)
+        if self.largest > graph.largest:
+            graph.largest = self.largest
+
+
+def check_result(meta):
+    """`meta` itself, or the reason a result with it is not recorded (a str): a dtype the
+    code generators do not support (a pending placeholder's dtype is not checked again)."""
+    if type(meta) is tuple and meta[3] not in _DTYPES:
+        return f"{meta[3]} results"
+    return meta

@@ -215,7 +215,7 @@ MODELS = {
     "opt": hf("OPTConfig", "OPTForCausalLM", _text(True), vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
               ffn_dim=64, num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32,
               dropout=0.0, attention_dropout=0.0, use_cache=False),
-    "bloom": hf("BloomConfig", "BloomForCausalLM", _text(True), vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4,
+    "bloom": hf("BloomConfig", "BloomForCausalLM", _text(True), attention="eager", vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4,
                 hidden_dropout=0.0, attention_dropout=0.0, use_cache=False),
     "qwen2": hf("Qwen2Config", "Qwen2ForCausalLM", _text(), **_DEC),
     "qwen2_moe": hf("Qwen2MoeConfig", "Qwen2MoeForCausalLM", _text(), **_DEC, moe_intermediate_size=32,
@@ -403,7 +403,10 @@ def run_infer(model, inputs_fn, kind, mode, tol):
         with torch.no_grad():
             want = model(**inputs)
             got = compiled(**inputs)
-            exact = exact_model(**_double(nn.Identity(), inputs)[1]) if exact_model is not None else None
+            try:
+                exact = exact_model(**_double(nn.Identity(), inputs)[1]) if exact_model is not None else None
+            except RuntimeError:  # an op without float64 (grouped_mm)
+                exact = exact_model = None
         problems += compare(got, want, tol, f"call{n}", exact)
     return ("FAIL", "; ".join(problems)) if problems else ("PASS", "")
 
@@ -434,7 +437,10 @@ def run_train(model, inputs_fn, kind, tol):
     exact = None
     if exact_model is not None:
         torch.manual_seed(1)
-        exact = exact_model(**exact_inputs)
+        try:
+            exact = exact_model(**exact_inputs)
+        except RuntimeError:  # an op without float64 (grouped_mm)
+            exact_model = None
     problems = compare(got, want, tol, "output", exact)
     weights = [torch.randn_like(t) for t in _tensors(want) if t.is_floating_point()]
     for outputs in (want, got, exact):

@@ -75,3 +75,38 @@ def test_no_split_without_a_gain():
     plan = _plan(f, torch.randn(8, 8), torch.randn(8, 8))
     assert [d for d in plan.decisions if not d.fused and CYCLE in d.reason]
     assert not plan.groups
+
+
+def _through_another_group(x, y, z, m):
+    # a SiLU backward: group A = {t, both, other} reads s; the reduction's group
+    # {s, total, ...} reads A's `other`. No path of nodes leaves a group and comes back,
+    # but A and the reduction group read each other: they cannot be ordered
+    s = torch.sigmoid(m)
+    t = x + y
+    a = t.view(16, 32)
+    both = a * s
+    other = a * z
+    total = other.sum(1, keepdim=True)
+    return t * 2, both, total * (s * (1 - s))
+
+
+def _group_inputs():
+    return torch.randn(2, 8, 32), torch.randn(2, 8, 32), torch.randn(16, 32), torch.randn(16, 1)
+
+
+def test_groups_never_read_each_other():
+    from kitsune.planner.legality import groups_acyclic
+    gm = make_fx(_through_another_group, decomposition_table=decomposition_table(),
+                 tracing_mode="fake")(*_group_inputs())
+    plan = plan_pointwise(gm.graph, FusionConfig())
+    assert plan.groups and groups_acyclic(list(gm.graph.nodes), plan.groups), _names(plan)
+
+
+def test_groups_reading_each_other_compile_and_match_eager():
+    torch._dynamo.reset()
+    GLOBAL_STATS.reset()
+    inputs = _group_inputs()
+    got = torch.compile(_through_another_group, backend="kitsune")(*inputs)
+    torch.testing.assert_close(got, _through_another_group(*inputs))
+    stats = kitsune.get_fusion_stats()
+    assert stats["fallbacks"] == [] and stats["num_fused"] >= 2, stats["fallbacks"]

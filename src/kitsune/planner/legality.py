@@ -56,8 +56,13 @@ def group_outputs(group: FusionGroup) -> list[fx.Node]:
     return outputs_of(group.nodes)
 
 
-def creates_cycle(union: set, position: dict) -> bool:
-    """Is there a path from the union that leaves it and comes back?"""
+def creates_cycle(union: set, position: dict, group_of: dict | None = None) -> bool:
+    """Is there a path from the union that leaves it and comes back?
+
+    `group_of` (node -> its group, the groups formed so far) makes the other groups
+    single units: a path that reaches one member of a group leaves from all of them
+    (group A reads B's first member and B's last reads A: no path of nodes from A
+    back to A, yet the two kernels cannot be ordered)."""
     last = max(position[n] for n in union)
     inside, stack = set(union), list(union)
     while stack:  # views of members are folded into the kernel's indexing
@@ -73,10 +78,12 @@ def creates_cycle(union: set, position: dict) -> bool:
         if n in seen or position.get(n, last + 1) > last:
             continue
         seen.add(n)
-        for u in n.users:
-            if u in union:
-                return True
-            frontier.append(u)
+        group = group_of.get(n) if group_of is not None else None
+        for m in group.nodes if group is not None else (n,):
+            for u in m.users:
+                if u in union:
+                    return True
+                frontier.append(u)
     return False
 
 
@@ -115,9 +122,10 @@ LIMIT, SIZES, CYCLE, INDEXED, JOINED = "limit", "sizes", "cycle", "indexed", "jo
 
 
 def merge_refusal(a: FusionGroup, b: FusionGroup, config: FusionConfig, position: dict,
-                  limit: int | None = None) -> tuple[str, str] | None:
+                  limit: int | None = None, group_of: dict | None = None) -> tuple[str, str] | None:
     """None if a and b may form one kernel, else (LIMIT | SIZES | CYCLE | INDEXED, the reason).
-    `limit`: the operations allowed (default `config.max_fusion_size`)."""
+    `limit`: the operations allowed (default `config.max_fusion_size`); `group_of`: the
+    groups formed so far, each a unit for the cycle check (`creates_cycle`)."""
     union = set(a.nodes) | set(b.nodes)
     limit = config.max_fusion_size if limit is None else limit
     ops = len(a.user_ops() | b.user_ops())
@@ -126,7 +134,7 @@ def merge_refusal(a: FusionGroup, b: FusionGroup, config: FusionConfig, position
     reason = iteration_space_refusal(union)
     if reason:
         return SIZES, reason
-    if creates_cycle(union, position):
+    if creates_cycle(union, position, group_of):
         return CYCLE, "a path through an unfused op would form a cycle"
     reason = indexed_refusal(union)
     return (INDEXED, reason) if reason else None

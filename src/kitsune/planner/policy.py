@@ -99,7 +99,7 @@ def _fuse_vertically(graph: fx.Graph, config: FusionConfig, position: dict,
         for producer in sorted(producers.values(), key=lambda g: -len(g.nodes)):
             if producer is group:
                 continue
-            refusal = merge_refusal(producer, group, config, position)
+            refusal = merge_refusal(producer, group, config, position, group_of=group_of)
             if refusal:
                 decision = Decision((producer.label(), node.name), False, refusal[1])
                 plan.decisions.append(decision)

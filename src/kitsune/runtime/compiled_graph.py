@@ -62,8 +62,11 @@ def _write_on_call(self: CompiledGraph, *args):
     return flat(self, *args)
 
 
-def _units(graph: fx.Graph, group_of: dict) -> list:
-    """Nodes and groups in a dependency-respecting order close to the original."""
+def _units(graph: fx.Graph, group_of: dict, inputs_of: dict | None = None) -> list:
+    """Nodes and groups in a dependency-respecting order close to the original.
+    `inputs_of` maps a group (by id) to its kernel's input nodes: these can be more
+    than its members read, e.g. a symbolic size (`s0 + 1`) that only a view folded
+    into the kernel's indexing uses, and they must be computed before the kernel."""
     units, unit_of = [], {}
     for node in graph.nodes:
         g = group_of.get(node)
@@ -81,6 +84,10 @@ def _units(graph: fx.Graph, group_of: dict) -> list:
                 j = unit_of[id(group_of[a])] if a in group_of else unit_of[a]
                 if j != i:
                     deps[i].add(j)
+        for a in () if isinstance(unit, list) else (inputs_of or {}).get(id(unit), ()):
+            j = unit_of[id(group_of[a])] if a in group_of else unit_of[a]
+            if j != i:
+                deps[i].add(j)
     # Kahn's algorithm, always taking the earliest ready unit.
     order = []
     users = [[] for _ in units]
@@ -110,7 +117,8 @@ def build_graph_module(gm: fx.GraphModule, calls: dict) -> fx.GraphModule:
             group_of[n] = group
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
-    for unit in _units(gm.graph, group_of):
+    inputs_of = {id(group): inputs for group, _, inputs, _ in calls.values()}
+    for unit in _units(gm.graph, group_of, inputs_of):
         if isinstance(unit, list):
             node = unit[0]
             if all(a in env for a in node.all_input_nodes):

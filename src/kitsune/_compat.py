@@ -486,6 +486,10 @@ def tree_map_only(types, fn, tree):
     return mapped(types, fn, tree)
 
 
+# The raw callable, for a hot path that calls it by position (kitsune.lazy.region).
+raw_make_wrapper_subclass = torch.Tensor._make_wrapper_subclass
+
+
 def make_wrapper_subclass(cls, shape, **kwargs) -> torch.Tensor:
     """`torch.Tensor._make_wrapper_subclass`: a tensor of subclass `cls` with this metadata and no
     storage of its own (kitsune.lazy's placeholders)."""

@@ -42,7 +42,7 @@ _INPLACE, _DECOMPOSE = lazy_ops.INPLACE, lazy_ops.DECOMPOSE
 # ops that read only the dtype and device of their first argument
 _NEW_TENSOR_OPS = frozenset({aten.new_full.default, aten.new_zeros.default, aten.new_ones.default,
                              aten.new_empty.default})
-_placeholder = torch.Tensor._make_wrapper_subclass  # (what LazyTensor.__new__ calls, without two frames)
+_placeholder = _compat.raw_make_wrapper_subclass  # (what LazyTensor.__new__ calls, without two frames)
 _STRIDED = torch.strided
 
 

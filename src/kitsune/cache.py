@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import tempfile
+from collections import OrderedDict
 from pathlib import Path
 
 log = logging.getLogger("kitsune")
@@ -82,3 +83,30 @@ def file_lock(path: Path, timeout: float = LOCK_TIMEOUT_S):
         yield
     finally:
         lock.release()
+
+
+class LRU:
+    """An in-process cache of compiled things by structure key, the least recently
+    used dropped first once it holds `size` entries (kitsune.lazy's graphs,
+    kitsune.ops' kernels)."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.entries: OrderedDict = OrderedDict()
+
+    def get(self, key):
+        entry = self.entries.get(key)
+        if entry is not None:
+            self.entries.move_to_end(key)
+        return entry
+
+    def put(self, key, entry) -> None:
+        self.entries[key] = entry
+        while len(self.entries) > self.size:
+            self.entries.popitem(last=False)
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+    def __len__(self) -> int:
+        return len(self.entries)

@@ -6,16 +6,8 @@ import torch
 from torch.testing import assert_close
 
 from kitsune.lazy import graph as lazy_graph
-from kitsune.lazy import lazy, lazy_stats, reset_lazy_stats
+from kitsune.lazy import lazy, lazy_stats
 from kitsune.lazy import region as lazy_region
-
-
-@pytest.fixture(autouse=True)
-def _fresh(monkeypatch):
-    monkeypatch.setenv("KITSUNE_BACKEND", "reference")
-    reset_lazy_stats(clear_cache=True)
-    yield
-    reset_lazy_stats(clear_cache=True)
 
 
 def same(actual, expected):

@@ -21,12 +21,12 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections import OrderedDict
 
 import torch
 from torch import fx
 
 from kitsune import _compat
+from kitsune.cache import LRU
 from kitsune._compat import FakeTensorMode
 
 from kitsune.lazy.tensor import fake_from_meta
@@ -115,26 +115,11 @@ class PendingGraph:
         return (self.state, len(self.inputs), len(self.scalars), outputs)
 
 
-class GraphCache:
-    """Compiled graphs by structure, least recently used dropped first; counts hits and misses."""
+class GraphCache(LRU):
+    """Compiled lazy graphs by structure, least recently used dropped first."""
 
     def __init__(self, size: int = GRAPH_CACHE_SIZE):
-        self.size = size
-        self.graphs: OrderedDict = OrderedDict()
-
-    def get(self, key):
-        compiled = self.graphs.get(key)
-        if compiled is not None:
-            self.graphs.move_to_end(key)
-        return compiled
-
-    def put(self, key, compiled) -> None:
-        self.graphs[key] = compiled
-        while len(self.graphs) > self.size:
-            self.graphs.popitem(last=False)
-
-    def clear(self) -> None:
-        self.graphs.clear()
+        super().__init__(size)
 
 
 GRAPH_CACHE = GraphCache()

@@ -1,7 +1,10 @@
 """Small helpers the `kitsune.nn` layers share: argument checks and autocast casts."""
 from __future__ import annotations
 
+import math
+
 import torch
+from torch import nn
 
 
 def check_positive_int(value, name: str, layer: str, allow_zero: bool = False) -> int:
@@ -34,3 +37,27 @@ def cast(tensors, dtype):
     if dtype is None:
         return tuple(tensors)
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+
+
+def linear_parameters(module: nn.Module, in_features: int, out_features: int, bias: bool, layer: str,
+                      device=None, dtype=None) -> None:
+    """nn.Linear's `weight` [out, in] and `bias` [out] (or None) on `module`, with nn.Linear's
+    initialisation (`reset_linear`); `bias` must be a bool."""
+    if not isinstance(bias, bool):
+        raise TypeError(f"{layer}: bias must be a bool, got {type(bias).__name__}")
+    factory = {"device": device, "dtype": dtype}
+    module.weight = nn.Parameter(torch.empty((out_features, in_features), **factory))
+    if bias:
+        module.bias = nn.Parameter(torch.empty(out_features, **factory))
+    else:
+        module.register_parameter("bias", None)
+    reset_linear(module)
+
+
+def reset_linear(module: nn.Module) -> None:
+    """nn.Linear.reset_parameters on a module with `weight` and `bias`."""
+    nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+    if module.bias is not None:
+        fan_in = module.weight.shape[1]
+        bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+        nn.init.uniform_(module.bias, -bound, bound)

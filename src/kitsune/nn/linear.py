@@ -3,12 +3,10 @@
 parameters, initialisation and state-dict keys."""
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from kitsune.nn._util import autocast_dtype, cast, check_positive_int
+from kitsune.nn._util import autocast_dtype, cast, check_positive_int, linear_parameters, reset_linear
 from kitsune.ops.fused_ops import activation_name, linear
 
 
@@ -21,24 +19,12 @@ class FusedLinear(nn.Module):
         super().__init__()
         self.in_features = check_positive_int(in_features, "in_features", "FusedLinear", allow_zero=True)
         self.out_features = check_positive_int(out_features, "out_features", "FusedLinear", allow_zero=True)
-        if not isinstance(bias, bool):
-            raise TypeError(f"FusedLinear: bias must be a bool, got {type(bias).__name__}")
         self.activation = activation_name(activation, "FusedLinear: activation")
-        factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty((out_features, in_features), **factory))
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_features, **factory))
-        else:
-            self.register_parameter("bias", None)
-        self.reset_parameters()
+        linear_parameters(self, in_features, out_features, bias, "FusedLinear", device, dtype)
 
     def reset_parameters(self) -> None:
         """nn.Linear's initialisation."""
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            fan_in = self.in_features
-            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
-            nn.init.uniform_(self.bias, -bound, bound)
+        reset_linear(self)
 
     @classmethod
     def from_module(cls, linear: nn.Linear, activation: str | None = None) -> "FusedLinear":

@@ -4,12 +4,10 @@ the reduction in generated kernels) and `FusedLinearCrossEntropy` (an LM head an
 its loss, `kitsune::linear_cross_entropy`: the [N, V] logits never exist whole)."""
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from kitsune.nn._util import autocast_dtype, check_positive_int, check_probability
+from kitsune.nn._util import autocast_dtype, check_positive_int, check_probability, linear_parameters, reset_linear
 from kitsune.ops.fused_ops import REDUCTIONS, softmax_cross_entropy_op
 from kitsune.ops.linear_cross_entropy import REDUCTIONS as LINEAR_REDUCTIONS
 from kitsune.ops.linear_cross_entropy import linear_cross_entropy
@@ -68,27 +66,16 @@ class FusedLinearCrossEntropy(nn.Module):
         layer = "FusedLinearCrossEntropy"
         self.in_features = check_positive_int(in_features, "in_features", layer)
         self.out_features = check_positive_int(out_features, "out_features", layer)
-        if not isinstance(bias, bool):
-            raise TypeError(f"{layer}: bias must be a bool, got {type(bias).__name__}")
         self.ignore_index = _check_ignore_index(ignore_index, layer)
         self.label_smoothing = check_probability(label_smoothing, "label_smoothing", layer)
         if reduction not in LINEAR_REDUCTIONS:
             raise ValueError(f"{layer}: reduction must be one of {LINEAR_REDUCTIONS}, got {reduction!r}")
         self.reduction = reduction
-        factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty((out_features, in_features), **factory))
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_features, **factory))
-        else:
-            self.register_parameter("bias", None)
-        self.reset_parameters()
+        linear_parameters(self, in_features, out_features, bias, layer, device, dtype)
 
     def reset_parameters(self) -> None:
         """nn.Linear's initialisation."""
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            bound = 1 / math.sqrt(self.in_features)
-            nn.init.uniform_(self.bias, -bound, bound)
+        reset_linear(self)
 
     @classmethod
     def from_module(cls, linear: nn.Linear, ignore_index: int = -100, label_smoothing: float = 0.0,

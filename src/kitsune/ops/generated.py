@@ -24,9 +24,10 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections import OrderedDict
 
 import torch
+
+from kitsune.cache import LRU
 
 log = logging.getLogger("kitsune")
 
@@ -37,28 +38,17 @@ CACHE_SIZE = 256
 MAX_SHAPES = 16
 
 
-class KernelCache:
-    """Compiled graphs by structure key, least recently used dropped first; counts misses."""
+class KernelCache(LRU):
+    """Compiled graphs by structure key, least recently used dropped first; counts
+    compiles and the structures compiled per family (MAX_SHAPES)."""
 
     def __init__(self, size: int = CACHE_SIZE):
-        self.size = size
-        self.entries: OrderedDict = OrderedDict()
+        super().__init__(size)
         self.compiles = 0
         self.shapes: dict = {}  # family (op, constants, argument kinds) -> structures compiled
 
-    def get(self, key):
-        entry = self.entries.get(key)
-        if entry is not None:
-            self.entries.move_to_end(key)
-        return entry
-
-    def put(self, key, entry) -> None:
-        self.entries[key] = entry
-        while len(self.entries) > self.size:
-            self.entries.popitem(last=False)
-
     def clear(self) -> None:
-        self.entries.clear()
+        super().clear()
         self.shapes.clear()
         self.compiles = 0
 
@@ -70,9 +60,6 @@ class KernelCache:
             log.info("kitsune op %s: more than %d shapes compiled; new shapes run through PyTorch",
                      family[0], MAX_SHAPES)
         return count < MAX_SHAPES
-
-    def __len__(self) -> int:
-        return len(self.entries)
 
 
 KERNEL_CACHE = KernelCache()
